@@ -1,0 +1,267 @@
+"""The `s2r` command line. Heavy libraries are imported inside commands so `s2r --help` stays fast."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+PARAMS_OPT = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                          type=click.Path(dir_okay=False), help="The params file to read.")
+
+
+class S2RGroup(click.Group):
+    """Turns known user errors into one clear line and an exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from s2r.config import ConfigError
+        from s2r.data.benchmark import DataError
+
+        signal.signal(signal.SIGTERM, _sigterm)  # `kill`/dvc cancel -> KeyboardInterrupt -> run marked KILLED
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except Exception as e:
+            if type(e).__name__ == "NonFiniteLossError":
+                click.secho(f"error: {e}", fg="red", err=True)
+                sys.exit(3)
+            raise
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
+    import yaml
+
+    from s2r.config import ConfigError, load_params
+
+    overrides = {}
+    for s in sets:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. methods.mixing.lr=0.01")
+        k, v = s.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    return load_params(params_path, overrides)
+
+
+@click.group(cls=S2RGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="s2r")
+def main() -> None:
+    """s2r: synthetic-to-real transfer experiments, tracked (MLflow), versioned (DVC) and tunable (Optuna).
+
+    Typical flow (what `dvc repro` runs): data generate -> data validate -> data prepare -> train -> evaluate.
+    """
+
+
+@main.group()
+def data() -> None:
+    """Create, import, validate and prepare benchmarks."""
+
+
+@data.command("generate")
+@click.argument("name", type=click.Choice(["digits", "scenes"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
+@PARAMS_OPT
+def data_generate(name: str, out: str, params_path: str) -> None:
+    """Generate an embedded benchmark offline (sizes from params.yaml benchmarks.NAME).
+
+    Example: s2r data generate digits --out data/benchmarks/digits
+    """
+    from s2r import stages
+
+    params = _load(params_path)
+    root = stages.generate(name, Path(out), params)
+    click.echo(f"wrote benchmark {name!r} to {root}")
+
+
+_IMPORT_OPTS = [
+    click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write."),
+    click.option("--name", required=True, help="Benchmark name."),
+    click.option("--source", required=True, help="Source (synthetic) domain name."),
+    click.option("--target", required=True, help="Target (real) domain name."),
+    click.option("--channels", type=click.Choice(["1", "3"]), help="Force grey (1) or RGB (3)."),
+    click.option("--image-size", type=int, help="Resize to this square size at prepare time."),
+    click.option("--unlabelled", multiple=True, help="A domain whose labels must not be used (repeatable)."),
+]
+
+
+def _import_opts(f: Any) -> Any:
+    for opt in reversed(_IMPORT_OPTS):
+        f = opt(f)
+    return f
+
+
+@data.command("import-folder")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@_import_opts
+def data_import_folder(src: str, out: str, name: str, source: str, target: str, channels: str | None,
+                       image_size: int | None, unlabelled: tuple[str, ...]) -> None:
+    """Register an image folder SRC/<domain>/<split>/<class>/*.png as a benchmark (files stay in place).
+
+    Example: s2r data import-folder ~/mydata --out data/benchmarks/mine --name mine --source synthetic --target real
+    """
+    from s2r.data.adapters import from_image_folder
+
+    root = from_image_folder(Path(src), Path(out), name=name, source=source, target=target,
+                             channels=int(channels) if channels else None, image_size=image_size,
+                             unlabelled=unlabelled)
+    click.echo(f"wrote benchmark {name!r} to {root}")
+
+
+@data.command("import-manifest")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@_import_opts
+@click.option("--root", type=click.Path(exists=True, file_okay=False),
+              help="Base of relative paths [manifest's folder].")
+def data_import_manifest(manifest: str, out: str, name: str, source: str, target: str, channels: str | None,
+                         image_size: int | None, unlabelled: tuple[str, ...], root: str | None) -> None:
+    """Register a CSV/Parquet manifest (path, domain, split[, id, label, factor_*]) as a benchmark.
+
+    Example: s2r data import-manifest my.csv --out data/benchmarks/mine --name mine --source sim --target real
+    """
+    from s2r.data.adapters import from_manifest
+
+    res = from_manifest(Path(manifest), Path(out), name=name, source=source, target=target,
+                        root=Path(root) if root else None, channels=int(channels) if channels else None,
+                        image_size=image_size, unlabelled=unlabelled)
+    click.echo(f"wrote benchmark {name!r} to {res}")
+
+
+@data.command("validate")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--report", "report_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON report to write.")
+@click.option("--no-files", is_flag=True, help="Skip opening every image (manifest checks only).")
+def data_validate(root: str, report_path: str, no_files: bool) -> None:
+    """Check a benchmark's manifest and files with Great Expectations; exit 1 on failure.
+
+    Example: s2r data validate data/benchmarks/digits --report data/reports/digits/validation.json
+    """
+    from s2r.data.validation import validate_benchmark
+
+    rep = validate_benchmark(Path(root), check_files=not no_files)
+    rep.to_json(Path(report_path))
+    if not rep.success:
+        click.secho(rep.summary(), fg="red", err=True)
+        sys.exit(1)
+    click.echo(f"{root}: {rep.n_rows} rows, {len(rep.results)} expectations passed -> {report_path}")
+
+
+@data.command("prepare")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Prepared folder to write.")
+def data_prepare(root: str, out: str) -> None:
+    """Decode a benchmark once into memory-mappable uint8 arrays (a failed run keeps the old copy).
+
+    Example: s2r data prepare data/benchmarks/digits --out data/prepared/digits
+    """
+    from s2r.data.prepared import prepare
+
+    click.echo(f"prepared {prepare(Path(root), Path(out))}")
+
+
+@main.command("train")
+@click.argument("method")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Prepared benchmark folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics JSON to write.")
+@click.option("--plots", type=click.Path(file_okay=False), help="Folder for training-curve CSV.")
+@click.option("--checkpoints", type=click.Path(file_okay=False), help="Checkpoint folder [data/checkpoints/METHOD].")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same MLflow run, same schedule).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
+@PARAMS_OPT
+def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
+              checkpoints: str | None, resume: bool, sets: tuple[str, ...], params_path: str) -> None:
+    """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD.
+
+    Example: s2r train mixing --data data/prepared/digits --out data/models/mixing
+    --set methods.mixing.real_fraction=0.25
+    """
+    from s2r import stages
+
+    params = _load(params_path, sets)
+    summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
+                           plots_out=Path(plots) if plots else None,
+                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume)
+    click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+@main.command("evaluate")
+@click.argument("method")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
+@click.option("--plots", type=click.Path(file_okay=False), help="Folder for confusion matrix PNG/CSV.")
+@PARAMS_OPT
+def evaluate_cmd(method: str, model_dir: str, data_dir: str, out: str, plots: str | None, params_path: str) -> None:
+    """Score a trained METHOD on the target domain's test split; logged as evaluate@METHOD.
+
+    Example: s2r evaluate mixing --model data/models/mixing --data data/prepared/digits
+    --out data/metrics/mixing/evaluate.json
+    """
+    from s2r import stages
+
+    r = stages.evaluate(method, Path(model_dir), Path(data_dir), Path(out), Path(plots) if plots else None,
+                        _load(params_path))
+    click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
+
+
+@main.command("report")
+@click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))
+def report_cmd(metrics_dir: str) -> None:
+    """Print the results table of every evaluated method.
+
+    Example: s2r report
+    """
+    from s2r import stages
+
+    click.echo(stages.report(Path(metrics_dir)))
+
+
+@main.command("benchmark")
+@click.argument("method", default="mixing")
+@click.option("--data", "data_dir", default="data/prepared/digits", show_default=True,
+              type=click.Path(exists=True, file_okay=False))
+@click.option("--fractions", default="0,0.125,1", show_default=True, help="real_fraction values to compare.")
+@click.option("--out", default="data/benchmark/mixing.json", show_default=True, type=click.Path(dir_okay=False))
+@PARAMS_OPT
+def benchmark_cmd(method: str, data_dir: str, fractions: str, out: str, params_path: str) -> None:
+    """Measure loading throughput vs step time, MLflow overhead, and accuracy across real fractions.
+
+    Example: s2r benchmark mixing --fractions 0,0.125,0.5,1
+    """
+    from s2r import bench
+
+    res = bench.run(method, Path(data_dir), [float(f) for f in fractions.split(",")], Path(out), params_path)
+    click.echo(bench.format_result(res))
+
+
+@main.command("ui")
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def ui_cmd(port: int, host: str) -> None:
+    """Open the MLflow UI on the project's store (every run, params, metrics, artifacts).
+
+    Example: s2r ui --port 5000   (then browse http://127.0.0.1:5000)
+    """
+    import os
+
+    from s2r.tracking import tracking_uri
+
+    uri = tracking_uri()
+    click.echo(f"MLflow UI for {uri} on http://{host}:{port}")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                               "--host", host, "--port", str(port)])
+
+
+if __name__ == "__main__":
+    main()

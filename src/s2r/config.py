@@ -1,0 +1,306 @@
+"""Strict, typed configuration: `params.yaml` -> dataclasses; every bad key is an error naming key and file."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or of the wrong type; the message names key and file."""
+
+
+def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
+    """Build dataclass `cls` from `raw`, rejecting unknown keys, missing keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix or '<root>'} must be a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {_join(prefix, unknown[0])!r} (allowed under {prefix or '<root>'}: "
+            f"{sorted(fields)})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{where}: missing key {key!r}")
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], where, key)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: key {key!r}: {value!r} does not match {_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key {key!r} must be a list, got {type(value).__name__}")
+        (inner, *_) = get_args(tp) or (Any,)
+        items = [_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r} must be a mapping, got {type(value).__name__}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {k: _convert(vt, v, where, _join(key, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key {key!r} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-4 (no dot) as a string; accept numeric strings of that shape only.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key {key!r} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: key {key!r}: unsupported type {_name(tp)}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict (for logging and saving resolved configs)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value} (MLflow params, Optuna keys)."""
+    d = to_dict(d)
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = _join(prefix, str(k))
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key))
+            else:
+                out[key] = v
+    else:
+        out[prefix] = d
+    return out
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str = "override") -> None:
+    """Set `a.b.c` in a nested dict; the path must already exist (no silent new keys)."""
+    parts = key.split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or p not in node:
+            raise ConfigError(f"{where}: key {'.'.join(parts[: i + 1])!r} does not exist")
+        node = node[p]
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError(f"{where}: key {key!r} does not exist")
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# params.yaml schema. Method sections are typed by each method module's own Config class (see registry).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DigitsParams:
+    """The `digits` benchmark: font-rendered synthetic digits vs scikit-learn's real handwritten digits."""
+
+    image_size: int = 32
+    scenes_per_class: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 10, "test": 10})
+    variations: int = 3  # renderings per synthetic scene (paired sampling, paper 1)
+    real_split: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+
+    def validate(self) -> None:
+        _check_splits("benchmarks.digits.scenes_per_class", self.scenes_per_class)
+        _check_splits("benchmarks.digits.real_split", self.real_split)
+        if abs(sum(self.real_split.values()) - 1.0) > 1e-6:
+            raise ConfigError("key 'benchmarks.digits.real_split' must sum to 1")
+        if self.image_size < 8 or self.variations < 1:
+            raise ConfigError("key 'benchmarks.digits.image_size' must be >= 8 and 'variations' >= 1")
+
+
+@dataclass
+class ScenesParams:
+    """The `scenes` benchmark: objects on a table with known factors, RGB + depth + mask, three domains."""
+
+    image_size: int = 64
+    samples: dict[str, int] = field(default_factory=lambda: {"train": 400, "val": 100, "test": 100})
+    hues: int = 12
+
+    def validate(self) -> None:
+        _check_splits("benchmarks.scenes.samples", self.samples)
+        if self.hues < 12:
+            raise ConfigError("key 'benchmarks.scenes.hues' must be >= 12 (paper 3's colour splits)")
+
+
+def _check_splits(key: str, d: dict[str, Any]) -> None:
+    from s2r.data.benchmark import SPLITS
+
+    if set(d) != set(SPLITS):
+        raise ConfigError(f"key {key!r} must have exactly the splits {list(SPLITS)}, got {sorted(d)}")
+
+
+@dataclass
+class BenchmarksParams:
+    digits: DigitsParams = field(default_factory=DigitsParams)
+    scenes: ScenesParams = field(default_factory=ScenesParams)
+
+
+@dataclass
+class TrainParams:
+    """The shared training loop's settings."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16/fp16 autocast when on a GPU; ignored on CPU
+    deterministic: bool = True
+    checkpoint_every: int = 200  # steps
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    progress: bool = True
+
+
+@dataclass
+class TrackingParams:
+    experiment: str = "s2r"
+    log_model: bool = True
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+@dataclass
+class SearchParam:
+    """One search dimension over a dotted params key."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def validate(self) -> None:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError("a categorical search parameter needs 'choices'")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ConfigError(f"a {self.type} search parameter needs 'low' <= 'high'")
+
+
+@dataclass
+class StudySpec:
+    """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`)."""
+
+    method: str
+    objectives: list[ObjectiveSpec]
+    search_space: dict[str, SearchParam]
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    n_trials: int = 20
+    timeout: float | None = None  # seconds
+    seed: int = 0
+
+
+@dataclass
+class Params:
+    """The whole params.yaml."""
+
+    seed: int
+    benchmarks: BenchmarksParams
+    train: TrainParams
+    tracking: TrackingParams
+    methods: dict[str, Any]
+    studies: dict[str, StudySpec] = field(default_factory=dict)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml strictly; `overrides` ({"methods.mixing.lr": 0.01}) apply to existing keys only."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v, where=f"{path} (override)")
+    return parse_params(raw, str(path))
+
+
+def parse_params(raw: dict[str, Any], where: str) -> Params:
+    """Validate a params dict: the fixed sections and each method section against its method's Config."""
+    from s2r.methods import registry
+
+    params = from_dict(Params, raw, where)
+    methods: dict[str, Any] = {}
+    for name, section in params.methods.items():
+        cfg_cls = registry.config_class(name, where)
+        methods[name] = from_dict(cfg_cls, section, where, f"methods.{name}")
+    params.methods = methods
+    for sname, study in params.studies.items():
+        if study.method not in methods:
+            raise ConfigError(f"{where}: key 'studies.{sname}.method': unknown method {study.method!r}")
+        for key in study.search_space:
+            try:
+                set_dotted(copy.deepcopy(raw), key, None)
+            except ConfigError:
+                raise ConfigError(
+                    f"{where}: key 'studies.{sname}.search_space.{key}': no such key in params (use full "
+                    f"dotted keys, e.g. methods.{study.method}.lr)"
+                ) from None
+    return params

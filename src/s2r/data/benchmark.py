@@ -1,0 +1,262 @@
+"""Benchmark data model: description file, samples, manifest, and the on-disk layout shared by all sources.
+
+A benchmark on disk (written atomically by :func:`write_benchmark`)::
+
+    <root>/benchmark.yaml                     BenchmarkSpec (name, task, domains, source/target, classes, factors)
+    <root>/manifest.parquet                   one row per sample (MANIFEST_COLUMNS + label/factor columns)
+    <root>/images/<domain>/<split>/<id>.png   uint8 image, grey (L) or RGB
+    <root>/depth/<domain>/<split>/<id>.png    optional uint16 depth in millimetres, 0 = invalid pixel
+    <root>/masks/<domain>/<split>/<id>.png    optional uint8 segmentation class ids (255 = ignore)
+
+Paths in the manifest are relative to the benchmark root (absolute paths are allowed for adapters that
+point at a user's files in place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+TASKS = ("classification", "factors", "depth", "segmentation")
+ROLES = ("source", "target", "auxiliary")
+# Columns every manifest has, in this order; label, factor_<name>, depth_path, mask_path, scene_id and
+# variation follow when the benchmark has them.
+MANIFEST_COLUMNS = ("id", "domain", "split", "path", "width", "height", "channels", "sha256")
+NO_LABEL = -1
+DEPTH_SCALE = 1000.0  # uint16 depth PNG stores millimetres
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row or key at fault."""
+
+
+@dataclass
+class DomainSpec:
+    """One domain of a benchmark (e.g. synthetic or real)."""
+
+    name: str
+    role: str  # one of ROLES
+    description: str = ""
+    labelled: bool = True  # whether labels/factors of this domain may be used for training
+    simulated_real: bool = False  # a stand-in for real data (said plainly in docs and reports)
+
+
+@dataclass
+class BenchmarkSpec:
+    """What `benchmark.yaml` holds: the description that travels with the data."""
+
+    name: str
+    tasks: list[str]  # subset of TASKS
+    domains: list[DomainSpec]
+    source: str
+    target: str
+    image_size: int
+    channels: int
+    classes: list[str] = field(default_factory=list)  # class names, label i = classes[i]
+    factors: dict[str, int] = field(default_factory=dict)  # factor name -> number of values
+    seg_classes: list[str] = field(default_factory=list)  # segmentation class names (dense task)
+    has_depth: bool = False
+    has_mask: bool = False
+    resize: bool = False  # files keep their own size; `prepare` resizes them to image_size (user adapters)
+    description: str = ""
+
+    def validate(self) -> None:
+        from s2r.config import ConfigError
+
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"key 'tasks': {self.tasks} must be a non-empty subset of {list(TASKS)}")
+        names = [d.name for d in self.domains]
+        for key in ("source", "target"):
+            if getattr(self, key) not in names:
+                raise ConfigError(f"key {key!r}: {getattr(self, key)!r} is not a declared domain {names}")
+        for d in self.domains:
+            if d.role not in ROLES:
+                raise ConfigError(f"key 'domains': domain {d.name!r} has role {d.role!r}, not one of {list(ROLES)}")
+        if "classification" in self.tasks and not self.classes:
+            raise ConfigError("key 'classes': a classification benchmark needs class names")
+
+    def domain(self, name: str) -> DomainSpec:
+        """Return the domain called `name` or fail naming the known ones."""
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise DataError(f"benchmark {self.name!r} has no domain {name!r}; known: {[d.name for d in self.domains]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "benchmark.yaml") -> BenchmarkSpec:
+        """Build from a parsed YAML dict, strictly: unknown or missing keys name the file."""
+        from s2r.config import from_dict
+
+        return from_dict(cls, raw, where)
+
+    def save(self, path: Path) -> None:
+        import yaml
+
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> BenchmarkSpec:
+        import yaml
+
+        if not path.is_file():
+            raise DataError(f"{path}: benchmark description not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DataError(f"{path}: not valid YAML: {e}") from e
+        return cls.from_dict(raw, str(path))
+
+
+@dataclass
+class Sample:
+    """One generated sample before it is written; generators yield these."""
+
+    id: str
+    domain: str
+    split: str
+    image: np.ndarray  # (H, W) or (H, W, C) uint8
+    label: int = NO_LABEL
+    factors: dict[str, int] = field(default_factory=dict)  # factor name -> value index
+    depth: np.ndarray | None = None  # (H, W) float32 metres, 0 or non-finite = invalid
+    mask: np.ndarray | None = None  # (H, W) uint8 class ids
+    scene_id: int | None = None  # samples rendered from the same scene share it (paired sampling)
+    variation: int | None = None  # index of the rendering variation within the scene
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 (H,W)/(H,W,3) or uint16 (H,W) array as PNG, deterministically."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _check_sample(s: Sample, spec: BenchmarkSpec) -> None:
+    if s.split not in SPLITS:
+        raise DataError(f"sample {s.id!r}: split {s.split!r} not in {SPLITS}")
+    spec.domain(s.domain)
+    if s.image.dtype != np.uint8:
+        raise DataError(f"sample {s.id!r}: image dtype {s.image.dtype}, expected uint8")
+    ch = 1 if s.image.ndim == 2 else s.image.shape[2]
+    if ch != spec.channels:
+        raise DataError(f"sample {s.id!r}: {ch} channels, benchmark declares {spec.channels}")
+
+
+def write_benchmark(root: Path, spec: BenchmarkSpec, samples: Iterable[Sample], progress: bool = True) -> Path:
+    """Write images, manifest and description into `root` atomically (a failed run leaves `root` as it was)."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        rows: list[dict[str, Any]] = []
+        for s in tqdm(samples, desc=f"generate {spec.name}", unit="img", disable=not progress):
+            _check_sample(s, spec)
+            rel = Path("images") / s.domain / s.split / f"{s.id}.png"
+            data = png_bytes(np.ascontiguousarray(s.image))
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+            h, w = s.image.shape[:2]
+            row: dict[str, Any] = {
+                "id": s.id, "domain": s.domain, "split": s.split, "path": str(rel), "width": w, "height": h,
+                "channels": spec.channels, "sha256": sha256_bytes(data),
+            }
+            if spec.classes:
+                row["label"] = int(s.label)
+            for name in spec.factors:
+                row[f"factor_{name}"] = int(s.factors.get(name, NO_LABEL))
+            if spec.has_depth:
+                row["depth_path"] = _write_aux(tmp, "depth", s, _depth_png(s.depth, s.id))
+            if spec.has_mask:
+                row["mask_path"] = _write_aux(tmp, "masks", s, s.mask)
+            if s.scene_id is not None:
+                row["scene_id"] = int(s.scene_id)
+                row["variation"] = int(s.variation if s.variation is not None else 0)
+            rows.append(row)
+        if not rows:
+            raise DataError(f"benchmark {spec.name!r}: the source produced no samples")
+        manifest = pd.DataFrame(rows)
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        spec.save(tmp / "benchmark.yaml")
+        replace_dir(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _depth_png(depth: np.ndarray | None, sid: str) -> np.ndarray:
+    if depth is None:
+        raise DataError(f"sample {sid!r}: benchmark has depth but the sample has none")
+    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0) * DEPTH_SCALE
+    return np.clip(np.round(d), 0, 65535).astype(np.uint16)
+
+
+def _write_aux(tmp: Path, kind: str, s: Sample, array: np.ndarray | None) -> str:
+    if array is None:
+        raise DataError(f"sample {s.id!r}: benchmark declares {kind} but the sample has none")
+    rel = Path(kind) / s.domain / s.split / f"{s.id}.png"
+    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp / rel).write_bytes(png_bytes(np.ascontiguousarray(array)))
+    return str(rel)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Swap `new` into `dest` with renames, so readers never see a half-written directory."""
+    dest = Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        dest.rename(old)
+    new.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(root: Path) -> Any:
+    """Load `<root>/manifest.parquet` (or `.csv`) as a DataFrame, naming the file on failure."""
+    import pandas as pd
+
+    root = Path(root)
+    for name in ("manifest.parquet", "manifest.csv"):
+        p = root / name
+        if p.is_file():
+            try:
+                return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+            except Exception as e:
+                raise DataError(f"{p}: cannot read manifest: {e}") from e
+    raise DataError(f"{root}: no manifest.parquet or manifest.csv")
+
+
+def resolve_path(root: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def load_benchmark(root: Path) -> tuple[BenchmarkSpec, Any]:
+    """Read a benchmark directory: its description and manifest."""
+    root = Path(root)
+    return BenchmarkSpec.load(root / "benchmark.yaml"), read_manifest(root)

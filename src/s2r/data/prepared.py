@@ -1,0 +1,202 @@
+"""Prepared form of a benchmark: decoded once into uint8 `.npy` arrays that training memory-maps.
+
+Layout written by :func:`prepare` (atomically, so a failed run never replaces a good prepared copy)::
+
+    <out>/prepared.json                     manifest sha256 (the data version), counts, image size
+    <out>/benchmark.yaml                    copy of the description
+    <out>/<domain>/<split>/images.npy       (N, H, W, C) uint8
+    <out>/<domain>/<split>/labels.npy       (N,) int64, NO_LABEL where absent
+    <out>/<domain>/<split>/factors.npy      (N, F) int64 (F = number of factors, may be 0)
+    <out>/<domain>/<split>/depth.npy        (N, H, W) float32 metres, 0 = invalid   (if the benchmark has depth)
+    <out>/<domain>/<split>/masks.npy        (N, H, W) uint8 class ids               (if the benchmark has masks)
+    <out>/<domain>/<split>/index.parquet    id, scene_id, variation per row
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from s2r.data.benchmark import (
+    DEPTH_SCALE,
+    NO_LABEL,
+    SPLITS,
+    BenchmarkSpec,
+    DataError,
+    load_benchmark,
+    replace_dir,
+    resolve_path,
+)
+
+
+@dataclass
+class PreparedSplit:
+    """Arrays of one (domain, split); images stay memory-mapped until indexed."""
+
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    factors: np.ndarray  # (N, F) int64
+    ids: list[str]
+    scene_ids: np.ndarray  # (N,) int64, -1 where the source has no scenes
+    variations: np.ndarray  # (N,) int64
+    depth: np.ndarray | None = None  # (N, H, W) float32
+    masks: np.ndarray | None = None  # (N, H, W) uint8
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class PreparedBenchmark:
+    """Read access to a prepared benchmark directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "prepared.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.root}: not a prepared benchmark (no prepared.json); run `s2r data prepare`")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.spec = BenchmarkSpec.load(self.root / "benchmark.yaml")
+        self._cache: dict[tuple[str, str], PreparedSplit] = {}
+
+    @property
+    def data_version(self) -> str:
+        """sha256 of the manifest the arrays were built from (logged as an MLflow tag)."""
+        return str(self.meta["manifest_sha256"])
+
+    def has(self, domain: str, split: str) -> bool:
+        return (self.root / domain / split / "images.npy").is_file()
+
+    def get(self, domain: str, split: str) -> PreparedSplit:
+        """Load (memory-mapped) one domain/split, naming what is missing."""
+        import pandas as pd
+
+        key = (domain, split)
+        if key in self._cache:
+            return self._cache[key]
+        d = self.root / domain / split
+        if not (d / "images.npy").is_file():
+            raise DataError(f"{self.root}: no prepared data for domain {domain!r} split {split!r}")
+        index = pd.read_parquet(d / "index.parquet")
+        part = PreparedSplit(
+            images=np.load(d / "images.npy", mmap_mode="r"),
+            labels=np.load(d / "labels.npy"),
+            factors=np.load(d / "factors.npy"),
+            ids=index["id"].astype(str).tolist(),
+            scene_ids=index["scene_id"].to_numpy(np.int64),
+            variations=index["variation"].to_numpy(np.int64),
+            depth=np.load(d / "depth.npy", mmap_mode="r") if (d / "depth.npy").is_file() else None,
+            masks=np.load(d / "masks.npy", mmap_mode="r") if (d / "masks.npy").is_file() else None,
+        )
+        self._cache[key] = part
+        return part
+
+
+def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str = "image") -> np.ndarray:
+    """Decode one file to uint8/uint16 array of the benchmark's size, naming file and row on failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"manifest row {row} (id {sid!r}): cannot read {path}: {e.strerror or e}") from e
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if mode == "image":
+                want = {1: "L", 3: "RGB"}.get(channels)
+                if want is None:
+                    raise DataError(f"benchmark declares {channels} channels; only 1 (L) or 3 (RGB) are supported")
+                got = len(im.getbands())
+                if got != channels and not (channels == 3 and im.mode == "P"):
+                    raise DataError(
+                        f"manifest row {row} (id {sid!r}): {path} has {got} channels ({im.mode}), "
+                        f"benchmark declares {channels}"
+                    )
+                im = im.convert(want)
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+                return arr[:, :, None] if arr.ndim == 2 else arr  # (H, W) -> (H, W, 1)
+            resample = Image.Resampling.NEAREST
+            if im.size != (size, size):
+                im = im.resize((size, size), resample)
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"manifest row {row} (id {sid!r}): {path} is not a readable image: {e}") from e
+
+
+def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Decode every manifest row once into memory-mappable arrays grouped by domain and split."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    bench_root, out = Path(bench_root), Path(out)
+    spec, manifest = load_benchmark(bench_root)
+    manifest_file = next(p for p in (bench_root / "manifest.parquet", bench_root / "manifest.csv") if p.is_file())
+    size, ch = spec.image_size, spec.channels
+    factor_cols = [f"factor_{n}" for n in spec.factors]
+    for col in ["id", "domain", "split", "path", *factor_cols] + (["label"] if spec.classes else []):
+        if col not in manifest.columns:
+            raise DataError(f"{manifest_file}: missing column {col!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        bar = tqdm(total=len(manifest), desc=f"prepare {spec.name}", unit="img", disable=not progress)
+        for (domain, split), rows in manifest.groupby(["domain", "split"], sort=True):
+            if split not in SPLITS:
+                raise DataError(f"{manifest_file}: row {int(rows.index[0])}: unknown split {split!r}")
+            n = len(rows)
+            d = tmp / str(domain) / str(split)
+            d.mkdir(parents=True)
+            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, ch))
+            depth = np.zeros((n, size, size), np.float32) if spec.has_depth else None
+            masks = np.zeros((n, size, size), np.uint8) if spec.has_mask else None
+            for j, (row, r) in enumerate(rows.iterrows()):
+                sid = str(r["id"])
+                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, size, int(row), sid)
+                if depth is not None:
+                    raw = _decode(resolve_path(bench_root, r["depth_path"]), ch, size, int(row), sid, "depth")
+                    depth[j] = raw.astype(np.float32) / DEPTH_SCALE
+                if masks is not None:
+                    masks[j] = _decode(resolve_path(bench_root, r["mask_path"]), ch, size, int(row), sid, "mask")
+                bar.update(1)
+            images.flush()
+            del images
+            labels = rows["label"].to_numpy(np.int64) if "label" in rows else np.full(n, NO_LABEL, np.int64)
+            np.save(d / "labels.npy", labels)
+            np.save(d / "factors.npy", rows[factor_cols].to_numpy(np.int64).reshape(n, len(factor_cols)))
+            if depth is not None:
+                np.save(d / "depth.npy", depth)
+            if masks is not None:
+                np.save(d / "masks.npy", masks)
+            index = pd.DataFrame({
+                "id": rows["id"].astype(str).to_numpy(),
+                "scene_id": rows["scene_id"].fillna(-1).astype(np.int64).to_numpy() if "scene_id" in rows else -1,
+                "variation": rows["variation"].fillna(0).astype(np.int64).to_numpy() if "variation" in rows else 0,
+            })
+            index.to_parquet(d / "index.parquet", index=False)
+            counts.setdefault(str(domain), {})[str(split)] = n
+        bar.close()
+        spec.save(tmp / "benchmark.yaml")
+        meta = {
+            "benchmark": spec.name,
+            "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
+            "image_size": size,
+            "channels": ch,
+            "counts": counts,
+        }
+        (tmp / "prepared.json").write_text(json.dumps(meta, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

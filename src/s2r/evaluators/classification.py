@@ -1,0 +1,65 @@
+"""Classification metrics on the target domain: accuracy, per-class accuracy, confusion matrix (+ plot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class accuracy (recall) and the confusion matrix."""
+    cm = confusion_matrix(y_true, y_pred, len(classes))
+    support = cm.sum(1)
+    per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    return {
+        "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+        "balanced_accuracy": float(np.nanmean(per_class)),
+        "per_class_accuracy": {c: float(a) for c, a in zip(classes, per_class)},
+        "confusion_matrix": cm.tolist(),
+        "n": int(cm.sum()),
+    }
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], title: str) -> Any:
+    """A row-normalised confusion matrix figure with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k), dpi=120)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def write_confusion_csv(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> None:
+    """One row per prediction (actual, predicted): the layout of DVC's confusion-matrix plot template."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}).to_csv(
+        path, index=False
+    )

@@ -1,0 +1,1 @@
+"""Sim2real methods; one module per method, named as in params.yaml, the CLI, DVC and MLflow."""

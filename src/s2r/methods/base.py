@@ -1,0 +1,109 @@
+"""What every method provides to the shared training loop (s2r.train.fit)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from s2r.data.prepared import PreparedBenchmark
+
+
+def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, C) array -> float (B, C, H, W) in [0, 1] on `device` (decode-free hot path)."""
+    t = torch.from_numpy(np.array(images, copy=True)) if not images.flags.writeable else torch.from_numpy(images)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
+
+
+class Method(nn.Module):
+    """Base class: owns networks, optimisers, schedulers and the batch sampler of one method.
+
+    Subclasses implement `train_step` (one optimisation step, GANs alternate D/G inside it) returning a
+    dict of float losses, `validate` (per-epoch metrics on the validation split), and `predict`/`encode`/
+    `translate` for the capabilities they declare.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, cfg: Any, data: PreparedBenchmark, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.data, self.seed = cfg, data, seed
+        self.rng = np.random.default_rng(seed)  # drives batch sampling; its state is checkpointed
+        self.device = torch.device("cpu")
+        self.amp_dtype: torch.dtype | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+
+    # -- set up by the loop ------------------------------------------------------------------------------
+    def setup(self, device: torch.device, amp_dtype: torch.dtype | None, total_steps: int) -> None:
+        """Move to the device and build optimisers/schedulers (before any checkpoint is restored)."""
+        self.device, self.amp_dtype = device, amp_dtype
+        self.to(device)
+        self.optimizers = self.configure_optimizers()
+        self.schedulers = self.configure_schedulers(total_steps)
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
+        return {}
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision where the loop enabled it (GPU only)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def optimize(self, loss: torch.Tensor, opt: str) -> None:
+        """zero_grad / backward / step for one optimiser, then its scheduler."""
+        o = self.optimizers[opt]
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    def step_schedulers(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    # -- implemented by methods --------------------------------------------------------------------------
+    def batches(self) -> Iterator[Any]:
+        """An endless iterator of training batches (drawn with self.rng)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        return {}
+
+    def example_input(self) -> np.ndarray:
+        """A small input for MLflow's model signature."""
+        raise NotImplementedError
+
+    def export_model(self) -> nn.Module:
+        """The module logged to MLflow and saved as the stage output."""
+        return self
+
+    # -- state for checkpoints ---------------------------------------------------------------------------
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "model": self.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["model"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,272 @@
+"""Pipeline stages behind the CLI: generate, validate, prepare, train, evaluate, report.
+
+Each stage reads hyperparameters from params.yaml and paths from its arguments, writes its outputs
+atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from s2r.config import Params
+from s2r.data.benchmark import DataError
+
+GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic JSON write (tmp + rename) so a crash never leaves half a metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def generate(name: str, out: Path, params: Params) -> Path:
+    """Generate an embedded benchmark from params.benchmarks.<name> and the global seed."""
+    import importlib
+
+    from s2r.data.benchmark import write_benchmark
+
+    if name not in GENERATORS:
+        raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
+    gen = importlib.import_module(GENERATORS[name])
+    spec, samples = gen.generate(getattr(params.benchmarks, name), params.seed)
+    return write_benchmark(out, spec, samples, progress=params.train.progress)
+
+
+def sample_grid(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, title: str = "") -> Any:
+    """A matplotlib grid of uint8 (N, H, W, C) images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2 + 0.3), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = images[i]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+            if labels is not None:
+                ax.set_title(labels[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
+    import torch
+
+    return {
+        "data_version": data.data_version, "benchmark": data.spec.name, "seed": str(seed), "device": device,
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+
+def train(
+    method_name: str,
+    data_dir: Path,
+    out: Path,
+    params: Params,
+    *,
+    metrics_out: Path | None = None,
+    plots_out: Path | None = None,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
+    import torch
+
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.methods import registry
+    from s2r.tracking import TrackedRun
+    from s2r.train import amp_dtype, fit, load_checkpoint, save_checkpoint, seed_everything, select_device
+
+    cfg = params.methods.get(method_name)
+    if cfg is None:
+        raise DataError(f"params.yaml has no section methods.{method_name}")
+    ckpt_dir = Path(ckpt_dir or Path("data/checkpoints") / method_name)
+    resume_state = load_checkpoint(ckpt_dir) if resume else None
+    if resume and resume_state is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+    seed_everything(params.seed, params.train.deterministic)
+    if params.train.threads > 0:
+        torch.set_num_threads(params.train.threads)
+    data = PreparedBenchmark(data_dir)
+    method = registry.method_class(method_name)(cfg, data, params.seed)
+    device = select_device(params.train.device)
+    total = cfg.epochs * cfg.steps_per_epoch
+    method.setup(device, amp_dtype(device, params.train.amp), total)
+    logged = {"method": method_name, "seed": params.seed, "methods": {method_name: asdict(cfg)},
+              "train": asdict(params.train), "benchmark": data.spec.name}
+    with TrackedRun(
+        run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
+        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name},
+        run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
+    ) as run:
+        if resume_state is None:
+            batch = next(method.batches())
+            names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
+            fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
+            run.log_figure(fig, "samples/train_batch.png")
+            method.rng = np.random.default_rng(params.seed)  # the grid must not shift the sampler
+            run.log_dict(logged, "config/resolved.yaml")
+        result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
+        final = result.history[-1] if result.history else {}
+        model = method.export_model()
+        out = Path(out)
+        save_checkpoint(out / "model.pt", {
+            "method": method_name, "config": asdict(cfg), "state": method.state_dict(), "seed": params.seed,
+            "data_version": data.data_version, "mlflow_run_id": run.run_id,
+        })
+        _plot_history(result.history, method_name, run, plots_out)
+        if params.tracking.log_model:
+            model_uri = run.log_model(model.cpu(), method.example_input())
+            run.set_tags({"model_uri": model_uri})
+            model.to(device)
+        summary = {
+            **{k: v for k, v in final.items() if k != "epoch"},
+            "epochs": cfg.epochs, "steps": total, "seconds": round(result.seconds_total, 2),
+            "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
+            "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
+            "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
+            "tracking_seconds_total": round(run.log_seconds, 2),  # incl. run start and model logging
+            "mlflow_run_id": run.run_id,
+        }
+        if metrics_out:
+            write_json(Path(metrics_out), summary)
+            run.log_artifact(metrics_out, "metrics")
+    return summary
+
+
+def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_out: Path | None) -> None:
+    """Training curves: CSV for `dvc plots`, PNG for MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    if not history:
+        return
+    df = pd.DataFrame(history)
+    if plots_out:
+        Path(plots_out).mkdir(parents=True, exist_ok=True)
+        df.to_csv(Path(plots_out) / "train_history.csv", index=False)
+    cols = [c for c in df.columns if c not in ("epoch", "lr")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.6), dpi=100, squeeze=False)
+    for ax, c in zip(axes.flat, cols):
+        ax.plot(df["epoch"], df[c], marker="o", ms=3)
+        ax.set_title(c, fontsize=9)
+        ax.set_xlabel("epoch")
+    fig.suptitle(f"train@{name}", fontsize=10)
+    fig.tight_layout()
+    run.log_figure(fig, "plots/train_history.png")
+    plt.close(fig)
+
+
+def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
+    """Rebuild a trained method from `<model_dir>/model.pt` with the config it was trained with."""
+    import torch
+
+    from s2r.config import from_dict
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.methods import registry
+    from s2r.train import select_device
+
+    path = Path(model_dir) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained model; run `s2r train` first")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    name = saved["method"]
+    cfg = from_dict(registry.config_class(name), saved["config"], str(path), f"methods.{name}")
+    data = PreparedBenchmark(data_dir)
+    if saved["data_version"] != data.data_version:
+        raise DataError(f"{path} was trained on data version {saved['data_version'][:12]}, "
+                        f"{data_dir} is {data.data_version[:12]}")
+    method = registry.method_class(name)(cfg, data, saved["seed"])
+    method.load_state_dict(saved["state"])
+    method.device = select_device(params.train.device)
+    method.to(method.device).eval()
+    return method, saved
+
+
+def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,
+             params: Params) -> dict[str, Any]:
+    """Score a trained method on the target domain's test split with the evaluator of its capability."""
+    import matplotlib.pyplot as plt
+
+    from s2r.evaluators.classification import classification_metrics, plot_confusion, write_confusion_csv
+    from s2r.tracking import TrackedRun
+
+    method, saved = load_trained(model_dir, data_dir, params)
+    if saved["method"] != method_name:
+        raise DataError(f"{model_dir}/model.pt holds method {saved['method']!r}, not {method_name!r}")
+    if "predict" not in method.capabilities:
+        raise DataError(f"method {method_name!r} has no 'predict' capability to evaluate on classification")
+    data = method.data
+    test = data.get(data.spec.target, "test")
+    with TrackedRun(
+        f"evaluate@{method_name}", experiment=params.tracking.experiment,
+        params={"method": method_name, "model": str(model_dir), "data": str(data_dir)},
+        tags=_run_tags(data, saved["seed"], str(method.device)) | {
+            "stage": "evaluate", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
+    ) as run:
+        pred = method.predict(test.images).argmax(1)
+        m = classification_metrics(test.labels, pred, data.spec.classes)
+        flat = {f"test_{k}": v for k, v in m.items() if isinstance(v, float)}
+        flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items()}
+        run.log_metrics(flat, step=0)
+        result = {"method": method_name, "domain": data.spec.target, "split": "test", **m,
+                  "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}
+        write_json(Path(out), result)
+        fig = plot_confusion(np.asarray(m["confusion_matrix"]), data.spec.classes,
+                             f"{method_name} on {data.spec.target}/test: accuracy {m['accuracy']:.3f}")
+        if plots_out:
+            Path(plots_out).mkdir(parents=True, exist_ok=True)
+            fig.savefig(Path(plots_out) / "confusion.png")
+            write_confusion_csv(Path(plots_out) / "confusion.csv", test.labels, pred, data.spec.classes)
+        run.log_figure(fig, "plots/confusion.png")
+        plt.close(fig)
+        wrong = np.flatnonzero(pred != test.labels)[:32]
+        if len(wrong):
+            cls = data.spec.classes
+            g = sample_grid(test.images[wrong], [f"{cls[test.labels[i]]}->{cls[pred[i]]}" for i in wrong],
+                            title="misclassified (true->pred)")
+            run.log_figure(g, "samples/misclassified.png")
+            plt.close(g)
+        run.log_artifact(out, "metrics")
+    return result
+
+
+def report(metrics_dir: Path) -> str:
+    """A short results table of every evaluate.json under metrics_dir."""
+    rows = []
+    for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
+        m = json.loads(p.read_text())
+        rows.append((p.parent.name, m.get("domain", "?"), m.get("split", "?"), m.get("accuracy"),
+                     m.get("balanced_accuracy"), m.get("n")))
+    if not rows:
+        return f"no results yet under {metrics_dir} (run `dvc repro`)"
+    head = f"{'method':<12} {'target':<12} {'split':<6} {'accuracy':>9} {'bal.acc':>8} {'n':>6}"
+    lines = [head, "-" * len(head)]
+    for name, dom, split, acc, bal, n in rows:
+        lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""The one module that owns MLflow: store location, runs with proper end states, batched metrics, models.
+
+Default store: `sqlite:///<project>/mlruns/mlflow.db` with artifacts in `<project>/mlruns/artifacts`
+(MLflow 3 refuses a bare folder store). `MLFLOW_TRACKING_URI` overrides it (a team's tracking server).
+Metrics are buffered and sent with one `log_batch` per flush: per-call `log_metric` on SQLite is fsync-bound.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from s2r.config import flatten
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def project_root() -> Path:
+    """The project folder: $DVC_ROOT (set by `dvc exp run`), else the nearest parent holding params.yaml."""
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "params.yaml").is_file() or (p / "dvc.yaml").is_file():
+            return p
+    return here
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI or the project's SQLite store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return project_root() / "mlruns" / "artifacts"
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id, creating it with artifacts under mlruns/."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            artifact_root().mkdir(parents=True, exist_ok=True)
+            location = (artifact_root() / experiment).as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(root: Path | None = None) -> str:
+    """HEAD commit of the project (with '-dirty' if the tree has changes), or 'unknown'."""
+    root = root or project_root()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class TrackedRun:
+    """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        experiment: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.name, self.experiment = name, experiment
+        self.params, self.tags = params or {}, tags or {}
+        self.resume_id, self.parent_run_id = run_id, parent_run_id
+        self.run_id: str = ""
+        self._buffer: list[Any] = []
+        self.log_seconds = 0.0  # time spent talking to MLflow (reported as overhead)
+
+    def __enter__(self) -> TrackedRun:
+        import mlflow
+
+        t = time.perf_counter()
+        setup(self.experiment)
+        tags = {
+            "git_commit": git_commit(),
+            "host": platform.node(),
+            **self.tags,
+        }
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        if self.resume_id:
+            run = mlflow.start_run(run_id=self.resume_id)
+            mlflow.set_tags({"resumed": "true"})
+        else:
+            run = mlflow.start_run(run_name=self.name, tags=tags)
+            self.log_params(self.params)
+        self.run_id = run.info.run_id
+        self.log_seconds += time.perf_counter() - t
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        import mlflow
+
+        try:
+            self.flush()
+        finally:
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = "KILLED"
+            else:
+                status = "FAILED"
+                if exc is not None:
+                    mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:MAX_PARAM_LEN])
+            mlflow.end_run(status=status)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log a (nested) dict as flattened params in one batch."""
+        import mlflow
+        from mlflow.entities import Param
+
+        t = time.perf_counter()
+        flat = flatten(params)
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat.items()]
+        client = mlflow.MlflowClient()
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(self.run_id or mlflow.active_run().info.run_id, params=items[i : i + 100])
+        self.log_seconds += time.perf_counter() - t
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer metrics (sent by flush(), e.g. once per epoch)."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        """Send buffered metrics with as few calls as possible."""
+        import mlflow
+
+        if not self._buffer or not self.run_id:
+            return
+        t = time.perf_counter()
+        client = mlflow.MlflowClient()
+        for i in range(0, len(self._buffer), 1000):
+            client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
+        self._buffer.clear()
+        self.log_seconds += time.perf_counter() - t
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        t = time.perf_counter()
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self.log_seconds += time.perf_counter() - t
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        import mlflow
+
+        t = time.perf_counter()
+        mlflow.log_figure(fig, name)
+        self.log_seconds += time.perf_counter() - t
+
+    def log_model(self, model: Any, example: Any, name: str = "model") -> str:
+        """Log a torch module in the pickle format (reloads as the eager module with dynamic shapes)."""
+        import mlflow
+        import torch
+
+        t = time.perf_counter()
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            serialization_format="pickle",
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "s2r"],
+        )
+        self.log_seconds += time.perf_counter() - t
+        return str(info.model_uri)

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny benchmarks built in tmp dirs, an isolated MLflow store, tiny params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample, write_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """All tests share one throwaway SQLite MLflow store (creating one costs seconds), never mlruns/."""
+    store = tmp_path_factory.mktemp("mlruns")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def tiny_spec(classes: int = 3, size: int = 8) -> BenchmarkSpec:
+    return BenchmarkSpec(
+        name="tiny", tasks=["classification"],
+        domains=[DomainSpec("syn", "source", "synthetic"), DomainSpec("real", "target", "real")],
+        source="syn", target="real", image_size=size, channels=1, classes=[f"c{i}" for i in range(classes)],
+    )
+
+
+def tiny_samples(spec: BenchmarkSpec, per_class: int = 6, seed: int = 0) -> list[Sample]:
+    """Class-dependent blobs so a classifier has something to learn; real = shifted brightness."""
+    rng = np.random.default_rng(seed)
+    out = []
+    k = len(spec.classes)
+    s = spec.image_size
+    for domain in ("syn", "real"):
+        for split in ("train", "val", "test"):
+            for c in range(k):
+                for i in range(per_class):
+                    img = rng.integers(0, 60, (s, s), dtype=np.uint8)
+                    img[:, c * s // k : (c + 1) * s // k] += 150 if domain == "syn" else 110
+                    out.append(Sample(id=f"{domain}-{split}-{c}-{i}", domain=domain, split=split, image=img, label=c))
+    return out
+
+
+@pytest.fixture
+def tiny_benchmark(tmp_path: Path) -> Path:
+    spec = tiny_spec()
+    return write_benchmark(tmp_path / "bench", spec, tiny_samples(spec), progress=False)
+
+
+@pytest.fixture
+def tiny_prepared(tiny_benchmark: Path, tmp_path: Path) -> Path:
+    from s2r.data.prepared import prepare
+
+    return prepare(tiny_benchmark, tmp_path / "prepared", progress=False)
+
+
+def tiny_params_dict() -> dict:
+    """The repo's params.yaml shrunk to seconds-long settings."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["benchmarks"]["digits"].update(
+        image_size=16, scenes_per_class={"train": 2, "val": 1, "test": 1}, variations=2
+    )
+    raw["benchmarks"]["scenes"].update(image_size=16, samples={"train": 4, "val": 2, "test": 2})
+    raw["train"].update(checkpoint_every=2, progress=False, device="cpu")
+    raw["methods"]["mixing"].update(
+        widths=[4, 8],
+        blocks_per_stage=1,
+        batch_size=8,
+        epochs=2,
+        steps_per_epoch=3,
+        real_per_class=2,
+        real_fraction=0.25,
+    )
+    return raw
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    return p
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    os.environ.pop("DVC_ROOT", None)
+    return tmp_path

@@ -1,0 +1,63 @@
+"""The CLI surface and dvc.yaml agree: every stage calls s2r, every params key it names exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+from click.testing import CliRunner
+
+from conftest import REPO
+from s2r.cli import main
+from s2r.config import flatten
+
+
+def test_help_lists_every_command_with_example() -> None:
+    top = CliRunner().invoke(main, ["--help"]).output
+    for name in ("data", "train", "evaluate", "report", "benchmark", "ui"):
+        assert name in top
+    for cmd in (["data", "generate"], ["data", "validate"], ["data", "prepare"], ["train"], ["evaluate"],
+                ["report"], ["benchmark"], ["ui"]):
+        assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd
+
+
+def test_import_is_light() -> None:
+    code = "import sys, s2r.cli; print(any(m in sys.modules for m in ('torch', 'mlflow', 'great_expectations')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_dvc_stages_call_cli_and_name_existing_params() -> None:
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = set(flatten(params)) | {k for k in _prefixes(flatten(params))}
+    for name, stage in dvc["stages"].items():
+        do = stage.get("do", stage)
+        assert do["cmd"].startswith("s2r "), name
+        items = stage["foreach"] if isinstance(stage.get("foreach"), list) else list(stage.get("foreach", {"": 0}))
+        for item in items:
+            for p in do.get("params", []):
+                key = p.replace("${item}", str(item)).replace("${key}", str(item))
+                assert key in keys, f"stage {name}: params key {key!r} not in params.yaml"
+        assert "mlruns" not in str(do.get("outs", [])), name
+
+
+def _prefixes(flat: dict) -> set[str]:
+    out = set()
+    for k in flat:
+        parts = k.split(".")
+        out |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    return out
+
+
+def test_torchvision_model_runs() -> None:
+    """A broken torch/torchvision pairing (e.g. the local 2.13 CPU wheel) must fail loudly here."""
+    import torch
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 64, 64)).shape == (1, 4)
+    boxes = torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1]])
+    assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]

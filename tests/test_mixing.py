@@ -1,0 +1,141 @@
+"""The mixed-minibatch classifier and the shared training loop (finite, gradients, seeds, resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from s2r.config import TrainParams
+from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.mixing import Config, Method, SmallResNet, limited_indices
+from s2r.train import NonFiniteLossError, fit, load_checkpoint
+
+TRAIN = TrainParams(device="cpu", checkpoint_every=2, progress=False)
+
+
+def make(prepared: Path, seed: int = 0, **kw) -> Method:
+    cfg = Config(
+        widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3, real_per_class=2, **kw
+    )
+    torch.manual_seed(seed)
+    m = Method(cfg, PreparedBenchmark(prepared), seed)
+    m.setup(torch.device("cpu"), None, cfg.epochs * cfg.steps_per_epoch)
+    return m
+
+
+def test_architecture_matches_appendix() -> None:
+    """C16-3-1-1, B16-3-1, B32-3-2, B64-3-2: 1 + 3*3*2 convs (+2 shortcut convs), 64-d pooled features."""
+    net = SmallResNet(3, 9, [16, 32, 64], 3)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 18 + 2
+    assert net.head.in_features == 64 and net.head.out_features == 9
+    out = net(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 9)
+    assert (
+        len(net.stages) == 9 and net.stages[3].conv1.stride == (2, 2) and net.stages[6].conv1.stride == (2, 2)
+    )
+
+
+@pytest.mark.parametrize(("fraction", "n_real"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
+def test_minibatch_ratio(tiny_prepared: Path, fraction: float, n_real: int) -> None:
+    m = make(tiny_prepared, real_fraction=fraction)
+    assert (m.n_real, m.n_syn) == (n_real, 8 - n_real)
+    images, labels = next(m.batches())
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8 and labels.shape == (8,)
+    real_set = {m.real.images[i].tobytes() for i in m.real_idx}
+    syn_set = {x.tobytes() for x in m.syn.images}
+    drawn = [x.tobytes() for x in images]
+    assert sum(d in real_set for d in drawn[:n_real]) == n_real
+    assert all(d in syn_set for d in drawn[n_real:])
+
+
+def test_limited_real_is_per_class() -> None:
+    labels = np.repeat(np.arange(3), 5)
+    idx = limited_indices(labels, 2, np.random.default_rng(0))
+    assert np.bincount(labels[idx]).tolist() == [2, 2, 2]
+    assert len(limited_indices(labels, -1, np.random.default_rng(0))) == 15
+
+
+def test_step_finite_and_every_parameter_gets_gradient(tiny_prepared: Path) -> None:
+    m = make(tiny_prepared, real_fraction=0.5)
+    losses = m.train_step(next(m.batches()))
+    assert set(losses) == {"loss", "accuracy"} and all(np.isfinite(v) for v in losses.values())
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert any(float(p.grad.abs().sum()) > 0 for p in m.parameters())
+
+
+def test_same_seed_same_loss_different_seed_differs(tiny_prepared: Path) -> None:
+    def losses(seed: int) -> list[float]:
+        m = make(tiny_prepared, seed=seed)
+        it = m.batches()
+        return [m.train_step(next(it))["loss"] for _ in range(3)]
+
+    assert losses(0) == losses(0)
+    assert losses(0) != losses(1)
+
+
+def test_augmentation_crops_keep_shape(tiny_prepared: Path) -> None:
+    m = make(tiny_prepared, augment=True, aug_crop_padding=2, aug_hflip=True)
+    images, _ = next(m.batches())
+    assert images.shape == (8, 8, 8, 1)
+
+
+def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -> None:
+    full = make(tiny_prepared)
+    ref = fit(full, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "a")
+
+    part = make(tiny_prepared)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(
+            part,
+            train=TrainParams(device="cpu", checkpoint_every=3, progress=False),
+            epochs=2,
+            steps_per_epoch=3,
+            ckpt_dir=tmp_path / "b",
+            on_epoch=stop_after_first,
+        )
+    state = load_checkpoint(tmp_path / "b")
+    assert state is not None and state["step"] == 3
+    resumed = make(tiny_prepared)
+    out = fit(resumed, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "b", resume_state=state)
+    assert out.steps == 3
+    assert [h["train_loss"] for h in out.history] == pytest.approx(
+        [h["train_loss"] for h in ref.history], abs=1e-6
+    )
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    assert resumed.optimizers["net"].param_groups[0]["lr"] == full.optimizers["net"].param_groups[0]["lr"]
+
+
+def test_lr_schedule_follows_milestones(tiny_prepared: Path, tmp_path: Path) -> None:
+    m = make(tiny_prepared, lr_milestones=[0.5])
+    out = fit(m, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path)
+    assert out.history[0]["lr"] == pytest.approx(0.01)  # milestone at step 3 of 6 has passed after epoch 1
+    assert out.history[1]["lr"] == pytest.approx(0.01)
+
+
+def test_nan_loss_stops_with_clear_error(tiny_prepared: Path, tmp_path: Path) -> None:
+    m = make(tiny_prepared, lr=1e30)
+    with torch.no_grad():
+        for p in m.net.head.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss 'loss' is nan at step 1"):
+        fit(m, train=TRAIN, epochs=1, steps_per_epoch=3, ckpt_dir=tmp_path)
+
+
+def test_predict_probabilities(tiny_prepared: Path) -> None:
+    m = make(tiny_prepared)
+    p = m.predict(PreparedBenchmark(tiny_prepared).get("real", "test").images)
+    assert p.shape == (18, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
