@@ -147,7 +147,7 @@ def train(
             "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
             "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
             "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
-            "tracking_seconds_total": round(run.log_seconds, 2),  # incl. run start and model logging
+            "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
             "mlflow_run_id": run.run_id,
         }
         if metrics_out:

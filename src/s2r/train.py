@@ -118,6 +118,7 @@ def fit(
             "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": sums,
         })
 
+    tracking_before = run.log_seconds if run else 0.0
     batches = method.batches()
     sums: dict[str, float] = sums_restored
     t_start = time.perf_counter()
@@ -163,7 +164,7 @@ def fit(
             on_epoch((step + 1) // steps_per_epoch, result.history[-1])  # may raise to stop/prune
     bar.close()
     result.seconds_total = time.perf_counter() - t_start
-    result.seconds_tracking = run.log_seconds if run else 0.0
+    result.seconds_tracking = (run.log_seconds - tracking_before) if run else 0.0  # logging during training only
     return result
 
 
