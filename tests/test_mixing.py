@@ -139,3 +139,24 @@ def test_predict_probabilities(tiny_prepared: Path) -> None:
     m = make(tiny_prepared)
     p = m.predict(PreparedBenchmark(tiny_prepared).get("real", "test").images)
     assert p.shape == (18, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_preview_batch_leaves_sampler_untouched(tiny_prepared: Path) -> None:
+    a, b = make(tiny_prepared), make(tiny_prepared)
+    a.preview_batch()
+    for _ in range(4):  # more than one pool epoch of the 6 limited real images
+        (xa, ya), (xb, yb) = next(a.batches()), next(b.batches())
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_bf16_autocast_step(tiny_prepared: Path, tmp_path: Path) -> None:
+    from s2r.train import amp_dtype, select_device
+
+    device = select_device("auto")
+    m = make(tiny_prepared)
+    m.setup(device, amp_dtype(device, True), 6)
+    out = fit(m, train=TrainParams(device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
+              ckpt_dir=tmp_path)
+    assert next(m.parameters()).is_cuda and all(np.isfinite(h["train_loss"]) for h in out.history)

@@ -121,11 +121,10 @@ def train(
         run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
     ) as run:
         if resume_state is None:
-            batch = next(method.batches())
+            batch = method.preview_batch()
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
             fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
             run.log_figure(fig, "samples/train_batch.png")
-            method.rng = np.random.default_rng(params.seed)  # the grid must not shift the sampler
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
@@ -232,7 +231,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         pred = method.predict(test.images).argmax(1)
         m = classification_metrics(test.labels, pred, data.spec.classes)
         flat = {f"test_{k}": v for k, v in m.items() if isinstance(v, float)}
-        flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items()}
+        flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items() if v is not None}
         run.log_metrics(flat, step=0)
         result = {"method": method_name, "domain": data.spec.target, "split": "test", **m,
                   "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ def fit(
     sums: dict[str, float] = sums_restored
     t_start = time.perf_counter()
     method.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", disable=not train.progress)
+    bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", disable=not train.progress,
+               mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
     for step in range(start, total):
         t0 = time.perf_counter()
         batch = next(batches)

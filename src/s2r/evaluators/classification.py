@@ -23,7 +23,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     return {
         "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
         "balanced_accuracy": float(np.nanmean(per_class)),
-        "per_class_accuracy": {c: float(a) for c, a in zip(classes, per_class)},
+        # None (JSON null) for a class absent from the test split: not computable, and NaN is not valid JSON
+        "per_class_accuracy": {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, per_class)},
         "confusion_matrix": cm.tolist(),
         "n": int(cm.sum()),
     }

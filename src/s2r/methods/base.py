@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -92,12 +93,26 @@ class Method(nn.Module):
         return self
 
     # -- state for checkpoints ---------------------------------------------------------------------------
+    def sampler_state(self) -> dict[str, Any]:
+        """Everything that decides the next batches (methods with extra sampler state extend it)."""
+        return {"rng": copy.deepcopy(self.rng.bit_generator.state)}
+
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+
+    def preview_batch(self) -> Any:
+        """One training batch for a sample grid, leaving the sampler exactly where it was."""
+        saved = self.sampler_state()
+        batch = next(self.batches())
+        self.load_sampler_state(saved)
+        return batch
+
     def train_state(self) -> dict[str, Any]:
         return {
             "model": self.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": self.rng.bit_generator.state,
+            "sampler": self.sampler_state(),
         }
 
     def load_train_state(self, state: dict[str, Any]) -> None:
@@ -106,4 +121,4 @@ class Method(nn.Module):
             o.load_state_dict(state["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
-        self.rng.bit_generator.state = state["rng"]
+        self.load_sampler_state(state["sampler"])

@@ -249,10 +249,10 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.net
 
-    def train_state(self) -> dict[str, Any]:
-        return super().train_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
+    def sampler_state(self) -> dict[str, Any]:
+        return super().sampler_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
 
-    def load_train_state(self, state: dict[str, Any]) -> None:
-        super().load_train_state(state)
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        super().load_sampler_state(state)
         for k, p in self.pools.items():
             p.load(state["pools"][k])
