@@ -2,7 +2,7 @@
 
 Adapters point at the user's files in place (absolute paths in the manifest, nothing copied), read width,
 height, channels and sha256 from the files themselves, and write ``benchmark.yaml`` + ``manifest.parquet``
-atomically (built in a temp dir beside ``out``, swapped in with :func:`s2r.data.benchmark.replace_dir`), so a
+atomically (built in a temp dir beside ``out``, swapped in with :func:`s2r.data.benchmark.staged_dir`), so a
 failed run never corrupts an existing ``out``. Bad input raises :class:`DataError` naming file, row or key.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,7 +23,7 @@ from s2r.data.benchmark import (
     BenchmarkSpec,
     DataError,
     DomainSpec,
-    replace_dir,
+    staged_dir,
 )
 from s2r.data.validation import ImageInfo, inspect_images
 
@@ -284,15 +282,9 @@ def _finish(
 
 def _write_atomically(out: Path, spec: BenchmarkSpec, frame: Any) -> Path:
     """Build the benchmark in a temp dir beside `out` and swap it in; on failure `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         frame.to_parquet(tmp / "manifest.parquet", index=False)
         spec.save(tmp / "benchmark.yaml")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

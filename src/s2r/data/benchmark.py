@@ -14,12 +14,13 @@ point at a user's files in place).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,9 +168,7 @@ def write_benchmark(root: Path, spec: BenchmarkSpec, samples: Iterable[Sample], 
     from tqdm import tqdm
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with staged_dir(root) as tmp:
         rows: list[dict[str, Any]] = []
         for s in tqdm(samples, desc=f"generate {spec.name}", unit="img", disable=not progress):
             _check_sample(s, spec)
@@ -197,12 +196,11 @@ def write_benchmark(root: Path, spec: BenchmarkSpec, samples: Iterable[Sample], 
         if not rows:
             raise DataError(f"benchmark {spec.name!r}: the source produced no samples")
         manifest = pd.DataFrame(rows)
+        for col in ("scene_id", "variation"):  # absent for some domains: nullable ints, not NaN floats
+            if col in manifest:
+                manifest[col] = manifest[col].astype("Int64")
         manifest.to_parquet(tmp / "manifest.parquet", index=False)
         spec.save(tmp / "benchmark.yaml")
-        replace_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -220,6 +218,20 @@ def _write_aux(tmp: Path, kind: str, s: Sample, array: np.ndarray | None) -> str
     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
     (tmp / rel).write_bytes(png_bytes(np.ascontiguousarray(array)))
     return str(rel)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A temp dir beside `dest` that replaces it on success and vanishes on failure (never half-written)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, dest)
 
 
 def replace_dir(new: Path, dest: Path) -> None:

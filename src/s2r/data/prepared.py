@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,8 @@ from s2r.data.benchmark import (
     BenchmarkSpec,
     DataError,
     load_benchmark,
-    replace_dir,
     resolve_path,
+    staged_dir,
 )
 
 
@@ -146,10 +144,8 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
     for col in ["id", "domain", "split", "path", *factor_cols] + (["label"] if spec.classes else []):
         if col not in manifest.columns:
             raise DataError(f"{manifest_file}: missing column {col!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     counts: dict[str, dict[str, int]] = {}
-    try:
+    with staged_dir(out) as tmp:
         bar = tqdm(total=len(manifest), desc=f"prepare {spec.name}", unit="img", disable=not progress)
         for (domain, split), rows in manifest.groupby(["domain", "split"], sort=True):
             if split not in SPLITS:
@@ -195,8 +191,4 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
             "counts": counts,
         }
         (tmp / "prepared.json").write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
