@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: env run test lint ui bench clean
+.PHONY: env run test test-postgres lint ui bench clean
 
 env: $(VENV)/.installed
 
@@ -23,6 +23,16 @@ run: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# Only the PostgreSQL-storage tuning test, against a throwaway server (tests/services/postgres.sh; installs
+# PostgreSQL from Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is.
+test-postgres: env
+	@set -e; url="$$S2R_TEST_POSTGRES_URL"; \
+	if [ -z "$$url" ]; then \
+	  trap 'bash tests/services/postgres.sh stop' EXIT; \
+	  out=$$(bash tests/services/postgres.sh); url=$$(printf '%s\n' "$$out" | tail -n 1); \
+	fi; \
+	S2R_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest -q -m postgres tests/test_tune_postgres.py
 
 lint: env
 	$(BIN)/ruff check src tests

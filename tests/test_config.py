@@ -21,7 +21,7 @@ def test_repo_params_load() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.methods["mixing"].real_fraction == pytest.approx(0.125)
     assert "mixing_ratio" in params.studies
-    assert params.studies["mixing_ratio"].search_space["methods.mixing.real_fraction"].log is True
+    assert params.studies["mixing_ratio"].search_space["methods.mixing.real_fraction"].choices[-1] == 1.0
 
 
 @pytest.mark.parametrize(

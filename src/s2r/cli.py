@@ -244,6 +244,108 @@ def benchmark_cmd(method: str, data_dir: str, fractions: str, out: str, params_p
     click.echo(bench.format_result(res))
 
 
+@main.group("registry")
+def registry_group() -> None:
+    """Register trained models as s2r-METHOD in MLflow, move aliases (candidate, champion), predict.
+
+    Example: s2r registry register mixing --from data/metrics/mixing/train.json
+    """
+
+
+@registry_group.command("register")
+@click.argument("method")
+@click.option("--run-id", help="MLflow run id of a training run (train@METHOD).")
+@click.option("--from", "from_file", type=click.Path(dir_okay=False),
+              help="A train metrics JSON or a tuning best.yaml holding mlflow_run_id.")
+@click.option("--alias", default="candidate", show_default=True, help="Alias to point at the new version.")
+@click.option("--receipt", type=click.Path(dir_okay=False), help="JSON receipt to write (name, version, ...).")
+def registry_register(method: str, run_id: str | None, from_file: str | None, alias: str,
+                      receipt: str | None) -> None:
+    """Register the model a training run logged as a new version of s2r-METHOD.
+
+    Example: s2r registry register mixing --from data/metrics/mixing/train.json --receipt data/release/mixing.json
+    """
+    from s2r import registry
+
+    r = registry.register(method, run_id=run_id, best_file=Path(from_file) if from_file else None, alias=alias,
+                          receipt=Path(receipt) if receipt else None)
+    click.echo(f"registered {r['name']} v{r['version']} @{r['alias']} from run {r['run_id']} ({r['model_uri']})")
+
+
+@registry_group.command("list")
+@click.argument("method", required=False)
+def registry_list(method: str | None) -> None:
+    """Show every registered version of the s2r models (or of METHOD's) with its aliases.
+
+    Example: s2r registry list mixing
+    """
+    from s2r import registry
+
+    click.echo(registry.format_models(registry.list_models(method)))
+
+
+@registry_group.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--alias", default="champion", show_default=True, help="Alias to move to VERSION.")
+def registry_promote(name: str, version: int, alias: str) -> None:
+    """Point an alias of model NAME at VERSION (the other versions stay registered).
+
+    Example: s2r registry promote s2r-mixing 2 --alias champion
+    """
+    from s2r import registry
+
+    r = registry.promote(name, version, alias)
+    was = f" (was v{r['previous']})" if r["previous"] is not None else ""
+    click.echo(f"{r['name']}@{r['alias']} -> v{r['version']}{was}; load it as models:/{r['name']}@{r['alias']}")
+
+
+@registry_group.command("predict")
+@click.argument("name")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV to write.")
+@click.option("--alias", default="champion", show_default=True, help="Alias of the version to use.")
+@click.option("--version", "version", type=int, help="Use this version number instead of the alias.")
+def registry_predict(name: str, folder: str, out: str, alias: str, version: int | None) -> None:
+    """Classify every image under FOLDER (png/jpg/bmp, recursive) with a registered model; write a CSV.
+
+    Example: s2r registry predict s2r-mixing photos/ --out predictions.csv --alias champion
+    """
+    from s2r import registry
+
+    df = registry.predict_folder(name, Path(folder), Path(out), alias=alias, version=version)
+    click.echo(f"{len(df)} images -> {out}")
+
+
+@main.command("tune")
+@click.option("--study", required=True, help="A study declared under `studies:` in params.yaml.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Prepared benchmark the trials train on.")
+@click.option("--n-trials", type=int, help="Finished trials wanted in total (default: the study's n_trials).")
+@click.option("--storage", help="RDB URL (postgresql+psycopg2://…) or journal file [data/tuning/STUDY/journal.log].")
+@click.option("--study-name", help="Name of the study in the storage [STUDY].")
+@click.option("--resume", is_flag=True, help="Continue the stored study (or create it); other workers join this way.")
+@click.option("--restart", is_flag=True, help="Delete the stored study of that name and start over.")
+@click.option("--heartbeat-interval", default=10, show_default=True, help="Seconds between RDB heartbeats.")
+@click.option("--grace-period", default=30, show_default=True, help="Seconds before a silent trial counts as dead.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [data/tuning/STUDY].")
+@PARAMS_OPT
+def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | None, study_name: str | None,
+             resume: bool, restart: bool, heartbeat_interval: int, grace_period: int, out_dir: str | None,
+             params_path: str) -> None:
+    """Run an Optuna study from params.yaml; every trial is a nested MLflow run; writes best.yaml.
+
+    Example: s2r tune --study mixing_ratio --data data/prepared/digits --n-trials 10
+    """
+    from s2r import tune
+
+    res = tune.run(tune.TuneOptions(
+        study=study, data_dir=Path(data_dir), params_path=Path(params_path), storage=storage, study_name=study_name,
+        n_trials=n_trials, resume=resume, restart=restart, heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period, out_dir=Path(out_dir) if out_dir else None))
+    click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
+
+
 @main.command("ui")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

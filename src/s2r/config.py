@@ -42,7 +42,7 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
         try:
             check()
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where}: {e}" if not prefix else f"{where}: in {prefix!r}: {e}") from None
     return obj
 
 
@@ -249,9 +249,29 @@ class StudySpec:
     search_space: dict[str, SearchParam]
     sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
     pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
-    n_trials: int = 20
-    timeout: float | None = None  # seconds
+    n_trials: int = 20  # finished (complete + pruned) trials across all workers
+    timeout: float | None = None  # seconds, per worker
     seed: int = 0
+    n_startup_trials: int = 3  # random trials before TPE models / the median pruner prunes
+
+    def validate(self) -> None:
+        if not self.objectives:
+            raise ConfigError("key 'objectives' needs at least one {metric, direction}")
+        if not self.search_space:
+            raise ConfigError("key 'search_space' is empty")
+        if len(self.objectives) > 1 and self.pruner != "none":
+            raise ConfigError("key 'pruner': Optuna cannot prune multi-objective studies; use pruner: none")
+        if self.n_trials < 1:
+            raise ConfigError("key 'n_trials' must be >= 1")
+        for key, p in self.search_space.items():
+            if self.sampler == "grid" and p.type == "float" and p.step is None:
+                raise ConfigError(f"key 'search_space.{key}': the grid sampler needs 'step' (or categorical choices)")
+            if p.type == "int" and any(v is not None and float(v) != int(v) for v in (p.low, p.high, p.step)):
+                raise ConfigError(f"key 'search_space.{key}': int bounds and step must be whole numbers")
+            if p.log and (p.type == "categorical" or (p.low is not None and p.low <= 0) or p.step is not None):
+                raise ConfigError(f"key 'search_space.{key}': log scale needs low > 0 and no step")
+        if self.sampler == "cmaes" and all(p.type == "categorical" for p in self.search_space.values()):
+            raise ConfigError("key 'sampler': CMA-ES needs at least one float or int dimension")
 
 
 @dataclass

@@ -73,6 +73,9 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     return {
         "data_version": data.data_version, "benchmark": data.spec.name, "seed": str(seed), "device": device,
         "torch": torch.__version__, "python": platform.python_version(),
+        # the model's input contract, for users of the registered model (s2r registry)
+        "image_size": str(data.spec.image_size), "channels": str(data.spec.channels),
+        "classes": json.dumps(list(data.spec.classes)),
     }
 
 
@@ -89,6 +92,7 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
     import torch
@@ -117,7 +121,7 @@ def train(
               "train": asdict(params.train), "benchmark": data.spec.name}
     with TrackedRun(
         run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
-        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name},
+        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {}),
         run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
     ) as run:
         if resume_state is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -59,7 +60,13 @@ def setup(experiment: str) -> str:
         if uri.startswith("sqlite:///"):
             artifact_root().mkdir(parents=True, exist_ok=True)
             location = (artifact_root() / experiment).as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        try:
+            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another worker created it in the meantime
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            exp_id = found.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -114,11 +121,12 @@ class TrackedRun:
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
+        nested = mlflow.active_run() is not None  # e.g. a tuning trial inside its study's parent run
         if self.resume_id:
-            run = mlflow.start_run(run_id=self.resume_id)
+            run = mlflow.start_run(run_id=self.resume_id, nested=nested)
             mlflow.set_tags({"resumed": "true"})
         else:
-            run = mlflow.start_run(run_name=self.name, tags=tags)
+            run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested)
             self.log_params(self.params)
         self.run_id = run.info.run_id
         self.log_seconds += time.perf_counter() - t
@@ -132,10 +140,14 @@ class TrackedRun:
         try:
             self.flush()
         finally:
+            optuna = sys.modules.get("optuna")  # a pruned trial is stopped on purpose, not crashed
             if exc_type is None:
                 status = "FINISHED"
             elif issubclass(exc_type, KeyboardInterrupt):
                 status = "KILLED"
+            elif optuna is not None and issubclass(exc_type, optuna.TrialPruned):
+                status = "KILLED"
+                mlflow.set_tag("trial_state", "PRUNED")
             else:
                 status = "FAILED"
                 if exc is not None:
@@ -205,12 +217,17 @@ class TrackedRun:
         import torch
 
         t = time.perf_counter()
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            serialization_format="pickle",
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "s2r"],
-        )
+        was_training = model.training
+        model.eval()  # MLflow runs the example through the model: in train mode it would move BatchNorm stats
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                serialization_format="pickle",
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "s2r"],
+            )
+        finally:
+            model.train(was_training)
         self.log_seconds += time.perf_counter() - t
         return str(info.model_uri)

@@ -1,0 +1,335 @@
+"""`s2r tune`: run an Optuna study declared in params.yaml, every trial a nested MLflow run.
+
+Storage: a journal file under data/tuning/<study>/ by default (safe for several local worker processes);
+an RDB URL (`postgresql+psycopg2://...`, `sqlite:///...`) for workers on several machines, with heartbeats so
+that a trial whose worker died is marked FAIL by a live worker and retried (RetryFailedTrialCallback).
+`n_trials` counts finished (complete + pruned) trials of the whole study, across workers and resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s2r.config import ConfigError, SearchParam, StudySpec, load_params
+
+TUNING_DIR = Path("data/tuning")
+
+
+@dataclass
+class TuneOptions:
+    """Command-line choices of one tuning worker (the study itself is declared in params.yaml)."""
+
+    study: str
+    data_dir: Path
+    params_path: Path = Path("params.yaml")
+    storage: str | None = None  # None = journal file under out_dir
+    study_name: str | None = None  # name in storage (default: the study's key)
+    n_trials: int | None = None  # override of the spec's n_trials
+    resume: bool = False  # create-or-continue; without it an existing study with trials is an error
+    restart: bool = False  # delete a stored study of that name first (pipelines: params changed)
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 2
+    out_dir: Path | None = None  # default data/tuning/<study>
+
+
+def build_sampler(spec: StudySpec) -> Any:
+    """The sampler named in the spec, seeded."""
+    import optuna
+
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    grid = {k: grid_values(k, p) for k, p in spec.search_space.items()}
+    return optuna.samplers.GridSampler(grid, seed=spec.seed)
+
+
+def grid_values(key: str, p: SearchParam) -> list[Any]:
+    """Every value of one dimension for the grid sampler."""
+    if p.type == "categorical":
+        return list(p.choices or [])
+    assert p.low is not None and p.high is not None
+    step = p.step if p.step is not None else 1
+    n = int(math.floor((p.high - p.low) / step + 1e-9)) + 1
+    vals = [p.low + i * step for i in range(n)]
+    return [int(round(v)) for v in vals] if p.type == "int" else [float(v) for v in vals]
+
+
+def build_pruner(spec: StudySpec) -> Any:
+    import optuna
+
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    if spec.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def build_storage(opts: TuneOptions, out_dir: Path) -> Any:
+    """Journal file by default; RDB (with heartbeats and retries of dead workers' trials) for URLs."""
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if opts.storage is None or "://" not in opts.storage:
+        path = Path(opts.storage) if opts.storage else out_dir / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return RDBStorage(
+        opts.storage,
+        heartbeat_interval=opts.heartbeat_interval,
+        grace_period=opts.grace_period,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=opts.max_retry),
+        engine_kwargs={"pool_pre_ping": True},
+    )
+
+
+def suggest(trial: Any, spec: StudySpec) -> dict[str, Any]:
+    """Draw one value per search dimension; keys are dotted params.yaml keys."""
+    out: dict[str, Any] = {}
+    for key, p in spec.search_space.items():
+        if p.type == "categorical":
+            out[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            out[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            out[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return out
+
+
+def _metric(summary: dict[str, Any], name: str) -> float:
+    if name not in summary:
+        known = sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
+        raise ConfigError(f"objective metric {name!r} is not reported by the method; known: {known}")
+    return float(summary[name])
+
+
+def run(opts: TuneOptions) -> dict[str, Any]:
+    """Run (or continue) one study with this process as a worker; write best.yaml and metrics.json."""
+    import optuna
+    import yaml
+    from optuna.trial import TrialState
+    from tqdm import tqdm
+
+    from s2r import stages
+    from s2r.tracking import TrackedRun
+
+    base = load_params(opts.params_path)
+    if opts.study not in base.studies:
+        known = sorted(base.studies)
+        raise ConfigError(f"{opts.params_path}: no study {opts.study!r} under 'studies' (known: {known})")
+    spec = base.studies[opts.study]
+    n_trials = opts.n_trials or spec.n_trials
+    out_dir = Path(opts.out_dir or TUNING_DIR / opts.study)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = opts.study_name or opts.study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = build_storage(opts, out_dir)
+    if opts.restart:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
+    directions = [o.direction for o in spec.objectives]
+    if not opts.resume:
+        existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if name in existing:
+            raise ConfigError(f"study {name!r} already exists in {opts.storage or out_dir / 'journal.log'}; "
+                              "pass --resume to continue it or --restart to start over")
+    study = optuna.create_study(storage=storage, study_name=name, sampler=build_sampler(spec),
+                                pruner=build_pruner(spec), directions=directions, load_if_exists=True)
+    study.set_user_attr("method", spec.method)
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def n_done() -> int:
+        return len(study.get_trials(deepcopy=False, states=finished))
+
+    experiment = base.tracking.experiment
+    with TrackedRun(f"tune@{opts.study}", experiment=experiment, run_id=parent_id,
+                    params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
+                    tags={"stage": "tune", "study": name, "method": spec.method}) as parent:
+        if parent_id is None:
+            study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+        bar = tqdm(total=n_trials, initial=min(n_done(), n_trials), desc=f"tune {opts.study}", unit="trial")
+
+        def objective(trial: optuna.Trial) -> Any:
+            trial.set_user_attr("worker_pid", os.getpid())
+            overrides = suggest(trial, spec) | {"train.progress": False}
+            single = len(spec.objectives) == 1
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                if not single:
+                    return  # Optuna prunes single-objective studies only
+                trial.report(_metric(metrics, spec.objectives[0].metric), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+            try:
+                params = load_params(opts.params_path, overrides)
+                with tempfile.TemporaryDirectory(prefix=f"s2r-trial{trial.number}-") as tmp:
+                    summary = stages.train(
+                        spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
+                        on_epoch=on_epoch, parent_run_id=parent.run_id, run_name=f"trial@{opts.study}#{trial.number}",
+                        tags={"optuna_study": name, "optuna_trial": str(trial.number)},
+                    )
+            except optuna.TrialPruned:
+                raise
+            except Exception as e:  # recorded on the trial; the study goes on
+                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+                raise
+            trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
+            for k in ("seconds", "tracking_seconds_total"):  # to measure the overhead around training
+                if k in summary:
+                    trial.set_user_attr(f"train_{k}", summary[k])
+            values = [_metric(summary, o.metric) for o in spec.objectives]
+            if any(not math.isfinite(v) for v in values):
+                trial.set_user_attr("fail_reason", f"objective is not finite: {values}")
+                return float("nan")  # Optuna records a NaN objective as FAIL
+            return values[0] if single else values
+
+        def progress(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
+            bar.n = min(n_done(), n_trials)
+            states = [t.state for t in st.get_trials(deepcopy=False)]
+            post = {"trial": ft.number, "pruned": states.count(TrialState.PRUNED),
+                    "failed": states.count(TrialState.FAIL)}
+            if len(directions) == 1 and any(s == TrialState.COMPLETE for s in states):
+                post["best"] = f"{st.best_value:.4g}"
+            bar.set_postfix(post)
+            bar.refresh()
+            parent.log_metrics({"trials_finished": n_done()}, step=ft.number)
+
+        def stop_when_done(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
+            """Stop at n_trials finished trials (all workers), or when as many have failed (a broken setup)."""
+            failed = len(st.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+            if n_done() >= n_trials or failed >= max(n_trials, 3):
+                st.stop()
+
+        if n_done() < n_trials:
+            study.optimize(objective, timeout=spec.timeout, catch=(Exception,), callbacks=[progress, stop_when_done])
+        waiting = _settle_stale_trials(study, storage, opts)
+        if waiting:  # retries of trials whose worker died: run them so every trial is accounted for
+            study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[progress])
+        bar.close()
+        result = summarise(study, spec, opts.study)
+        _tag_trial_runs(study)
+        _log_parent(parent, study, result, out_dir)
+    tmp_best = out_dir / "best.yaml.tmp"
+    tmp_best.write_text(yaml.safe_dump(result["best"], sort_keys=False))
+    os.replace(tmp_best, out_dir / "best.yaml")
+    stages.write_json(out_dir / "metrics.json", result["metrics"])
+    return result
+
+
+def _settle_stale_trials(study: Any, storage: Any, opts: TuneOptions) -> int:
+    """Before leaving, fail trials of dead workers (RDB heartbeats); return how many retries now wait.
+
+    A dead worker's trial is otherwise noticed only when a live worker starts a new trial, which never
+    happens once the study has its n_trials; waits at most grace_period + heartbeat_interval seconds.
+    """
+    import time
+
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    if not isinstance(storage, RDBStorage):
+        return 0
+    deadline = time.monotonic() + opts.grace_period + opts.heartbeat_interval
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() > deadline:
+            break
+        time.sleep(max(opts.heartbeat_interval, 1))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _spec_dict(spec: StudySpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def summarise(study: Any, spec: StudySpec, key: str) -> dict[str, Any]:
+    """Best trial(s), counts per state, and the dict written to best.yaml."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in
+              (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best: dict[str, Any] = {"study": key, "study_name": study.study_name, "method": spec.method,
+                            "objectives": [{"metric": o.metric, "direction": o.direction} for o in spec.objectives]}
+    metrics: dict[str, Any] = {f"n_{k}": v for k, v in counts.items()}
+    if not complete:
+        best["best_trials"] = []
+        return {"best": best, "metrics": metrics}
+    if len(spec.objectives) == 1:
+        bt = study.best_trial
+        best |= {"trial": bt.number, "value": bt.value, "params": dict(bt.params),
+                 "mlflow_run_id": bt.user_attrs.get("mlflow_run_id")}
+        metrics |= {"best_value": bt.value, "best_trial": bt.number}
+    else:
+        best["best_trials"] = [{"trial": t.number, "values": list(t.values), "params": dict(t.params),
+                                "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in study.best_trials]
+        best["mlflow_run_id"] = best["best_trials"][0]["mlflow_run_id"]
+        metrics["n_pareto"] = len(study.best_trials)
+    return {"best": best, "metrics": metrics}
+
+
+def _tag_trial_runs(study: Any) -> None:
+    """Write each trial's final Optuna state onto its MLflow run (pruned/failed runs end before it is known)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.optuna_study = '{study.study_name}'")
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for r in runs:
+        t = by_number.get(int(r.data.tags.get("optuna_trial", -1)))
+        if t is not None:
+            client.set_tag(r.info.run_id, "trial_state", t.state.name)
+            if "fail_reason" in t.user_attrs:
+                client.set_tag(r.info.run_id, "fail_reason", t.user_attrs["fail_reason"])
+
+
+def _log_parent(parent: Any, study: Any, result: dict[str, Any], out_dir: Path) -> None:
+    """Best value/params and Optuna's plots on the study's parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    parent.log_metrics(metrics, step=0)
+    best = result["best"]
+    if "params" in best:
+        parent.set_tags({f"best.{k}": v for k, v in best["params"].items()})
+    parent.log_dict(best, "best.yaml")
+    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
+             "parallel_coordinate": vis.plot_parallel_coordinate}
+    for name, fn in plots.items():
+        try:
+            multi = len(study.directions) > 1
+            kwargs = {"target": lambda t: t.values[0], "target_name": "objective 0"} if multi else {}
+            with warnings.catch_warnings():  # experimental-API and degenerate-axis warnings are noise here
+                warnings.simplefilter("ignore")
+                ax = fn(study, **kwargs)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need >= 2 complete trials
+            parent.set_tags({f"plot.{name}": f"not drawn: {e}"[:500]})
+            continue
+        fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+        fig.savefig(out_dir / f"{name}.png", bbox_inches="tight")
+        parent.log_figure(fig, f"plots/{name}.png")
+        plt.close(fig)

@@ -1,0 +1,162 @@
+"""`s2r tune`: trials, nested MLflow runs, best.yaml, pruning, failures, resume, spec errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import tiny_params_dict
+from s2r import stages, tune
+from s2r.cli import main
+from s2r.config import ConfigError, load_params
+
+
+def study_params(tmp_path: Path, **study: Any) -> Path:
+    raw = tiny_params_dict()
+    raw["studies"] = {"t": {
+        "method": "mixing", "objectives": [{"metric": "val_accuracy", "direction": "maximize"}],
+        "search_space": {"methods.mixing.real_fraction": {"type": "float", "low": 0.1, "high": 1.0, "log": True},
+                         "methods.mixing.augment": {"type": "categorical", "choices": [False, True]}},
+        "sampler": "random", "pruner": "none", "n_trials": 3, "seed": 0, **study}}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def opts(tmp_path: Path, prepared: Path, params: Path, **kw: Any) -> tune.TuneOptions:
+    return tune.TuneOptions(study="t", data_dir=prepared, params_path=params, out_dir=tmp_path / "out",
+                            study_name=f"t-{tmp_path.name}", **kw)
+
+
+def trials(o: tune.TuneOptions) -> list[optuna.trial.FrozenTrial]:
+    st = tune.build_storage(o, o.out_dir)
+    return optuna.load_study(study_name=o.study_name, storage=st).get_trials()
+
+
+def test_tiny_study_completes_with_nested_runs_and_best_yaml(tmp_path: Path, tiny_prepared: Path) -> None:
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path))
+    res = tune.run(o)
+    ts = trials(o)
+    assert [t.state.name for t in ts] == ["COMPLETE"] * 3
+    assert all(len(t.intermediate_values) == 2 for t in ts)  # reported every epoch
+    best = yaml.safe_load((o.out_dir / "best.yaml").read_text())
+    assert best["value"] == max(t.value for t in ts) and set(best["params"]) == {
+        "methods.mixing.real_fraction", "methods.mixing.augment"}
+    assert json.loads((o.out_dir / "metrics.json").read_text())["n_complete"] == 3 == res["metrics"]["n_complete"]
+    assert (o.out_dir / "optimization_history.png").is_file()
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.optuna_study = '{o.study_name}'")
+    parent_id = ts[0].system_attrs.get("mlflow_parent_run_id") or optuna.load_study(
+        study_name=o.study_name, storage=tune.build_storage(o, o.out_dir)).user_attrs["mlflow_parent_run_id"]
+    assert len(runs) == 3 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
+    assert {r.data.tags["trial_state"] for r in runs} == {"COMPLETE"}
+    one = next(r for r in runs if r.info.run_id == best["mlflow_run_id"])
+    assert one.data.params["methods.mixing.real_fraction"] == str(best["params"]["methods.mixing.real_fraction"])
+    assert "model_uri" in one.data.tags  # the model of a completed trial is logged
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "tune@t" and parent.data.metrics["best_value"] == pytest.approx(best["value"])
+    arts = {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert "plots/optimization_history.png" in arts
+
+
+def test_resume_continues_and_fresh_start_is_refused(tmp_path: Path, tiny_prepared: Path) -> None:
+    params = study_params(tmp_path, n_trials=2)
+    tune.run(opts(tmp_path, tiny_prepared, params))
+    with pytest.raises(ConfigError, match="already exists .*--resume"):
+        tune.run(opts(tmp_path, tiny_prepared, params))
+    o = opts(tmp_path, tiny_prepared, params, resume=True, n_trials=3)
+    tune.run(o)
+    assert len(trials(o)) == 3
+    tune.run(opts(tmp_path, tiny_prepared, params, restart=True, n_trials=1))
+    assert len(trials(o)) == 1
+
+
+@pytest.fixture
+def fake_train(monkeypatch: pytest.MonkeyPatch):
+    """Replace training by a script: per trial number, the per-epoch values it reports (or an exception)."""
+    script: dict[int, Any] = {}
+
+    def train(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):
+        n = int(run_name.rsplit("#", 1)[1])
+        plan = script[n]
+        if isinstance(plan, Exception):
+            raise plan
+        for epoch, v in enumerate(plan, 1):
+            on_epoch(epoch, {"val_accuracy": v})
+        return {"val_accuracy": plan[-1], "mlflow_run_id": f"run{n}"}
+
+    monkeypatch.setattr(stages, "train", train)
+    return script
+
+
+def test_pruner_prunes_bad_intermediate_value(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
+    fake_train.update({0: [0.8, 0.9], 1: [0.8, 0.9], 2: [0.1, 0.9]})
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path, pruner="median", n_startup_trials=2))
+    tune.run(o)
+    ts = trials(o)
+    assert [t.state.name for t in ts] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert ts[2].intermediate_values == {1: 0.1}
+
+
+def test_failing_and_nan_trials_are_recorded_and_study_goes_on(tmp_path: Path, tiny_prepared: Path,
+                                                                fake_train) -> None:
+    fake_train.update({0: RuntimeError("boom"), 1: [float("nan")], 2: [0.5], 3: [0.6], 4: [0.7]})
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path))
+    res = tune.run(o)
+    ts = trials(o)
+    assert [t.state.name for t in ts] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert ts[0].user_attrs["fail_reason"] == "RuntimeError: boom"
+    assert "not finite" in ts[1].user_attrs["fail_reason"]
+    assert res["best"]["value"] == 0.7 and res["metrics"]["n_fail"] == 2
+
+
+def test_cli_tune_and_unknown_study(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
+    fake_train.update({0: [0.5], 1: [0.6]})
+    params = study_params(tmp_path, n_trials=2)
+    out = CliRunner().invoke(main, ["tune", "--study", "t", "--data", str(tiny_prepared), "--params", str(params),
+                                    "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert out.exit_code == 0 and "n_complete=2" in out.output
+    bad = CliRunner().invoke(main, ["tune", "--study", "nope", "--data", str(tiny_prepared), "--params", str(params)])
+    assert bad.exit_code == 2 and "no study 'nope'" in bad.output
+
+
+@pytest.mark.parametrize(("study", "key"), [
+    ({"sampler": "grid"}, "search_space.methods.mixing.real_fraction"),
+    ({"pruner": "median", "objectives": [{"metric": "val_accuracy", "direction": "maximize"},
+                                         {"metric": "val_loss", "direction": "minimize"}]}, "pruner"),
+    ({"search_space": {"methods.mixing.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
+     "methods.mixing.lr"),
+    ({"search_space": {"methods.mixing.epochs": {"type": "int", "low": 1, "high": 2.5}}}, "methods.mixing.epochs"),
+    ({"n_trials": 0}, "n_trials"),
+    ({"search_space": {"methods.mixing.nope": {"type": "int", "low": 1, "high": 2}}}, "methods.mixing.nope"),
+    ({"sampler": "cmaes", "search_space": {"methods.mixing.augment": {"type": "categorical", "choices": [True]}}},
+     "sampler"),
+])
+def test_invalid_study_spec_names_key(tmp_path: Path, study: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_params(study_params(tmp_path, **study))
+    assert "studies" in str(e.value) and key in str(e.value)
+
+
+def test_grid_values_and_samplers() -> None:
+    from s2r.config import SearchParam, StudySpec
+
+    assert tune.grid_values("k", SearchParam(type="int", low=1, high=7, step=3)) == [1, 4, 7]
+    assert tune.grid_values("k", SearchParam(type="float", low=0.0, high=0.5, step=0.25)) == [0.0, 0.25, 0.5]
+    spec = StudySpec(method="mixing", objectives=[], search_space={"a": SearchParam(type="float", low=0, high=1)})
+    for name, cls in [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler")]:
+        spec.sampler = name
+        assert type(tune.build_sampler(spec)).__name__ == cls
+    for name, cls in [("median", "MedianPruner"), ("hyperband", "HyperbandPruner"),
+                      ("successive_halving", "SuccessiveHalvingPruner"), ("none", "NopPruner")]:
+        spec.pruner = name
+        assert type(tune.build_pruner(spec)).__name__ == cls
