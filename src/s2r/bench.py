@@ -36,8 +36,8 @@ def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, par
     from s2r import stages
     from s2r.config import load_params
     from s2r.data.prepared import PreparedBenchmark
-    from s2r.evaluators.classification import classification_metrics
     from s2r.methods import registry
+    from s2r.tables import train_and_test
     from s2r.train import select_device
 
     params = load_params(params_path)
@@ -52,15 +52,9 @@ def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, par
         for f in fractions:
             p = load_params(params_path, {f"methods.{method_name}.real_fraction": f})
             t = time.perf_counter()
-            summary = stages.train(method_name, data_dir, Path(tmp) / f"m{f}", p, ckpt_dir=Path(tmp) / f"c{f}",
-                                   run_name=f"benchmark@{method_name}[real_fraction={f}]")
-            wall = time.perf_counter() - t
-            trained, _ = stages.load_trained(Path(tmp) / f"m{f}", data_dir, p)
-            test = data.get(data.spec.target, "test")
-            m = classification_metrics(test.labels, trained.predict(test.images).argmax(1), data.spec.classes)
-            runs.append({"real_fraction": f, "test_accuracy": m["accuracy"], "val_accuracy": summary["val_accuracy"],
-                         "train_seconds": summary["seconds"], "stage_seconds": round(wall, 2),
-                         "tracking_share": summary["tracking_share"], "data_share": summary["data_share"]})
+            r = train_and_test(method_name, data_dir, p, Path(tmp) / f"f{f}",
+                               f"benchmark@{method_name}[real_fraction={f}]")
+            runs.append({"real_fraction": f, **r, "stage_seconds": round(time.perf_counter() - t, 2)})
     result["runs"] = runs
     result["tracking_share_mean"] = float(np.mean([r["tracking_share"] for r in runs]))
     stages.write_json(out, result)

@@ -216,6 +216,25 @@ class TrackingParams:
 
 
 @dataclass
+class MixingTablesParams:
+    """Paper 4's Tables 2 and 3 (`s2r tables mixing`): classifier runs per cell, shorter than the default."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ratios: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # 1:15, 1:7, 1:3, 1:1
+    epochs: int = 8
+    steps_per_epoch: int = 10
+
+    def validate(self) -> None:
+        if not self.seeds or not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+            raise ConfigError("keys 'seeds' and 'ratios' (real fractions in (0, 1)) must be non-empty")
+
+
+@dataclass
+class ReportsParams:
+    mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
+
+
+@dataclass
 class ObjectiveSpec:
     metric: str
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -284,6 +303,7 @@ class Params:
     tracking: TrackingParams
     methods: dict[str, Any]
     studies: dict[str, StudySpec] = field(default_factory=dict)
+    reports: ReportsParams = field(default_factory=ReportsParams)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

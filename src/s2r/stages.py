@@ -114,6 +114,7 @@ def train(
         torch.set_num_threads(params.train.threads)
     data = PreparedBenchmark(data_dir)
     method = registry.method_class(method_name)(cfg, data, params.seed)
+    method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
     device = select_device(params.train.device)
     total = cfg.epochs * cfg.steps_per_epoch
     method.setup(device, amp_dtype(device, params.train.amp), total)
@@ -205,6 +206,7 @@ def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
         raise DataError(f"{path} was trained on data version {saved['data_version'][:12]}, "
                         f"{data_dir} is {data.data_version[:12]}")
     method = registry.method_class(name)(cfg, data, saved["seed"])
+    method.name = name
     method.load_state_dict(saved["state"])
     method.device = select_device(params.train.device)
     method.to(method.device).eval()
@@ -273,3 +275,57 @@ def report(metrics_dir: Path) -> str:
     for name, dom, split, acc, bal, n in rows:
         lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
     return "\n".join(lines)
+
+
+def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,
+           params: Params, metrics_out: Path | None = None) -> dict[str, Any]:
+    """Run a trained translator over every split: a new prepared benchmark with the refined domains added.
+
+    Domain `<A>_<method>` holds A's images translated A->B and becomes the benchmark's source; `<B>_<method>`
+    holds B translated B->A (MrGAN's second stage can pair any of them). Labels, ids and factors are kept.
+    """
+    import hashlib
+
+    import matplotlib.pyplot as plt
+
+    from s2r.data.prepared import PreparedBenchmark, derive
+    from s2r.tracking import TrackedRun
+
+    method, saved = load_trained(model_dir, data_dir, params)
+    if "translate" not in method.capabilities:
+        raise DataError(f"method {method_name!r} has no 'translate' capability to refine with")
+    data = method.data
+    a = method.cfg.domain_a or data.spec.source
+    b = method.cfg.domain_b or data.spec.target
+    ra, rb = f"{a}_{method_name}", f"{b}_{method_name}"
+    model_sha = hashlib.sha256((Path(model_dir) / "model.pt").read_bytes()).hexdigest()
+    with TrackedRun(
+        f"refine@{method_name}", experiment=params.tracking.experiment,
+        params={"method": method_name, "model": str(model_dir), "data": str(data_dir), "out": str(out),
+                "domain_a": a, "domain_b": b},
+        tags=_run_tags(data, saved["seed"], str(method.device)) | {
+            "stage": "refine", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
+    ) as run:
+        derive(data, Path(out), {ra: (a, lambda x: method.translate(x, "a2b")),
+                                 rb: (b, lambda x: method.translate(x, "b2a"))},
+               source=ra, version_salt=model_sha)
+        refined = PreparedBenchmark(out)
+        run.set_tags({"refined_data_version": refined.data_version})
+        result: dict[str, Any] = {"method": method_name, "source": ra, "domains": [ra, rb],
+                                  "data_version": refined.data_version, "mlflow_run_id": run.run_id}
+        rows, names = [], []
+        for orig, new in ((a, ra), (b, rb)):
+            x, y = data.get(orig, "test").images[:8], refined.get(new, "test").images[:8]
+            result[f"mean_abs_change_{orig}"] = float(np.abs(y.astype(np.float32) - x).mean() / 255.0)
+            rows += [x, y]
+            names += [f"{orig}"] * len(x) + [f"{new}"] * len(y)
+        run.log_metrics({k: v for k, v in result.items() if k.startswith("mean_abs")}, step=0)
+        fig = sample_grid(np.concatenate(rows), names, cols=8, title=f"refine@{method_name}: originals / refined")
+        if plots_out:
+            Path(plots_out).mkdir(parents=True, exist_ok=True)
+            fig.savefig(Path(plots_out) / "refined.png")
+        run.log_figure(fig, "samples/refined.png")
+        plt.close(fig)
+        if metrics_out:
+            write_json(Path(metrics_out), result)
+    return result

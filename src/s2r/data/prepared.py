@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,81 @@ def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str 
         raise DataError(f"manifest row {row} (id {sid!r}): {path} is not a readable image: {e}") from e
 
 
+def save_split(d: Path, part: PreparedSplit) -> None:
+    """Write one (domain, split) in the prepared layout (images skipped when None: already written)."""
+    import pandas as pd
+
+    d.mkdir(parents=True, exist_ok=True)
+    if part.images is not None:
+        np.save(d / "images.npy", np.ascontiguousarray(part.images, dtype=np.uint8))
+    np.save(d / "labels.npy", np.asarray(part.labels, np.int64))
+    np.save(d / "factors.npy", np.asarray(part.factors, np.int64))
+    if part.depth is not None:
+        np.save(d / "depth.npy", np.asarray(part.depth, np.float32))
+    if part.masks is not None:
+        np.save(d / "masks.npy", np.asarray(part.masks, np.uint8))
+    pd.DataFrame({"id": part.ids, "scene_id": np.asarray(part.scene_ids, np.int64),
+                  "variation": np.asarray(part.variations, np.int64)}).to_parquet(d / "index.parquet", index=False)
+
+
+def derive(
+    src: PreparedBenchmark,
+    out: Path,
+    new_domains: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+    *,
+    source: str | None = None,
+    version_salt: str,
+) -> Path:
+    """A new prepared benchmark: every domain of `src` plus domains made by a pixel transform.
+
+    `new_domains` maps a new domain name to (the domain it is computed from, uint8 (N,H,W,C) -> same).
+    Labels, factors, ids, depth and masks are carried over unchanged ("same manifest, new pixels");
+    `source` names the domain that becomes the benchmark's source. The data version mixes the parent's
+    version with `version_salt` (e.g. the sha256 of the model that made the pixels).
+    """
+    from dataclasses import replace
+
+    from s2r.data.benchmark import DomainSpec
+
+    spec = src.spec
+    domains = list(spec.domains)
+    counts: dict[str, dict[str, int]] = {}
+    with staged_dir(out) as tmp:
+        for d in spec.domains:
+            for split in SPLITS:
+                if src.has(d.name, split):
+                    part = src.get(d.name, split)
+                    save_split(tmp / d.name / split, replace(part, images=np.asarray(part.images)))
+                    counts.setdefault(d.name, {})[split] = len(part)
+        for name, (parent, fn) in new_domains.items():
+            base = spec.domain(parent)
+            domains.append(DomainSpec(name, "source" if name == source else "auxiliary",
+                                      f"{parent} transformed ({version_salt[:12]}): {base.description}",
+                                      labelled=base.labelled, simulated_real=base.simulated_real))
+            for split in SPLITS:
+                if not src.has(parent, split):
+                    continue
+                part = src.get(parent, split)
+                pixels = fn(np.asarray(part.images)) if len(part) else np.asarray(part.images)
+                if pixels.shape != part.images.shape or pixels.dtype != np.uint8:
+                    raise DataError(f"transform for {name!r} returned {pixels.shape} {pixels.dtype}, "
+                                    f"expected {part.images.shape} uint8")
+                save_split(tmp / name / split, replace(part, images=pixels))
+                counts.setdefault(name, {})[split] = len(part)
+        if source is not None:
+            domains = [replace(d, role="auxiliary") if d.role == "source" and d.name != source else d for d in domains]
+        new_spec = replace(spec, domains=domains, source=source or spec.source,
+                           description=f"{spec.description} [derived: {', '.join(new_domains)}]")
+        new_spec.save(tmp / "benchmark.yaml")
+        version = hashlib.sha256(f"{src.data_version}:{version_salt}".encode()).hexdigest()
+        meta = {"benchmark": spec.name, "manifest_sha256": version, "parent": src.data_version,
+                "image_size": spec.image_size, "channels": spec.channels, "counts": counts}
+        (tmp / "prepared.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
 def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> Path:
     """Decode every manifest row once into memory-mappable arrays grouped by domain and split."""
-    import pandas as pd
     from tqdm import tqdm
 
     bench_root, out = Path(bench_root), Path(out)
@@ -167,19 +240,15 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
                 bar.update(1)
             images.flush()
             del images
-            labels = rows["label"].to_numpy(np.int64) if "label" in rows else np.full(n, NO_LABEL, np.int64)
-            np.save(d / "labels.npy", labels)
-            np.save(d / "factors.npy", rows[factor_cols].to_numpy(np.int64).reshape(n, len(factor_cols)))
-            if depth is not None:
-                np.save(d / "depth.npy", depth)
-            if masks is not None:
-                np.save(d / "masks.npy", masks)
-            index = pd.DataFrame({
-                "id": rows["id"].astype(str).to_numpy(),
-                "scene_id": rows["scene_id"].fillna(-1).astype(np.int64).to_numpy() if "scene_id" in rows else -1,
-                "variation": rows["variation"].fillna(0).astype(np.int64).to_numpy() if "variation" in rows else 0,
-            })
-            index.to_parquet(d / "index.parquet", index=False)
+            save_split(d, PreparedSplit(
+                images=None,  # type: ignore[arg-type]  # already written through the memmap above
+                labels=rows["label"].to_numpy(np.int64) if "label" in rows else np.full(n, NO_LABEL, np.int64),
+                factors=rows[factor_cols].to_numpy(np.int64).reshape(n, len(factor_cols)),
+                ids=rows["id"].astype(str).tolist(),
+                scene_ids=rows["scene_id"].fillna(-1).to_numpy(np.int64) if "scene_id" in rows else np.full(n, -1),
+                variations=rows["variation"].fillna(0).to_numpy(np.int64) if "variation" in rows else np.zeros(n),
+                depth=depth, masks=masks,
+            ))
             counts.setdefault(str(domain), {})[str(split)] = n
         bar.close()
         spec.save(tmp / "benchmark.yaml")

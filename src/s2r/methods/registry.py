@@ -11,6 +11,8 @@ from s2r.config import ConfigError
 # name -> module path. Adding a method = one module (with `Config` and `Method`) + one line + a params block.
 METHODS: dict[str, str] = {
     "mixing": "s2r.methods.mixing",
+    "cyclegan": "s2r.methods.cyclegan",
+    "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
 }
 
 
@@ -18,16 +20,25 @@ def names() -> list[str]:
     return sorted(METHODS)
 
 
+def resolve(name: str) -> str | None:
+    """Module path of `name`; `<method>_<suffix>` (e.g. `mrgan_stage3`) is another instance of `<method>`."""
+    if name in METHODS:
+        return METHODS[name]
+    base = name.split("_", 1)[0]
+    return METHODS.get(base) if "_" in name else None
+
+
 def module(name: str) -> ModuleType:
     """Import the method's module, failing with the known names."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {names()}")
-    return importlib.import_module(METHODS[name])
+    path = resolve(name)
+    if path is None:
+        raise ConfigError(f"unknown method {name!r}; known: {names()} (or <method>_<suffix>)")
+    return importlib.import_module(path)
 
 
 def config_class(name: str, where: str = "params.yaml") -> type[Any]:
-    if name not in METHODS:
-        raise ConfigError(f"{where}: key 'methods.{name}': unknown method; known: {names()}")
+    if resolve(name) is None:
+        raise ConfigError(f"{where}: key 'methods.{name}': unknown method; known: {names()} (or <method>_<suffix>)")
     return module(name).Config  # type: ignore[no-any-return]
 
 
