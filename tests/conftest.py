@@ -76,6 +76,9 @@ def tiny_params_dict() -> dict:
         real_per_class=2,
         real_fraction=0.25,
     )
+    for gan in ("cyclegan", "mrgan"):
+        raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
+                                   steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
     return raw
 
 

@@ -100,7 +100,8 @@ def fake_train(monkeypatch: pytest.MonkeyPatch):
 
 def test_pruner_prunes_bad_intermediate_value(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
     fake_train.update({0: [0.8, 0.9], 1: [0.8, 0.9], 2: [0.1, 0.9]})
-    o = opts(tmp_path, tiny_prepared, study_params(tmp_path, pruner="median", n_startup_trials=2))
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path, pruner="median", n_startup_trials=2,
+                                                   pruner_warmup_epochs=0))
     tune.run(o)
     ts = trials(o)
     assert [t.state.name for t in ts] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -160,3 +161,24 @@ def test_grid_values_and_samplers() -> None:
                       ("successive_halving", "SuccessiveHalvingPruner"), ("none", "NopPruner")]:
         spec.pruner = name
         assert type(tune.build_pruner(spec)).__name__ == cls
+
+
+def test_identical_params_reuse_completed_trial(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
+    fake_train.update({0: [0.5], 1: [0.6], 2: [0.7]})
+    params = study_params(tmp_path, n_trials=3, search_space={
+        "methods.mixing.augment": {"type": "categorical", "choices": [False]}})
+    o = opts(tmp_path, tiny_prepared, params)
+    tune.run(o)
+    ts = trials(o)
+    assert [t.value for t in ts] == [0.5, 0.5, 0.5]  # trials 1 and 2 never trained
+    assert [t.user_attrs.get("duplicate_of") for t in ts] == [None, 0, 0]
+
+
+def test_pruner_waits_for_warmup(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
+    fake_train.update({0: [0.8, 0.9, 0.9], 1: [0.8, 0.9, 0.9], 2: [0.1, 0.1, 0.95], 3: [0.1, 0.1, 0.2]})
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path, pruner="median", n_startup_trials=2, n_trials=4,
+                                                   pruner_warmup_epochs=2))
+    tune.run(o)
+    ts = trials(o)
+    assert [t.state.name for t in ts] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert max(ts[3].intermediate_values) == 3  # judged only after the warm-up

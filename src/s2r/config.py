@@ -272,6 +272,7 @@ class StudySpec:
     timeout: float | None = None  # seconds, per worker
     seed: int = 0
     n_startup_trials: int = 3  # random trials before TPE models / the median pruner prunes
+    pruner_warmup_epochs: int = 1  # no pruning during the first N epochs (early accuracy can mislead)
 
     def validate(self) -> None:
         if not self.objectives:

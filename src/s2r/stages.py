@@ -318,7 +318,7 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
             x, y = data.get(orig, "test").images[:8], refined.get(new, "test").images[:8]
             result[f"mean_abs_change_{orig}"] = float(np.abs(y.astype(np.float32) - x).mean() / 255.0)
             rows += [x, y]
-            names += [f"{orig}"] * len(x) + [f"{new}"] * len(y)
+            names += [orig] + [""] * (len(x) - 1) + [new] + [""] * (len(y) - 1)  # one title per row
         run.log_metrics({k: v for k, v in result.items() if k.startswith("mean_abs")}, step=0)
         fig = sample_grid(np.concatenate(rows), names, cols=8, title=f"refine@{method_name}: originals / refined")
         if plots_out:

@@ -67,12 +67,13 @@ def grid_values(key: str, p: SearchParam) -> list[Any]:
 def build_pruner(spec: StudySpec) -> Any:
     import optuna
 
+    warmup = spec.pruner_warmup_epochs + 1  # Optuna's earliest pruning step is n_warmup_steps / min_resource
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=warmup)
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1)
+        return optuna.pruners.HyperbandPruner(min_resource=warmup)
     if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup)
     return optuna.pruners.NopPruner()
 
 
@@ -167,6 +168,11 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             trial.set_user_attr("worker_pid", os.getpid())
             overrides = suggest(trial, spec) | {"train.progress": False}
             single = len(spec.objectives) == 1
+            twin = _completed_twin(study, trial)
+            if twin is not None:  # same params + same seed = same deterministic training: reuse its result
+                trial.set_user_attr("duplicate_of", twin.number)
+                trial.set_user_attr("mlflow_run_id", twin.user_attrs.get("mlflow_run_id"))
+                return twin.values[0] if single else list(twin.values)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 if not single:
@@ -229,6 +235,16 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     os.replace(tmp_best, out_dir / "best.yaml")
     stages.write_json(out_dir / "metrics.json", result["metrics"])
     return result
+
+
+def _completed_twin(study: Any, trial: Any) -> Any:
+    """A completed trial with exactly this trial's params (TPE re-samples points of small discrete spaces)."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and t.params == trial.params:
+            return t
+    return None
 
 
 def _settle_stale_trials(study: Any, storage: Any, opts: TuneOptions) -> int:

@@ -22,6 +22,32 @@ def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).float().div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
 
 
+class IndexPool:
+    """Cycles through shuffled epochs of one index set, so every image is seen once per pool epoch."""
+
+    def __init__(self, indices: np.ndarray) -> None:
+        self.indices = indices
+        self.order = np.empty(0, np.int64)
+        self.pos = 0
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        out = []
+        while n > 0:
+            if self.pos >= len(self.order):
+                self.order, self.pos = rng.permutation(self.indices), 0
+            take = min(n, len(self.order) - self.pos)
+            out.append(self.order[self.pos : self.pos + take])
+            self.pos += take
+            n -= take
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def state(self) -> dict[str, Any]:
+        return {"order": self.order.copy(), "pos": self.pos}
+
+    def load(self, s: dict[str, Any]) -> None:
+        self.order, self.pos = np.asarray(s["order"], np.int64), int(s["pos"])
+
+
 class Method(nn.Module):
     """Base class: owns networks, optimisers, schedulers and the batch sampler of one method.
 

@@ -29,8 +29,8 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.base import to_float
 
 
 @dataclass
@@ -126,32 +126,6 @@ def limited_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator
     return np.sort(np.concatenate(chosen))
 
 
-class _Pool:
-    """Cycles through shuffled epochs of one index set, so every image is seen once per pool epoch."""
-
-    def __init__(self, indices: np.ndarray) -> None:
-        self.indices = indices
-        self.order = np.empty(0, np.int64)
-        self.pos = 0
-
-    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        out = []
-        while n > 0:
-            if self.pos >= len(self.order):
-                self.order, self.pos = rng.permutation(self.indices), 0
-            take = min(n, len(self.order) - self.pos)
-            out.append(self.order[self.pos : self.pos + take])
-            self.pos += take
-            n -= take
-        return np.concatenate(out) if out else np.empty(0, np.int64)
-
-    def state(self) -> dict[str, Any]:
-        return {"order": self.order.copy(), "pos": self.pos}
-
-    def load(self, s: dict[str, Any]) -> None:
-        self.order, self.pos = np.asarray(s["order"], np.int64), int(s["pos"])
-
-
 class Method(BaseMethod):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 
@@ -171,7 +145,7 @@ class Method(BaseMethod):
         self.n_real = int(round(cfg.real_fraction * cfg.batch_size))
         self.n_syn = cfg.batch_size - self.n_real
         self.real_idx = limited_indices(self.real.labels, cfg.real_per_class, np.random.default_rng(seed))
-        self.pools = {"real": _Pool(self.real_idx), "syn": _Pool(np.arange(len(self.syn)))}
+        self.pools = {"real": IndexPool(self.real_idx), "syn": IndexPool(np.arange(len(self.syn)))}
         self.net = SmallResNet(spec.channels, len(self.classes), cfg.widths, cfg.blocks_per_stage)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
