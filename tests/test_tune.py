@@ -91,8 +91,8 @@ def fake_train(monkeypatch: pytest.MonkeyPatch):
         if isinstance(plan, Exception):
             raise plan
         for epoch, v in enumerate(plan, 1):
-            on_epoch(epoch, {"val_accuracy": v})
-        return {"val_accuracy": plan[-1], "mlflow_run_id": f"run{n}"}
+            on_epoch(epoch, {"val_accuracy": v, "val_loss": 1 - v})
+        return {"val_accuracy": plan[-1], "val_loss": float(n), "mlflow_run_id": f"run{n}"}
 
     monkeypatch.setattr(stages, "train", train)
     return script
@@ -157,6 +157,10 @@ def test_grid_values_and_samplers() -> None:
     for name, cls in [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler")]:
         spec.sampler = name
         assert type(tune.build_sampler(spec)).__name__ == cls
+    spec.sampler, spec.n_startup_trials = "cmaes", 1  # the CMA-ES path itself needs the `cmaes` package
+    study = optuna.create_study(sampler=tune.build_sampler(spec))
+    study.optimize(lambda t: (t.suggest_float("a", 0, 1) - 0.3) ** 2 + t.suggest_float("b", 0, 1), n_trials=4)
+    assert any(k.startswith("cma:") for k in study.trials[-1].system_attrs)  # sampled by CMA-ES, no fallback
     for name, cls in [("median", "MedianPruner"), ("hyperband", "HyperbandPruner"),
                       ("successive_halving", "SuccessiveHalvingPruner"), ("none", "NopPruner")]:
         spec.pruner = name
@@ -182,3 +186,35 @@ def test_pruner_waits_for_warmup(tmp_path: Path, tiny_prepared: Path, fake_train
     ts = trials(o)
     assert [t.state.name for t in ts] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     assert max(ts[3].intermediate_values) == 3  # judged only after the warm-up
+
+
+def test_multi_objective_pareto_front(tmp_path: Path, tiny_prepared: Path, fake_train) -> None:
+    # (accuracy up, loss = trial number down): trials 0 and 2 are Pareto-optimal, 1 is dominated by 0
+    fake_train.update({0: [0.6], 1: [0.5], 2: [0.9]})
+    o = opts(tmp_path, tiny_prepared, study_params(tmp_path, objectives=[
+        {"metric": "val_accuracy", "direction": "maximize"}, {"metric": "val_loss", "direction": "minimize"}]))
+    res = tune.run(o)
+    front = sorted(t["trial"] for t in res["best"]["best_trials"])
+    assert front == [0, 2] and res["metrics"]["n_pareto"] == 2
+    assert yaml.safe_load((o.out_dir / "best.yaml").read_text())["best_trials"][0]["values"]
+
+
+def test_two_local_workers_share_the_journal(tmp_path: Path, tiny_prepared: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    params = study_params(tmp_path, n_trials=4)
+    cmd = [sys.executable, "-m", "s2r.cli", "tune", "--study", "t", "--data", str(tiny_prepared), "--params",
+           str(params), "--out", str(tmp_path / "out"), "--resume"]
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}"}
+    workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs
+    o = tune.TuneOptions(study="t", data_dir=tiny_prepared, params_path=params, out_dir=tmp_path / "out",
+                         study_name="t")
+    ts = trials(o)
+    numbers = [t.number for t in ts]
+    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in ts) >= 4
+    assert len({t.user_attrs["worker_pid"] for t in ts}) == 2  # both processes ran trials
