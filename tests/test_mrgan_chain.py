@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -40,6 +41,9 @@ def test_two_stage_chain_through_cli(in_tmp: Path, tiny_prepared: Path) -> None:
     invoke("refine", "mrgan", "--model", "m/mrgan", "--data", "d-cyclegan", "--out", "d-mrgan", *p)
     stage2 = PreparedBenchmark("d-mrgan")
     assert stage2.spec.source == "syn_cyclegan_mrgan" and stage2.has("real_cyclegan_mrgan", "val")
+    # paper 4, Section 4.4: after stage 2 maps to refined real images, the classifier is tested on those
+    assert stage1.spec.target == "real" and stage2.spec.target == "real_cyclegan"
+    assert {d.name: d.role for d in stage2.spec.domains}["real"] == "auxiliary"
     assert stage2.meta["parent"] == stage1.data_version
 
     invoke("train", "mixing", "--data", "d-mrgan", "--out", "m/mixing", "--metrics", "t.json", *p)
@@ -60,3 +64,22 @@ def test_stage_two_reads_stage_one_through_dvc() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())["methods"]["mrgan"]
     refined = {"synthetic_cyclegan", "real_cyclegan", "synthetic", "real"}
     assert {params["domain_a"], params["domain_b"]} <= refined and "cyclegan" in params["domain_a"] + params["domain_b"]
+
+
+def test_more_stages_are_configuration(tmp_path: Path) -> None:
+    from s2r.config import ConfigError, load_params
+    from s2r.methods import registry
+    from s2r.methods.cyclegan import Config
+
+    raw = tiny_params_dict()
+    raw["methods"]["mrgan_3"] = dict(raw["methods"]["mrgan"], domain_a="synthetic_cyclegan_mrgan",
+                                     domain_b="real_cyclegan_mrgan")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_params(path).methods["mrgan_3"]
+    assert isinstance(cfg, Config) and cfg.domain_a == "synthetic_cyclegan_mrgan"
+    assert registry.method_class("mrgan_3") is registry.method_class("cyclegan")
+    raw["methods"]["nomethod_3"] = {}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="methods.nomethod_3"):
+        load_params(path)

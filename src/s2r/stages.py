@@ -283,6 +283,9 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
 
     Domain `<A>_<method>` holds A's images translated A->B and becomes the benchmark's source; `<B>_<method>`
     holds B translated B->A (MrGAN's second stage can pair any of them). Labels, ids and factors are kept.
+    The target becomes B, the domain the synthetic side was mapped into: paper 4 (Section 4.4) tests the
+    MrGAN classifier on stage-1 refined real images when stage 2 maps to them, and on original real images
+    after a plain CycleGAN (B = real).
     """
     import hashlib
 
@@ -308,10 +311,10 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     ) as run:
         derive(data, Path(out), {ra: (a, lambda x: method.translate(x, "a2b")),
                                  rb: (b, lambda x: method.translate(x, "b2a"))},
-               source=ra, version_salt=model_sha)
+               source=ra, target=b, version_salt=model_sha)
         refined = PreparedBenchmark(out)
         run.set_tags({"refined_data_version": refined.data_version})
-        result: dict[str, Any] = {"method": method_name, "source": ra, "domains": [ra, rb],
+        result: dict[str, Any] = {"method": method_name, "source": ra, "target": b, "domains": [ra, rb],
                                   "data_version": refined.data_version, "mlflow_run_id": run.run_id}
         rows, names = [], []
         for orig, new in ((a, ra), (b, rb)):

@@ -155,13 +155,15 @@ def derive(
     new_domains: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
     *,
     source: str | None = None,
+    target: str | None = None,
     version_salt: str,
 ) -> Path:
     """A new prepared benchmark: every domain of `src` plus domains made by a pixel transform.
 
     `new_domains` maps a new domain name to (the domain it is computed from, uint8 (N,H,W,C) -> same).
     Labels, factors, ids, depth and masks are carried over unchanged ("same manifest, new pixels");
-    `source` names the domain that becomes the benchmark's source. The data version mixes the parent's
+    `source` / `target` name the domains that become the benchmark's source / target (others turn
+    auxiliary). The data version mixes the parent's
     version with `version_salt` (e.g. the sha256 of the model that made the pixels).
     """
     from dataclasses import replace
@@ -180,7 +182,7 @@ def derive(
                     counts.setdefault(d.name, {})[split] = len(part)
         for name, (parent, fn) in new_domains.items():
             base = spec.domain(parent)
-            domains.append(DomainSpec(name, "source" if name == source else "auxiliary",
+            domains.append(DomainSpec(name, "auxiliary",
                                       f"{parent} transformed ({version_salt[:12]}): {base.description}",
                                       labelled=base.labelled, simulated_real=base.simulated_real))
             for split in SPLITS:
@@ -193,9 +195,14 @@ def derive(
                                     f"expected {part.images.shape} uint8")
                 save_split(tmp / name / split, replace(part, images=pixels))
                 counts.setdefault(name, {})[split] = len(part)
-        if source is not None:
-            domains = [replace(d, role="auxiliary") if d.role == "source" and d.name != source else d for d in domains]
-        new_spec = replace(spec, domains=domains, source=source or spec.source,
+        source, target = source or spec.source, target or spec.target
+        names = [d.name for d in domains]
+        for key, name in (("source", source), ("target", target)):
+            if name not in names:
+                raise DataError(f"derived benchmark: {key} domain {name!r} is not one of {names}")
+        domains = [replace(d, role="source" if d.name == source else "target" if d.name == target else "auxiliary")
+                   for d in domains]
+        new_spec = replace(spec, domains=domains, source=source, target=target,
                            description=f"{spec.description} [derived: {', '.join(new_domains)}]")
         new_spec.save(tmp / "benchmark.yaml")
         version = hashlib.sha256(f"{src.data_version}:{version_salt}".encode()).hexdigest()
