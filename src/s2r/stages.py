@@ -95,6 +95,7 @@ def train(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
+    import matplotlib.pyplot as plt
     import torch
 
     from s2r.data.prepared import PreparedBenchmark
@@ -130,6 +131,7 @@ def train(
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
             fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
             run.log_figure(fig, "samples/train_batch.png")
+            plt.close(fig)
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
