@@ -300,8 +300,7 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     if "translate" not in method.capabilities:
         raise DataError(f"method {method_name!r} has no 'translate' capability to refine with")
     data = method.data
-    a = method.cfg.domain_a or data.spec.source
-    b = method.cfg.domain_b or data.spec.target
+    a, b = method.domain_a, method.domain_b  # resolved by the translator ("" = source / target)
     ra, rb = f"{a}_{method_name}", f"{b}_{method_name}"
     model_sha = hashlib.sha256((Path(model_dir) / "model.pt").read_bytes()).hexdigest()
     with TrackedRun(
