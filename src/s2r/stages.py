@@ -217,48 +217,36 @@ def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
 
 def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,
              params: Params) -> dict[str, Any]:
-    """Score a trained method on the target domain's test split with the evaluator of its capability."""
-    import matplotlib.pyplot as plt
+    """Score a trained method on the target domain's test split with the evaluator it declares.
 
-    from s2r.evaluators.classification import classification_metrics, plot_confusion, write_confusion_csv
+    A method names its evaluator (`Method.evaluator`, a module of s2r.evaluators providing
+    `evaluate(method, run, plots_out, params) -> dict`): evaluators belong to the task, not the method.
+    """
+    import importlib
+
     from s2r.tracking import TrackedRun
 
     method, saved = load_trained(model_dir, data_dir, params)
     if saved["method"] != method_name:
         raise DataError(f"{model_dir}/model.pt holds method {saved['method']!r}, not {method_name!r}")
-    if "predict" not in method.capabilities:
-        raise DataError(f"method {method_name!r} has no 'predict' capability to evaluate on classification")
+    evaluator_name = getattr(method, "evaluator", "")
+    if not evaluator_name:
+        raise DataError(f"method {method_name!r} declares no evaluator (Method.evaluator) to score it with")
+    evaluator = importlib.import_module(f"s2r.evaluators.{evaluator_name}")
     data = method.data
-    test = data.get(data.spec.target, "test")
     with TrackedRun(
         f"evaluate@{method_name}", experiment=params.tracking.experiment,
         params={"method": method_name, "model": str(model_dir), "data": str(data_dir)},
         tags=_run_tags(data, saved["seed"], str(method.device)) | {
-            "stage": "evaluate", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
+            "stage": "evaluate", "method": method_name, "evaluator": evaluator_name,
+            "train_run_id": saved["mlflow_run_id"]},
     ) as run:
-        pred = method.predict(test.images).argmax(1)
-        m = classification_metrics(test.labels, pred, data.spec.classes)
-        flat = {f"test_{k}": v for k, v in m.items() if isinstance(v, float)}
-        flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items() if v is not None}
-        run.log_metrics(flat, step=0)
-        result = {"method": method_name, "domain": data.spec.target, "split": "test", **m,
-                  "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}
-        write_json(Path(out), result)
-        fig = plot_confusion(np.asarray(m["confusion_matrix"]), data.spec.classes,
-                             f"{method_name} on {data.spec.target}/test: accuracy {m['accuracy']:.3f}")
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
-            fig.savefig(Path(plots_out) / "confusion.png")
-            write_confusion_csv(Path(plots_out) / "confusion.csv", test.labels, pred, data.spec.classes)
-        run.log_figure(fig, "plots/confusion.png")
-        plt.close(fig)
-        wrong = np.flatnonzero(pred != test.labels)[:32]
-        if len(wrong):
-            cls = data.spec.classes
-            g = sample_grid(test.images[wrong], [f"{cls[test.labels[i]]}->{cls[pred[i]]}" for i in wrong],
-                            title="misclassified (true->pred)")
-            run.log_figure(g, "samples/misclassified.png")
-            plt.close(g)
+        metrics = evaluator.evaluate(method, run, plots_out, params)
+        result = {"method": method_name, "domain": data.spec.target, "split": "test", **metrics,
+                  "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}
+        write_json(Path(out), result)
         run.log_artifact(out, "metrics")
     return result
 

@@ -131,6 +131,7 @@ class Method(BaseMethod):
 
     name: ClassVar[str] = "mixing"
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
+    evaluator: ClassVar[str] = "classification"  # s2r.evaluators.classification scores it
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
