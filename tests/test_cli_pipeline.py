@@ -17,10 +17,15 @@ def test_help_lists_every_command_with_example() -> None:
     top = CliRunner().invoke(main, ["--help"]).output
     for name in ("data", "train", "evaluate", "refine", "tables", "tune", "registry", "report", "benchmark", "ui"):
         assert name in top
-    for cmd in (["data", "generate"], ["data", "validate"], ["data", "prepare"], ["data", "import-folder"],
-                ["data", "import-manifest"], ["train"], ["evaluate"], ["refine"], ["tables"], ["tune"],
-                ["registry", "register"], ["registry", "list"], ["registry", "promote"], ["registry", "predict"],
-                ["report"], ["benchmark"], ["ui"]):
+    commands = [
+        ["data", "generate"], ["data", "validate"], ["data", "prepare"], ["data", "import-folder"],
+        ["data", "import-manifest"], ["train"], ["evaluate"], ["refine"], ["tune"],
+        ["registry", "register"], ["registry", "list"], ["registry", "promote"], ["registry", "predict"],
+        ["report"], ["benchmark"], ["ui"],
+        ["tables"],
+        ["tables", "mixing"],
+    ]
+    for cmd in commands:
         assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
-from s2r.tables import _ratio, _ratio_table, _table
+from s2r.tables.mixing import _ratio, _ratio_table, _table
 
 
 def test_derive_adds_domains_keeps_labels_and_versions(tiny_prepared: Path, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, par
     from s2r.config import load_params
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
-    from s2r.tables import train_and_test
+    from s2r.tables.mixing import train_and_test
     from s2r.train import select_device
 
     params = load_params(params_path)

@@ -236,8 +236,16 @@ def refine_cmd(method: str, model_dir: str, data_dir: str, out: str, metrics: st
     click.echo(f"{method}: wrote {out} (source domain {r['source']!r}, data version {r['data_version'][:12]})")
 
 
-@main.command("tables")
-@click.argument("method", type=click.Choice(["mixing"]))
+@main.group("tables")
+def tables() -> None:
+    """Results tables in the format of the papers' tables (one subcommand per method).
+
+    Example: s2r tables mixing --synthetic data/prepared/digits --cyclegan data/prepared/digits-cyclegan
+    --mrgan data/prepared/digits-cyclegan-mrgan
+    """
+
+
+@tables.command("mixing")
 @click.option("--synthetic", "syn", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with the original synthetic domain.")
 @click.option("--cyclegan", required=True, type=click.Path(exists=True, file_okay=False),
@@ -246,13 +254,13 @@ def refine_cmd(method: str, model_dir: str, data_dir: str, out: str, metrics: st
               help="Prepared benchmark refined by MrGAN's last stage (s2r refine mrgan).")
 @click.option("--out", default="data/tables/mixing", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
-def tables_cmd(method: str, syn: str, cyclegan: str, mrgan: str, out: str, params_path: str) -> None:
+def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path: str) -> None:
     """Paper 4's Tables 3 and 2 (mean ± std over seeds, ratio cross-validated on real val) as files + MLflow.
 
     Example: s2r tables mixing --synthetic data/prepared/digits --cyclegan data/prepared/digits-cyclegan
     --mrgan data/prepared/digits-mrgan
     """
-    from s2r.tables import mixing_tables
+    from s2r.tables.mixing import mixing_tables
 
     res = mixing_tables({"synthetic": Path(syn), "cyclegan": Path(cyclegan), "mrgan": Path(mrgan)}, Path(out),
                         Path(params_path))

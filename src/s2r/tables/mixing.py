@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from s2r.config import Params, load_params
+from s2r.tables import fmt_percent as _fmt
+from s2r.tables import markdown as _markdown
 
 
 def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_name: str,
@@ -31,10 +33,6 @@ def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_n
     m = classification_metrics(test.labels, trained.predict(test.images).argmax(1), trained.data.spec.classes)
     return {"val_accuracy": float(summary["val_accuracy"]), "test_accuracy": float(m["accuracy"]),
             "train_seconds": float(summary["seconds"]), "tracking_share": float(summary["tracking_share"])}
-
-
-def _fmt(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}%"
 
 
 def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path) -> dict[str, Any]:
@@ -140,13 +138,6 @@ def _ratio(f: float) -> str:
     if f >= 1:
         return "1:0"
     return f"1:{(1 - f) / f:.3g}"
-
-
-def _markdown(df: Any, title: str) -> str:
-    cols = [c for c in df.columns if c not in ("mean", "std", "real_fraction")]
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in df.to_dict("records")]
-    return "\n".join(lines) + "\n"
 
 
 def _plot_ratio(runs: Any) -> Any:
