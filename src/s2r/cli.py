@@ -167,6 +167,114 @@ def data_prepare(root: str, out: str) -> None:
     click.echo(f"prepared {prepare(Path(root), Path(out))}")
 
 
+# --- real datasets (issue 9): adapters for the papers' published datasets, merging, stand-ins -------------
+
+
+def _options(pairs: tuple[str, ...], files: tuple[str, ...]) -> dict[str, Any]:
+    """Adapter options from --options FILE[:dotted.key] (YAML mappings) then -o KEY=VALUE (YAML values)."""
+    import yaml
+
+    from s2r.data.benchmark import DataError
+
+    out: dict[str, Any] = {}
+    for spec in files:
+        path, _, key = spec.partition(":")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise DataError(f"--options {spec}: cannot read {path}: {e}") from e
+        for part in [k for k in key.split(".") if k]:
+            if not isinstance(raw, dict) or part not in raw:
+                raise DataError(f"--options {spec}: {path} has no key {key!r}")
+            raw = raw[part]
+        if not isinstance(raw, dict):
+            raise DataError(f"--options {spec}: {key or path} is not a mapping of options")
+        out.update(raw)
+    for pair in pairs:
+        if "=" not in pair:
+            raise DataError(f"-o {pair!r}: expected KEY=VALUE, e.g. -o large_only=true")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@data.command("add")
+@click.argument("name")
+@click.option("--from", "src", required=True, type=click.Path(), help="Your download of the dataset (a folder).")
+@click.option("--out", type=click.Path(file_okay=False), help="Benchmark folder to write [data/benchmarks/NAME].")
+@click.option("--kind", help="Adapter to use when NAME is not a dataset name (see `s2r data sources`).")
+@click.option("-o", "--option", "pairs", multiple=True, metavar="KEY=VALUE", help="Adapter option (repeatable).")
+@click.option("--options", "option_files", multiple=True, metavar="FILE[:KEY]",
+              help="Adapter options from a YAML file (optionally a dotted key inside it).")
+@click.option("--dvc/--no-dvc", default=True, show_default=True,
+              help="`dvc add` the download and the benchmark (off inside DVC stages, whose outputs DVC tracks).")
+def data_add(name: str, src: str, out: str | None, kind: str | None, pairs: tuple[str, ...],
+             option_files: tuple[str, ...], dvc: bool) -> None:
+    """Register a downloaded dataset (MPI3D, SVIRO, TICaM, KITTI, VKITTI 2, YCB-Video, BOP, ...) as a benchmark.
+
+    s2r never downloads: when the folder is missing or not in the published layout, it prints where to get
+    the dataset and the layout it expects. A folder with a declaration benchmark.yaml works for any data.
+
+    Example: s2r data add mpi3d --from data/raw/mpi3d -o large_only=true -o max_scenes=50000
+    """
+    from s2r.data import sources
+
+    res = sources.add(name, Path(src), Path(out or f"data/benchmarks/{name}"), kind=kind,
+                      options=_options(pairs, option_files), dvc=dvc, log=click.echo)
+    extra = f"; verified {len(res['verified'])} checksum(s)" if res["verified"] else ""
+    tracked = f"; dvc add {', '.join(res['dvc'])}" if res["dvc"] else ""
+    click.echo(f"wrote benchmark {name!r} ({res['kind']}) to {res['benchmark']}{extra}{tracked}")
+
+
+@data.command("sources")
+@click.argument("kind", required=False)
+def data_sources(kind: str | None) -> None:
+    """List the datasets `s2r data add` knows, or show where to get KIND and the layout it expects.
+
+    Example: s2r data sources ticam
+    """
+    from s2r.data import sources
+
+    if kind:
+        click.echo(sources.describe(kind))
+        return
+    for k, src in sources.SOURCES.items():
+        click.echo(f"{k:20s} {src.info.title}  (docs/datasets/{src.info.doc}.md)")
+
+
+@data.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
+@click.option("--name", required=True, help="Name of the merged benchmark.")
+@click.option("--source", required=True, help="Source (synthetic) domain.")
+@click.option("--target", required=True, help="Target (real) domain.")
+@click.option("--image-size", type=int, help="Common size prepare resizes to [the largest].")
+def data_merge(parts: tuple[str, ...], out: str, name: str, source: str, target: str, image_size: int | None) -> None:
+    """Put the domains of several benchmarks side by side (e.g. SVIRO sim + TICaM real) in one benchmark.
+
+    Example: s2r data merge data/benchmarks/sviro data/benchmarks/ticam --out data/benchmarks/sviro_ticam
+    --name sviro_ticam --source tesla --target ticam
+    """
+    from s2r.data.sources.generic import merge
+
+    merge([Path(p) for p in parts], Path(out), name=name, source=source, target=target, image_size=image_size)
+    click.echo(f"wrote merged benchmark {name!r} to {out}")
+
+
+@data.command("fixture")
+@click.argument("kind")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the stand-in into.")
+def data_fixture(kind: str, out: str) -> None:
+    """Write a tiny stand-in of dataset KIND in its exact published layout (to try `data add` and recipes).
+
+    Example: s2r data fixture ticam --out /tmp/ticam-standin
+    """
+    from s2r.data import sources
+
+    root = sources.write_fixture(kind, Path(out))
+    click.echo(f"wrote a {kind} stand-in (NOT the real dataset) to {root}")
+
+
 @main.command("train")
 @click.argument("method")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -418,6 +526,31 @@ def ui_cmd(port: int, host: str) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                "--host", host, "--port", str(port)])
+
+
+@main.group("recipe")
+def recipe_group() -> None:
+    """Full-scale paper recipes (pipelines/recipes/PAPER): try them on tiny stand-ins before spending GPU hours.
+
+    Example: s2r recipe standin mixing-ratio-mrgan --out /tmp/recipe && cd /tmp/recipe
+    && dvc repro pipelines/recipes/mixing-ratio-mrgan/dvc.yaml
+    """
+
+
+@recipe_group.command("standin")
+@click.argument("paper")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Scratch DVC project to create.")
+@click.option("--repo", default=".", show_default=True, type=click.Path(exists=True, file_okay=False),
+              help="The s2r checkout holding pipelines/recipes/PAPER.")
+def recipe_standin(paper: str, out: str, repo: str) -> None:
+    """Create a scratch DVC project running recipe PAPER on stand-in data with its fixture.yaml overrides.
+
+    Example: s2r recipe standin mixing-ratio-mrgan --out /tmp/recipe
+    """
+    from s2r import recipes
+
+    root = recipes.standin(paper, Path(out), Path(repo))
+    click.echo(f"stand-in project at {root}; run: cd {root} && dvc repro pipelines/recipes/{paper}/dvc.yaml")
 
 
 if __name__ == "__main__":

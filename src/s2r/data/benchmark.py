@@ -70,6 +70,12 @@ class BenchmarkSpec:
     has_mask: bool = False
     resize: bool = False  # files keep their own size; `prepare` resizes them to image_size (user adapters)
     description: str = ""
+    # Added for the real-dataset adapters (s2r.data.sources); defaults keep older benchmark.yaml files valid.
+    depth_scale: float = DEPTH_SCALE  # uint16 depth PNG value per metre (1000 = mm; KITTI uses 256)
+    dataset: str = ""  # the published dataset an adapter built this from (e.g. "mpi3d"), "" for others
+    # dataset rules validation checks beyond labels/factors: max_depth_m (float), mask_values (list of ids),
+    # domain_rows ({domain: exact row count}); see s2r.data.validation._expectation_checks
+    expectations: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         from s2r.config import ConfigError
@@ -186,7 +192,7 @@ def write_benchmark(root: Path, spec: BenchmarkSpec, samples: Iterable[Sample], 
             for name in spec.factors:
                 row[f"factor_{name}"] = int(s.factors.get(name, NO_LABEL))
             if spec.has_depth:
-                row["depth_path"] = _write_aux(tmp, "depth", s, _depth_png(s.depth, s.id))
+                row["depth_path"] = _write_aux(tmp, "depth", s, _depth_png(s.depth, s.id, spec.depth_scale))
             if spec.has_mask:
                 row["mask_path"] = _write_aux(tmp, "masks", s, s.mask)
             if s.scene_id is not None:
@@ -204,10 +210,10 @@ def write_benchmark(root: Path, spec: BenchmarkSpec, samples: Iterable[Sample], 
     return root
 
 
-def _depth_png(depth: np.ndarray | None, sid: str) -> np.ndarray:
+def _depth_png(depth: np.ndarray | None, sid: str, scale: float = DEPTH_SCALE) -> np.ndarray:
     if depth is None:
         raise DataError(f"sample {sid!r}: benchmark has depth but the sample has none")
-    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0) * DEPTH_SCALE
+    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0) * scale
     return np.clip(np.round(d), 0, 65535).astype(np.uint16)
 
 

@@ -241,7 +241,7 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
                 images[j] = _decode(resolve_path(bench_root, r["path"]), ch, size, int(row), sid)
                 if depth is not None:
                     raw = _decode(resolve_path(bench_root, r["depth_path"]), ch, size, int(row), sid, "depth")
-                    depth[j] = raw.astype(np.float32) / DEPTH_SCALE
+                    depth[j] = raw.astype(np.float32) / float(spec.depth_scale or DEPTH_SCALE)
                 if masks is not None:
                     masks[j] = _decode(resolve_path(bench_root, r["mask_path"]), ch, size, int(row), sid, "mask")
                 bar.update(1)

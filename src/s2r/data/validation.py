@@ -187,6 +187,8 @@ def validate_benchmark(root: Path, check_files: bool = True) -> ValidationReport
     results += _pandas_checks(df, spec)
     if check_files:
         results += _file_checks(df, root)
+    if spec.expectations:
+        results += _expectation_checks(df, spec, root, check_files)
     return ValidationReport(
         benchmark=spec.name,
         root=str(root),
@@ -416,6 +418,58 @@ def _file_checks(df: Any, root: Path) -> list[dict[str, Any]]:
                 if info.sha256 and info.sha256 != df.at[i, "sha256"]
             ]
             out.append(_file_result("expect_file_sha256_to_match_manifest", col, df, sha, lambda i, e: e))
+    return out
+
+
+EXPECTATION_KEYS = ("max_depth_m", "mask_values", "domain_rows")
+
+
+def _expectation_checks(df: Any, spec: BenchmarkSpec, root: Path, check_files: bool) -> list[dict[str, Any]]:
+    """A published dataset's own rules (``benchmark.yaml`` ``expectations``): exact row counts per domain,
+    depth within the sensor's range at the declared scale, mask ids within the class map."""
+    import numpy as np
+    from PIL import Image
+
+    out: list[dict[str, Any]] = []
+    exp = spec.expectations
+    unknown = sorted(set(exp) - set(EXPECTATION_KEYS))
+    if unknown:
+        raise DataError(f"{root}/benchmark.yaml: unknown key 'expectations.{unknown[0]}' "
+                        f"(allowed: {list(EXPECTATION_KEYS)})")
+    if "domain_rows" in exp and "domain" in df.columns:
+        counts = df["domain"].value_counts().to_dict()
+        bad = [(d, int(n), int(counts.get(d, 0))) for d, n in exp["domain_rows"].items() if counts.get(d, 0) != n]
+        examples = [{"row": None, "id": None, "path": None, "value": f"domain {d!r} has {g} rows, expected {n}"}
+                    for d, n, g in bad]
+        out.append(_result("expect_domain_row_counts", "domain", {"domain_rows": exp["domain_rows"]}, not bad,
+                           len(bad), examples[:MAX_EXAMPLES], "row counts differ from the dataset's" if bad else None))
+    if not check_files:
+        return out
+    for key, col in (("max_depth_m", "depth_path"), ("mask_values", "mask_path")):
+        if key not in exp or col not in df.columns:
+            continue
+        bad: list[tuple[int, Any]] = []
+        allowed = set(int(v) for v in exp.get("mask_values", []))
+        for i, v in df[col].items():
+            if not isinstance(v, str) or not v:
+                continue
+            try:
+                with Image.open(resolve_path(root, v)) as im:
+                    arr = np.asarray(im)
+            except Exception:  # noqa: BLE001 - unreadable files are reported by expect_files_to_exist_and_decode
+                continue
+            if key == "max_depth_m":
+                if arr.dtype != np.uint16:
+                    bad.append((int(i), f"depth PNG dtype {arr.dtype}, expected uint16"))
+                elif arr.max(initial=0) / spec.depth_scale > float(exp[key]):
+                    bad.append((int(i), f"depth {arr.max() / spec.depth_scale:.2f} m > {exp[key]} m "
+                                        f"(scale {spec.depth_scale} per metre)"))
+            else:
+                extra = sorted(set(np.unique(arr).tolist()) - allowed)
+                if extra:
+                    bad.append((int(i), f"mask ids {extra[:8]} not in the class map"))
+        name = "expect_depth_within_range" if key == "max_depth_m" else "expect_mask_ids_in_class_map"
+        out.append(_file_result(name, col, df, bad, lambda i, e: e))
     return out
 
 

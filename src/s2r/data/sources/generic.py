@@ -1,0 +1,236 @@
+"""Your own data without code: a declaration ``benchmark.yaml`` in your folder, and merging benchmarks.
+
+Declaration (``<your folder>/benchmark.yaml``; docs/datasets/generic.md)::
+
+    task: classification           # classification | factors
+    source: synthetic              # the domain you train on
+    target: real                   # the domain you care about
+    channels: 3                    # optional: 1 or 3 (default: what the files hold)
+    image_size: 64                 # optional: prepare resizes every image to 64x64
+    classes: [cat, dog]            # optional: label order (default: sorted class names found)
+    class_map: {kitty: cat, puppy: dog, junk: null}   # optional: folder/label name -> class (null drops it)
+    factors: {shape: 3, size: 2}   # factors task: factor -> number of values (manifest columns factor_<name>)
+    domains:
+      synthetic:
+        path: renders              # relative to this file
+        layout: "{split}/{class}/*.png"   # {split} and {class} are folder names; * globs
+        labelled: true
+      real:
+        path: photos
+        layout: "{class}/*.jpg"
+        splits: {train: 0.6, val: 0.2, test: 0.2}   # when the layout has no {split}: a stable hash per file
+        labelled: false            # labels of this domain must not be used for training
+      extra:
+        manifest: extra.csv        # columns path[, split][, label][, factor_<name>...] (paths relative to it)
+
+Files stay where they are (absolute paths in the manifest, like ``s2r data import-folder``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from s2r.data import adapters
+from s2r.data.adapters import _finish, _Record
+from s2r.data.benchmark import NO_LABEL, SPLITS, BenchmarkSpec, DataError, read_manifest, resolve_path, staged_dir
+from s2r.data.sources.common import assign_splits, check_fractions
+
+DECLARATION_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
+                    "domains", "description"}
+DOMAIN_KEYS = {"path", "layout", "splits", "labelled", "manifest", "seed"}
+
+
+def load_declaration(path: Path) -> dict[str, Any]:
+    """Read and check a declaration; unknown keys and wrong types name the key and the file."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no declaration benchmark.yaml (docs/datasets/generic.md)") from e
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: must be a mapping")
+    bad = sorted(set(raw) - DECLARATION_KEYS)
+    if bad:
+        raise DataError(f"{path}: unknown key {bad[0]!r} (allowed: {sorted(DECLARATION_KEYS)})")
+    for k in ("task", "source", "target", "domains"):
+        if k not in raw:
+            raise DataError(f"{path}: missing key {k!r}")
+    if raw["task"] not in ("classification", "factors"):
+        raise DataError(f"{path}: key 'task': {raw['task']!r} must be 'classification' or 'factors'")
+    if not isinstance(raw["domains"], dict) or not raw["domains"]:
+        raise DataError(f"{path}: key 'domains' must map domain names to their files")
+    for d, spec in raw["domains"].items():
+        if not isinstance(spec, dict):
+            raise DataError(f"{path}: key 'domains.{d}' must be a mapping")
+        bad = sorted(set(spec) - DOMAIN_KEYS)
+        if bad:
+            raise DataError(f"{path}: unknown key 'domains.{d}.{bad[0]}' (allowed: {sorted(DOMAIN_KEYS)})")
+        if ("layout" in spec) == ("manifest" in spec):
+            raise DataError(f"{path}: domain {d!r} needs exactly one of 'layout' (with 'path') or 'manifest'")
+    return raw
+
+
+def _layout_regex(layout: str) -> tuple[str, re.Pattern[str]]:
+    """'{split}/{class}/*.png' -> (glob '*/*/*.png', regex with named groups)."""
+    glob = re.sub(r"\{(split|class)\}", "*", layout)
+    rx = re.escape(layout).replace(r"\{split\}", r"(?P<split>[^/]+)").replace(r"\{class\}", r"(?P<cls>[^/]+)")
+    rx = rx.replace(r"\*\*", ".*").replace(r"\*", r"[^/]*").replace(r"\?", ".")
+    return glob, re.compile(f"^{rx}$")
+
+
+def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
+    """A folder with a declaration benchmark.yaml -> a benchmark (files referenced in place)."""
+    if options:
+        raise DataError(f"the generic declaration takes no -o options (got {sorted(options)}); edit benchmark.yaml")
+    decl_file = src / "benchmark.yaml" if src.is_dir() else src
+    decl = load_declaration(decl_file)
+    base = decl_file.parent
+    cmap: dict[str, Any] = dict(decl.get("class_map") or {})
+    records: list[_Record] = []
+    raw_labels: list[str | None] = []
+    factors: dict[str, int] = dict(decl.get("factors") or {})
+    unlabelled = [d for d, s in decl["domains"].items() if not s.get("labelled", True)]
+    for d, ds in decl["domains"].items():
+        fractions = check_fractions(ds.get("splits", {"train": 0.8, "val": 0.1, "test": 0.1}), f"domains.{d}.splits")
+        if "layout" in ds:
+            root = base / str(ds.get("path", "."))
+            glob, rx = _layout_regex(str(ds["layout"]))
+            if not root.is_dir():
+                raise DataError(f"{decl_file}: domains.{d}.path {root} is not a folder")
+            found = sorted(p for p in root.glob(glob) if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{decl_file}: domains.{d}: no files match {root}/{ds['layout']}")
+            hashed = assign_splits([f"{d}:{f.relative_to(root).as_posix()}" for f in found], fractions,
+                                   int(ds.get("seed", 0)))
+            for f in found:
+                m = rx.match(f.relative_to(root).as_posix())
+                if m is None:
+                    continue
+                gd = m.groupdict()
+                split = gd.get("split") or hashed[f"{d}:{f.relative_to(root).as_posix()}"]
+                if split not in SPLITS:
+                    raise DataError(f"{f}: split folder {split!r} not in {list(SPLITS)}")
+                cls = gd.get("cls")
+                if cls is not None and cls in cmap and cmap[cls] is None:
+                    continue
+                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)), f"file {f}"))
+                raw_labels.append(cmap.get(cls, cls) if cls is not None else None)
+        else:
+            man = base / str(ds["manifest"])
+            df = adapters._read_table(man)
+            if "path" not in df.columns:
+                raise DataError(f"{man}: missing column 'path'")
+            hashed = assign_splits([f"{d}:{x}" for x in df["path"]], fractions, int(ds.get("seed", 0)))
+            for i, r in df.iterrows():
+                f = resolve_path(man.parent, str(r["path"]))
+                split = str(r["split"]) if "split" in df.columns else hashed[f"{d}:{r['path']}"]
+                if split not in SPLITS:
+                    raise DataError(f"{man}: row {i}: split {split!r} not in {list(SPLITS)}")
+                lab = r.get("label") if "label" in df.columns else None
+                lab = None if lab is None or adapters._missing(lab) else str(lab)
+                if lab is not None and lab in cmap and cmap[lab] is None:
+                    continue
+                fac = {}
+                for k, n in factors.items():
+                    col = f"factor_{k}"
+                    if col not in df.columns:
+                        raise DataError(f"{man}: missing column {col!r} (key 'factors' declares {k!r})")
+                    v = r[col]
+                    fac[k] = NO_LABEL if adapters._missing(v) else int(v)
+                    if fac[k] != NO_LABEL and not 0 <= fac[k] < n:
+                        raise DataError(f"{man}: row {i}: {col} = {v} outside 0..{n - 1}")
+                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)),
+                                       f"{man} row {i} (file {f})", factors=fac))
+                raw_labels.append(cmap.get(lab, lab) if lab is not None else None)
+    classes: list[str] = []
+    if decl["task"] == "classification":
+        classes = [str(c) for c in decl.get("classes") or sorted({lb for lb in raw_labels if lb is not None})]
+        index = {c: k for k, c in enumerate(classes)}
+        for r, lb in zip(records, raw_labels):
+            if lb is None:
+                continue
+            if str(lb) not in index:
+                raise DataError(f"{r.where}: class {lb!r} is not in classes {classes} (add it or map it in class_map)")
+            r.label = index[str(lb)]
+    return _finish(records, out, name=name, source=decl["source"], target=decl["target"], classes=classes,
+                   factors=factors, channels=decl.get("channels"), image_size=decl.get("image_size"),
+                   unlabelled=unlabelled, description=str(decl.get("description", f"declared in {decl_file}")))
+
+
+def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
+          image_size: int | None = None) -> Path:
+    """One benchmark from several (e.g. SVIRO + TICaM, VKITTI 2 + KITTI): domains side by side, same task.
+
+    Class lists, segmentation classes, factors, channels, depth scale and which of depth/masks exist must
+    agree; domain names must be distinct. Files are not copied: manifest paths point at the parts' files,
+    relative to `out` (so the parts must stay beside it, as DVC stage outputs under data/benchmarks do).
+    """
+    from dataclasses import replace
+
+    import pandas as pd
+
+    if len(parts) < 2:
+        raise DataError("merge needs at least two benchmarks")
+    loaded = []
+    for p in parts:
+        spec = BenchmarkSpec.load(Path(p) / "benchmark.yaml")
+        loaded.append((Path(p), spec, read_manifest(Path(p))))
+    first = loaded[0][1]
+    for p, spec, _ in loaded[1:]:
+        for key in ("classes", "seg_classes", "factors", "channels", "has_depth", "has_mask", "depth_scale"):
+            if getattr(spec, key) != getattr(first, key):
+                raise DataError(f"{p}: {key} = {getattr(spec, key)!r} differs from {loaded[0][0]}'s "
+                                f"{getattr(first, key)!r}; merged benchmarks must share them")
+    domains = [d for _, spec, _ in loaded for d in spec.domains]
+    names = [d.name for d in domains]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"domain {dup[0]!r} appears in more than one benchmark; rename it (adapter option 'domain')")
+    for key, v in (("source", source), ("target", target)):
+        if v not in names:
+            raise DataError(f"{key} {v!r} is not a domain of the merged benchmarks {names}")
+    size = image_size or max(spec.image_size for _, spec, _ in loaded)
+    frames = []
+    for p, _, df in loaded:
+        df = df.copy()
+        for col in ("path", "depth_path", "mask_path"):
+            if col in df.columns:
+                df[col] = [os.path.relpath(os.path.abspath(resolve_path(p, v)), os.path.abspath(out))
+                           if isinstance(v, str) else v for v in df[col]]
+        frames.append(df)
+    manifest = pd.concat(frames, ignore_index=True)
+    if not manifest["id"].is_unique:
+        manifest["id"] = manifest["domain"].astype(str) + "/" + manifest["id"].astype(str)
+    for col in ("scene_id", "variation"):
+        if col in manifest.columns:
+            manifest[col] = manifest[col].astype("Int64")
+    exp: dict[str, Any] = {}
+    for _, spec, _ in loaded:
+        for k, v in spec.expectations.items():
+            if k == "domain_rows":
+                exp.setdefault(k, {}).update(v)
+            elif k == "mask_values":
+                exp[k] = sorted(set(exp.get(k, [])) | set(v))
+            elif k == "max_depth_m":
+                exp[k] = max(exp.get(k, 0.0), float(v))
+    resize = any(spec.image_size != size or spec.resize for _, spec, _ in loaded)
+    merged = replace(
+        first, name=name, source=source, target=target, image_size=size, resize=resize,
+        tasks=sorted({t for _, spec, _ in loaded for t in spec.tasks}, key=("classification", "factors", "depth",
+                                                                             "segmentation").index),
+        domains=[replace(d, role="source" if d.name == source else "target" if d.name == target else "auxiliary")
+                 for d in domains],
+        dataset="+".join(spec.dataset or spec.name for _, spec, _ in loaded), expectations=exp,
+        description="merged: " + "; ".join(f"{spec.name} ({p})" for p, spec, _ in loaded),
+    )
+    merged.validate()
+    with staged_dir(out) as tmp:
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        merged.save(tmp / "benchmark.yaml")
+    return out
