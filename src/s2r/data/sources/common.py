@@ -191,7 +191,7 @@ def verify_checksums(root: Path, checksums: dict[str, str], extra_file: Path | N
                     if line.strip():
                         raise DataError(f"{f}: line {n}: expected '<checksum>  <file>'")
                     continue
-                table[parts[1].lstrip("*")] = f"{algo}:{parts[0].lower()}"
+                table.setdefault(parts[1].lstrip("*"), f"{algo}:{parts[0].lower()}")  # published values win
     done = []
     for rel, want in sorted(table.items()):
         p = root / rel

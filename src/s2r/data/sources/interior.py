@@ -199,7 +199,8 @@ def build_sviro(src: Path, out: Path, name: str, options: dict[str, Any], illumi
     scenes = assign_splits([f"{v}:{sc}" for v, sp, _, _, sc, _ in records if sp == "?"], fr, seed)
     records = [(v, scenes[f"{v}:{sc}"] if sp == "?" else sp, f, lb, sc, var) for v, sp, f, lb, sc, var in records]
     n_seats = 3 if seats == "all" else 2
-    source = option(options, "source", "tesla" if "tesla" in vehicles else vehicles[0], str)
+    preferred = "kodiaq" if illumination else "tesla"  # the vehicles paper 1 trains on (A.1.2, Section 4.5)
+    source = option(options, "source", preferred if preferred in vehicles else vehicles[0], str)
     others = [v for v in vehicles if v != source]
     target = option(options, "target", others[0] if others else source, str)
     if source == target:
