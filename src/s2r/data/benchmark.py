@@ -101,7 +101,12 @@ class BenchmarkSpec:
         raise DataError(f"benchmark {self.name!r} has no domain {name!r}; known: {[d.name for d in self.domains]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
+        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {})):
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "benchmark.yaml") -> BenchmarkSpec:
