@@ -274,6 +274,9 @@ def invoke(*args: str) -> str:
 
 
 def test_refine_writes_benchmark_the_segmenter_trains_on(in_tmp: Path, scenes16: Path, tiny_params_file: Path) -> None:
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    raw["tracking"]["log_model"] = False  # model logging is tested elsewhere; it costs seconds per run
+    tiny_params_file.write_text(yaml.safe_dump(raw))
     p = ["--params", str(tiny_params_file)]
     invoke("train", "cut", "--data", str(scenes16), "--out", "m/cut", *p)
     invoke("refine", "cut", "--model", "m/cut", "--data", str(scenes16), "--out", "scenes-cut", "--metrics", "r.json",
@@ -299,15 +302,18 @@ def test_refine_writes_benchmark_the_segmenter_trains_on(in_tmp: Path, scenes16:
 
 
 def test_tables_cut_cli_on_tiny_data(in_tmp: Path, scenes16: Path, tiny_params_file: Path) -> None:
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    raw["reports"]["cut_tables"].update(patch_sizes=[9], seg_epochs=1, last_k=1, mix_patch_size=9)
+    tiny_params_file.write_text(yaml.safe_dump(raw))
     out = invoke("tables", "cut", "--data", str(scenes16), "--out", "tables", "--params", str(tiny_params_file))
     assert "Table II format" in out and "Table I format" in out and "raw synthetic" in out
     t2 = (Path("tables") / "table2.csv").read_text()
-    for row in ("synthetic", "CUT 8px", "CUT 9px", "target", "target + synthetic", "target + refined"):
+    for row in ("synthetic", "CUT 9px", "target", "target + synthetic", "target + refined"):
         assert row in t2
     import pandas as pd
 
     t1 = pd.read_csv(Path("tables") / "table1.csv")
-    assert list(t1["trained on [px]"]) == [8, 8] and (t1["time [s]"] > 0).all()
+    assert list(t1["trained on [px]"]) == [8] and (t1["time [s]"] > 0).all()  # 9 px rescaled to 8
     metrics = json.loads((Path("tables") / "metrics.json").read_text())
     assert isinstance(metrics["refined_beats_synthetic"], bool) and 0 <= metrics["target_miou"] <= 1
     assert (Path("tables") / "miou_lastk.png").stat().st_size > 0
@@ -322,9 +328,11 @@ def test_table2_format_known_values() -> None:
     assert rows["synthetic"]["vs. syn."] == "—" and rows["target"]["vs. target"] == "1.000"
 
 
+@pytest.mark.slow
 def test_cut_patch_study_runs_the_chain(tmp_path: Path, scenes16: Path, tiny_params_file: Path) -> None:
     raw = yaml.safe_load(tiny_params_file.read_text())
     raw["studies"]["cut_patch"].update(pruner_warmup_epochs=1, n_startup_trials=1)
+    raw["studies"]["cut_patch"]["search_space"]["methods.cut.patch_size"]["choices"] = [8, 9]  # 16 px images
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(raw))
     assert load_params(params).studies["cut_patch"].method == "cut"
@@ -361,3 +369,30 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     tune.run(tune.TuneOptions(study="s", data_dir=scenes16, params_path=params, out_dir=tmp_path / "o",
                               study_name=f"s-{tmp_path.name}"))
     assert called == ["segmenter_target"]
+
+
+def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      scenes16: Path) -> None:
+    """cut.tune_objective replaces stages.train; its per-epoch values reach the pruner and the objective."""
+    calls = []
+
+    def fake(data_dir, params, work, *, on_epoch, parent_run_id, run_name, tags, method):  # noqa: ANN001
+        n = int(run_name.rsplit("#", 1)[1])
+        calls.append((method, params.methods["cut"].patch_size, parent_run_id is not None, tags["optuna_trial"]))
+        for epoch in range(1, 4):
+            on_epoch(epoch, {"val_miou_lastk_median": 0.1 * epoch if n != 3 else 0.0})
+        return {"val_miou_lastk_median": 0.3 if n != 3 else 0.0, "mlflow_run_id": f"r{n}"}
+
+    monkeypatch.setattr(cut, "tune_objective", fake)
+    raw = tiny_params_dict()
+    study = raw["studies"]["cut_patch"]
+    study.update(n_startup_trials=2, pruner_warmup_epochs=0, sampler="grid", n_trials=4)
+    study["search_space"] = {"methods.cut.patch_size": {"type": "categorical", "choices": [8, 9, 12, 16]}}
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    o = tune.TuneOptions(study="cut_patch", data_dir=scenes16, params_path=params, out_dir=tmp_path / "o",
+                         study_name=f"h-{tmp_path.name}")
+    res = tune.run(o)
+    assert sorted(c[1] for c in calls) == [8, 9, 12, 16] and all(c[0] == "cut" and c[2] for c in calls)
+    assert res["metrics"]["n_complete"] == 3 and res["metrics"]["n_pruned"] == 1  # trial 3 reports 0.0
+    assert res["best"]["value"] == pytest.approx(0.3)
