@@ -396,3 +396,18 @@ def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.Monkey
     assert sorted(c[1] for c in calls) == [8, 9, 12, 16] and all(c[0] == "cut" and c[2] for c in calls)
     assert res["metrics"]["n_complete"] == 3 and res["metrics"]["n_pruned"] == 1  # trial 3 reports 0.0
     assert res["best"]["value"] == pytest.approx(0.3)
+
+
+def test_translate_and_export_use_the_ema_generator(scenes16: Path) -> None:
+    m = make_cut(scenes16, ema_decay=0.5)
+    assert m.g_ema is not None and m.refiner() is m.g_ema.module
+    with torch.no_grad():
+        for p in m.g.parameters():
+            p.add_(0.5)  # the live generator drifts; the EMA copy has not been updated
+    imgs = np.array(PreparedBenchmark(scenes16).get("sim", "test").images)  # a writable copy
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        ema_out = (m.export_model()(x).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        live_out = (((m.g(x * 2 - 1) + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = m.translate(imgs)
+    assert np.array_equal(out, ema_out) and not np.array_equal(out, live_out)
