@@ -79,6 +79,14 @@ def tiny_params_dict() -> dict:
     for gan in ("cyclegan", "mrgan"):
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
                                    steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
+    # paper 5: CUT on patches of 16 px scenes, tiny segmenters, tiny tables
+    raw["methods"]["cut"].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], nce_layers=[0, 4, 7, 10],
+                                 nce_mlp_dim=8, num_patches=16, patch_size=9, batch_size=4, epochs=2,
+                                 steps_per_epoch=2)
+    for seg in ("segmenter_synthetic", "segmenter_refined", "segmenter_target"):
+        raw["methods"][seg].update(widths=[4, 4, 4], batch_size=4, epochs=3, steps_per_epoch=2, last_k=2)
+    raw["reports"]["cut_tables"].update(patch_sizes=[8, 9], cut_epochs=1, cut_steps_per_epoch=2, seg_epochs=2,
+                                        seg_steps_per_epoch=2, last_k=2, mix_patch_size=8)
     return raw
 
 

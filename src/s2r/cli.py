@@ -319,7 +319,11 @@ def evaluate_cmd(method: str, model_dir: str, data_dir: str, out: str, plots: st
 
     r = stages.evaluate(method, Path(model_dir), Path(data_dir), Path(out), Path(plots) if plots else None,
                         _load(params_path))
-    click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
+    if "accuracy" in r:
+        click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
+    else:  # other evaluators (e.g. segmentation_lastk): their scalar metrics
+        click.echo(f"{method}: {r['domain']}/test " + ", ".join(
+            f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.endswith(("_min", "_max"))))
 
 
 @main.command("refine")
@@ -376,6 +380,27 @@ def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path
     click.echo((Path(out) / "table2.md").read_text())
     click.echo(f"{res['metrics']['n_runs']} classifier runs; files in {out}")
 
+
+
+@tables.command("cut")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Prepared benchmark with masks in source and target (e.g. data/prepared/scenes).")
+@click.option("--out", default="data/tables/cut", show_default=True, type=click.Path(file_okay=False))
+@PARAMS_OPT
+def tables_cut_cmd(data_dir: str, out: str, params_path: str) -> None:
+    """Paper 5's Table II (mIoU vs target-trained vs synthetic, per CUT patch size) and Table I (epoch time).
+
+    Settings come from reports.cut_tables in params.yaml; every CUT and segmenter run is a nested MLflow run.
+
+    Example: s2r tables cut --data data/prepared/scenes --out data/tables/cut
+    """
+    from s2r.tables.cut import cut_tables
+
+    res = cut_tables(Path(data_dir), Path(out), Path(params_path))
+    click.echo((Path(out) / "table2.md").read_text())
+    click.echo((Path(out) / "table1.md").read_text())
+    verdict = "beat" if res["metrics"]["refined_beats_synthetic"] else "did NOT beat"
+    click.echo(f"refinement {verdict} raw synthetic (best: {res['metrics']['best_refined']}); files in {out}")
 
 @main.command("report")
 @click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))

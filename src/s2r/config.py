@@ -230,8 +230,32 @@ class MixingTablesParams:
 
 
 @dataclass
+class CutTablesParams:
+    """Paper 5's Tables I and II (`s2r tables cut`): CUT per patch size -> refine -> segmenter, plus baselines."""
+
+    patch_sizes: list[int] = field(default_factory=lambda: [9, 12, 16, 21])
+    lambda_nce: float = 1.0
+    cut_epochs: int = 4
+    cut_steps_per_epoch: int = 40
+    seg_epochs: int = 16
+    seg_steps_per_epoch: int = 15
+    last_k: int = 8  # epochs whose test mIoU make the distribution (paper 50)
+    mix_patch_size: int = 16  # the refined set used for the target + refined mix (Section IV-E)
+
+    def validate(self) -> None:
+        if not self.patch_sizes or any(p < 4 for p in self.patch_sizes):
+            raise ConfigError("key 'patch_sizes' must be non-empty sizes >= 4 px")
+        if min(self.cut_epochs, self.cut_steps_per_epoch, self.seg_epochs, self.seg_steps_per_epoch, self.last_k) < 1:
+            raise ConfigError("keys 'cut_epochs', 'cut_steps_per_epoch', 'seg_epochs', 'seg_steps_per_epoch' and "
+                              "'last_k' must be >= 1")
+        if self.last_k > self.seg_epochs:
+            raise ConfigError(f"key 'last_k' ({self.last_k}) must be <= 'seg_epochs' ({self.seg_epochs})")
+
+
+@dataclass
 class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
+    cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
 
 
 @dataclass

@@ -263,6 +263,8 @@ def report(metrics_dir: Path) -> str:
     head = f"{'method':<12} {'target':<12} {'split':<6} {'accuracy':>9} {'bal.acc':>8} {'n':>6}"
     lines = [head, "-" * len(head)]
     for name, dom, split, acc, bal, n in rows:
+        if acc is None:  # not a classifier (e.g. a segmenter: see its evaluate.json)
+            continue
         lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
     return "\n".join(lines)
 
@@ -298,15 +300,18 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
         tags=_run_tags(data, saved["seed"], str(method.device)) | {
             "stage": "refine", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
     ) as run:
-        derive(data, Path(out), {ra: (a, lambda x: method.translate(x, "a2b")),
-                                 rb: (b, lambda x: method.translate(x, "b2a"))},
+        # one-sided translators (CUT, paper 5) declare `directions = ("a2b",)`: only <A>_<method> is written
+        directions = getattr(method, "directions", ("a2b", "b2a"))
+        pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in directions]
+        derive(data, Path(out), {new: (orig, lambda x, d=d: method.translate(x, d)) for d, orig, new in pairs},
                source=ra, target=b, version_salt=model_sha)
         refined = PreparedBenchmark(out)
         run.set_tags({"refined_data_version": refined.data_version})
-        result: dict[str, Any] = {"method": method_name, "source": ra, "target": b, "domains": [ra, rb],
+        result: dict[str, Any] = {"method": method_name, "source": ra, "target": b,
+                                  "domains": [new for _, _, new in pairs],
                                   "data_version": refined.data_version, "mlflow_run_id": run.run_id}
         rows, names = [], []
-        for orig, new in ((a, ra), (b, rb)):
+        for _, orig, new in pairs:
             x, y = data.get(orig, "test").images[:8], refined.get(new, "test").images[:8]
             result[f"mean_abs_change_{orig}"] = float(np.abs(y.astype(np.float32) - x).mean() / 255.0)
             rows += [x, y]

@@ -123,6 +123,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from s2r import stages
+    from s2r.methods import registry as method_registry
     from s2r.tracking import TrackedRun
 
     base = load_params(opts.params_path)
@@ -183,12 +184,21 @@ def run(opts: TuneOptions) -> dict[str, Any]:
 
             try:
                 params = load_params(opts.params_path, overrides)
+                run_name, tags = f"trial@{opts.study}#{trial.number}", {"optuna_study": name,
+                                                                       "optuna_trial": str(trial.number)}
+                # A method module may supply its own trial objective (e.g. paper 5's cut_patch chain: train CUT,
+                # refine, train a segmenter): `tune_objective(data_dir, params, work_dir, *, on_epoch,
+                # parent_run_id, run_name, tags, method) -> summary` with the objective metrics and mlflow_run_id.
+                hook = getattr(method_registry.module(spec.method), "tune_objective", None)
                 with tempfile.TemporaryDirectory(prefix=f"s2r-trial{trial.number}-") as tmp:
-                    summary = stages.train(
-                        spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
-                        on_epoch=on_epoch, parent_run_id=parent.run_id, run_name=f"trial@{opts.study}#{trial.number}",
-                        tags={"optuna_study": name, "optuna_trial": str(trial.number)},
-                    )
+                    if hook is not None:
+                        summary = hook(opts.data_dir, params, Path(tmp), on_epoch=on_epoch,
+                                       parent_run_id=parent.run_id, run_name=run_name, tags=tags, method=spec.method)
+                    else:
+                        summary = stages.train(
+                            spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
+                            on_epoch=on_epoch, parent_run_id=parent.run_id, run_name=run_name, tags=tags,
+                        )
             except optuna.TrialPruned:
                 raise
             except Exception as e:  # recorded on the trial; the study goes on

@@ -13,6 +13,8 @@ METHODS: dict[str, str] = {
     "mixing": "s2r.methods.mixing",
     "cyclegan": "s2r.methods.cyclegan",
     "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
+    "cut": "s2r.methods.cut",  # paper 5: CUT on random patches (variants cut_<suffix>)
+    "segmenter": "s2r.methods.segmenter",  # paper 5: downstream segmentation (variants segmenter_<suffix>)
 }
 
 
