@@ -79,6 +79,9 @@ def tiny_params_dict() -> dict:
     for gan in ("cyclegan", "mrgan"):
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
                                    steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
+    for name in ("twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"):  # paper 2
+        raw["methods"][name].update(stem_channels=4, pack_channels=[4, 8], mid_blocks=1, latent_channels=4,
+                                    pack_d=4, batch_size=2, epochs=1, steps_per_epoch=2, val_images=2)
     return raw
 
 

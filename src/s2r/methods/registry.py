@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "mixing": "s2r.methods.mixing",
     "cyclegan": "s2r.methods.cyclegan",
     "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
+    "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
 }
 
 
