@@ -57,7 +57,7 @@ Images are [0, 1] at the method's edges and [-1, 1] inside the networks. Adam (0
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -721,11 +721,6 @@ class Method(BaseMethod):
         super().load_sampler_state(state)
         for k, p in self.pools.items():
             p.load(state["pools"][k])
-
-    def describe(self) -> dict[str, Any]:
-        """Stage, parameter counts and latent size (for reports)."""
-        return {"stage": self.cfg.stage, "parameters": sum(p.numel() for p in self.parameters()),
-                "sigma2": self.sigma2, "config": asdict(self.cfg)}
 
 
 def _arr(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
