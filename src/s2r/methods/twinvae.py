@@ -43,6 +43,8 @@ Losses (documented choices where the paper is ambiguous):
   - Eq. 6/7 MMD with k(x, y) = exp(-||x - y||^2 / (2 sigma^2)) on flattened latents, prior samples a ~ N(0, I);
     "we let a = a~ and z = z~": the biased (V-statistic) estimate using the same sample twice, diagonal included.
     sigma^2 = `mmd_sigma2_per_dim` * D (D = latent dimension) so the kernel does not vanish in high dimension.
+    Because of the diagonal terms, two batches of B samples from the same distribution score about
+    2 (1 - e^(-1)) / B rather than 0 (0.158 at B = 8): a constant floor; the gradient is unaffected.
   - Eq. 8/9 cycle terms: mean absolute error.
   - Depth targets are scaled to the tanh range: d_n = 2 d / depth_max - 1 (0 m -> -1); MSE over valid pixels
     (depth > 0). Segmentation: mean pixel-wise cross-entropy, 255 = ignore.
