@@ -214,6 +214,15 @@ def test_capabilities_shapes(scenes16: Path) -> None:
         make(scenes16).predict(imgs)
 
 
+def test_gap_closed_known_values() -> None:
+    from s2r.tables.twinvae import gap_closed
+
+    assert gap_closed(0.5, 0.3, 0.1, higher_better=False) == pytest.approx(0.5)  # AbsRel 0.5 -> 0.3 of 0.5 -> 0.1
+    assert gap_closed(0.2, 0.5, 0.6, higher_better=True) == pytest.approx(0.75)  # mIoU
+    assert gap_closed(0.2, 0.1, 0.6, higher_better=True) == pytest.approx(-0.25)  # worse than sim only
+    assert gap_closed(0.3, 0.1, 0.4, higher_better=False) is None  # "upper" worse than "lower": no gap
+
+
 def test_config_errors_name_keys(scenes16: Path) -> None:
     with pytest.raises(ConfigError, match="pack_d"):
         cfg(pack_d=3)

@@ -5,7 +5,8 @@ labels only) and the target-supervised upper bound (the role of the supervised n
 Table 1). Columns as the paper: AbsRel, SqRel, RMSE, logRMSE (+ a1..a3) and mIoU, pixel accuracy. The
 "gap closed" row says which share of the lower-to-upper gap our method recovers per metric:
 (lower - ours) / (lower - upper) for lower-is-better metrics, (ours - lower) / (upper - lower) otherwise;
-1 = as good as target supervision, 0 = no better than sim only, < 0 = worse than sim only.
+1 = as good as target supervision, 0 = no better than sim only, < 0 = worse than sim only; "n/a" when the
+upper bound is not better than the lower bound (no gap to close on that metric).
 Inputs: the evaluate JSONs of `s2r evaluate` (s2r.evaluators.depth_segmentation).
 """
 
@@ -25,9 +26,9 @@ ROWS = (("lower", "Sim only (lower bound)"), ("ours", "Ours (twin VAE, sim label
 
 
 def gap_closed(lower: float, ours: float, upper: float, higher_better: bool) -> float | None:
-    """Share of the lower->upper gap recovered by ours (None when the bounds coincide)."""
+    """Share of the lower->upper gap recovered by ours; None when there is no gap (upper not better than lower)."""
     gap = (upper - lower) if higher_better else (lower - upper)
-    if abs(gap) < 1e-12:
+    if gap <= 1e-12:
         return None
     return ((ours - lower) if higher_better else (lower - ours)) / gap
 
@@ -54,7 +55,7 @@ def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for m, title, higher in cols:
             g = gap_closed(results["lower"][m], results["ours"][m], results["upper"][m], higher)
             gaps[m] = g
-            gap_row[title] = "n/a" if g is None else f"{100 * g:.0f}%"
+            gap_row[title] = "n/a (no gap)" if g is None else f"{100 * g:.0f}%"
         rows.append(gap_row)
         tables[part] = pd.DataFrame(rows)
     return {"tables": tables, "gap_closed": gaps}
