@@ -214,6 +214,18 @@ def test_capabilities_shapes(scenes16: Path) -> None:
         make(scenes16).predict(imgs)
 
 
+def test_heads_only_option_and_sampling_at_inference(scenes16: Path) -> None:
+    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False, inference_sample=True)
+    m.initialised = True
+    m.setup(torch.device("cpu"), None, 2)
+    assert {id(p) for p in m.optimizers["net"].param_groups[0]["params"]} == {id(p) for p in m.heads.parameters()}
+    m.losses(next(m.batches()))["loss"].backward()
+    assert all(p.grad is None for p in m.twin.parameters())  # frozen twin VAE
+    assert all(p.grad is not None for p in m.heads.parameters())
+    imgs = np.asarray(m.real_val.images)
+    assert not np.array_equal(m.predict(imgs)["depth"], m.predict(imgs)["depth"])  # z sampled at inference too
+
+
 def test_gap_closed_known_values() -> None:
     from s2r.tables.twinvae import gap_closed
 
