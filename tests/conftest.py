@@ -87,6 +87,9 @@ def tiny_params_dict() -> dict:
         raw["methods"][seg].update(widths=[4, 4, 4], batch_size=4, epochs=3, steps_per_epoch=2, last_k=2)
     raw["reports"]["cut_tables"].update(patch_sizes=[8, 9], cut_epochs=1, cut_steps_per_epoch=2, seg_epochs=2,
                                         seg_steps_per_epoch=2, last_k=2, mix_patch_size=8)
+    for name in ("twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"):  # paper 2
+        raw["methods"][name].update(stem_channels=4, pack_channels=[4, 8], mid_blocks=1, latent_channels=4,
+                                    pack_d=4, batch_size=2, epochs=1, steps_per_epoch=2, val_images=2)
     return raw
 
 

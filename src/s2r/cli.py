@@ -285,9 +285,12 @@ def data_fixture(kind: str, out: str) -> None:
 @click.option("--checkpoints", type=click.Path(file_okay=False), help="Checkpoint folder [data/checkpoints/METHOD].")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint (same MLflow run, same schedule).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
+@click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False),
+              help="Start from a trained model folder (e.g. twinvae_heads from data/models/twinvae).")
 @PARAMS_OPT
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
-              checkpoints: str | None, resume: bool, sets: tuple[str, ...], params_path: str) -> None:
+              checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
+              params_path: str) -> None:
     """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD.
 
     Example: s2r train mixing --data data/prepared/digits --out data/models/mixing
@@ -298,7 +301,8 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     params = _load(params_path, sets)
     summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
                            plots_out=Path(plots) if plots else None,
-                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume)
+                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
+                           init=Path(init_dir) if init_dir else None)
     click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
@@ -321,9 +325,10 @@ def evaluate_cmd(method: str, model_dir: str, data_dir: str, out: str, plots: st
                         _load(params_path))
     if "accuracy" in r:
         click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
-    else:  # other evaluators (e.g. segmentation_lastk): their scalar metrics
-        click.echo(f"{method}: {r['domain']}/test " + ", ".join(
-            f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.endswith(("_min", "_max"))))
+    else:  # other evaluators (segmentation_lastk, depth_segmentation, ...): their top-level numbers
+        nums = ", ".join(f"{k} {v:.4f}" for k, v in r.items()
+                         if isinstance(v, float) and not k.endswith(("_min", "_max")))
+        click.echo(f"{method}: {r['domain']}/test {nums}")
 
 
 @main.command("refine")
@@ -401,6 +406,28 @@ def tables_cut_cmd(data_dir: str, out: str, params_path: str) -> None:
     click.echo((Path(out) / "table1.md").read_text())
     verdict = "beat" if res["metrics"]["refined_beats_synthetic"] else "did NOT beat"
     click.echo(f"refinement {verdict} raw synthetic (best: {res['metrics']['best_refined']}); files in {out}")
+
+@tables.command("twinvae")
+@click.option("--ours", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluate JSON of the twin VAE's heads (s2r evaluate twinvae_heads).")
+@click.option("--lower", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluate JSON of the sim-only lower bound (twinvae_simonly).")
+@click.option("--upper", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Evaluate JSON of the target-supervised upper bound (twinvae_targetsup).")
+@click.option("--out", default="data/tables/twinvae", show_default=True, type=click.Path(file_okay=False))
+@PARAMS_OPT
+def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path: str) -> None:
+    """Paper 2's Table 1 (depth + segmentation: ours vs sim-only and target-supervised) as files + MLflow.
+
+    Example: s2r tables twinvae --ours data/metrics/twinvae_heads/evaluate.json
+    --lower data/metrics/twinvae_simonly/evaluate.json --upper data/metrics/twinvae_targetsup/evaluate.json
+    """
+    from s2r.tables.twinvae import twinvae_table
+
+    res = twinvae_table(Path(ours), Path(lower), Path(upper), Path(out), _load(params_path).tracking.experiment)
+    click.echo(res["text"])
+    click.echo(f"files in {out}")
+
 
 @main.command("report")
 @click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))

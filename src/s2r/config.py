@@ -253,9 +253,27 @@ class CutTablesParams:
 
 
 @dataclass
+class DepthSegmentationParams:
+    """Paper 2's evaluation (s2r.evaluators.depth_segmentation): depth metric settings and the scored classes."""
+
+    classes: list[str] = field(default_factory=list)  # seg_classes to score ([] = all of the benchmark's)
+    median_scaling: bool = False  # per-image median scaling of predicted depth (scale-ambiguous models)
+    min_depth: float = 1.0e-3  # metres; truth below is invalid, predictions are clipped up to it
+    max_depth: float = 0.0  # metres; truth above is invalid, predictions clipped to it (0 = no cap)
+    panels: int = 6  # test samples in the input / depth / mask panel figure
+
+    def validate(self) -> None:
+        if self.min_depth <= 0 or self.max_depth < 0 or (self.max_depth and self.max_depth <= self.min_depth):
+            raise ConfigError("keys 'min_depth' > 0 and 'max_depth' (0 = none, else > min_depth) required")
+        if self.panels < 1:
+            raise ConfigError("key 'panels' must be >= 1")
+
+
+@dataclass
 class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
+    depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
 
 
 @dataclass

@@ -93,8 +93,13 @@ def train(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    init: Path | None = None,
 ) -> dict[str, Any]:
-    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
+    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
+
+    `init`: a trained model folder the method starts from (e.g. twin-VAE stage 2 from stage 1); only methods
+    with an `init_from(model_dir) -> tags` method accept it.
+    """
     import matplotlib.pyplot as plt
     import torch
 
@@ -116,6 +121,11 @@ def train(
     data = PreparedBenchmark(data_dir)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
+    init_tags: dict[str, str] = {}
+    if init is not None:
+        if not hasattr(method, "init_from"):
+            raise DataError(f"method {method_name!r} cannot start from a trained model (--init {init})")
+        init_tags = method.init_from(Path(init))
     device = select_device(params.train.device)
     total = cfg.epochs * cfg.steps_per_epoch
     method.setup(device, amp_dtype(device, params.train.amp), total)
@@ -123,7 +133,8 @@ def train(
               "train": asdict(params.train), "benchmark": data.spec.name}
     with TrackedRun(
         run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
-        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {}),
+        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
+        | init_tags,
         run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
     ) as run:
         if resume_state is None:
@@ -253,19 +264,31 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
 
 def report(metrics_dir: Path) -> str:
     """A short results table of every evaluate.json under metrics_dir."""
-    rows = []
+    rows, dense = [], []
     for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
         m = json.loads(p.read_text())
+        if m.get("accuracy") is None and m.get("abs_rel") is not None:  # depth/segmentation evaluator (paper 2)
+            dense.append((p.parent.name, m.get("domain", "?"), m["abs_rel"], m["rmse"], m["a1"], m["miou"],
+                          m["pixel_accuracy"], m.get("n")))
+            continue
         rows.append((p.parent.name, m.get("domain", "?"), m.get("split", "?"), m.get("accuracy"),
                      m.get("balanced_accuracy"), m.get("n")))
-    if not rows:
+    if not rows and not dense:
         return f"no results yet under {metrics_dir} (run `dvc repro`)"
-    head = f"{'method':<12} {'target':<12} {'split':<6} {'accuracy':>9} {'bal.acc':>8} {'n':>6}"
-    lines = [head, "-" * len(head)]
-    for name, dom, split, acc, bal, n in rows:
-        if acc is None:  # not a classifier (e.g. a segmenter: see its evaluate.json)
-            continue
-        lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
+    lines = []
+    if rows:
+        head = f"{'method':<12} {'target':<12} {'split':<6} {'accuracy':>9} {'bal.acc':>8} {'n':>6}"
+        lines += [head, "-" * len(head)]
+        for name, dom, split, acc, bal, n in rows:
+            if acc is None:  # not a classifier (e.g. a segmenter: see its evaluate.json)
+                continue
+            lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
+    if dense:
+        head = (f"{'method':<18} {'target':<12} {'AbsRel':>7} {'RMSE':>7} {'a1':>6} {'mIoU':>6} {'pix.acc':>7} "
+                f"{'n':>5}")
+        lines += ([""] if rows else []) + [head, "-" * len(head)]
+        for name, dom, ar, rmse, a1, miou, pa, n in dense:
+            lines.append(f"{name:<18} {dom:<12} {ar:>7.4f} {rmse:>7.4f} {a1:>6.3f} {miou:>6.3f} {pa:>7.3f} {n:>5}")
     return "\n".join(lines)
 
 

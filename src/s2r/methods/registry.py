@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
     "cut": "s2r.methods.cut",  # paper 5: CUT on random patches (variants cut_<suffix>)
     "segmenter": "s2r.methods.segmenter",  # paper 5: downstream segmentation (variants segmenter_<suffix>)
+    "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
 }
 
 

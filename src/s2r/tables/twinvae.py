@@ -1,0 +1,94 @@
+"""Paper 2's Table 1 on our data: depth and segmentation on the target test split, our twin VAE vs the bounds.
+
+Rows: the sim-only lower bound (same encoder + heads, no twin VAE, sim labels), ours (twin VAE + heads, sim
+labels only) and the target-supervised upper bound (the role of the supervised networks of the paper's
+Table 1). Columns as the paper: AbsRel, SqRel, RMSE, logRMSE (+ a1..a3) and mIoU, pixel accuracy. The
+"gap closed" row says which share of the lower-to-upper gap our method recovers per metric:
+(lower - ours) / (lower - upper) for lower-is-better metrics, (ours - lower) / (upper - lower) otherwise;
+1 = as good as target supervision, 0 = no better than sim only, < 0 = worse than sim only; "n/a" when the
+upper bound is not better than the lower bound (no gap to close on that metric).
+Inputs: the evaluate JSONs of `s2r evaluate` (s2r.evaluators.depth_segmentation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from s2r.tables import markdown
+
+DEPTH = (("abs_rel", "Abs. Rel.", False), ("sq_rel", "Sq. Rel.", False), ("rmse", "RMSE", False),
+         ("log_rmse", "log RMSE", False), ("a1", "a1", True), ("a2", "a2", True), ("a3", "a3", True))
+SEG = (("miou", "mIoU", True), ("pixel_accuracy", "Accuracy", True))
+ROWS = (("lower", "Sim only (lower bound)"), ("ours", "Ours (twin VAE, sim labels only)"),
+        ("upper", "Target-supervised (upper bound)"))
+
+
+def gap_closed(lower: float, ours: float, upper: float, higher_better: bool) -> float | None:
+    """Share of the lower->upper gap recovered by ours; None when there is no gap (upper not better than lower)."""
+    gap = (upper - lower) if higher_better else (lower - upper)
+    if gap <= 1e-12:
+        return None
+    return ((ours - lower) if higher_better else (lower - ours)) / gap
+
+
+def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Depth and segmentation tables (pandas) + gap-closed metrics from {lower, ours, upper} evaluate results."""
+    import pandas as pd
+
+    missing = [k for k, _ in ROWS if k not in results]
+    if missing:
+        raise FileNotFoundError(f"twinvae table needs evaluate results for {missing}")
+    tables: dict[str, Any] = {}
+    gaps: dict[str, float | None] = {}
+    for part, cols in (("depth", DEPTH), ("segmentation", SEG)):
+        rows = []
+        for key, label in ROWS:
+            r = results[key]
+            row: dict[str, Any] = {"Network": label, "method": r.get("method", key)}
+            for m, title, _ in cols:
+                v = r[m]
+                row[title] = f"{100 * v:.1f}%" if m == "pixel_accuracy" else f"{v:.4f}"
+            rows.append(row)
+        gap_row: dict[str, Any] = {"Network": "Gap closed by ours", "method": ""}
+        for m, title, higher in cols:
+            g = gap_closed(results["lower"][m], results["ours"][m], results["upper"][m], higher)
+            gaps[m] = g
+            gap_row[title] = "n/a (no gap)" if g is None else f"{100 * g:.0f}%"
+        rows.append(gap_row)
+        tables[part] = pd.DataFrame(rows)
+    return {"tables": tables, "gap_closed": gaps}
+
+
+def twinvae_table(ours: Path, lower: Path, upper: Path, out: Path, experiment: str = "s2r") -> dict[str, Any]:
+    """Read three evaluate JSONs, write table1.md / CSV / metrics.json, log them on an MLflow run tables@twinvae."""
+    from s2r.stages import write_json
+    from s2r.tracking import TrackedRun
+
+    paths = {"ours": Path(ours), "lower": Path(lower), "upper": Path(upper)}
+    results = {}
+    for k, p in paths.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no evaluate results; run `s2r evaluate` first")
+        results[k] = json.loads(p.read_text())
+    res = build(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    domain = results["ours"].get("domain", "?")
+    text = ("## Table 1 format (paper 2): target domain "
+            f"`{domain}` test split, {results['ours'].get('n', '?')} images\n\n"
+            + markdown(res["tables"]["depth"], "Depth (lower is better, a1..a3 higher is better)") + "\n"
+            + markdown(res["tables"]["segmentation"], "Semantic segmentation (higher is better)"))
+    (out / "table1.md").write_text(text)
+    res["tables"]["depth"].to_csv(out / "table1_depth.csv", index=False)
+    res["tables"]["segmentation"].to_csv(out / "table1_segmentation.csv", index=False)
+    metrics = {f"{k}.{m}": results[k][m] for k, _ in ROWS for m, _, _ in (*DEPTH, *SEG)}
+    metrics |= {f"gap_closed.{m}": g for m, g in res["gap_closed"].items()}
+    write_json(out / "metrics.json", metrics)
+    with TrackedRun("tables@twinvae", experiment=experiment, params={k: str(v) for k, v in paths.items()},
+                    tags={"stage": "tables", "method": "twinvae"}) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+        for name in ("table1.md", "table1_depth.csv", "table1_segmentation.csv", "metrics.json"):
+            run.log_artifact(out / name, "tables")
+    return {"text": text, "metrics": metrics, **res}

@@ -1,0 +1,75 @@
+"""Known-value tests of the shared depth metrics (s2r.evaluators.depth) and the class-subset segmentation scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from s2r.evaluators.depth import depth_metrics, median_scale, valid_mask
+from s2r.evaluators.depth_segmentation import subset_metrics
+from s2r.evaluators.segmentation import confusion, metrics_from_confusion, segmentation_metrics
+
+
+def test_perfect_prediction() -> None:
+    t = np.array([[[1.0, 2.0], [3.0, 4.0]]])
+    m = depth_metrics(t.copy(), t)
+    assert m["abs_rel"] == 0 and m["sq_rel"] == 0 and m["rmse"] == 0 and m["log_rmse"] == 0
+    assert m["a1"] == m["a2"] == m["a3"] == 1.0 and m["valid_pixels"] == 4
+
+
+def test_hand_computed_values() -> None:
+    t = np.array([1.0, 2.0, 4.0, 1.0])
+    p = np.array([2.0, 2.0, 2.0, 1.2])
+    m = depth_metrics(p.reshape(2, 2), t.reshape(2, 2))
+    # |d|/t = 1, 0, 0.5, 0.2 ; d^2/t = 1, 0, 1, 0.04 ; d^2 = 1, 0, 4, 0.04 ; ratio = 2, 1, 2, 1.2
+    assert m["abs_rel"] == pytest.approx((1 + 0 + 0.5 + 0.2) / 4)
+    assert m["sq_rel"] == pytest.approx((1 + 0 + 1 + 0.04) / 4)
+    assert m["rmse"] == pytest.approx(np.sqrt((1 + 0 + 4 + 0.04) / 4))
+    assert m["log_rmse"] == pytest.approx(np.sqrt((np.log(2) ** 2 * 2 + np.log(1.2) ** 2) / 4))
+    assert m["a1"] == pytest.approx(0.5)  # ratios 1 and 1.2 are < 1.25
+    assert m["a2"] == pytest.approx(0.5)  # 2 > 1.5625
+    assert m["a3"] == pytest.approx(0.5)  # 2 > 1.25^3 = 1.953 as well
+
+
+def test_invalid_pixels_are_masked() -> None:
+    t = np.array([[1.0, 0.0], [np.nan, 2.0]])
+    p = np.array([[1.0, 100.0], [100.0, 2.0]])
+    m = depth_metrics(p, t)
+    assert m["valid_pixels"] == 2 and m["abs_rel"] == 0.0
+    assert valid_mask(np.array([0.5, 5.0]), 1e-3, 4.0).tolist() == [True, False]
+    with pytest.raises(ValueError, match="no valid"):
+        depth_metrics(p, np.zeros_like(t))
+
+
+def test_median_scaling_removes_global_scale() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.uniform(1, 3, (2, 4, 4))
+    p = t * np.array([2.0, 0.5])[:, None, None]  # each image off by its own scale
+    assert depth_metrics(p, t)["abs_rel"] > 0.4
+    m = depth_metrics(p, t, median_scaling=True)
+    assert m["abs_rel"] == pytest.approx(0.0, abs=1e-12) and m["a1"] == 1.0
+    np.testing.assert_allclose(median_scale(p, t, np.ones_like(t, bool)), t)
+
+
+def test_miou_leaves_out_classes_absent_from_both() -> None:
+    classes = ["bg", "a", "b", "c"]
+    t = np.array([0, 0, 1, 1])
+    p = np.array([0, 1, 1, 1])
+    m = segmentation_metrics(t, p, classes)
+    # bg: 1/2, a: 2/3; b and c absent from truth and prediction -> None, not 0, and not in the mean
+    assert m["per_class_iou"] == {"bg": 0.5, "a": pytest.approx(2 / 3), "b": None, "c": None}
+    assert m["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_subset_scoring_of_shared_classes() -> None:
+    classes = ["bg", "a", "b"]
+    t = np.array([0, 1, 2, 2])
+    p = np.array([0, 2, 2, 1])
+    cm = confusion(t, p, 3)
+    full = subset_metrics(cm, classes, classes)
+    ref = metrics_from_confusion(cm, classes)
+    assert full["miou"] == pytest.approx(ref["miou"]) and full["pixel_accuracy"] == ref["pixel_accuracy"]
+    sub = subset_metrics(cm, classes, ["bg", "a"])
+    # truth-b pixels are left out; the truth-a pixel predicted b is a miss of a: a IoU 0/1, bg 1/1
+    assert sub["per_class_iou"] == {"bg": 1.0, "a": 0.0} and sub["pixels"] == 2
+    assert sub["miou"] == 0.5 and sub["pixel_accuracy"] == 0.5

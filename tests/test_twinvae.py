@@ -1,0 +1,282 @@
+"""Twin VAE (paper 2): packing layers, shared layers, losses with known values, stages, --init, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import tiny_params_dict
+from s2r.config import ConfigError, ScenesParams, from_dict
+from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.twinvae import (
+    Config,
+    Method,
+    Packing,
+    TwinVAE,
+    Unpacking,
+    depth_loss,
+    gaussian_nll,
+    kl_normal,
+    mmd,
+    seg_loss,
+)
+
+TINY = tiny_params_dict()["methods"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads; OpenMP spin-waits cost seconds per step on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scenes16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: sim, pseudo_real, depth, masks."""
+    from s2r.data import scenes
+    from s2r.data.benchmark import write_benchmark
+    from s2r.data.prepared import prepare
+
+    root = tmp_path_factory.mktemp("scenes16")
+    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
+    bench = write_benchmark(root / "bench", spec, samples, progress=False)
+    return prepare(bench, root / "prepared", progress=False)
+
+
+def cfg(name: str = "twinvae", **kw) -> Config:
+    return from_dict(Config, TINY[name] | kw, "test")
+
+
+def make(prepared: Path, name: str = "twinvae", **kw) -> Method:
+    torch.manual_seed(0)
+    c = cfg(name, **kw)
+    m = Method(c, PreparedBenchmark(prepared), 0)
+    m.name = name
+    return m
+
+
+def test_packing_then_unpacking_restores_shape() -> None:
+    x = torch.randn(2, 6, 16, 16)
+    p = Packing(6, 10, d=4)
+    u = Unpacking(10, 6, d=4)
+    h = p(x)
+    assert h.shape == (2, 10, 8, 8)  # space-to-depth halves H, W
+    assert u(h).shape == x.shape
+    assert isinstance(p.conv3d, torch.nn.Conv3d) and p.conv.in_channels == 6 * 4 * 4  # 4C folded x d filters
+
+
+def test_architecture_table2_at_256px() -> None:
+    """The paper's widths: 6 packing layers take 256 px to a 300 x 4 x 4 latent and back to 3 x 256 x 256."""
+    c = Config(stem_channels=64, pack_channels=[76, 88, 100, 128, 200, 250], latent_channels=300, pack_d=8)
+    c.validate()
+    twin = TwinVAE(3, c)
+    packs = [m for m in twin.enc_r.private.modules() if isinstance(m, Packing)]
+    unpacks = [m for m in twin.dec_r.private.modules() if isinstance(m, Unpacking)]
+    assert [p.conv.out_channels for p in packs] == [76, 88, 100, 128, 200, 250]
+    assert len(unpacks) == 6 and twin.enc_r.shared.mu.out_channels == 300
+    with torch.no_grad():  # the same depth, narrow: 6 packings take 128 px to 2 x 2 and back
+        small = TwinVAE(3, Config(stem_channels=2, pack_channels=[2, 2, 2, 2, 2, 4], latent_channels=6, pack_d=8))
+        lat = small.enc_r(torch.randn(2, 3, 128, 128))
+        assert lat.z.shape == (2, 6, 2, 2) and small.dec_s(lat.z).shape == (2, 3, 128, 128)
+
+
+def test_shared_layers_are_the_same_objects() -> None:
+    twin = TwinVAE(3, cfg())
+    assert twin.enc_r.shared is twin.enc_s.shared and twin.dec_r.shared is twin.dec_s.shared
+    assert twin.enc_r.shared.mu.weight is twin.enc_s.shared.mu.weight  # the same tensor object
+    assert twin.enc_r.private is not twin.enc_s.private and twin.dec_r.private is not twin.dec_s.private
+    w_r = next(twin.enc_r.private.parameters())
+    w_s = next(twin.enc_s.private.parameters())
+    assert w_r is not w_s and not torch.equal(w_r, w_s)
+    names = {id(p) for p in twin.parameters()}
+    assert len(names) == len(list(twin.parameters()))  # shared parameters counted once by the optimiser
+    convs = [m.weight for m in twin.modules() if isinstance(m, torch.nn.Conv2d)]
+    w = torch.cat([c.detach().flatten() for c in convs])
+    assert abs(float(w.std()) - 0.02) < 0.003 and abs(float(w.mean())) < 0.002  # Gaussian init N(0, 0.02)
+
+
+def test_reparameterisation_samples_every_forward() -> None:
+    twin = TwinVAE(3, cfg())
+    x = torch.randn(2, 3, 16, 16)
+    a, b = twin.enc_s(x), twin.enc_s(x)
+    assert not torch.equal(a.z, b.z)
+    twin.eval()
+    c, d = twin.enc_s(x), twin.enc_s(x)
+    assert torch.equal(c.mu, d.mu) and not torch.equal(c.z, d.z)  # sampling even in eval; the mean is fixed
+
+
+def test_mmd_near_zero_for_same_gaussian_and_grows_with_shift() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 8, generator=g), torch.randn(256, 8, generator=g)
+    sigma2 = 8.0
+    same = float(mmd(x, y, sigma2))
+    shifts = [float(mmd(x, y + s, sigma2)) for s in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.01
+    assert same < shifts[0] < shifts[1] < shifts[2]
+    assert float(mmd(x, x, sigma2)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_and_reconstruction_known_values() -> None:
+    z = torch.zeros(2, 3, 4, 4)
+    assert float(kl_normal(z, z)) == 0.0  # q = N(0, 1) = prior
+    assert float(kl_normal(z + 1, z)) == pytest.approx(0.5)  # 0.5 * mu^2
+    assert float(kl_normal(z, z + np.log(4.0))) == pytest.approx(0.5 * (4 - 1 - np.log(4)))
+    x = torch.zeros(1, 3, 4, 4)
+    assert float(gaussian_nll(x + 2, x)) == pytest.approx(2.0)  # 0.5 * 2^2
+
+
+def test_depth_and_segmentation_losses_known_values() -> None:
+    depth = torch.tensor([[[2.0, 0.0], [4.0, 1.0]]])  # one invalid pixel
+    pred = (2 * depth / 4.0 - 1).unsqueeze(1)  # exact normalised depth
+    assert float(depth_loss(pred, depth, 4.0)) == 0.0
+    assert float(depth_loss(pred + 0.5, depth, 4.0)) == pytest.approx(0.25)  # invalid pixel ignored
+    logits = torch.zeros(1, 4, 2, 2)
+    masks = torch.tensor([[[0, 1], [2, 255]]])
+    assert float(seg_loss(logits, masks)) == pytest.approx(np.log(4))  # uniform over 4 classes, 255 ignored
+
+
+@pytest.mark.parametrize("name", ["twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"])
+def test_every_loss_finite_and_every_parameter_gets_a_gradient(scenes16: Path, name: str) -> None:
+    m = make(scenes16, name)
+    m.initialised = True  # stage 2 without stage 1 weights: shapes and gradients only
+    m.setup(torch.device("cpu"), None, 2)
+    out = m.losses(next(m.batches()))
+    expected = {"twinvae": {"kl_r", "kl_s", "nll_r", "nll_s", "mse_r", "mse_s", "mmd_r", "mmd_s", "cycle_r",
+                            "cycle_s"},
+                "twinvae_heads": {"kl_r2d", "kl_s2d", "mmd_s2r", "mmd_r2s", "depth_s", "depth_r", "seg_s", "seg_r"}}
+    assert expected.get(name, {"kl", "depth", "seg"}) | {"loss"} == set(out)
+    assert all(torch.isfinite(v) for v in out.values())
+    m.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_vae_batches_are_unpaired(scenes16: Path) -> None:
+    """Sim and real images are drawn independently (the benchmark renders the same scenes in both domains)."""
+    m = make(scenes16, batch_size=2)  # 2 of 4 train images per domain and batch
+    pairs = []
+    for _, b in zip(range(10), m.batches()):
+        sim_ids = [m.sim.images.tolist().index(x.tolist()) for x in b.images]
+        real_ids = [m.real.images.tolist().index(x.tolist()) for x in b.real]
+        pairs.append(sim_ids != real_ids)
+    assert any(pairs)
+
+
+def test_stage2_loads_stage1_weights_and_checks_them(scenes16: Path, tmp_path: Path) -> None:
+    stage1 = make(scenes16)
+    torch.save({"method": "twinvae", "config": stage1.cfg.__dict__ | {}, "state": stage1.state_dict(),
+                "mlflow_run_id": "r1", "data_version": "v"}, _mkdir(tmp_path / "s1") / "model.pt")
+    stage2 = make(scenes16, "twinvae_heads")
+    with pytest.raises(ConfigError, match="--init"):
+        stage2.setup(torch.device("cpu"), None, 2)
+    info = stage2.init_from(tmp_path / "s1")
+    assert info["init_run_id"] == "r1"
+    for k, v in stage1.twin.state_dict().items():
+        assert torch.equal(stage2.twin.state_dict()[k], v), k
+    stage2.setup(torch.device("cpu"), None, 2)  # initialised now
+    other = make(scenes16, "twinvae_heads", latent_channels=8)
+    with pytest.raises(ConfigError, match="latent_channels"):
+        other.init_from(tmp_path / "s1")
+    torch.save({"method": "twinvae_simonly", "config": {"stage": "supervised"}, "state": {}},
+               _mkdir(tmp_path / "bad") / "model.pt")
+    with pytest.raises(ValueError, match="not a stage-1 twin VAE"):
+        make(scenes16, "twinvae_heads").init_from(tmp_path / "bad")
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def test_capabilities_shapes(scenes16: Path) -> None:
+    m = make(scenes16, "twinvae_heads")
+    imgs = np.asarray(m.real_val.images)
+    assert m.encode(imgs).shape == (len(imgs), 4 * 4 * 4)
+    assert m.translate(imgs, "a2b").shape == imgs.shape and m.translate(imgs).dtype == np.uint8
+    p = m.predict(imgs)
+    assert p["depth"].shape == imgs.shape[:3] and p["mask"].shape == imgs.shape[:3]
+    assert (p["depth"] >= 0).all() and (p["depth"] <= 4.0).all() and p["mask"].max() < 6
+    np.testing.assert_array_equal(m.predict(imgs)["mask"], p["mask"])  # posterior mean: deterministic
+    out = m.export_model()(torch.rand(1, 3, 16, 16))
+    assert out.shape == (1, 1 + 6, 16, 16)
+    with pytest.raises(ValueError, match="no depth/segmentation heads"):
+        make(scenes16).predict(imgs)
+
+
+def test_heads_only_option_and_sampling_at_inference(scenes16: Path) -> None:
+    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False, inference_sample=True)
+    m.initialised = True
+    m.setup(torch.device("cpu"), None, 2)
+    assert {id(p) for p in m.optimizers["net"].param_groups[0]["params"]} == {id(p) for p in m.heads.parameters()}
+    m.losses(next(m.batches()))["loss"].backward()
+    assert all(p.grad is None for p in m.twin.parameters())  # frozen twin VAE
+    assert all(p.grad is not None for p in m.heads.parameters())
+    imgs = np.asarray(m.real_val.images)
+    assert not np.array_equal(m.predict(imgs)["depth"], m.predict(imgs)["depth"])  # z sampled at inference too
+
+
+def test_gap_closed_known_values() -> None:
+    from s2r.tables.twinvae import gap_closed
+
+    assert gap_closed(0.5, 0.3, 0.1, higher_better=False) == pytest.approx(0.5)  # AbsRel 0.5 -> 0.3 of 0.5 -> 0.1
+    assert gap_closed(0.2, 0.5, 0.6, higher_better=True) == pytest.approx(0.75)  # mIoU
+    assert gap_closed(0.2, 0.1, 0.6, higher_better=True) == pytest.approx(-0.25)  # worse than sim only
+    assert gap_closed(0.3, 0.1, 0.4, higher_better=False) is None  # "upper" worse than "lower": no gap
+
+
+def test_config_errors_name_keys(scenes16: Path) -> None:
+    with pytest.raises(ConfigError, match="pack_d"):
+        cfg(pack_d=3)
+    with pytest.raises(ConfigError, match="pack_channels"):
+        make(scenes16, pack_channels=[4, 8, 8, 8, 8])  # 16 px / 2^5 is not whole
+
+
+def test_cli_train_evaluate_tables(scenes16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 -> stage 2 (--init) -> evaluate; both baselines; the Table 1 file; the report."""
+    from s2r.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_params_dict()
+    raw["tracking"]["log_model"] = False
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = CliRunner().invoke
+    d, p = str(scenes16), ["--params", str(params)]
+    r = run(main, ["train", "twinvae", "--data", d, "--out", "m/twinvae", *p])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["train", "twinvae_heads", "--data", d, "--out", "m/heads", *p])
+    assert r.exit_code == 2 and "--init" in r.output  # stage 2 needs stage 1
+    for name, extra in (("twinvae_heads", ["--init", "m/twinvae"]), ("twinvae_simonly", []),
+                        ("twinvae_targetsup", [])):
+        r = run(main, ["train", name, "--data", d, "--out", f"m/{name}", "--metrics", f"x/{name}/train.json", *extra,
+                       *p])
+        assert r.exit_code == 0, r.output
+        r = run(main, ["evaluate", name, "--model", f"m/{name}", "--data", d, "--out", f"x/{name}/evaluate.json",
+                       "--plots", f"plots/{name}", *p])
+        assert r.exit_code == 0, r.output
+        res = json.loads(Path(f"x/{name}/evaluate.json").read_text())
+        assert 0 <= res["abs_rel"] and 0 <= res["miou"] <= 1 and res["domain"] == "pseudo_real"
+        assert Path(f"plots/{name}/panels.png").stat().st_size > 0
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["s2r"], filter_string="tags.mlflow.runName = 'train@twinvae_heads'")
+    assert runs["tags.init_model"].iloc[0] == "m/twinvae"
+    r = run(main, ["tables", "twinvae", "--ours", "x/twinvae_heads/evaluate.json", "--lower",
+                   "x/twinvae_simonly/evaluate.json", "--upper", "x/twinvae_targetsup/evaluate.json", "--out", "t", *p])
+    assert r.exit_code == 0, r.output
+    table = Path("t/table1.md").read_text()
+    assert "Sim only (lower bound)" in table and "Gap closed" in table and "mIoU" in table
+    assert set(json.loads(Path("t/metrics.json").read_text())) >= {"ours.abs_rel", "gap_closed.miou"}
+    r = run(main, ["report", "--metrics-dir", "x"])
+    assert r.exit_code == 0 and "twinvae_heads" in r.output, r.output
