@@ -211,7 +211,10 @@ def evaluate_cmd(method: str, model_dir: str, data_dir: str, out: str, plots: st
 
     r = stages.evaluate(method, Path(model_dir), Path(data_dir), Path(out), Path(plots) if plots else None,
                         _load(params_path))
-    click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
+    if "accuracy" in r:
+        click.echo(f"{method}: {r['domain']}/test accuracy {r['accuracy']:.4f} (n={r['n']})")
+    else:  # other evaluators (e.g. disentanglement): their scalar metrics
+        click.echo(f"{method}: " + " ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float)))
 
 
 @main.command("refine")
