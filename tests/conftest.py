@@ -79,6 +79,11 @@ def tiny_params_dict() -> dict:
     for gan in ("cyclegan", "mrgan"):
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
                                    steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
+    for name in ("betavae", "betavae_weak"):  # paper 3: 16-px scenes, two residual pairs, no on-disk pair cache
+        raw["methods"][name].update(image_size=16, widths=[4, 8], latent_dim=4, batch_size=4, epochs=2,
+                                    steps_per_epoch=2, render_pairs=8, cache_dir="", val_images=8)
+    raw["reports"]["betavae_tables"].update(betas=[1.0, 4.0], supervisions=["unsupervised", "weak"],
+                                            noises=[False], seeds=[0], epochs=1, steps_per_epoch=2)
     return raw
 
 

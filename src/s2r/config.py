@@ -239,6 +239,7 @@ class BetavaeTablesParams:
     seeds: list[int] = field(default_factory=lambda: [0])
     epochs: int = 6
     steps_per_epoch: int = 50
+    threads: int = 1  # torch threads per model (1 is fastest on a shared 2-core CPU)
 
     def validate(self) -> None:
         if not self.betas or not self.supervisions or not self.noises or not self.seeds:

@@ -13,8 +13,12 @@ Definitions follow the original papers, as implemented in disentanglement_lib (L
 - MIG (Chen et al. 2018): every latent discretised into `bins` = 20 equal-width bins over its range
   (disentanglement_lib's default); MIG = mean_j (I(z_a; v_j) - I(z_b; v_j)) / H(v_j), a, b the two latents
   with the largest mutual information with factor j.
-- SAP (Kumar et al. 2018): for each (latent, factor) a linear SVM (C = 0.01, balanced) on that latent alone
-  predicts the factor; S_ij = its test accuracy; SAP = mean_j (top1_j - top2_j).
+- SAP (Kumar et al. 2018): a score matrix S (d x F) and SAP = mean_j (top1_j - top2_j) over latents. Kumar et al.
+  define S_ij as the R^2 of a linear fit of factor j from latent i for continuous factors and as the accuracy of
+  a threshold classifier for categorical ones. Our factors are grid indices of mostly ordinal quantities
+  (position, size, rotation, hue angle), so the default is the R^2 form for all factors (`continuous=True`:
+  S_ij = corr(z_i, v_j)^2, ceiling 1); `continuous=False` is disentanglement_lib's classification form (linear SVM,
+  C = 0.01, balanced, on one latent; its ceiling is below 1 because the runner-up scores chance accuracy).
 - Modularity (Ridgeway & Mozer 2018): discretised MI matrix m (d x F); per latent theta_i = max_j m_ij,
   delta_i = sum_{j != argmax} m_ij^2 / (theta_i^2 (F - 1)); modularity = mean_i (1 - delta_i), 0 for a latent
   with theta_i = 0 (constant).
@@ -142,17 +146,24 @@ def mig(z: np.ndarray, y: np.ndarray, bins: int = 20) -> float:
     return float(np.mean(gaps)) if gaps else 0.0
 
 
-def sap(z: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Separated attribute predictability (Kumar et al. 2018), classification variant."""
+def sap(z: np.ndarray, y: np.ndarray, seed: int = 0, continuous: bool = True) -> float:
+    """Separated attribute predictability (Kumar et al. 2018): R^2 form (default) or classification form."""
     from sklearn.svm import LinearSVC
 
     z = np.asarray(z, np.float64)
-    rng = np.random.default_rng(seed)
-    tr, te = _split(len(z), rng)
     d, f = z.shape[1], y.shape[1]
     if d < 2:
         return 0.0
     s = np.zeros((d, f))
+    if continuous:
+        zc, yc = z - z.mean(0), np.asarray(y, np.float64) - np.mean(y, 0)
+        cov = zc.T @ yc / len(z)  # (d, F)
+        var = np.outer((zc**2).mean(0), (yc**2).mean(0))
+        s = np.where(var > 0, cov**2 / np.maximum(var, 1e-300), 0.0)
+        top = np.sort(s, axis=0)[::-1]
+        return float((top[0] - top[1]).mean())
+    rng = np.random.default_rng(seed)
+    tr, te = _split(len(z), rng)
     for i in range(d):
         zi = z[:, i : i + 1]
         if zi[tr].std() == 0:
