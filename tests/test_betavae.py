@@ -165,13 +165,18 @@ def test_train_steps_are_finite_and_deterministic(scenes_prepared: Path, supervi
 
     def run() -> list[dict[str, float]]:
         torch.manual_seed(0)
+        torch.set_num_threads(1)  # tiny convolutions: one thread avoids oversubscription on a shared CPU
         m = bv.Method(small_cfg(supervision=supervision, pairs=pairs, k=3 if pairs == "match" else 1,
                                 input_noise=True), PreparedBenchmark(scenes_prepared), 0)
         m.setup(torch.device("cpu"), None, 4)
         it = m.batches()
         return [m.train_step(next(it)) for _ in range(2)]
 
-    a, b = run(), run()
+    threads = torch.get_num_threads()
+    try:
+        a, b = run(), run()
+    finally:
+        torch.set_num_threads(threads)
     assert a == b
     assert all(math.isfinite(v) for r in a for v in r.values())
     assert ("shared_dims" in a[0]) == (supervision == "weak")
