@@ -90,6 +90,11 @@ def tiny_params_dict() -> dict:
     for name in ("twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"):  # paper 2
         raw["methods"][name].update(stem_channels=4, pack_channels=[4, 8], mid_blocks=1, latent_channels=4,
                                     pack_d=4, batch_size=2, epochs=1, steps_per_epoch=2, val_images=2)
+    for name in ("betavae", "betavae_weak"):  # paper 3: 16-px scenes, two residual pairs, no on-disk pair cache
+        raw["methods"][name].update(image_size=16, widths=[4, 8], latent_dim=4, batch_size=4, epochs=2,
+                                    steps_per_epoch=2, render_pairs=8, cache_dir="", val_images=8)
+    raw["reports"]["betavae_tables"].update(betas=[1.0, 4.0], supervisions=["unsupervised", "weak"],
+                                            noises=[False], seeds=[0], epochs=1, steps_per_epoch=2)
     return raw
 
 

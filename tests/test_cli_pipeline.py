@@ -27,6 +27,7 @@ def test_help_lists_every_command_with_example() -> None:
         ["data", "add"], ["data", "sources"], ["data", "merge"], ["data", "fixture"], ["recipe"], ["recipe", "standin"],
         ["tables", "cut"],
         ["tables", "twinvae"],
+        ["tables", "betavae"],
     ]
     for cmd in commands:
         assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd

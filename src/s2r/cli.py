@@ -427,6 +427,22 @@ def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path:
     res = twinvae_table(Path(ours), Path(lower), Path(upper), Path(out), _load(params_path).tracking.experiment)
     click.echo(res["text"])
     click.echo(f"files in {out}")
+@tables.command("betavae")
+@click.option("--data", "data_dir", default="data/prepared/scenes", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Prepared factor-labelled benchmark.")
+@click.option("--out", default="data/tables/betavae", show_default=True, type=click.Path(file_okay=False))
+@PARAMS_OPT
+def tables_betavae_cmd(data_dir: str, out: str, params_path: str) -> None:
+    """Paper 3's study: train the reports.betavae_tables grid, Spearman heatmap + transfer table + MLflow.
+
+    Example: s2r tables betavae --data data/prepared/scenes --out data/tables/betavae
+    """
+    from s2r.tables.betavae import betavae_tables
+
+    res = betavae_tables(Path(data_dir), Path(out), Path(params_path))
+    click.echo((Path(out) / "transfer.md").read_text())
+    click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
+    click.echo(f"{res['metrics']['n_models']} models; files in {out}")
 
 
 @main.command("report")

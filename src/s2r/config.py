@@ -270,10 +270,32 @@ class DepthSegmentationParams:
 
 
 @dataclass
+class BetavaeTablesParams:
+    """Paper 3's correlation study (`s2r tables betavae`): a grid of beta x supervision x noise x seed models."""
+
+    betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
+    supervisions: list[str] = field(default_factory=lambda: ["unsupervised", "weak"])
+    noises: list[bool] = field(default_factory=lambda: [False, True])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 6
+    steps_per_epoch: int = 50
+    threads: int = 1  # torch threads per model (1 is fastest on a shared 2-core CPU)
+
+    def validate(self) -> None:
+        if not self.betas or not self.supervisions or not self.noises or not self.seeds:
+            raise ConfigError("keys 'betas', 'supervisions', 'noises', 'seeds' must be non-empty")
+        if any(s not in ("unsupervised", "weak") for s in self.supervisions):
+            raise ConfigError(f"key 'supervisions': each must be unsupervised or weak, got {self.supervisions}")
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ConfigError("keys 'epochs' and 'steps_per_epoch' must be >= 1")
+
+
+@dataclass
 class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
+    betavae_tables: BetavaeTablesParams = field(default_factory=BetavaeTablesParams)  # paper 3
 
 
 @dataclass

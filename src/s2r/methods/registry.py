@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "cut": "s2r.methods.cut",  # paper 5: CUT on random patches (variants cut_<suffix>)
     "segmenter": "s2r.methods.segmenter",  # paper 5: downstream segmentation (variants segmenter_<suffix>)
     "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
+    "betavae": "s2r.methods.betavae",  # paper 3: beta-VAE; Ada-GVAE = params block betavae_weak
 }
 
 

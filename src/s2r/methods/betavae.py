@@ -1,0 +1,581 @@
+"""beta-VAE and weakly supervised Ada-GVAE with the deep residual architecture of paper 3.
+
+Paper: `disentanglement-transfer-ood.txt` (Dittadi et al., "On the transfer of disentangled representations in
+realistic settings"), Section 3 and appendix A.
+
+Objective (appendix A; Higgins et al. 2017): maximise E_q(z|x)[log p(x|z)] - beta KL(q(z|x) || p(z)) with a
+Gaussian encoder, isotropic Gaussian prior p(z) = N(0, I) and a Bernoulli decoder (Locatello et al. 2019b).
+beta is warmed up linearly from 0 over the first `warmup_fraction` of the run (paper: the first 50k of 400k
+steps; Bowman et al. 2015, Sonderby et al. 2016). Adam (default betas), learning rate halved at 150k and 300k of
+400k steps (fractions 0.375 and 0.75: `lr_milestones`), global gradient norm clipped to `grad_clip` before
+every update.
+
+Weak supervision (`supervision: weak`, Ada-GVAE of Locatello et al. 2020 as modified in appendix A): every
+training example is a pair (x1, x2) whose factors differ in exactly k (= 1) factors. Per latent dimension i we
+compute the symmetrised KL between the two posteriors
+    delta_i = 1/2 KL(q(z_i|x1) || q(z_i|x2)) + 1/2 KL(q(z_i|x2) || q(z_i|x1))      (appendix A)
+and split the dimensions into two equal-width bins between min_i delta_i and max_i delta_i (threshold
+tau = (min + max) / 2, exactly `tf.histogram_fixed_width_bins(nbins=2)` in Locatello et al.'s code). The
+dimensions in the LOWER bin (delta_i < tau: the pair agrees there) are treated as shared: both posteriors are
+replaced by their average (GVAE: mean = (mu1 + mu2) / 2, variance = (var1 + var2) / 2); the dimensions in the
+upper bin keep their own posterior. Both images are then decoded from the modified posteriors and the loss is
+the sum of the two beta-VAE losses.
+
+Input noise (`input_noise: true`, appendix A): two independent zero-mean Gaussian components added to the
+encoder's input only (the reconstruction target stays clean): one per subpixel (RGB) with std
+`noise_std_subpixel`, one per pixel (greyscale, shared by the channels) with std `noise_std_pixel` drawn at
+1/`noise_upsample` of the resolution and bilinearly upsampled (paper: factor 16 at 128 px; we keep the same
+fraction of the image, factor = noise_upsample * size / 128, at least 1).
+
+Architecture (appendix A, Fig. 8, Tables 2-4): encoder = conv 5x5 stride 2, then pairs of residual blocks
+(two 3x3 convolutions with leaky ReLU and a learnable scalar gate initialised to 0: ReZero, Bachlechner et al.
+2020, so every block is the identity at init), average pooling (stride 2) between the pairs, 1x1 convolutions
+where the width changes, flatten, LayerNorm, and two fully connected heads (mean, log-variance; the log-variance
+head has a custom init: weights scaled by `logvar_weight_scale`, bias `logvar_bias_init`). The decoder mirrors it:
+FC, reshape, residual pairs with bilinear upsampling and 1x1 channel changes, and a final 5x5 stride-2 transposed
+convolution to Bernoulli logits. The paper's widths per pair are [64, 128, 128, 256, 256] at 128 px; the CPU
+default is smaller (params.yaml).
+
+Data: the encoder trains on the source domain's images whose `ood_factor` value is not in `ood_holdout` (the
+paper trains the VAEs on 8 of its 12 cube colours; the 4 held out are the OOD2-A test colours). Pairs for weak
+supervision come from one of two places (`pairs`):
+- `render`: the embedded `scenes` benchmark's renderer draws `render_pairs` factor pairs that differ in exactly k
+  factors (`s2r.data.scenes.sample_pair`, holdout values excluded) and renders both images in the source domain;
+  the pool is cached under `cache_dir` keyed by everything that decides its pixels, so models share it. In render
+  mode the unsupervised model trains on the same 2 x render_pairs images, so both supervisions see the same data.
+- `match`: pairs of rows of the prepared train split whose factor vectors differ in exactly k entries (a user's
+  factor-labelled dataset, e.g. `s2r data import-manifest` with factor_<name> columns). If no two rows differ in
+  exactly k factors, the pairs at the smallest available Hamming distance are used with a warning and the
+  distance is reported as `pair_distance` in the train metrics; if all rows are identical it is an error.
+`auto` = `render` for the embedded scenes benchmark, `match` otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2r.config import ConfigError
+from s2r.data.benchmark import DataError
+from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import Method as BaseMethod
+
+
+@dataclass
+class Config:
+    """`methods.betavae` (and variants such as `methods.betavae_weak`) in params.yaml."""
+
+    supervision: Literal["unsupervised", "weak"] = "unsupervised"
+    beta: float = 1.0
+    latent_dim: int = 10
+    k: int = 1  # factors that differ within a weakly supervised pair (paper: k = 1)
+    pairs: Literal["auto", "render", "match"] = "auto"
+    render_pairs: int = 1024
+    pool_seed: int = 0  # the rendered pool does not depend on the model seed, so models share one cache
+    cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
+    ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
+    ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
+    input_noise: bool = False
+    noise_std_subpixel: float = 0.08
+    noise_std_pixel: float = 0.2
+    noise_upsample: int = 16  # at 128 px; scaled with the resolution
+    image_size: int = 32  # model resolution (images are area-downsampled); 0 = the benchmark's
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # channels per residual pair
+    logvar_weight_scale: float = 0.1
+    logvar_bias_init: float = -1.0
+    leaky_slope: float = 0.02
+    batch_size: int = 32
+    epochs: int = 6
+    steps_per_epoch: int = 50
+    lr: float = 1e-3  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
+    lr_milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # 150k, 300k of 400k
+    lr_gamma: float = 0.5  # "halved"
+    warmup_fraction: float = 0.125  # 50k of 400k steps
+    grad_clip: float = 1.0
+    val_images: int = 256
+
+    def validate(self) -> None:
+        p = "key 'methods.betavae"
+        if self.beta < 0:
+            raise ConfigError(f"{p}.beta' must be >= 0, got {self.beta}")
+        if self.latent_dim < 1 or self.k < 1:
+            raise ConfigError(f"{p}.latent_dim' and '.k' must be >= 1")
+        if self.batch_size < 2 or self.epochs < 1 or self.steps_per_epoch < 1 or self.render_pairs < 1:
+            raise ConfigError(f"{p}.batch_size' >= 2, epochs/steps_per_epoch/render_pairs >= 1")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError(f"{p}.widths' must be a non-empty list of positive channel counts")
+        if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
+            raise ConfigError(f"{p}.lr_milestones' are fractions of training in (0, 1)")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ConfigError(f"{p}.warmup_fraction' must be in [0, 1]")
+        if self.image_size < 0 or self.noise_upsample < 1 or self.grad_clip <= 0:
+            raise ConfigError(f"{p}.image_size' >= 0, noise_upsample >= 1, grad_clip > 0")
+        if self.noise_std_subpixel < 0 or self.noise_std_pixel < 0:
+            raise ConfigError(f"{p}.noise_std_*' must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks (appendix A, Fig. 8, Tables 2-4)
+
+
+class ResidualBlock(nn.Module):
+    """Table 2: x + g * conv3x3(lrelu(conv3x3(lrelu(x)))), scalar gate g initialised to 0 (ReZero)."""
+
+    def __init__(self, channels: int, slope: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gate = nn.Parameter(torch.zeros(()))
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.leaky_relu(x, self.slope))
+        h = self.conv2(F.leaky_relu(h, self.slope))
+        return x + self.gate * h
+
+
+def _pair(c: int, slope: float) -> list[nn.Module]:
+    return [ResidualBlock(c, slope), ResidualBlock(c, slope)]
+
+
+def final_spatial(image_size: int, n_pairs: int) -> int:
+    """Spatial size after the stride-2 conv and (n_pairs - 1) poolings."""
+    return image_size // 2 ** n_pairs
+
+
+class Encoder(nn.Module):
+    """Table 3: conv5x5/2, residual pairs with avg-pool and 1x1 width changes, flatten, LayerNorm, FC heads."""
+
+    def __init__(self, channels: int, size: int, widths: list[int], latent: int, slope: float,
+                 logvar_weight_scale: float, logvar_bias_init: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 5, stride=2, padding=2)]
+        prev = widths[0]
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(nn.AvgPool2d(2))
+            if w != prev:
+                layers.append(nn.Conv2d(prev, w, 1))
+            layers += _pair(w, slope)
+            prev = w
+        self.body = nn.Sequential(*layers)
+        s = final_spatial(size, len(widths))
+        self.flat = prev * s * s
+        self.slope = slope
+        self.norm = nn.LayerNorm(self.flat)  # "LayerNorm before the posterior parameterisation"
+        self.mean = nn.Linear(self.flat, latent)
+        self.logvar = nn.Linear(self.flat, latent)
+        with torch.no_grad():  # custom init of the log-variance layer (Table 3)
+            self.logvar.weight.mul_(logvar_weight_scale)
+            self.logvar.bias.fill_(logvar_bias_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> mean (B, d), log-variance (B, d)."""
+        h = self.body(x).flatten(1)  # (B, C, h, w) -> (B, C*h*w)
+        h = self.norm(F.leaky_relu(h, self.slope))
+        return self.mean(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    """Table 4: FC, reshape, residual pairs with bilinear upsampling and 1x1 width changes, conv5x5 to logits."""
+
+    def __init__(self, channels: int, size: int, widths: list[int], latent: int, slope: float) -> None:
+        super().__init__()
+        ws = list(reversed(widths))
+        self.s = final_spatial(size, len(widths))
+        self.c0 = ws[0]
+        self.fc = nn.Linear(latent, ws[0] * self.s * self.s)
+        layers: list[nn.Module] = []
+        prev = ws[0]
+        for i, w in enumerate(ws):
+            if i > 0:
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            if w != prev:
+                layers.append(nn.Conv2d(prev, w, 1))
+            layers += _pair(w, slope)
+            prev = w
+        self.body = nn.Sequential(*layers)
+        self.out = nn.ConvTranspose2d(prev, channels, 5, stride=2, padding=2, output_padding=1)
+        self.slope = slope
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> Bernoulli logits (B, C, H, W)."""
+        h = self.fc(z).view(-1, self.c0, self.s, self.s)  # (B, C*s*s) -> (B, C, s, s)
+        return self.out(F.leaky_relu(self.body(h), self.slope))
+
+
+class VAE(nn.Module):
+    """Encoder + decoder; `forward` returns the posterior mean (the exported representation)."""
+
+    def __init__(self, channels: int, size: int, cfg: Config) -> None:
+        super().__init__()
+        if final_spatial(size, len(cfg.widths)) < 1 or size % 2 ** len(cfg.widths):
+            raise ConfigError(f"key 'methods.betavae.widths': {len(cfg.widths)} residual pairs need an image size "
+                              f"divisible by {2 ** len(cfg.widths)}, got {size}")
+        self.encoder = Encoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope, cfg.logvar_weight_scale,
+                               cfg.logvar_bias_init)
+        self.decoder = Decoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def kl_normal_std(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, var) || N(0, 1)) per dimension = 1/2 (mu^2 + var - log var - 1) (Kingma & Welling 2014, App. B)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
+
+
+def kl_normal(mu1: torch.Tensor, lv1: torch.Tensor, mu2: torch.Tensor, lv2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu1, var1) || N(mu2, var2)) per dimension = 1/2 (var1/var2 + (mu2-mu1)^2/var2 - 1 + lv2 - lv1)."""
+    return 0.5 * ((lv1 - lv2).exp() + (mu2 - mu1).pow(2) / lv2.exp() - 1.0 + lv2 - lv1)
+
+
+def symmetric_kl(mu1: torch.Tensor, lv1: torch.Tensor, mu2: torch.Tensor, lv2: torch.Tensor) -> torch.Tensor:
+    """Appendix A: delta_i = 1/2 KL(q1_i || q2_i) + 1/2 KL(q2_i || q1_i), per dimension."""
+    return 0.5 * kl_normal(mu1, lv1, mu2, lv2) + 0.5 * kl_normal(mu2, lv2, mu1, lv1)
+
+
+def shared_mask(delta: torch.Tensor) -> torch.Tensor:
+    """Ada-GVAE: True where delta_i falls in the lower of two equal-width bins over [min, max] (shared dims)."""
+    lo = delta.min(dim=1, keepdim=True).values
+    hi = delta.max(dim=1, keepdim=True).values
+    return delta < 0.5 * (lo + hi)
+
+
+def ada_gvae_aggregate(mu1: torch.Tensor, lv1: torch.Tensor, mu2: torch.Tensor, lv2: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the shared dims of both posteriors by their GVAE average (Locatello et al. 2020, Eq. 5-6)."""
+    mask = shared_mask(symmetric_kl(mu1, lv1, mu2, lv2))
+    mu_avg = 0.5 * (mu1 + mu2)
+    lv_avg = torch.log(0.5 * (lv1.exp() + lv2.exp()))
+    return (torch.where(mask, mu_avg, mu1), torch.where(mask, lv_avg, lv1),
+            torch.where(mask, mu_avg, mu2), torch.where(mask, lv_avg, lv2), mask)
+
+
+def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of a Bernoulli decoder with targets in [0, 1], summed over pixels: (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
+
+
+def beta_vae_terms(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example reconstruction NLL and KL of the beta-VAE objective (appendix A): loss = rec + beta * kl."""
+    return bernoulli_nll(logits, x), kl_normal_std(mu, logvar).sum(1)
+
+
+def add_input_noise(x: torch.Tensor, std_subpixel: float, std_pixel: float, upsample: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Appendix A: per-subpixel N(0, s1^2) + greyscale per-pixel N(0, s2^2) bilinearly upsampled by `upsample`."""
+    b, c, h, w = x.shape
+    n1 = torch.randn(x.shape, generator=generator, device="cpu").to(x.device) * std_subpixel
+    hs, ws = max(1, math.ceil(h / upsample)), max(1, math.ceil(w / upsample))
+    low = torch.randn((b, 1, hs, ws), generator=generator, device="cpu").to(x.device) * std_pixel
+    n2 = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)  # (B,1,h,w) -> (B,1,H,W)
+    return x + n1 + n2  # n2 broadcast over the channels: greyscale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: encoder training set and weak-supervision pairs
+
+
+def matching_pairs(factors: np.ndarray, k: int, max_pairs: int = 200_000) -> tuple[np.ndarray, int]:
+    """Index pairs (P, 2) of rows whose factor vectors differ in exactly k entries, and that distance.
+
+    Falls back to the smallest Hamming distance >= 1 present (with a warning) when none differ in exactly k.
+    """
+    f = np.asarray(factors)
+    n = len(f)
+    if n < 2 or f.ndim != 2 or f.shape[1] == 0:
+        raise DataError(f"weak supervision needs >= 2 factor-labelled training rows, got {f.shape}")
+    by_dist: dict[int, list[np.ndarray]] = {}
+    counts: dict[int, int] = {}
+    for i in range(0, n, 512):  # (b, n) Hamming distances, chunked to bound memory
+        d = (f[i : i + 512, None, :] != f[None, :, :]).sum(-1)
+        rows, cols = np.nonzero(d > 0)
+        rows = rows + i
+        keep = cols > rows  # each unordered pair once
+        rows, cols = rows[keep], cols[keep]
+        dist = d[rows - i, cols]
+        for v in np.unique(dist):
+            sel = dist == v
+            counts[int(v)] = counts.get(int(v), 0) + int(sel.sum())
+            if sum(len(a) for a in by_dist.get(int(v), [])) < max_pairs:
+                by_dist.setdefault(int(v), []).append(np.stack([rows[sel], cols[sel]], 1))
+    if not by_dist:
+        raise DataError("weak supervision: all factor-labelled training rows are identical; no pairs exist")
+    dist = k if k in by_dist else min(by_dist)
+    if dist != k:
+        warnings.warn(f"weak supervision: no two training rows differ in exactly k={k} factors; using the "
+                      f"{counts[dist]} pairs that differ in {dist}", stacklevel=2)
+    return np.concatenate(by_dist[dist])[:max_pairs], dist
+
+
+def render_pair_pool(n: int, k: int, domain: str, image_size: int, hues: int, sizes: dict[str, int],
+                     holdout: dict[str, list[int]], seed: int, progress: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render n pairs differing in exactly k factors (holdout values excluded) -> images (n,2,H,W,C), factors."""
+    from tqdm import tqdm
+
+    from s2r.data.scenes import render_scene, sample_pair
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4, 1)))
+    names = list(sizes)
+    imgs = np.empty((n, 2, image_size, image_size, 3), np.uint8)
+    facs = np.empty((n, 2, len(names)), np.int64)
+    for i in tqdm(range(n), desc=f"render {n} pairs (k={k})", disable=not progress):
+        while True:
+            f1, f2, _ = sample_pair(rng, sizes, k)
+            if not any(f[name] in vals for name, vals in holdout.items() for f in (f1, f2)):
+                break
+        for j, f in enumerate((f1, f2)):
+            imgs[i, j] = render_scene(f, domain, image_size, rng, hues=hues, split="train")[0]
+            facs[i, j] = [f[name] for name in names]
+    return imgs, facs, facs[:, 0, 0]
+
+
+class Method(BaseMethod):
+    """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
+
+    name: ClassVar[str] = "betavae"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
+    evaluator: ClassVar[str] = "disentanglement"
+
+    def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
+        super().__init__(cfg, data, seed)
+        cfg.validate()
+        spec = data.spec
+        if not spec.factors:
+            raise DataError(f"{data.root}: method 'betavae' needs a benchmark with factors of variation")
+        self.factor_names = list(spec.factors)
+        self.factor_sizes = dict(spec.factors)
+        if cfg.ood_factor and cfg.ood_factor not in self.factor_names:
+            raise ConfigError(f"key 'methods.betavae.ood_factor': {cfg.ood_factor!r} is not a factor of "
+                              f"{data.root} ({self.factor_names}); use \"\" for none")
+        self.holdout = {cfg.ood_factor: sorted(cfg.ood_holdout)} if cfg.ood_factor and cfg.ood_holdout else {}
+        self.size = cfg.image_size or spec.image_size
+        self.channels = spec.channels
+        self.batch_size = cfg.batch_size
+        self.domain = spec.source
+        self.vae = VAE(self.channels, self.size, cfg)
+        self.noise_gen = torch.Generator().manual_seed(seed + 17)
+        self.step = 0
+        mode = cfg.pairs
+        if mode == "auto":
+            mode = "render" if spec.name == "scenes" and self.channels == 3 else "match"
+        if mode == "render" and spec.name != "scenes":
+            raise ConfigError(f"key 'methods.betavae.pairs': 'render' needs the embedded scenes benchmark, "
+                              f"{data.root} is {spec.name!r}; use 'match'")
+        self.pair_mode = mode
+        self.pair_distance = cfg.k
+        if mode == "render":
+            imgs, facs, labels = self._rendered_pool()
+            self.pair_images = imgs  # (P, 2, H, W, C)
+            self.pair_labels = facs[:, :, 0]
+            self.pool = IndexPool(np.arange(len(imgs)))
+        else:
+            train = data.get(self.domain, "train")
+            keep = self.in_distribution(train.factors)
+            self.train_idx = np.flatnonzero(keep)
+            if len(self.train_idx) < 2:
+                raise DataError(f"{data.root}: fewer than 2 {self.domain}/train images outside the holdout")
+            self.train_split = train
+            if cfg.supervision == "weak":
+                pairs, self.pair_distance = matching_pairs(train.factors[self.train_idx], cfg.k)
+                self.pairs = self.train_idx[pairs]
+                self.pool = IndexPool(np.arange(len(self.pairs)))
+            else:
+                self.pool = IndexPool(self.train_idx)
+        val = data.get(self.domain, "val")
+        vi = np.flatnonzero(self.in_distribution(val.factors))[: cfg.val_images]
+        if len(vi) == 0:  # a tiny val split with only held-out values: score all of it rather than nothing
+            vi = np.arange(min(len(val), cfg.val_images))
+        if len(vi) == 0:
+            raise DataError(f"{data.root}: no {self.domain}/val images to validate on")
+        self.val_images = np.asarray(val.images[vi])
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def in_distribution(self, factors: np.ndarray) -> np.ndarray:
+        """Rows whose held-out factor value is one the encoder trains on."""
+        keep = np.ones(len(factors), bool)
+        for name, vals in self.holdout.items():
+            keep &= ~np.isin(factors[:, self.factor_names.index(name)], vals)
+        return keep
+
+    def _rendered_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c, spec = self.cfg, self.data.spec
+        key = {"data_version": self.data.data_version, "domain": self.domain, "n": c.render_pairs, "k": c.k,
+               "size": spec.image_size, "holdout": self.holdout, "seed": c.pool_seed, "v": 1}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(c.cache_dir) / f"pairs-{digest}.npz"
+        if c.cache_dir and path.is_file():
+            z = np.load(path)
+            return z["images"], z["factors"], z["labels"]
+        imgs, facs, labels = render_pair_pool(c.render_pairs, c.k, self.domain, spec.image_size,
+                                              self.factor_sizes.get("hue", 12), self.factor_sizes, self.holdout,
+                                              c.pool_seed, progress=True)
+        if c.cache_dir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, images=imgs, factors=facs, labels=labels)
+            tmp.replace(path)
+        return imgs, facs, labels
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(x1 uint8 (B,H,W,C), labels (B,), x2 uint8 (B,H,W,C) for weak supervision else None)."""
+        weak = self.cfg.supervision == "weak"
+        while True:
+            if self.pair_mode == "render":
+                if weak:
+                    i = np.sort(self.pool.draw(self.batch_size, self.rng))
+                    yield self.pair_images[i, 0], self.pair_labels[i, 0], self.pair_images[i, 1]
+                else:  # the same pool's 2P images, one at a time
+                    i = np.sort(self.pool.draw(self.batch_size, self.rng))
+                    j = self.rng.integers(0, 2, len(i))
+                    yield self.pair_images[i, j], self.pair_labels[i, j], None
+            elif weak:
+                p = self.pairs[np.sort(self.pool.draw(self.batch_size, self.rng))]
+                s = self.train_split
+                yield np.asarray(s.images[p[:, 0]]), s.labels[p[:, 0]], np.asarray(s.images[p[:, 1]])
+            else:
+                i = np.sort(self.pool.draw(self.batch_size, self.rng))
+                yield np.asarray(self.train_split.images[i]), self.train_split.labels[i], None
+
+    def to_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
+        x = to_float(np.ascontiguousarray(images), self.device)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        return x
+
+    # -- training -----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": torch.optim.Adam(self.vae.parameters(), lr=self.cfg.lr)}
+
+    def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
+        self.total_steps = total_steps
+        ms = sorted({max(1, int(round(m * total_steps))) for m in self.cfg.lr_milestones})
+        return {"vae": torch.optim.lr_scheduler.MultiStepLR(self.optimizers["vae"], ms, self.cfg.lr_gamma)}
+
+    def beta_now(self) -> float:
+        """Linear deterministic KL warm-up over the first warmup_fraction of the run."""
+        warm = self.cfg.warmup_fraction * getattr(self, "total_steps", 1)
+        return self.cfg.beta * (1.0 if warm <= 0 else min(1.0, self.step / warm))
+
+    def noisy(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if not c.input_noise:
+            return x
+        up = max(1, round(c.noise_upsample * self.size / 128))
+        return add_input_noise(x, c.noise_std_subpixel, c.noise_std_pixel, up, self.noise_gen)
+
+    def reparameterise(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+    def losses(self, x1: torch.Tensor, x2: torch.Tensor | None, beta: float) -> dict[str, torch.Tensor]:
+        """Mean per-image loss terms; for pairs the two images' losses are summed (Ada-GVAE)."""
+        mu1, lv1 = self.vae.encoder(self.noisy(x1))
+        if x2 is None:
+            rec, kl = beta_vae_terms(self.vae.decoder(self.reparameterise(mu1, lv1)), x1, mu1, lv1)
+            return {"loss": (rec + beta * kl).mean(), "recon": rec.mean(), "kl": kl.mean()}
+        mu2, lv2 = self.vae.encoder(self.noisy(x2))
+        m1, l1, m2, l2, mask = ada_gvae_aggregate(mu1, lv1, mu2, lv2)
+        rec1, kl1 = beta_vae_terms(self.vae.decoder(self.reparameterise(m1, l1)), x1, m1, l1)
+        rec2, kl2 = beta_vae_terms(self.vae.decoder(self.reparameterise(m2, l2)), x2, m2, l2)
+        rec, kl = 0.5 * (rec1 + rec2), 0.5 * (kl1 + kl2)  # per image
+        return {"loss": (rec1 + rec2 + beta * (kl1 + kl2)).mean(), "recon": rec.mean(), "kl": kl.mean(),
+                "shared_dims": mask.float().sum(1).mean()}
+
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> dict[str, float]:
+        x1 = self.to_input(batch[0])
+        x2 = self.to_input(batch[2]) if batch[2] is not None else None
+        beta = self.beta_now()
+        with self.autocast():
+            out = self.losses(x1, x2, beta)
+        opt = self.optimizers["vae"]
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.cfg.grad_clip)  # global norm (App. A)
+        opt.step()
+        self.step_schedulers()
+        self.step += 1
+        res = {k: float(v.detach()) for k, v in out.items()} | {"beta": beta, "grad_norm": float(gnorm)}
+        if self.pair_mode == "match" and self.cfg.supervision == "weak":
+            res["pair_distance"] = float(self.pair_distance)
+        return res
+
+    @torch.no_grad()
+    def elbo_terms(self, images: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+        """Single-image ELBO = -(recon + KL) (beta = 1), recon NLL and KL per image, on clean inputs."""
+        self.vae.eval()
+        rec_all, kl_all = [], []
+        gen = torch.Generator().manual_seed(0)  # a fixed sample of z: comparable across epochs and models
+        for i in range(0, len(images), batch_size):
+            x = self.to_input(images[i : i + batch_size])
+            mu, lv = self.vae.encoder(x)
+            z = mu + torch.randn(mu.shape, generator=gen).to(mu.device) * (0.5 * lv).exp()
+            rec, kl = beta_vae_terms(self.vae.decoder(z).float(), x, mu.float(), lv.float())
+            rec_all.append(rec.cpu())
+            kl_all.append(kl.cpu())
+        rec, kl = torch.cat(rec_all), torch.cat(kl_all)
+        return {"elbo": float(-(rec + kl).mean()), "recon": float(rec.mean()), "kl": float(kl.mean())}
+
+    def validate(self) -> dict[str, float]:
+        """val_elbo (the study objective), val_recon, val_kl on source-domain validation images."""
+        t = self.elbo_terms(self.val_images)
+        return {f"val_{k}": v for k, v in t.items()} | {"val_loss": t["recon"] + self.cfg.beta * t["kl"]}
+
+    # -- capabilities -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 (N, H, W, C) -> posterior means (N, d): the representation the evaluators score."""
+        self.vae.eval()
+        out = [self.vae.encoder(self.to_input(images[i : i + batch_size]))[0].float().cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.latent_dim), np.float32)
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Latents (N, d) -> uint8 images (N, S, S, C): the Bernoulli means."""
+        self.vae.eval()
+        x = torch.sigmoid(self.vae.decoder(torch.as_tensor(z, dtype=torch.float32, device=self.device)).float())
+        return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B,C,H,W) -> (B,H,W,C)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(images))
+
+    def example_input(self) -> np.ndarray:
+        return self.to_input(self.val_images[:2]).cpu().numpy()
+
+    def export_model(self) -> nn.Module:
+        return self.vae
+
+    def train_state(self) -> dict[str, Any]:
+        return super().train_state() | {"step": self.step, "noise_gen": self.noise_gen.get_state()}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        super().load_train_state(state)
+        self.step = int(state["step"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+    def sampler_state(self) -> dict[str, Any]:
+        return super().sampler_state() | {"pool": self.pool.state()}
+
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        super().load_sampler_state(state)
+        self.pool.load(state["pool"])
