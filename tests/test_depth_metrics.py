@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from s2r.evaluators.depth import depth_metrics, median_scale, valid_mask
-from s2r.evaluators.depth_segmentation import subset_metrics
+from s2r.evaluators.depth_segmentation import labelled_images, subset_metrics
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion, segmentation_metrics
 
 
@@ -73,3 +73,81 @@ def test_subset_scoring_of_shared_classes() -> None:
     # truth-b pixels are left out; the truth-a pixel predicted b is a miss of a: a IoU 0/1, bg 1/1
     assert sub["per_class_iou"] == {"bg": 1.0, "a": 0.0} and sub["pixels"] == 2
     assert sub["miou"] == 0.5 and sub["pixel_accuracy"] == 0.5
+
+
+class _Split:
+    def __init__(self, images: np.ndarray, depth: np.ndarray, masks: np.ndarray) -> None:
+        self.images, self.depth, self.masks = images, depth, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+
+    def log_metrics(self, m: dict, step: int = 0) -> None:
+        self.metrics |= m
+
+    def log_figure(self, fig: object, name: str) -> None:
+        pass
+
+
+def _dense_method(depth: np.ndarray, masks: np.ndarray, pred_depth: np.ndarray, pred_mask: np.ndarray):
+    """A stand-in dense predictor on a one-domain benchmark whose test split is (depth, masks)."""
+    from types import SimpleNamespace
+
+    images = np.zeros((*depth.shape, 3), np.uint8)
+    spec = SimpleNamespace(target="kitti", seg_classes=["road", "sky", "car"])
+    data = SimpleNamespace(spec=spec, root="bench", get=lambda d, s: _Split(images, depth, masks))
+    return SimpleNamespace(name="stub", capabilities=frozenset({"predict"}), data=data,
+                           predict=lambda x: {"depth": pred_depth, "mask": pred_mask})
+
+
+def _params(**kw: object):
+    from types import SimpleNamespace
+
+    s = {"classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0, "panels": 2} | kw
+    return SimpleNamespace(reports=SimpleNamespace(depth_segmentation=SimpleNamespace(**s)))
+
+
+def test_evaluator_mixed_depth_only_and_mask_only_images(tmp_path) -> None:
+    """KITTI-like test split: image 0 has sparse depth and no mask (all 255), image 1 a mask and no depth (all 0).
+    Each metric uses only the labelled images / valid pixels; known values."""
+    from s2r.evaluators.depth_segmentation import evaluate
+
+    depth = np.zeros((2, 2, 2), np.float32)
+    depth[0, 0, 0], depth[0, 1, 1] = 10.0, 20.0  # two LiDAR points, the rest invalid
+    masks = np.full((2, 2, 2), 255, np.uint8)
+    masks[1] = [[0, 1], [2, 255]]  # road, sky, car, unlabelled
+    pred_depth = np.full((2, 2, 2), 20.0, np.float32)  # image 1's prediction must not count (no truth)
+    pred_mask = np.zeros((2, 2, 2), np.int64)  # image 0's prediction must not count (no mask)
+    assert [a.tolist() for a in labelled_images(depth, masks)] == [[True, False], [False, True]]
+    run = _Run()
+    r = evaluate(_dense_method(depth, masks, pred_depth, pred_mask), run, tmp_path, _params())
+    assert r["abs_rel"] == pytest.approx((10 / 10 + 0 / 20) / 2) and r["depth_valid_pixels"] == 2
+    assert r["rmse"] == pytest.approx(np.sqrt(100 / 2))
+    assert r["pixel_accuracy"] == pytest.approx(1 / 3) and r["seg_pixels"] == 3  # road right; sky, car wrong
+    assert r["miou"] == pytest.approx((1 / 3 + 0 + 0) / 3)  # road: 1 / (1 + 2 FP)
+    assert (r["depth_images"], r["seg_images"], r["n"]) == (1, 1, 2)
+    assert run.metrics["test_abs_rel"] == r["abs_rel"] and (tmp_path / "panels.png").is_file()
+
+
+def test_evaluator_split_without_any_depth_or_mask(tmp_path) -> None:
+    """A test split with no valid depth at all (or no labelled pixel) gives null metrics, not an error or 0."""
+    import json
+
+    from s2r.evaluators.depth_segmentation import evaluate
+
+    depth = np.zeros((2, 2, 2), np.float32)
+    masks = np.full((2, 2, 2), 255, np.uint8)
+    masks[0, 0, 0] = 1
+    pred = np.ones((2, 2, 2), np.float32), np.ones((2, 2, 2), np.int64)
+    r = evaluate(_dense_method(depth, masks, *pred), _Run(), tmp_path, _params())
+    assert r["abs_rel"] is None and r["depth_valid_pixels"] == 0 and r["depth_images"] == 0
+    assert r["pixel_accuracy"] == 1.0 and r["seg_images"] == 1
+    r = evaluate(_dense_method(depth + 5.0, np.full((2, 2, 2), 255, np.uint8), *pred), _Run(), None, _params())
+    assert r["miou"] is None and r["pixel_accuracy"] is None and r["seg_pixels"] == 0
+    assert r["abs_rel"] == pytest.approx(0.8)  # |1 - 5| / 5
+    json.dumps(r, allow_nan=False)  # strict JSON (null, never NaN) for DVC metrics

@@ -45,7 +45,14 @@ def test_recipe_loads_strictly(paper: str, fixture: bool) -> None:
     text = (rec["dir"] / "dvc.yaml").read_text()
     assert "--no-dvc" in text  # stage outputs are tracked by DVC itself, not by `dvc add`
     built = set(srcs) | set(rec["recipe"].get("merges") or {})
-    assert set(rec["recipe"].get("benchmarks", [])) <= built
+    assert set(_prepared(rec)) <= built
+    if "params" in rec:  # DVC loads params.yaml next to dvc.yaml as template vars too: no key may be defined twice
+        assert not set(rec["recipe"]) & set(rec["params"]), sorted(set(rec["recipe"]) & set(rec["params"]))
+
+
+def _prepared(rec: dict) -> list[str]:
+    """The benchmarks a recipe validates and prepares (`prepared` where params.yaml already has `benchmarks`)."""
+    return list(rec["recipe"].get("benchmarks") or rec["recipe"].get("prepared") or [])
 
 
 def test_fixture_override_must_name_existing_keys(tmp_path: Path) -> None:
@@ -67,6 +74,78 @@ def test_paper4_recipe_uses_existing_cli_and_paper_scale() -> None:
         assert cmd in cmds
 
 
+def _expanded_commands(rec: dict) -> list[str]:
+    """Every stage command with its foreach items substituted (${key}, ${item}, ${item.x}) and recipe vars."""
+    import re
+
+    def sub(cmd: str, key: str, item: object) -> str:
+        cmd = cmd.replace("${key}", key)
+        if isinstance(item, dict):
+            cmd = re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item.get(m.group(1), m.group(0))), cmd)
+        else:
+            cmd = cmd.replace("${item}", str(item))
+        return cmd
+
+    out = []
+    for stage in rec["dvc"]["stages"].values():
+        fe = stage.get("foreach")
+        cmd = " ".join(stage.get("do", stage)["cmd"].split())
+        if fe is None:
+            out.append(cmd)
+            continue
+        if isinstance(fe, str):  # ${sources} etc.: a recipe var
+            fe = rec["recipe"][fe.strip("${}")]
+        for key, item in (fe.items() if isinstance(fe, dict) else ((str(i), i) for i in fe)):
+            out.append(sub(cmd, key, item))
+    return out
+
+
+def test_paper2_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
+    """Paper 2 (twin VAE): the Table 2 network at 256 px, Adam 1e-4, ~300 + ~25 epochs (Section 4.2), and every
+    stage command is an existing s2r command with existing options and method names."""
+    import click
+
+    from s2r.cli import main
+    from s2r.methods import registry
+
+    rec = recipes.load("twin-vae-depth-segmentation", REPO)
+    p, methods = rec["params"], rec["params"]["methods"]
+    assert p["train"]["device"] == "cuda"
+    assert set(methods) == {"twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"}
+    for name, m in methods.items():
+        assert (m["stem_channels"], m["pack_channels"], m["latent_channels"], m["mid_blocks"], m["pack_d"]) == (
+            64, [76, 88, 100, 128, 200, 250], 300, 2, 8), name
+        assert m["lr"] == 1e-4 and (m["beta1"], m["beta2"]) == (0.9, 0.999), name
+        assert registry.resolve(name) == "s2r.methods.twinvae", name
+    s1, s2 = methods["twinvae"], methods["twinvae_heads"]
+    assert s1["stage"] == "vae" and s1["epochs"] == 300 and s1["steps_per_epoch"] * s1["batch_size"] >= 2126
+    assert s2["stage"] == "heads" and s2["epochs"] == 25 and s2["steps_per_epoch"] * s2["batch_size"] >= 21260
+    srcs = rec["recipe"]["sources"]
+    assert all(s["options"]["image_size"] == 256 for s in srcs.values())
+    assert srcs["vkitti2_s1"]["options"]["frame_step"] == 10  # 21,260 / 10 = the paper's 2,126 stage-1 images
+    assert sorted(p["reports"]["depth_segmentation"]["classes"]) == sorted(
+        ["terrain", "sky", "vegetation", "building", "road", "guard_rail", "traffic_sign", "traffic_light", "pole",
+         "truck", "car", "van"])
+    cmds = _expanded_commands(rec)
+    joined = " ".join(cmds)
+    for c in ("s2r train twinvae --data data/prepared/vkitti2_kitti_s1", "s2r train twinvae_heads",
+              "--init data/models/vkitti2_kitti/twinvae ", "s2r train twinvae_simonly", "s2r train twinvae_targetsup",
+              "s2r evaluate twinvae_heads", "s2r evaluate twinvae_simonly", "s2r evaluate twinvae_targetsup",
+              "s2r tables twinvae"):
+        assert c in joined, c
+    for cmd in cmds:  # every (sub)command and option exists in the CLI
+        words, cur = cmd.split()[1:], main
+        while isinstance(cur, click.Group):
+            sub = cur.get_command(click.Context(cur), words[0])
+            assert sub is not None, (cmd, words[0])
+            cur, words = sub, words[1:]
+        opts = {o for prm in cur.params for o in (*prm.opts, *getattr(prm, "secondary_opts", []))}
+        used = {w.split("=")[0] for w in words if w.startswith("--")}
+        assert used <= opts, (cmd, used - opts)
+        if cur.name in ("train", "evaluate"):
+            assert words[0] in methods, cmd
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("paper", PAPERS)
 def test_recipe_runs_end_to_end_on_standins(paper: str, tmp_path: Path) -> None:
@@ -77,8 +156,14 @@ def test_recipe_runs_end_to_end_on_standins(paper: str, tmp_path: Path) -> None:
                        cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec = recipes.load(paper, REPO, fixture=True)
-    for b in rec["recipe"].get("benchmarks", []) or ["cifar_da4"]:
+    for b in _prepared(rec) or ["cifar_da4"]:
         report = yaml.safe_load((root / "data" / "reports" / b / "validation.json").read_text())
         assert report["success"] and (root / "data" / "prepared" / b / "prepared.json").is_file()
+    if paper == "twin-vae-depth-segmentation":
+        table = (root / "data" / "tables" / "vkitti2_kitti" / "table1.md").read_text()
+        assert "twinvae_heads" in table and "with depth" in table and "with masks" in table
+        ev_path = root / "data" / "metrics" / "vkitti2_kitti" / "twinvae_heads" / "evaluate.json"
+        ev = yaml.safe_load(ev_path.read_text())
+        assert ev["depth_images"] > 0 and ev["seg_images"] > 0 and ev["n"] > max(ev["depth_images"], ev["seg_images"])
     if paper == "mixing-ratio-mrgan":
         assert "Real + Refined by MrGAN" in (root / "data" / "tables" / "cifar_da4" / "table3.md").read_text()

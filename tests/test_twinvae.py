@@ -143,6 +143,12 @@ def test_depth_and_segmentation_losses_known_values() -> None:
     logits = torch.zeros(1, 4, 2, 2)
     masks = torch.tensor([[[0, 1], [2, 255]]])
     assert float(seg_loss(logits, masks)) == pytest.approx(np.log(4))  # uniform over 4 classes, 255 ignored
+    # a batch with no labelled pixel (KITTI depth frames: all-255 masks) is 0 with zero gradient, not NaN
+    lg = torch.randn(2, 4, 2, 2, requires_grad=True)
+    loss = seg_loss(lg, torch.full((2, 2, 2), 255))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(lg.grad.abs().sum()) == 0.0
+    assert float(depth_loss(pred, torch.zeros_like(depth), 4.0)) == 0.0  # no valid depth: 0, not NaN
 
 
 @pytest.mark.parametrize("name", ["twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"])
@@ -233,6 +239,7 @@ def test_gap_closed_known_values() -> None:
     assert gap_closed(0.2, 0.5, 0.6, higher_better=True) == pytest.approx(0.75)  # mIoU
     assert gap_closed(0.2, 0.1, 0.6, higher_better=True) == pytest.approx(-0.25)  # worse than sim only
     assert gap_closed(0.3, 0.1, 0.4, higher_better=False) is None  # "upper" worse than "lower": no gap
+    assert gap_closed(0.3, None, 0.1, higher_better=False) is None  # a metric absent (no labels in the split)
 
 
 def test_config_errors_name_keys(scenes16: Path) -> None:

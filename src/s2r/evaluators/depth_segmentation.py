@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.evaluators.depth import depth_metrics
+from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
@@ -43,6 +43,15 @@ def subset_metrics(cm: np.ndarray, classes: list[str], keep: list[str]) -> dict[
         "per_class_iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(keep, iou)},
         "pixels": int(rows.sum()),
     }
+
+
+def labelled_images(depth: np.ndarray, masks: np.ndarray, min_depth: float = 1e-3,
+                    max_depth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of (N, H, W) depth / masks: (has a valid depth pixel, has a labelled mask pixel) boolean (N,)."""
+    n = len(depth)
+    has_d = valid_mask(depth, min_depth, max_depth).reshape(n, -1).any(1)
+    has_m = (np.asarray(masks) != IGNORE).reshape(n, -1).any(1)
+    return has_d, has_m
 
 
 def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -117,13 +126,22 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
                         f"seg_classes {classes}")
     pred = method.predict(test.images)
     truth_d, truth_m = np.asarray(test.depth), np.asarray(test.masks)
-    dm = depth_metrics(pred["depth"], truth_d, min_depth=s.min_depth, max_depth=s.max_depth,
-                       median_scaling=s.median_scaling)
-    cm = confusion(truth_m, pred["mask"], len(classes), ignore_index=IGNORE)
-    sm = subset_metrics(cm, classes, keep) if keep != classes else metrics_from_confusion(cm, classes)
+    # Images may carry only one of the labels (KITTI: sparse-LiDAR depth frames have an all-255 mask, the 200
+    # semantic images all-0 depth): each metric uses the images that have its label, only their valid pixels.
+    has_d, has_m = labelled_images(truth_d, truth_m, s.min_depth, s.max_depth)
     depth_keys = ("abs_rel", "sq_rel", "rmse", "log_rmse", "a1", "a2", "a3")
+    if has_d.any():
+        dm = depth_metrics(pred["depth"][has_d], truth_d[has_d], min_depth=s.min_depth, max_depth=s.max_depth,
+                           median_scaling=s.median_scaling)
+    else:  # no valid depth anywhere in the split: depth metrics are absent (null), not an error
+        dm = {k: None for k in depth_keys} | {"valid_pixels": 0}
+    cm = confusion(truth_m[has_m], pred["mask"][has_m], len(classes), ignore_index=IGNORE)
+    sm = subset_metrics(cm, classes, keep) if keep != classes else metrics_from_confusion(cm, classes)
+    if not has_m.any():  # no labelled pixel: mIoU / accuracy are absent (null), not 0
+        sm = {**sm, "miou": None, "pixel_accuracy": None}
     flat = {f"test_{k}": dm[k] for k in depth_keys} | {"test_miou": sm["miou"],
                                                        "test_pixel_accuracy": sm["pixel_accuracy"]}
+    flat = {k: v for k, v in flat.items() if v is not None}
     flat |= {f"test_iou_{c}": v for c, v in sm["per_class_iou"].items() if v is not None}
     run.log_metrics(flat, step=0)
     idx = np.unique(np.linspace(0, len(test) - 1, min(s.panels, len(test))).round().astype(np.int64))
@@ -138,5 +156,6 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         **{k: dm[k] for k in depth_keys}, "miou": sm["miou"], "pixel_accuracy": sm["pixel_accuracy"],
         "per_class_iou": sm["per_class_iou"], "depth_valid_pixels": dm["valid_pixels"],
         "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
+        "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
         "confusion_matrix": cm.tolist(),
     }

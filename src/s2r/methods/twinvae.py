@@ -366,8 +366,13 @@ def depth_loss(pred_n: torch.Tensor, depth_m: torch.Tensor, depth_max: float) ->
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Eq. 18-19: pixel-wise cross-entropy of the K logits against class ids (mean over labelled pixels)."""
-    return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE)
+    """Eq. 18-19: pixel-wise cross-entropy of the K logits against class ids (mean over labelled pixels).
+
+    A batch without any labelled pixel (e.g. KITTI depth frames, whose masks are all 255) gives 0, not NaN
+    (F.cross_entropy's mean is 0/0 there), like depth_loss on a batch without valid depth.
+    """
+    ce = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
+    return ce / (masks != IGNORE).sum().clamp(min=1)
 
 
 # -- exported models -----------------------------------------------------------------------------------------
@@ -692,7 +697,7 @@ class Method(BaseMethod):
                 "val_mmd_latent": float(mmd(zs, zr, self.sigma2)),  # sim vs real latent gap (lower = aligned)
                 "val_cycle_r": float(np.abs(rec_r.astype(np.float32) - rv.images[ri]).mean() / 255.0),
             }
-        from s2r.evaluators.depth import depth_metrics
+        from s2r.evaluators.depth import depth_metrics, valid_mask
         from s2r.evaluators.segmentation import segmentation_metrics
 
         out: dict[str, float] = {}
@@ -700,10 +705,12 @@ class Method(BaseMethod):
             if part.depth is None or part.masks is None:
                 continue
             p = self.predict(part.images[idx])
-            dm = depth_metrics(p["depth"], np.asarray(part.depth[idx]))
-            sm = segmentation_metrics(np.asarray(part.masks[idx]), p["mask"], self.seg_classes, ignore_index=IGNORE)
-            out[f"val_{tag}_abs_rel"] = dm["abs_rel"]
-            out[f"val_{tag}_miou"] = sm["miou"]
+            truth_d, truth_m = np.asarray(part.depth[idx]), np.asarray(part.masks[idx])
+            if valid_mask(truth_d).any():  # sparse / absent labels (KITTI depth frames have no mask and vice versa)
+                out[f"val_{tag}_abs_rel"] = depth_metrics(p["depth"], truth_d)["abs_rel"]
+            if (truth_m != IGNORE).any():
+                sm = segmentation_metrics(truth_m, p["mask"], self.seg_classes, ignore_index=IGNORE)
+                out[f"val_{tag}_miou"] = sm["miou"]
         return out
 
     def example_input(self) -> np.ndarray:

@@ -25,8 +25,10 @@ ROWS = (("lower", "Sim only (lower bound)"), ("ours", "Ours (twin VAE, sim label
         ("upper", "Target-supervised (upper bound)"))
 
 
-def gap_closed(lower: float, ours: float, upper: float, higher_better: bool) -> float | None:
+def gap_closed(lower: float | None, ours: float | None, upper: float | None, higher_better: bool) -> float | None:
     """Share of the lower->upper gap recovered by ours; None when there is no gap (upper not better than lower)."""
+    if lower is None or ours is None or upper is None:  # a metric without labels in the test split
+        return None
     gap = (upper - lower) if higher_better else (lower - upper)
     if gap <= 1e-12:
         return None
@@ -49,7 +51,7 @@ def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             row: dict[str, Any] = {"Network": label, "method": r.get("method", key)}
             for m, title, _ in cols:
                 v = r[m]
-                row[title] = f"{100 * v:.1f}%" if m == "pixel_accuracy" else f"{v:.4f}"
+                row[title] = "n/a" if v is None else f"{100 * v:.1f}%" if m == "pixel_accuracy" else f"{v:.4f}"
             rows.append(row)
         gap_row: dict[str, Any] = {"Network": "Gap closed by ours", "method": ""}
         for m, title, higher in cols:
@@ -77,7 +79,9 @@ def twinvae_table(ours: Path, lower: Path, upper: Path, out: Path, experiment: s
     out.mkdir(parents=True, exist_ok=True)
     domain = results["ours"].get("domain", "?")
     text = ("## Table 1 format (paper 2): target domain "
-            f"`{domain}` test split, {results['ours'].get('n', '?')} images\n\n"
+            f"`{domain}` test split, {results['ours'].get('n', '?')} images"
+            + (f" ({results['ours']['depth_images']} with depth, {results['ours']['seg_images']} with masks)"
+               if "depth_images" in results["ours"] else "") + "\n\n"
             + markdown(res["tables"]["depth"], "Depth (lower is better, a1..a3 higher is better)") + "\n"
             + markdown(res["tables"]["segmentation"], "Semantic segmentation (higher is better)"))
     (out / "table1.md").write_text(text)
