@@ -144,6 +144,27 @@ def test_paper2_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
         assert used <= opts, (cmd, used - opts)
         if cur.name in ("train", "evaluate"):
             assert words[0] in methods, cmd
+def test_paper3_recipe_uses_existing_cli_and_paper_scale() -> None:
+    from s2r.tables.betavae import model_grid
+
+    rec = recipes.load("disentanglement-transfer-ood", REPO)
+    p = parse_params(rec["params"], "disentanglement-transfer-ood/params.yaml")
+    m, t = p.methods["betavae"], p.reports.betavae_tables
+    assert t.epochs * t.steps_per_epoch == 400_000 and m.batch_size == 64 and m.lr == 1e-4  # appendix A
+    assert m.widths == [64, 128, 128, 256, 256] and m.image_size == 0 and p.train.device == "cuda"
+    assert len(model_grid(t)) == 1080 and sorted(t.betas) == [1.0, 2.0, 4.0] and len(t.seeds) == 10
+    cmds = " ".join(s.get("do", s)["cmd"] for s in rec["dvc"]["stages"].values())
+    for cmd in ("s2r data add", "s2r data validate", "s2r data prepare", "s2r tables betavae"):
+        assert cmd in cmds
+    benchmarks = rec["recipe"]["benchmarks"]
+    for name, want in (("mpi3d", "object_color"), ("trifinger", "cube_hue")):  # each an existing factor
+        from s2r.data.sources import misc, mpi3d
+
+        factors = mpi3d.FACTORS if name == "mpi3d" else misc.TRIFINGER_FACTORS
+        b = benchmarks[name]
+        assert b["ood_factor"] == want in factors
+        held = [int(v) for v in str(b["ood_holdout"]).split(",")]
+        assert 2 <= factors[want] - len(held) and all(0 <= v < factors[want] for v in held)
 
 
 @pytest.mark.slow
@@ -167,3 +188,7 @@ def test_recipe_runs_end_to_end_on_standins(paper: str, tmp_path: Path) -> None:
         assert ev["depth_images"] > 0 and ev["seg_images"] > 0 and ev["n"] > max(ev["depth_images"], ev["seg_images"])
     if paper == "mixing-ratio-mrgan":
         assert "Real + Refined by MrGAN" in (root / "data" / "tables" / "cifar_da4" / "table3.md").read_text()
+    if paper == "disentanglement-transfer-ood":
+        for b in ("mpi3d", "trifinger"):
+            m = yaml.safe_load((root / "data" / "tables" / b / "metrics.json").read_text())
+            assert m["n_models"] == 2 and "ood1a_gbt" in (root / "data" / "tables" / b / "transfer.md").read_text()

@@ -432,14 +432,25 @@ def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path:
               type=click.Path(exists=True, file_okay=False), help="Prepared factor-labelled benchmark.")
 @click.option("--out", default="data/tables/betavae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
-def tables_betavae_cmd(data_dir: str, out: str, params_path: str) -> None:
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a params key for every model (repeatable), e.g. methods.betavae.ood_factor=object_color.")
+def tables_betavae_cmd(data_dir: str, out: str, params_path: str, sets: tuple[str, ...]) -> None:
     """Paper 3's study: train the reports.betavae_tables grid, Spearman heatmap + transfer table + MLflow.
 
     Example: s2r tables betavae --data data/prepared/scenes --out data/tables/betavae
     """
+    import yaml
+
+    from s2r.config import ConfigError
     from s2r.tables.betavae import betavae_tables
 
-    res = betavae_tables(Path(data_dir), Path(out), Path(params_path))
+    overrides = {}
+    for s in sets:
+        if "=" not in s:
+            raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. methods.betavae.ood_factor=object_color")
+        k, v = s.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    res = betavae_tables(Path(data_dir), Path(out), Path(params_path), overrides)
     click.echo((Path(out) / "transfer.md").read_text())
     click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
     click.echo(f"{res['metrics']['n_models']} models; files in {out}")

@@ -277,6 +277,8 @@ class BetavaeTablesParams:
     supervisions: list[str] = field(default_factory=lambda: ["unsupervised", "weak"])
     noises: list[bool] = field(default_factory=lambda: [False, True])
     seeds: list[int] = field(default_factory=lambda: [0])
+    latent_dims: list[int] = field(default_factory=list)  # [] = methods.betavae.latent_dim only
+    warmup_fractions: list[float] = field(default_factory=list)  # [] = methods.betavae.warmup_fraction only
     epochs: int = 6
     steps_per_epoch: int = 50
     threads: int = 1  # torch threads per model (1 is fastest on a shared 2-core CPU)
@@ -288,6 +290,8 @@ class BetavaeTablesParams:
             raise ConfigError(f"key 'supervisions': each must be unsupervised or weak, got {self.supervisions}")
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("keys 'epochs' and 'steps_per_epoch' must be >= 1")
+        if any(d < 1 for d in self.latent_dims) or any(not 0.0 <= w <= 1.0 for w in self.warmup_fractions):
+            raise ConfigError("keys 'latent_dims' must be >= 1 and 'warmup_fractions' in [0, 1]")
 
 
 @dataclass

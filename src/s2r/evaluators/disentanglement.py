@@ -333,14 +333,22 @@ def evaluation_sets(method: Any) -> dict[str, Any]:
     from s2r.data.benchmark import SPLITS
 
     data = method.data
+    cap = int(getattr(method.cfg, "eval_images", 0) or 0)  # methods.<name>.eval_images: 0 = every image
     sets: dict[str, Any] = {}
     for dom in (data.spec.source, data.spec.target):
         parts = [data.get(dom, s) for s in SPLITS if data.has(dom, s)]
         parts = [p for p in parts if len(p)]
         if not parts:
             continue
-        imgs = np.concatenate([np.asarray(p.images) for p in parts])
-        facs = np.concatenate([p.factors for p in parts])
+        lens = np.array([len(p) for p in parts])
+        total, offsets = int(lens.sum()), np.r_[0, np.cumsum(lens)]
+        # a fixed random subset (the same for every model: seed 0) so 1M-image domains (MPI3D) stay tractable;
+        # sorted indices read the memory-mapped splits sequentially
+        sel = (np.sort(np.random.default_rng(0).choice(total, cap, replace=False)) if 0 < cap < total
+               else np.arange(total))
+        idx = [sel[(sel >= offsets[i]) & (sel < offsets[i + 1])] - offsets[i] for i in range(len(parts))]
+        imgs = np.concatenate([np.asarray(p.images[ix]) for p, ix in zip(parts, idx)])
+        facs = np.concatenate([p.factors[ix] for p, ix in zip(parts, idx)])
         sets[dom] = (imgs, facs)
     return sets
 

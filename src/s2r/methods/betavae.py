@@ -87,6 +87,8 @@ class Config:
     cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
     ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
     ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
+    match_pairs: int = 200_000  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
+    eval_images: int = 0  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
     input_noise: bool = False
     noise_std_subpixel: float = 0.08
     noise_std_pixel: float = 0.2
@@ -124,6 +126,8 @@ class Config:
             raise ConfigError(f"{p}.image_size' >= 0, noise_upsample >= 1, grad_clip > 0")
         if self.noise_std_subpixel < 0 or self.noise_std_pixel < 0:
             raise ConfigError(f"{p}.noise_std_*' must be >= 0")
+        if self.match_pairs < 1 or self.eval_images < 0:
+            raise ConfigError(f"{p}.match_pairs' must be >= 1 and '.eval_images' >= 0")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,15 +298,79 @@ def add_input_noise(x: torch.Tensor, std_subpixel: float, std_pixel: float, upsa
 # Data: encoder training set and weak-supervision pairs
 
 
-def matching_pairs(factors: np.ndarray, k: int, max_pairs: int = 200_000) -> tuple[np.ndarray, int]:
+EXACT_PAIRS_LIMIT = 20_000  # above this many rows the O(n^2) exact enumeration is replaced by sampling (k = 1)
+
+
+def sampled_one_factor_pairs(factors: np.ndarray, n_pairs: int, seed: int = 0) -> np.ndarray:
+    """n_pairs index pairs (P, 2) of rows differing in exactly one factor, sampled as Locatello et al. (2020) do.
+
+    For large factor grids (MPI3D: 1,036,800 rows) where enumerating all n^2 pairs is infeasible: for each pair a
+    factor j is drawn uniformly among those along which some rows differ, a row i uniformly, and a partner
+    uniformly among the rows that agree with i on every factor but j (grouped once per factor by sorting;
+    O(n log n) per factor). Partners identical to i (duplicate factor vectors) are dropped.
+    """
+    f = np.asarray(factors)
+    n, m = f.shape
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4, 2)))
+    groups = []  # per factor: (sorted row order, group start of each sorted position, group size)
+    for j in range(m):
+        rest = np.delete(f, j, axis=1)
+        _, gid = np.unique(rest, axis=0, return_inverse=True) if rest.shape[1] else (None, np.zeros(n, np.int64))
+        gid = np.asarray(gid).reshape(-1)
+        order = np.argsort(gid, kind="stable")
+        sg = gid[order]
+        starts = np.flatnonzero(np.r_[True, sg[1:] != sg[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        if (sizes > 1).any() and len(np.unique(f[:, j])) > 1:
+            pos_start = np.repeat(starts, sizes)  # per sorted position: its group's start and size
+            pos_size = np.repeat(sizes, sizes)
+            groups.append((order, pos_start, pos_size))
+    if not groups:
+        return np.zeros((0, 2), np.int64)
+    out: list[np.ndarray] = []
+    have = 0
+    for _ in range(50):  # rejection of singleton groups / identical rows; a few rounds suffice
+        need = n_pairs - have
+        if need <= 0:
+            break
+        col = rng.integers(0, len(groups), need)
+        pos = rng.integers(0, n, need)
+        pairs = np.empty((need, 2), np.int64)
+        ok = np.zeros(need, bool)
+        for g, (order, pos_start, pos_size) in enumerate(groups):
+            sel = col == g
+            p, st, sz = pos[sel], pos_start[pos[sel]], pos_size[pos[sel]]
+            r = (rng.random(len(p)) * np.maximum(sz - 1, 1)).astype(np.int64)
+            other = st + r
+            other = other + (other >= p)  # skip i itself within its group
+            good = sz > 1
+            i, o = order[p], order[np.minimum(other, len(order) - 1)]
+            pairs[sel] = np.stack([i, o], 1)
+            ok[sel] = good & (f[i] != f[o]).any(1)
+        out.append(pairs[ok])
+        have += int(ok.sum())
+    return np.concatenate(out)[:n_pairs] if out else np.zeros((0, 2), np.int64)
+
+
+def matching_pairs(factors: np.ndarray, k: int, max_pairs: int = 200_000,
+                   exact_limit: int = EXACT_PAIRS_LIMIT) -> tuple[np.ndarray, int]:
     """Index pairs (P, 2) of rows whose factor vectors differ in exactly k entries, and that distance.
 
     Falls back to the smallest Hamming distance >= 1 present (with a warning) when none differ in exactly k.
+    Above `exact_limit` rows (k = 1 only) the pairs are sampled (`sampled_one_factor_pairs`) instead of enumerated.
     """
     f = np.asarray(factors)
     n = len(f)
     if n < 2 or f.ndim != 2 or f.shape[1] == 0:
         raise DataError(f"weak supervision needs >= 2 factor-labelled training rows, got {f.shape}")
+    if n > exact_limit:
+        if k != 1:
+            raise DataError(f"weak supervision: exact k={k} pair matching on {n} rows is O(n^2); "
+                            f"use k=1 (sampled pairs) or fewer rows (<= {exact_limit})")
+        pairs = sampled_one_factor_pairs(f, max_pairs)
+        if not len(pairs):
+            raise DataError(f"weak supervision: no two of the {n} training rows differ in exactly one factor")
+        return pairs, 1
     by_dist: dict[int, list[np.ndarray]] = {}
     counts: dict[int, int] = {}
     for i in range(0, n, 512):  # (b, n) Hamming distances, chunked to bound memory
@@ -396,7 +464,7 @@ class Method(BaseMethod):
                 raise DataError(f"{data.root}: fewer than 2 {self.domain}/train images outside the holdout")
             self.train_split = train
             if cfg.supervision == "weak":
-                pairs, self.pair_distance = matching_pairs(train.factors[self.train_idx], cfg.k)
+                pairs, self.pair_distance = matching_pairs(train.factors[self.train_idx], cfg.k, cfg.match_pairs)
                 self.pairs = self.train_idx[pairs]
                 self.pool = IndexPool(np.arange(len(self.pairs)))
             else:

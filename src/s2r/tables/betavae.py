@@ -103,35 +103,72 @@ def plot_heatmap(corr: dict[str, dict[str, float | None]], title: str) -> Any:
     return fig
 
 
-def betavae_tables(data_dir: Path, out: Path, params_path: Path) -> dict[str, Any]:
-    """Run the grid; write runs.csv, transfer.md/csv, spearman.json/png, metrics.json; log them to MLflow."""
+def model_grid(cfg: Any) -> list[dict[str, Any]]:
+    """The models of `reports.betavae_tables`: beta x supervision x noise x seed, and, when listed, latent
+    dimensionality x KL warm-up (paper 3: 2 x 3 x 3 x 3 x 2 = 108 configurations x 10 seeds = 1,080 models).
+
+    Each entry: the params overrides of the model, its display name and its slug (folder name)."""
+    dims: list[int | None] = list(cfg.latent_dims) or [None]
+    warms: list[float | None] = list(cfg.warmup_fractions) or [None]
+    out = []
+    for sup in cfg.supervisions:
+        for noise in cfg.noises:
+            for beta in cfg.betas:
+                for dim in dims:
+                    for warm in warms:
+                        for seed in cfg.seeds:
+                            ov: dict[str, Any] = {"seed": seed, "methods.betavae.beta": beta,
+                                                  "methods.betavae.supervision": sup,
+                                                  "methods.betavae.input_noise": noise}
+                            extra, name_extra = "", ""
+                            if dim is not None:
+                                ov["methods.betavae.latent_dim"] = dim
+                                extra, name_extra = f"{extra}_d{dim}", f"{name_extra},d={dim}"
+                            if warm is not None:
+                                ov["methods.betavae.warmup_fraction"] = warm
+                                extra, name_extra = f"{extra}_warm{warm:g}", f"{name_extra},warmup={warm:g}"
+                            out.append({"overrides": ov, "beta": beta, "supervision": sup, "noise": noise,
+                                        "seed": seed, "latent_dim": dim, "warmup_fraction": warm,
+                                        "name": f"beta={beta:g},{sup},noise={int(noise)}{name_extra},seed={seed}",
+                                        "slug": f"beta{beta:g}_{sup}_noise{int(noise)}{extra}_seed{seed}"})
+    return out
+
+
+def betavae_tables(data_dir: Path, out: Path, params_path: Path,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the grid; write runs.csv, transfer.md/csv, spearman.json/png, metrics.json; log them to MLflow.
+
+    `overrides` (dotted params keys, e.g. {"methods.betavae.ood_factor": "object_color"}) apply to every model:
+    one params file can serve several benchmarks (the paper-3 recipe: MPI3D and TriFinger)."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
     from s2r.stages import write_json
     from s2r.tracking import TrackedRun
 
-    base = load_params(params_path)
+    overrides = dict(overrides or {})
+    base = load_params(params_path, overrides)
     cfg = base.reports.betavae_tables
     out.mkdir(parents=True, exist_ok=True)
-    grid = [(b, s, n, seed) for s in cfg.supervisions for n in cfg.noises for b in cfg.betas for seed in cfg.seeds]
+    grid = model_grid(cfg)
     rows: list[dict[str, Any]] = []
-    logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir)}
+    logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir), "overrides": overrides}
     with TrackedRun("tables@betavae", experiment=base.tracking.experiment, params=logged,
                     tags={"stage": "tables", "method": "betavae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
-        for beta, sup, noise, seed in grid:
-            name = f"beta={beta:g},{sup},noise={int(noise)},seed={seed}"
+        for g in grid:
+            beta, sup, noise, seed, name, slug = (g[k] for k in ("beta", "supervision", "noise", "seed", "name",
+                                                                 "slug"))
             p = load_params(params_path, {
-                "seed": seed, "methods.betavae.beta": beta, "methods.betavae.supervision": sup,
-                "methods.betavae.input_noise": noise, "methods.betavae.epochs": cfg.epochs,
+                **overrides, **g["overrides"], "methods.betavae.epochs": cfg.epochs,
                 "methods.betavae.steps_per_epoch": cfg.steps_per_epoch, "train.threads": cfg.threads,
                 "train.progress": False, "tracking.log_model": False})
             tmp = Path(tempfile.mkdtemp(dir=tmpd))
-            slug = f"beta{beta:g}_{sup}_noise{int(noise)}_seed{seed}"
             res = train_and_score(data_dir, p, tmp, name, parent.run_id, out / "models" / slug)
+            dims = {"latent_dim": g["latent_dim"]} if g["latent_dim"] is not None else {}
+            warm = {"warmup_fraction": g["warmup_fraction"]} if g["warmup_fraction"] is not None else {}
             rows.append({"model": slug, "beta": beta, "supervision": sup, "input_noise": int(noise), "seed": seed,
-                         "weak_supervision": int(sup == "weak"), **{k: v for k, v in res.items()
-                                                                   if isinstance(v, (int, float))}})
+                         **dims, **warm, "weak_supervision": int(sup == "weak"),
+                         **{k: v for k, v in res.items() if isinstance(v, (int, float))}})
         runs = pd.DataFrame(rows)
         runs.to_csv(out / "runs.csv", index=False)
         transfer_cols = [c for c in runs.columns if c.startswith(TRANSFER_PREFIXES)]

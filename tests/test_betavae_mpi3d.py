@@ -1,0 +1,138 @@
+"""Paper 3's methods on MPI3D-like data (the paper-3 recipe): a configurable OOD factor (object_color, not hue),
+sampled one-factor pairs on large grids, a capped evaluation subset, and the recipe's sweep grid (1,080 models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from s2r.config import BetavaeTablesParams, ConfigError
+from s2r.data.benchmark import DataError
+from s2r.methods import betavae as bv
+
+GRID = {"object_color": 3, "object_shape": 2, "object_size": 2, "camera_height": 1, "background_color": 1,
+        "horizontal_axis": 2, "vertical_axis": 2}
+
+
+@pytest.fixture(scope="module")
+def mpi3d_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MPI3D adapter on a 3-colour stand-in grid (8 px; the red channel encodes object_color), prepared."""
+    from s2r.data import sources
+    from s2r.data.prepared import prepare
+    from s2r.data.sources import mpi3d
+
+    root = tmp_path_factory.mktemp("mpi3d")
+    raw = mpi3d.fixture(root / "raw", GRID)
+    bench = Path(sources.add("mpi3d", raw, root / "bench", options={"factor_sizes": GRID})["benchmark"])
+    return prepare(bench, root / "prepared", progress=False)
+
+
+def cfg(**kw: Any) -> bv.Config:
+    return bv.Config(**{"image_size": 8, "widths": [4, 8], "latent_dim": 3, "batch_size": 4, "cache_dir": "",
+                        "val_images": 8, "ood_factor": "object_color", "ood_holdout": [1], **kw})
+
+
+def full_grid(sizes: list[int]) -> np.ndarray:
+    return np.stack(np.unravel_index(np.arange(int(np.prod(sizes))), sizes), 1)
+
+
+def test_sampled_one_factor_pairs_on_a_grid() -> None:
+    f = full_grid([3, 4, 5, 1])  # the last factor is constant: never the differing one
+    pairs = bv.sampled_one_factor_pairs(f, 2000, seed=0)
+    assert pairs.shape == (2000, 2)
+    diff = f[pairs[:, 0]] != f[pairs[:, 1]]
+    assert (diff.sum(1) == 1).all()
+    assert set(np.flatnonzero(diff.any(0))) == {0, 1, 2}  # every varying factor is drawn
+    assert np.array_equal(pairs, bv.sampled_one_factor_pairs(f, 2000, seed=0))
+    # duplicate rows are never paired with each other
+    dup = np.concatenate([f, f])
+    p2 = bv.sampled_one_factor_pairs(dup, 500)
+    assert ((dup[p2[:, 0]] != dup[p2[:, 1]]).sum(1) == 1).all()
+    assert len(bv.sampled_one_factor_pairs(np.zeros((10, 2), int), 5)) == 0
+
+
+def test_matching_pairs_samples_above_the_exact_limit() -> None:
+    f = full_grid([6, 6, 2, 3])
+    pairs, dist = bv.matching_pairs(f, 1, max_pairs=300, exact_limit=100)
+    assert dist == 1 and len(pairs) == 300 and ((f[pairs[:, 0]] != f[pairs[:, 1]]).sum(1) == 1).all()
+    with pytest.raises(DataError, match="k=1"):
+        bv.matching_pairs(f, 2, exact_limit=100)
+    with pytest.raises(DataError, match="exactly one factor"):
+        bv.matching_pairs(np.array([[0, 0]] * 200 + [[1, 1]] * 200), 1, exact_limit=100)
+
+
+def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path) -> None:
+    from s2r.data.prepared import PreparedBenchmark
+
+    data = PreparedBenchmark(mpi3d_prepared)
+    with pytest.raises(ConfigError, match="'hue' is not a factor"):  # the scenes default does not apply to MPI3D
+        bv.Method(cfg(ood_factor="hue"), data, 0)
+    m = bv.Method(cfg(supervision="weak"), data, 0)
+    assert m.pair_mode == "match" and m.holdout == {"object_color": [1]}
+    f = data.get(data.spec.source, "train").factors
+    assert not (f[m.train_idx, 0] == 1).any() and (f[:, 0] == 1).any()  # held-out colour never trains the encoder
+    assert ((f[m.pairs[:, 0]] != f[m.pairs[:, 1]]).sum(1) == 1).all()
+    torch.set_num_threads(1)
+    m.setup(torch.device("cpu"), None, 2)
+    assert np.isfinite(m.train_step(next(m.batches()))["loss"])
+
+
+def test_evaluation_subset_is_capped_aligned_and_fixed(mpi3d_prepared: Path) -> None:
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.data.sources import mpi3d
+    from s2r.evaluators.disentanglement import evaluation_sets
+
+    data = PreparedBenchmark(mpi3d_prepared)
+    n = int(np.prod(list(GRID.values())))
+    full = evaluation_sets(bv.Method(cfg(), data, 0))
+    capped = evaluation_sets(bv.Method(cfg(eval_images=20), data, 0))
+    again = evaluation_sets(bv.Method(cfg(eval_images=20), data, 1))
+    assert len(full["realistic"][0]) == n and len(capped["realistic"][0]) == 20 and len(capped["real"][1]) == 20
+    assert np.array_equal(capped["realistic"][1], again["realistic"][1])  # the same subset for every model
+    for dom, (imgs, facs) in capped.items():  # images stay aligned with their factors after subsampling
+        k = mpi3d.VARIANTS.index(dom)
+        assert (imgs[:, 4, 4, 0] == facs[:, 0] * 60 + 20 * k).all()
+    with pytest.raises(ConfigError, match="eval_images"):
+        cfg(eval_images=-1).validate()
+
+
+def test_transfer_study_on_mpi3d_object_color(mpi3d_prepared: Path) -> None:
+    """OOD1-A/B/C and OOD2-A split by object_color (the OOD factor is not scored there), OOD2-B realistic -> real."""
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.evaluators.ood_transfer import transfer_study
+
+    data = PreparedBenchmark(mpi3d_prepared)
+    from s2r.evaluators.disentanglement import evaluation_sets
+
+    m = bv.Method(cfg(ood_holdout=[1]), data, 0)
+    sets = evaluation_sets(m)
+    fs, ft = sets["realistic"][1], sets["real"][1]
+    z = fs.astype(float) + np.random.default_rng(0).normal(0, 0.01, fs.shape)  # a perfect code of the factors
+    zt = ft.astype(float)
+    res = transfer_study(z, fs, m.factor_names, m.factor_sizes, "object_color", [1], (zt, ft), regressors=("gbt",))
+    assert set(res["table"]) == {"OOD1-A", "OOD1-B", "OOD1-C", "OOD2-A", "OOD2-B"}
+    for sc in ("OOD1-A", "OOD1-B", "OOD1-C", "OOD2-A"):
+        assert "object_color" not in res["per_factor"][sc]["gbt"]
+    assert "object_color" in res["per_factor"]["OOD2-B"]["gbt"]
+    assert "camera_height" not in res["per_factor"]["OOD2-B"]["gbt"]  # a constant factor is never scored
+
+
+def test_sweep_grid_default_unchanged_and_paper_scale() -> None:
+    from s2r.tables.betavae import model_grid
+
+    default = model_grid(BetavaeTablesParams())
+    assert len(default) == 12 and default[0]["slug"] == "beta1_unsupervised_noise0_seed0"
+    assert set(default[0]["overrides"]) == {"seed", "methods.betavae.beta", "methods.betavae.supervision",
+                                            "methods.betavae.input_noise"}
+    paper = BetavaeTablesParams(betas=[1.0, 2.0, 4.0], seeds=list(range(10)), latent_dims=[10, 25, 50],
+                                warmup_fractions=[0.0, 0.025, 0.125])
+    g = model_grid(paper)
+    assert len(g) == 1080 and len({x["slug"] for x in g}) == 1080
+    assert {x["overrides"]["methods.betavae.latent_dim"] for x in g} == {10, 25, 50}
+    assert "beta2_weak_noise1_d25_warm0.025_seed7" in {x["slug"] for x in g}
+    with pytest.raises(ConfigError, match="warmup_fractions"):
+        BetavaeTablesParams(warmup_fractions=[1.5]).validate()
