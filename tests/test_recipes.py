@@ -156,12 +156,12 @@ def test_paper3_recipe_uses_existing_cli_and_paper_scale() -> None:
     cmds = " ".join(s.get("do", s)["cmd"] for s in rec["dvc"]["stages"].values())
     for cmd in ("s2r data add", "s2r data validate", "s2r data prepare", "s2r tables betavae"):
         assert cmd in cmds
-    benchmarks = rec["recipe"]["benchmarks"]
+    prepared = rec["recipe"]["prepared"]
     for name, want in (("mpi3d", "object_color"), ("trifinger", "cube_hue")):  # each an existing factor
         from s2r.data.sources import misc, mpi3d
 
         factors = mpi3d.FACTORS if name == "mpi3d" else misc.TRIFINGER_FACTORS
-        b = benchmarks[name]
+        b = prepared[name]
         assert b["ood_factor"] == want in factors
         held = [int(v) for v in str(b["ood_holdout"]).split(",")]
         assert 2 <= factors[want] - len(held) and all(0 <= v < factors[want] for v in held)
