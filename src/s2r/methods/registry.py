@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "mixing": "s2r.methods.mixing",
     "cyclegan": "s2r.methods.cyclegan",
     "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
+    "ae": "s2r.methods.ae",  # paper 1: (extractor) autoencoders, PIRL sampling I / II, triplet loss; ae_<variant>
 }
 
 
