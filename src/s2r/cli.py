@@ -269,6 +269,29 @@ def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path
     click.echo(f"{res['metrics']['n_runs']} classifier runs; files in {out}")
 
 
+@tables.command("ae")
+@click.option("--digits", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Prepared digits benchmark: Table 10 (latent classifiers, all seeds of reports.ae_tables).")
+@click.option("--scenes", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Prepared scenes benchmark: Table 1 (reconstructions, trained on toy and on sim).")
+@click.option("--out", default="data/tables/ae", show_default=True, type=click.Path(file_okay=False))
+@PARAMS_OPT
+def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path: str) -> None:
+    """Paper 1's Table 10 (KNN / RForest / SVM on real digits, mean ± std over seeds) and Table 1 as files + MLflow.
+
+    Example: s2r tables ae --digits data/prepared/digits --scenes data/prepared/scenes
+    """
+    from s2r.tables.ae import ae_tables
+
+    if digits is None and scenes is None:
+        raise click.UsageError("give --digits and/or --scenes")
+    ae_tables(Path(digits) if digits else None, Path(scenes) if scenes else None, Path(out), Path(params_path))
+    for name in ("table10.md", "table1.md"):
+        if (Path(out) / name).is_file():
+            click.echo((Path(out) / name).read_text())
+    click.echo(f"files in {out}")
+
+
 @main.command("report")
 @click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))
 def report_cmd(metrics_dir: str) -> None:

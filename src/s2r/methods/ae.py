@@ -70,7 +70,7 @@ class Config:
     extractor: Literal["none", "vgg11", "resnet50", "densenet121"] = "none"
     extractor_weights: str = "none"  # none (random init, logged) | imagenet (torchvision cache) | path to a file
     extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
-    extractor_input_size: int = 224  # the paper's 224; smaller on CPU
+    extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
     feature_cache_dir: str = ""  # "" = cache extractor outputs in memory only
     sampling: Literal["vanilla", "I", "II"] = "vanilla"
     triplet: bool = False
@@ -85,8 +85,8 @@ class Config:
     decoder_fc_channels: int = 64  # decoder FC -> (channels, 4, 4): 64 (Tables 4 / 6), 256 (Table 7)
     hflip: bool = False  # the paper's only augmentation; off for digits (a mirrored digit is another glyph)
     source_domain: str = ""  # "" = the benchmark's source domain (scenes Table 1 also trains on `toy`)
-    batch_size: int = 64
-    epochs: int = 10
+    batch_size: int = 32
+    epochs: int = 5
     steps_per_epoch: int = 30
     lr: float = 1.0e-3  # paper 1e-4 over ~19k steps; CPU runs are ~100x shorter
     weight_decay: float = 1.0e-5
@@ -533,8 +533,9 @@ class Method(BaseMethod):
             opts["disc"] = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_disc, betas=(0.5, 0.9))
         return opts
 
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Endless batches of source indices: anchors (+ positives, negatives), their targets and flips."""
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        """Endless batches: input images (uint8, for previews), their labels, and the source indices of the
+        inputs (anchors, then positives and negatives with a triplet loss), their targets and flips."""
         while True:
             a = np.sort(self.pool.draw(self.batch_size, self.rng))
             groups = [a]
@@ -543,9 +544,10 @@ class Method(BaseMethod):
             idx = np.concatenate(groups)
             tgt = self.sampler.targets(idx, self.rng)
             flip = self.rng.random(len(idx)) < 0.5 if self.cfg.hflip else np.zeros(len(idx), bool)
-            yield {"input": idx, "target": tgt, "flip": flip}
+            images = self._read(self.train_split, idx)
+            yield images, self.train_split.labels[idx], {"input": idx, "target": tgt, "flip": flip}
 
-    def _inputs(self, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+    def _inputs(self, images: np.ndarray, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
         """Encoder inputs: cached extractor features (E- models) or the images."""
         if self.extractor is not None:
             f = self.features(self.source, "train")[torch.from_numpy(idx)]
@@ -553,12 +555,19 @@ class Method(BaseMethod):
                 ff = self.features(self.source, "train", flipped=True)[torch.from_numpy(idx[flip])]
                 f[torch.from_numpy(flip)] = ff
             return f.to(self.device).float()
-        return self._images(self.train_split, idx, flip)
+        return self._flipped(images.copy(), flip)
 
-    def _images(self, split: PreparedSplit, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+    @staticmethod
+    def _read(split: PreparedSplit, idx: np.ndarray) -> np.ndarray:
         order = np.argsort(idx)
         imgs = np.empty((len(idx), *split.images.shape[1:]), np.uint8)
         imgs[order] = split.images[idx[order]]  # sorted reads are memmap-friendly
+        return imgs
+
+    def _images(self, split: PreparedSplit, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        return self._flipped(self._read(split, idx), flip)
+
+    def _flipped(self, imgs: np.ndarray, flip: np.ndarray) -> torch.Tensor:
         if flip.any():
             imgs[flip] = imgs[flip][:, :, ::-1]
         return to_float(imgs, self.device)
@@ -570,10 +579,11 @@ class Method(BaseMethod):
             return out[:, : self.cfg.latent_dim], out[:, self.cfg.latent_dim :].clamp(-20.0, 20.0)
         return out, None
 
-    def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]) -> dict[str, float]:
         c = self.cfg
-        x = self._inputs(batch["input"], batch["flip"])
-        target = self._images(self.train_split, batch["target"], batch["flip"])
+        batch_idx = batch[2]
+        x = self._inputs(batch[0], batch_idx["input"], batch_idx["flip"])
+        target = self._images(self.train_split, batch_idx["target"], batch_idx["flip"])
         with self.autocast():
             mu, logvar = self.encode_tensor(x)
             if logvar is not None:
