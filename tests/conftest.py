@@ -80,8 +80,9 @@ def tiny_params_dict() -> dict:
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
                                    steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
     # paper 1 (ae): tiny autoencoders, 2 seeds, the tiny benchmark's domains for Table 1
-    raw["methods"]["ae"].update(batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
-                                feature_cache_dir="", ssim_win_size=3, rf_trees=5)
+    for name in [k for k in raw["methods"] if k == "ae" or k.startswith("ae_")]:  # the variants too
+        raw["methods"][name].update(batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
+                                    feature_cache_dir="", ssim_win_size=3, rf_trees=5)
     raw["reports"]["ae_tables"].update(seeds=[0, 1], epochs=1, steps_per_epoch=2, scenes_epochs=1,
                                        scenes_steps_per_epoch=2, scenes_latent_dim=4, scenes_sources=["syn"])
     return raw

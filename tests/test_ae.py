@@ -281,6 +281,40 @@ def test_latent_evaluator_without_pairs_reports_not_applicable(tiny_prepared: Pa
     assert res["recon_l1_synth"] is None and res["paired_status"].startswith("not applicable")
 
 
+def test_table10_layout_and_table1_markdown() -> None:
+    import pandas as pd
+
+    from s2r.tables.ae import TABLE10_ROWS, table1_markdown, table10
+
+    rows = [{"model": m, "seed": s, "knn_accuracy": 0.5 + 0.1 * s, "rf_accuracy": 0.2, "svm_accuracy": 0.3}
+            for m in TABLE10_ROWS for s in (0, 1)]
+    t = table10(pd.DataFrame(rows))
+    assert list(t["Model"]) == list(TABLE10_ROWS)  # the paper's row order
+    assert t.loc[0, "KNN"] == "55.00 ± 5.00%" and t.loc[0, "knn_mean"] == pytest.approx(0.55)
+    md = table1_markdown(pd.DataFrame([{"Trained on": "toy", "Model": "AE", "Variant": "SSIM", "l1_synth": 0.1,
+                                        "l1_real": 0.2, "ssim_synth": 0.5, "ssim_real": 0.4, "lpips_synth": None,
+                                        "lpips_real": None}]))
+    assert "| toy | AE | SSIM | 0.100 | 0.200 | 0.500 | 0.400 | n/a | n/a |" in md
+
+
+def test_study_ae_loss_weights_runs_two_tiny_trials(paired: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import tiny_params_dict
+    from s2r import tune
+
+    raw = tiny_params_dict()
+    spec = raw["studies"]["ae_loss_weights"]
+    assert spec["objectives"][0]["metric"] == "val_knn_accuracy"  # validation split, never test
+    raw["studies"] = {"ae_loss_weights": spec | {"n_trials": 2}}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = tune.run(tune.TuneOptions(study="ae_loss_weights", data_dir=paired, params_path=p, out_dir=tmp_path / "t"))
+    assert res["metrics"]["n_complete"] == 2
+    assert 0.0 <= res["best"]["value"] <= 1.0 and "methods.ae_ii_e_tae.alpha" in res["best"]["params"]
+
+
+@pytest.mark.slow
 def test_tables_ae_cli_on_tiny_data(paired: Path, tmp_path: Path) -> None:
     import json
 

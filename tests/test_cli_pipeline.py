@@ -24,6 +24,7 @@ def test_help_lists_every_command_with_example() -> None:
         ["report"], ["benchmark"], ["ui"],
         ["tables"],
         ["tables", "mixing"],
+        ["tables", "ae"],
     ]
     for cmd in commands:
         assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd
