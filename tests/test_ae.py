@@ -267,7 +267,8 @@ def test_latent_evaluator_end_to_end(paired: Path, tmp_path: Path) -> None:
     assert "test_knn_accuracy" in run.metrics and "lpips_real" not in str(run.metrics)
 
 
-def test_latent_evaluator_without_pairs_reports_not_applicable(tiny_prepared: Path, tmp_path: Path) -> None:
+def test_latent_evaluator_without_pairs_reports_not_applicable(tiny_prepared: Path, tmp_path: Path,
+                                                               in_tmp: Path) -> None:
     from s2r.tracking import TrackedRun
 
     m = ae.Method(_cfg(), PreparedBenchmark(tiny_prepared), seed=0)  # 8 px images
@@ -297,7 +298,7 @@ def test_table10_layout_and_table1_markdown() -> None:
     assert "| toy | AE | SSIM | 0.100 | 0.200 | 0.500 | 0.400 | n/a | n/a |" in md
 
 
-def test_study_ae_loss_weights_runs_two_tiny_trials(paired: Path, tmp_path: Path) -> None:
+def test_study_ae_loss_weights_runs_two_tiny_trials(paired: Path, tmp_path: Path, in_tmp: Path) -> None:
     import yaml
 
     from conftest import tiny_params_dict
@@ -315,7 +316,7 @@ def test_study_ae_loss_weights_runs_two_tiny_trials(paired: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_tables_ae_cli_on_tiny_data(paired: Path, tmp_path: Path) -> None:
+def test_tables_ae_cli_on_tiny_data(paired: Path, tmp_path: Path, in_tmp: Path) -> None:
     import json
 
     import yaml
