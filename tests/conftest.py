@@ -95,6 +95,12 @@ def tiny_params_dict() -> dict:
                                     steps_per_epoch=2, render_pairs=8, cache_dir="", val_images=8)
     raw["reports"]["betavae_tables"].update(betas=[1.0, 4.0], supervisions=["unsupervised", "weak"],
                                             noises=[False], seeds=[0], epochs=1, steps_per_epoch=2)
+    # paper 1 (ae): tiny autoencoders, 2 seeds, the tiny benchmark's domains for Table 1
+    for name in [k for k in raw["methods"] if k == "ae" or k.startswith("ae_")]:  # the variants too
+        raw["methods"][name].update(batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
+                                    feature_cache_dir="", ssim_win_size=3, rf_trees=5)
+    raw["reports"]["ae_tables"].update(seeds=[0, 1], epochs=1, steps_per_epoch=2, scenes_epochs=1,
+                                       scenes_steps_per_epoch=2, scenes_latent_dim=4, scenes_sources=["syn"])
     return raw
 
 

@@ -28,6 +28,7 @@ def test_help_lists_every_command_with_example() -> None:
         ["tables", "cut"],
         ["tables", "twinvae"],
         ["tables", "betavae"],
+        ["tables", "ae"],
     ]
     for cmd in commands:
         assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd

@@ -120,6 +120,8 @@ def data_import_folder(src: str, out: str, name: str, source: str, target: str, 
 @_import_opts
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
               help="Base of relative paths [manifest's folder].")
+
+
 def data_import_manifest(manifest: str, out: str, name: str, source: str, target: str, channels: str | None,
                          image_size: int | None, unlabelled: tuple[str, ...], root: str | None) -> None:
     """Register a CSV/Parquet manifest (path, domain, split[, id, label, factor_*]) as a benchmark.
@@ -138,6 +140,8 @@ def data_import_manifest(manifest: str, out: str, name: str, source: str, target
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--report", "report_path", required=True, type=click.Path(dir_okay=False),
               help="JSON report to write.")
+
+
 @click.option("--no-files", is_flag=True, help="Skip opening every image (manifest checks only).")
 def data_validate(root: str, report_path: str, no_files: bool) -> None:
     """Check a benchmark's manifest and files with Great Expectations; exit 1 on failure.
@@ -206,8 +210,12 @@ def _options(pairs: tuple[str, ...], files: tuple[str, ...]) -> dict[str, Any]:
 @click.option("-o", "--option", "pairs", multiple=True, metavar="KEY=VALUE", help="Adapter option (repeatable).")
 @click.option("--options", "option_files", multiple=True, metavar="FILE[:KEY]",
               help="Adapter options from a YAML file (optionally a dotted key inside it).")
+
+
 @click.option("--dvc/--no-dvc", default=True, show_default=True,
               help="`dvc add` the download and the benchmark (off inside DVC stages, whose outputs DVC tracks).")
+
+
 def data_add(name: str, src: str, out: str | None, kind: str | None, pairs: tuple[str, ...],
              option_files: tuple[str, ...], dvc: bool) -> None:
     """Register a downloaded dataset (MPI3D, SVIRO, TICaM, KITTI, VKITTI 2, YCB-Video, BOP, ...) as a benchmark.
@@ -279,6 +287,8 @@ def data_fixture(kind: str, out: str) -> None:
 @click.argument("method")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark folder.")
+
+
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--plots", type=click.Path(file_okay=False), help="Folder for training-curve CSV.")
@@ -287,6 +297,8 @@ def data_fixture(kind: str, out: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from a trained model folder (e.g. twinvae_heads from data/models/twinvae).")
+
+
 @PARAMS_OPT
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
               checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
@@ -365,10 +377,16 @@ def tables() -> None:
 @tables.command("mixing")
 @click.option("--synthetic", "syn", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with the original synthetic domain.")
+
+
 @click.option("--cyclegan", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark refined by CycleGAN (s2r refine cyclegan).")
+
+
 @click.option("--mrgan", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark refined by MrGAN's last stage (s2r refine mrgan).")
+
+
 @click.option("--out", default="data/tables/mixing", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path: str) -> None:
@@ -386,10 +404,11 @@ def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path
     click.echo(f"{res['metrics']['n_runs']} classifier runs; files in {out}")
 
 
-
 @tables.command("cut")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with masks in source and target (e.g. data/prepared/scenes).")
+
+
 @click.option("--out", default="data/tables/cut", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_cut_cmd(data_dir: str, out: str, params_path: str) -> None:
@@ -407,13 +426,20 @@ def tables_cut_cmd(data_dir: str, out: str, params_path: str) -> None:
     verdict = "beat" if res["metrics"]["refined_beats_synthetic"] else "did NOT beat"
     click.echo(f"refinement {verdict} raw synthetic (best: {res['metrics']['best_refined']}); files in {out}")
 
+
 @tables.command("twinvae")
 @click.option("--ours", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the twin VAE's heads (s2r evaluate twinvae_heads).")
+
+
 @click.option("--lower", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the sim-only lower bound (twinvae_simonly).")
+
+
 @click.option("--upper", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the target-supervised upper bound (twinvae_targetsup).")
+
+
 @click.option("--out", default="data/tables/twinvae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path: str) -> None:
@@ -427,13 +453,19 @@ def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path:
     res = twinvae_table(Path(ours), Path(lower), Path(upper), Path(out), _load(params_path).tracking.experiment)
     click.echo(res["text"])
     click.echo(f"files in {out}")
+
+
 @tables.command("betavae")
 @click.option("--data", "data_dir", default="data/prepared/scenes", show_default=True,
               type=click.Path(exists=True, file_okay=False), help="Prepared factor-labelled benchmark.")
+
+
 @click.option("--out", default="data/tables/betavae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a params key for every model (repeatable), e.g. methods.betavae.ood_factor=object_color.")
+
+
 def tables_betavae_cmd(data_dir: str, out: str, params_path: str, sets: tuple[str, ...]) -> None:
     """Paper 3's study: train the reports.betavae_tables grid, Spearman heatmap + transfer table + MLflow.
 
@@ -456,6 +488,33 @@ def tables_betavae_cmd(data_dir: str, out: str, params_path: str, sets: tuple[st
     click.echo(f"{res['metrics']['n_models']} models; files in {out}")
 
 
+@tables.command("ae")
+@click.option("--digits", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Prepared digits benchmark: Table 10 (latent classifiers, all seeds of reports.ae_tables).")
+
+
+@click.option("--scenes", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Prepared scenes benchmark: Table 1 (reconstructions, trained on toy and on sim).")
+
+
+@click.option("--out", default="data/tables/ae", show_default=True, type=click.Path(file_okay=False))
+@PARAMS_OPT
+def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path: str) -> None:
+    """Paper 1's Table 10 (KNN / RForest / SVM on real digits, mean ± std over seeds) and Table 1 as files + MLflow.
+
+    Example: s2r tables ae --digits data/prepared/digits --scenes data/prepared/scenes
+    """
+    from s2r.tables.ae import ae_tables
+
+    if digits is None and scenes is None:
+        raise click.UsageError("give --digits and/or --scenes")
+    ae_tables(Path(digits) if digits else None, Path(scenes) if scenes else None, Path(out), Path(params_path))
+    for name in ("table10.md", "table1.md"):
+        if (Path(out) / name).is_file():
+            click.echo((Path(out) / name).read_text())
+    click.echo(f"files in {out}")
+
+
 @main.command("report")
 @click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))
 def report_cmd(metrics_dir: str) -> None:
@@ -472,6 +531,8 @@ def report_cmd(metrics_dir: str) -> None:
 @click.argument("method", default="mixing")
 @click.option("--data", "data_dir", default="data/prepared/digits", show_default=True,
               type=click.Path(exists=True, file_okay=False))
+
+
 @click.option("--fractions", default="0,0.125,1", show_default=True, help="real_fraction values to compare.")
 @click.option("--out", default="data/benchmark/mixing.json", show_default=True, type=click.Path(dir_okay=False))
 @PARAMS_OPT
@@ -499,6 +560,8 @@ def registry_group() -> None:
 @click.option("--run-id", help="MLflow run id of a training run (train@METHOD).")
 @click.option("--from", "from_file", type=click.Path(dir_okay=False),
               help="A train metrics JSON or a tuning best.yaml holding mlflow_run_id.")
+
+
 @click.option("--alias", default="candidate", show_default=True, help="Alias to point at the new version.")
 @click.option("--receipt", type=click.Path(dir_okay=False), help="JSON receipt to write (name, version, ...).")
 def registry_register(method: str, run_id: str | None, from_file: str | None, alias: str,
@@ -563,6 +626,8 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 @click.option("--study", required=True, help="A study declared under `studies:` in params.yaml.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark the trials train on.")
+
+
 @click.option("--n-trials", type=int, help="Finished trials wanted in total (default: the study's n_trials).")
 @click.option("--storage", help="RDB URL (postgresql+psycopg2://…) or journal file [data/tuning/STUDY/journal.log].")
 @click.option("--study-name", help="Name of the study in the storage [STUDY].")
@@ -621,6 +686,8 @@ def recipe_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Scratch DVC project to create.")
 @click.option("--repo", default=".", show_default=True, type=click.Path(exists=True, file_okay=False),
               help="The s2r checkout holding pipelines/recipes/PAPER.")
+
+
 def recipe_standin(paper: str, out: str, repo: str) -> None:
     """Create a scratch DVC project running recipe PAPER on stand-in data with its fixture.yaml overrides.
 

@@ -295,11 +295,31 @@ class BetavaeTablesParams:
 
 
 @dataclass
+class AeTablesParams:
+    """Paper 1's Table 10 (digits, multi-seed) and Table 1 (scenes) (`s2r tables ae`)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 6
+    steps_per_epoch: int = 40
+    extractor: str = "vgg11"
+    scenes_epochs: int = 6
+    scenes_steps_per_epoch: int = 30
+    scenes_latent_dim: int = 10
+    scenes_sources: list[str] = field(default_factory=lambda: ["toy", "sim"])  # Table 1's "Trained on"
+
+    def validate(self) -> None:
+        if not self.seeds or min(self.epochs, self.steps_per_epoch, self.scenes_epochs,
+                                 self.scenes_steps_per_epoch, self.scenes_latent_dim) < 1:
+            raise ConfigError("keys 'seeds' (non-empty) and epochs / steps / latent sizes (>= 1) of ae_tables")
+
+
+@dataclass
 class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
     betavae_tables: BetavaeTablesParams = field(default_factory=BetavaeTablesParams)  # paper 3
+    ae_tables: AeTablesParams = field(default_factory=AeTablesParams)  # paper 1
 
 
 @dataclass

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "segmenter": "s2r.methods.segmenter",  # paper 5: downstream segmentation (variants segmenter_<suffix>)
     "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
     "betavae": "s2r.methods.betavae",  # paper 3: beta-VAE; Ada-GVAE = params block betavae_weak
+    "ae": "s2r.methods.ae",  # paper 1: (extractor) autoencoders, PIRL sampling I / II, triplet loss; ae_<variant>
 }
 
 

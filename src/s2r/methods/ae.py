@@ -1,0 +1,720 @@
+"""Extractor autoencoders and their baselines (paper `extractor-autoencoder-pirl-triplet.txt`).
+
+One module, every variant of the paper as a configuration (params blocks `ae`, `ae_<suffix>`):
+
+- model (`model`): convolutional AE (Table 4), VAE / beta-VAE (Table 4 with a (mu, logvar) head, `beta`),
+  FactorVAE (the VAE plus the discriminator of Table 5, `gamma`; Kim & Mnih 2018).
+- extractor (`extractor`): none (the Table 4 conv encoder on raw pixels) or a frozen torchvision backbone cut
+  at the paper's layer "level -3" (appendix A.2.1): VGG-11 after its 7th conv + ReLU (`features[:18]`),
+  ResNet-50 after `layer3` (its Bottleneck (5)), DenseNet-121 after `denseblock3` (its `denselayer24`).
+  Input resized to `extractor_input_size` (224 in the paper), grey repeated to 3 channels, ImageNet
+  normalisation; then the summariser (avg-pool to 7x7 = the paper's 2x2/2 avg-pool of the 14x14 map at 224,
+  conv 4x4 -> 256x4x4, ReLU) and the MLP encoder (FC 256, FC latent) of Tables 6-7 (E-AE).
+  The extractor is frozen (eval mode, no gradients) and its pooled output is computed once per image and
+  cached (in memory, and on disk under `feature_cache_dir` when set), never recomputed per step.
+- sampling (`sampling`), a dataset-level choice of the reconstruction target: `vanilla` (target = input,
+  Eq. 1), `I` (partially impossible: another variation of the same scene, Eq. 2), `II` (impossible class
+  instance: a variation of another scene of the same class, Eq. 3).
+- triplet (`triplet`): Eq. 4 (margin 0.2, PyTorch's `swap`), anchor / positive (another scene, same class) /
+  negative (another class), each with its own sampled target, total loss Eq. 5:
+  alpha * L_T + beta * (L_r(anchor) + L_r(positive) + L_r(negative)).
+- reconstruction loss (`recon_loss`): SSIM (pytorch-msssim, as the paper), BCE or MSE.
+
+Names follow the paper: prefix I- / II- for the sampling, E- for an extractor, T for the triplet loss
+(II-E-TAE = sampling II + extractor + triplet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2r.config import ConfigError
+from s2r.data.benchmark import NO_LABEL, DataError
+from s2r.data.prepared import PreparedBenchmark, PreparedSplit
+from s2r.evaluators.latent import knn_default_k
+from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import Method as BaseMethod
+
+log = logging.getLogger(__name__)
+
+# torchvision constructor, weights enum and the cut at the paper's layer "level -3" (appendix A.2.1).
+EXTRACTORS: dict[str, tuple[str, str]] = {
+    "vgg11": ("vgg11", "VGG11_Weights"),
+    "resnet50": ("resnet50", "ResNet50_Weights"),
+    "densenet121": ("densenet121", "DenseNet121_Weights"),
+}
+EXTRACTOR_CHANNELS = {"vgg11": 512, "resnet50": 1024, "densenet121": 1024}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLED = 7  # the summariser's avg-pool output: 14x14 -> 7x7 at the paper's 224 input
+
+
+@dataclass
+class Config:
+    """`methods.ae` (and every `methods.ae_<suffix>` variant) in params.yaml."""
+
+    model: Literal["ae", "vae", "factorvae"] = "ae"
+    beta_kl: float = 1.0  # KL weight: 1 = VAE, > 1 = beta-VAE (paper: 4, 8)
+    gamma_tc: float = 10.0  # FactorVAE total-correlation weight (paper: 10, 30, 50)
+    extractor: Literal["none", "vgg11", "resnet50", "densenet121"] = "none"
+    extractor_weights: str = "none"  # none (random init, logged) | imagenet (torchvision cache) | path to a file
+    extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
+    extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
+    feature_cache_dir: str = ""  # "" = cache extractor outputs in memory only
+    sampling: Literal["vanilla", "I", "II"] = "vanilla"
+    triplet: bool = False
+    triplet_margin: float = 0.2  # Eq. 4
+    triplet_swap: bool = True  # Balntas et al. 2016 (PyTorch's swap), appendix A.2
+    alpha: float = 1.0  # Eq. 5: weight of the triplet loss
+    beta: float = 1.0  # Eq. 5: weight of the reconstruction losses
+    recon_loss: Literal["ssim", "bce", "mse"] = "mse"
+    ssim_win_size: int = 11  # pytorch-msssim's default Gaussian window (clipped to the image size)
+    latent_dim: int = 64  # Table 10: 64 (MPI3D: 10)
+    conv_channels: list[int] | None = None  # Table 4 encoder convs; None = [32, 32, 64, 64] cut to the size
+    decoder_fc_channels: int = 64  # decoder FC -> (channels, 4, 4): 64 (Tables 4 / 6), 256 (Table 7)
+    hflip: bool = False  # the paper's only augmentation; off for digits (a mirrored digit is another glyph)
+    source_domain: str = ""  # "" = the benchmark's source domain (scenes Table 1 also trains on `toy`)
+    batch_size: int = 32
+    epochs: int = 5
+    steps_per_epoch: int = 30
+    lr: float = 1.0e-3  # paper 1e-4 over ~19k steps; CPU runs are ~100x shorter
+    weight_decay: float = 1.0e-5
+    lr_disc: float = 1.0e-4  # FactorVAE discriminator (Kim & Mnih 2018: Adam 1e-4, betas 0.5, 0.9)
+    knn_k: int = 0  # latent KNN: 0 = sqrt(N) (paper Section 4.7, Jirina et al. 2011)
+    rf_trees: int = 100
+    svm_c: float = 1.0
+    fit_one_per_scene: bool = True  # paper 4.7: classifiers see a single image per scene
+    val_max_source: int = 2000  # source latents for the per-epoch validation KNN (subsampled beyond)
+
+    def validate(self) -> None:
+        k = "methods.ae"
+        if self.extractor == "none" and self.extractor_weights != "none":
+            raise ConfigError(f"key '{k}.extractor_weights' is set but '{k}.extractor' is none")
+        if self.extractor_input_size < 32:
+            raise ConfigError(f"key '{k}.extractor_input_size' must be >= 32, got {self.extractor_input_size}")
+        if self.beta_kl < 0 or self.gamma_tc < 0 or self.alpha < 0 or self.beta <= 0:
+            raise ConfigError(f"keys '{k}.beta_kl/gamma_tc/alpha' must be >= 0 and '{k}.beta' > 0")
+        if self.triplet_margin < 0:
+            raise ConfigError(f"key '{k}.triplet_margin' must be >= 0")
+        if self.latent_dim < 1 or self.batch_size < 2 or self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ConfigError(f"keys '{k}.latent_dim/epochs/steps_per_epoch' must be >= 1, batch_size >= 2")
+        if self.ssim_win_size < 3 or self.ssim_win_size % 2 == 0:
+            raise ConfigError(f"key '{k}.ssim_win_size' must be odd and >= 3")
+        if self.knn_k < 0 or self.rf_trees < 1 or self.svm_c <= 0:
+            raise ConfigError(f"keys '{k}.knn_k' >= 0 (0 = sqrt(N)), rf_trees >= 1, svm_c > 0")
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def recon_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, win_size: int = 11) -> torch.Tensor:
+    """r(., .) of Eq. 1-3 per image, (B,): 1 - SSIM (pytorch-msssim), BCE or MSE (means over pixels).
+
+    The decoder returns logits; the reconstruction is sigmoid(logits) (Tables 4, 6, 7 end in a Sigmoid).
+    """
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    recon = torch.sigmoid(logits)
+    if kind == "mse":
+        return (recon - target).pow(2).flatten(1).mean(1)
+    if kind == "ssim":
+        from pytorch_msssim import ssim
+
+        win = min(win_size, min(target.shape[-2:]) - (1 - min(target.shape[-2:]) % 2))  # odd, <= image size
+        return 1.0 - ssim(recon.float(), target.float(), data_range=1.0, size_average=False, win_size=max(win, 3))
+    raise ValueError(f"unknown reconstruction loss {kind!r}; known: ssim, bce, mse")
+
+
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per sample, (B,) (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2,
+                 swap: bool = True) -> torch.Tensor:
+    """Eq. 4: max(0, ||e(Xa) - e(Xp)||_2 - ||e(Xa) - e(Xn)||_2 + margin), mean over the batch.
+
+    With `swap` (Balntas et al. 2016) the negative distance is min(d(a, n), d(p, n)): the harder of the two.
+    """
+    return F.triplet_margin_loss(anchor, positive, negative, margin=margin, p=2.0, swap=swap)
+
+
+def permute_dims(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Samples of the product of marginals q(z_1)...q(z_d): each latent dimension shuffled independently."""
+    b, d = z.shape
+    idx = torch.stack([torch.randperm(b, generator=generator, device="cpu") for _ in range(d)], 1).to(z.device)
+    return torch.gather(z, 0, idx)  # (B, D): column j permuted by idx[:, j]
+
+
+def total_correlation(disc_logits: torch.Tensor) -> torch.Tensor:
+    """FactorVAE's density-ratio estimate of TC(z) = E[log D(z) / (1 - D(z))] (Kim & Mnih 2018, Eq. 3).
+
+    The discriminator (Table 5) has 2 logits, class 0 = "from q(z)", class 1 = "from the permuted product".
+    """
+    return (disc_logits[:, 0] - disc_logits[:, 1]).mean()
+
+
+# ------------------------------------------------------------------------------------------------ networks
+
+
+def _n_ups(size: int) -> int:
+    n = int(round(math.log2(size / 4)))
+    if size < 8 or 4 * 2**n != size:
+        raise DataError(f"method 'ae' needs an image size of 4 * 2^k >= 8 (Table 4 decoder from 4x4), got {size}")
+    return n
+
+
+class ConvEncoder(nn.Module):
+    """Table 4 encoder: stride-2 4x4 convs (32, 32, 64, 64) down to 4x4, FC 256, FC latent (x2 for a VAE)."""
+
+    def __init__(self, channels: int, size: int, out_dim: int, conv_channels: list[int] | None) -> None:
+        super().__init__()
+        n = _n_ups(size)
+        chans = list(conv_channels or [32, 32, 64, 64, 64, 64][:n])
+        if len(chans) != n:
+            raise ConfigError(f"key 'methods.ae.conv_channels' needs {n} entries for {size}px images, got {chans}")
+        layers: list[nn.Module] = []
+        cin = channels
+        for c in chans:
+            layers += [nn.Conv2d(cin, c, 4, 2, 1), nn.ReLU(inplace=True)]
+            cin = c
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(cin * 16, 256), nn.ReLU(inplace=True), nn.Linear(256, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.convs(x).flatten(1))  # (B, C, 4, 4) -> (B, 16C)
+
+
+class Summariser(nn.Module):
+    """Tables 6-7: avg-pool (to 7x7), conv 4x4 -> 256x4x4 + ReLU, FC 256 + ReLU, FC latent (x2 for a VAE)."""
+
+    def __init__(self, in_channels: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, 256, 4, 1, 0), nn.ReLU(inplace=True))
+        self.mlp = nn.Sequential(nn.Linear(256 * 16, 256), nn.ReLU(inplace=True), nn.Linear(256, out_dim))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C, 7, 7) pooled extractor features -> (B, out_dim)."""
+        return self.mlp(self.conv(pooled).flatten(1))  # (B, 256, 4, 4) -> (B, 4096)
+
+
+class Decoder(nn.Module):
+    """Tables 4, 6, 7 decoder: FC 256, FC (c*4*4), transposed 4x4 convs (64, 32, 32, ...) to C channels."""
+
+    def __init__(self, latent_dim: int, channels: int, size: int, fc_channels: int) -> None:
+        super().__init__()
+        n = _n_ups(size)
+        self.fc_channels = fc_channels
+        self.mlp = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(inplace=True),
+                                 nn.Linear(256, fc_channels * 16), nn.ReLU(inplace=True))
+        widths = ([64, 32] + [32] * max(0, n - 2))[: n - 1] + [channels]
+        layers: list[nn.Module] = []
+        cin = fc_channels
+        for i, c in enumerate(widths):
+            layers.append(nn.ConvTranspose2d(cin, c, 4, 2, 1))
+            if i < len(widths) - 1:
+                layers.append(nn.ReLU(inplace=True))
+            cin = c
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent) -> (B, C, H, W) logits (the Sigmoid of the tables is applied by the loss / reconstruct)."""
+        h = self.mlp(z).view(z.shape[0], self.fc_channels, 4, 4)  # (B, 16c) -> (B, c, 4, 4)
+        return self.deconvs(h)
+
+
+class Discriminator(nn.Module):
+    """Table 5: FactorVAE's discriminator, 5 x (FC 1000, LeakyReLU 0.2), FC 2."""
+
+    def __init__(self, latent_dim: int, width: int = 1000, depth: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = latent_dim
+        for _ in range(depth):
+            layers += [nn.Linear(cin, width), nn.LeakyReLU(0.2, inplace=True)]
+            cin = width
+        layers.append(nn.Linear(cin, 2))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def expected_weights_file(name: str) -> Path:
+    """Where torchvision looks for `name`'s ImageNet weights: $TORCH_HOME/hub/checkpoints/<file of its URL>."""
+    import torchvision
+
+    enum = getattr(torchvision.models, EXTRACTORS[name][1])
+    url = enum.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
+    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says.
+
+    `imagenet` goes through torchvision's own weights API, which reads the torchvision cache layout
+    ($TORCH_HOME/hub/checkpoints/<file>) before trying to download; offline, a missing file is an error naming
+    it (never a silent fallback). `none` is a random initialisation from `seed`, logged as such. Any other
+    value is a path to a state dict of the full torchvision model.
+    """
+    import torchvision
+
+    if name not in EXTRACTORS:
+        raise ConfigError(f"key 'methods.ae.extractor': unknown extractor {name!r}; known: {sorted(EXTRACTORS)}")
+    ctor = getattr(torchvision.models, EXTRACTORS[name][0])
+    if weights == "imagenet":
+        path = expected_weights_file(name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"methods.ae.extractor_weights: imagenet: {name}'s ImageNet weights are not in the torchvision "
+                f"cache; expected {path} (set TORCH_HOME, copy the file there, or set extractor_weights to a "
+                f"local file or to 'none' for a random initialisation)"
+            )
+        model = ctor(weights=getattr(torchvision.models, EXTRACTORS[name][1]).IMAGENET1K_V1)
+        log.info("extractor %s: ImageNet weights from %s", name, path)
+    elif weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ctor(weights=None)
+        log.warning("extractor %s: RANDOM initialisation (extractor_weights: none, seed %d) - NOT ImageNet "
+                    "features; set extractor_weights: imagenet with the weights file in the torchvision cache",
+                    name, seed)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"methods.ae.extractor_weights: {path} does not exist")
+        model = ctor(weights=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"methods.ae.extractor_weights: {path} is not a {name} state dict: {e}") from e
+        log.info("extractor %s: weights from %s", name, path)
+    if name == "vgg11":
+        cut: nn.Module = model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
+    elif name == "resnet50":
+        cut = nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
+    else:
+        cut = model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
+    cut.eval()
+    for p in cut.parameters():
+        p.requires_grad_(False)
+    return cut
+
+
+class FrozenExtractor(nn.Module):
+    """Resize to the extractor's input, grey -> 3 channels, ImageNet normalisation, backbone, avg-pool to 7x7."""
+
+    def __init__(self, backbone: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> FrozenExtractor:
+        """Always eval: the backbone is frozen, BatchNorm statistics never move."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, K, 7, 7) pooled features."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey copied to 3 channels (appendix A.2)
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        f = self.backbone((x - self.mean) / self.std)
+        return F.adaptive_avg_pool2d(f, POOLED)  # 14x14 -> 7x7 at 224 (the paper's avg-pool 2x2, stride 2)
+
+
+class EncoderModule(nn.Module):
+    """The exported encoder: (B, C, H, W) in [0, 1] -> (B, latent) (the mean for VAEs)."""
+
+    def __init__(self, extractor: FrozenExtractor | None, encoder: nn.Module, latent_dim: int) -> None:
+        super().__init__()
+        self.extractor, self.encoder, self.latent_dim = extractor, encoder, latent_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.extractor(x) if self.extractor is not None else x
+        return self.encoder(h)[:, : self.latent_dim]
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+class TargetSampler:
+    """Picks reconstruction targets (Eq. 1-3) and triplet partners (appendix A.2) within one split."""
+
+    def __init__(self, split: PreparedSplit, sampling: str, where: str) -> None:
+        self.sampling = sampling
+        self.labels = np.asarray(split.labels)
+        self.scenes = np.asarray(split.scene_ids)
+        n = len(self.labels)
+        if sampling == "I":
+            if (self.scenes < 0).any():
+                raise DataError(f"{where}: sampling 'I' needs scene ids (the source has none)")
+            _, inv, counts = np.unique(self.scenes, return_inverse=True, return_counts=True)
+            if (counts < 2).any():
+                raise DataError(f"{where}: sampling 'I' needs >= 2 variations of every scene; "
+                                f"{int((counts < 2).sum())} scenes have one")
+            self.by_scene = [np.flatnonzero(inv == s) for s in range(len(counts))]
+            self.scene_of = inv
+        self.by_class: dict[int, np.ndarray] = {}
+        if (self.labels == NO_LABEL).any() and sampling == "II":
+            raise DataError(f"{where}: sampling 'II' needs class labels on every source image")
+        for c in np.unique(self.labels):
+            self.by_class[int(c)] = np.flatnonzero(self.labels == c)
+        self.classes = np.array(sorted(self.by_class))
+        self.n = n
+
+    def _other_scene_same_class(self, i: int, rng: np.random.Generator) -> int:
+        pool = self.by_class[int(self.labels[i])]
+        sc = self.scenes[i]
+        for _ in range(16):  # rejection: a different scene (any image when the source has no scenes)
+            j = int(pool[rng.integers(len(pool))])
+            if j != i and (sc < 0 or self.scenes[j] != sc):
+                return j
+        cand = pool[(pool != i) & ((self.scenes[pool] != sc) if sc >= 0 else True)]
+        if len(cand) == 0:
+            raise DataError(f"class {self.labels[i]} has a single scene; sampling II / triplets need two")
+        return int(cand[rng.integers(len(cand))])
+
+    def targets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Eq. 1 (vanilla): the input; Eq. 2 (I): other variation, same scene; Eq. 3 (II): other scene, same class."""
+        if self.sampling == "vanilla":
+            return idx.copy()
+        out = np.empty_like(idx)
+        for k, i in enumerate(idx):
+            if self.sampling == "I":
+                pool = self.by_scene[self.scene_of[i]]
+                pool = pool[pool != i]
+                out[k] = pool[rng.integers(len(pool))]
+            else:
+                out[k] = self._other_scene_same_class(int(i), rng)
+        return out
+
+    def positives(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Appendix A.2: a different scene of the same class."""
+        return np.array([self._other_scene_same_class(int(i), rng) for i in idx], np.int64)
+
+    def negatives(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Appendix A.2: a scene of another class (digits: any other digit)."""
+        if len(self.classes) < 2:
+            raise DataError("triplet loss needs at least two classes in the source domain")
+        out = np.empty_like(idx)
+        for k, i in enumerate(idx):
+            c = int(self.labels[i])
+            others = self.classes[self.classes != c]
+            pool = self.by_class[int(others[rng.integers(len(others))])]
+            out[k] = pool[rng.integers(len(pool))]
+        return out
+
+
+def one_per_scene(split: PreparedSplit) -> np.ndarray:
+    """Indices of the first image of every scene (all images where the split has no scene ids)."""
+    s = np.asarray(split.scene_ids)
+    if (s < 0).any():
+        return np.arange(len(s))
+    _, first = np.unique(s, return_index=True)
+    return np.sort(first)
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+
+class Method(BaseMethod):
+    """Autoencoder family of paper 1 (AE / VAE / beta-VAE / FactorVAE, E-, I-, II-, T- variants)."""
+
+    name: ClassVar[str] = "ae"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
+    evaluator: ClassVar[str] = "latent"  # s2r.evaluators.latent: latent classifiers + reconstruction metrics
+
+    def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
+        super().__init__(cfg, data, seed)
+        spec = data.spec
+        self.source = cfg.source_domain or spec.source
+        if self.source not in [d.name for d in spec.domains]:
+            raise DataError(f"key 'methods.ae.source_domain': {self.source!r} is not a domain of {data.root}")
+        self.target = spec.target
+        self.channels, self.size = spec.channels, spec.image_size
+        self.train_split = data.get(self.source, "train")
+        where = f"{data.root} ({self.source}/train)"
+        if cfg.triplet or cfg.sampling == "II":
+            if (self.train_split.labels == NO_LABEL).any():
+                raise DataError(f"{where}: triplet loss and sampling II need class labels")
+        self.sampler = TargetSampler(self.train_split, cfg.sampling, where)
+        self.pool = IndexPool(np.arange(len(self.train_split)))
+        self.batch_size = cfg.batch_size
+        self.is_vae = cfg.model in ("vae", "factorvae")
+        out_dim = 2 * cfg.latent_dim if self.is_vae else cfg.latent_dim
+        self.extractor: FrozenExtractor | None = None
+        if cfg.extractor != "none":
+            backbone = build_extractor(cfg.extractor, cfg.extractor_weights, cfg.extractor_seed)
+            self.extractor = FrozenExtractor(backbone, cfg.extractor_input_size)
+            self.encoder: nn.Module = Summariser(EXTRACTOR_CHANNELS[cfg.extractor], out_dim)
+        else:
+            self.encoder = ConvEncoder(self.channels, self.size, out_dim, cfg.conv_channels)
+        self.decoder = Decoder(cfg.latent_dim, self.channels, self.size, cfg.decoder_fc_channels)
+        self.discriminator = Discriminator(cfg.latent_dim) if cfg.model == "factorvae" else None
+        self._features: dict[tuple[str, str, bool], torch.Tensor] = {}
+        self._extractor_key = ""
+
+    # -- extractor cache ------------------------------------------------------------------------------
+    def extractor_key(self) -> str:
+        """Identifies the frozen extractor's function: backbone, its weights, input size."""
+        if not self._extractor_key and self.extractor is not None:
+            h = hashlib.sha256(f"{self.cfg.extractor}|{self.cfg.extractor_input_size}|{POOLED}".encode())
+            for k, v in self.extractor.backbone.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            self._extractor_key = h.hexdigest()[:16]
+        return self._extractor_key
+
+    @torch.no_grad()
+    def extract(self, images: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> (N, K, 7, 7) float16 pooled features on the CPU (the frozen extractor)."""
+        assert self.extractor is not None
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = to_float(np.asarray(images[i : i + batch_size]), self.device)
+            out.append(self.extractor(x).half().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def features(self, domain: str, split: str, flipped: bool = False) -> torch.Tensor:
+        """Cached pooled extractor features of one (domain, split): computed once, then read (memory / disk)."""
+        key = (domain, split, flipped)
+        if key in self._features:
+            return self._features[key]
+        path = None
+        if self.cfg.feature_cache_dir:
+            name = f"{self.data.data_version[:16]}-{self.extractor_key()}-{domain}-{split}{'-flip' if flipped else ''}"
+            path = Path(self.cfg.feature_cache_dir) / f"{name}.pt"
+            if path.is_file():
+                self._features[key] = torch.load(path, map_location="cpu", weights_only=True)
+                return self._features[key]
+        images = np.asarray(self.data.get(domain, split).images)
+        if flipped:
+            images = images[:, :, ::-1].copy()
+        from tqdm import tqdm
+
+        log.info("extracting %s features of %s/%s (%d images)", self.cfg.extractor, domain, split, len(images))
+        starts = tqdm(range(0, len(images), 512), desc=f"extract {domain}/{split}", disable=len(images) <= 512,
+                      mininterval=5.0)
+        chunks = [self.extract(images[i : i + 512]) for i in starts]
+        feats = torch.cat(chunks)
+        self._features[key] = feats
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(feats, tmp)
+            tmp.replace(path)
+        return feats
+
+    # -- optimisation -----------------------------------------------------------------------------------
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for m in (self.encoder, self.decoder) for p in m.parameters()]
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        c = self.cfg
+        opts: dict[str, torch.optim.Optimizer] = {
+            "ae": torch.optim.AdamW(self.trainable(), lr=c.lr, weight_decay=c.weight_decay)}  # appendix A.2
+        if self.discriminator is not None:
+            opts["disc"] = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr_disc, betas=(0.5, 0.9))
+        return opts
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        """Endless batches: input images (uint8, for previews), their labels, and the source indices of the
+        inputs (anchors, then positives and negatives with a triplet loss), their targets and flips."""
+        while True:
+            a = np.sort(self.pool.draw(self.batch_size, self.rng))
+            groups = [a]
+            if self.cfg.triplet:
+                groups += [self.sampler.positives(a, self.rng), self.sampler.negatives(a, self.rng)]
+            idx = np.concatenate(groups)
+            tgt = self.sampler.targets(idx, self.rng)
+            flip = self.rng.random(len(idx)) < 0.5 if self.cfg.hflip else np.zeros(len(idx), bool)
+            images = self._read(self.train_split, idx)
+            yield images, self.train_split.labels[idx], {"input": idx, "target": tgt, "flip": flip}
+
+    def _inputs(self, images: np.ndarray, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        """Encoder inputs: cached extractor features (E- models) or the images."""
+        if self.extractor is not None:
+            f = self.features(self.source, "train")[torch.from_numpy(idx)]
+            if flip.any():
+                ff = self.features(self.source, "train", flipped=True)[torch.from_numpy(idx[flip])]
+                f[torch.from_numpy(flip)] = ff
+            return f.to(self.device).float()
+        return self._flipped(images.copy(), flip)
+
+    @staticmethod
+    def _read(split: PreparedSplit, idx: np.ndarray) -> np.ndarray:
+        order = np.argsort(idx)
+        imgs = np.empty((len(idx), *split.images.shape[1:]), np.uint8)
+        imgs[order] = split.images[idx[order]]  # sorted reads are memmap-friendly
+        return imgs
+
+    def _images(self, split: PreparedSplit, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        return self._flipped(self._read(split, idx), flip)
+
+    def _flipped(self, imgs: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+        if flip.any():
+            imgs[flip] = imgs[flip][:, :, ::-1]
+        return to_float(imgs, self.device)
+
+    def encode_tensor(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder output -> (z mean or code, logvar or None)."""
+        out = self.encoder(h)
+        if self.is_vae:
+            return out[:, : self.cfg.latent_dim], out[:, self.cfg.latent_dim :].clamp(-20.0, 20.0)
+        return out, None
+
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]) -> dict[str, float]:
+        c = self.cfg
+        batch_idx = batch[2]
+        x = self._inputs(batch[0], batch_idx["input"], batch_idx["flip"])
+        target = self._images(self.train_split, batch_idx["target"], batch_idx["flip"])
+        with self.autocast():
+            mu, logvar = self.encode_tensor(x)
+            if logvar is not None:
+                z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+            else:
+                z = mu
+            logits = self.decoder(z).float()
+        rec = recon_loss(c.recon_loss, logits, target, c.ssim_win_size)  # (3B,) with triplets
+        b = self.batch_size
+        if c.triplet:
+            # Eq. 5: beta * (L_r(anchor) + L_r(positive) + L_r(negative)): the per-group means summed
+            l_rec = rec.view(3, b).mean(1).sum()
+            l_tri = triplet_loss(mu[:b].float(), mu[b : 2 * b].float(), mu[2 * b :].float(), c.triplet_margin,
+                                 c.triplet_swap)
+        else:
+            l_rec = rec.mean()
+            l_tri = torch.zeros((), device=rec.device)
+        loss = c.alpha * l_tri + c.beta * l_rec
+        out: dict[str, float] = {"recon": float(l_rec.detach())}
+        if c.triplet:
+            out["triplet"] = float(l_tri.detach())
+        if logvar is not None:
+            # the reconstruction term is a mean over the D = C*H*W pixels, so the KL is divided by D too:
+            # the same balance as the ELBO with a per-image sum (beta-VAE's beta keeps its meaning)
+            d = float(target[0].numel())
+            kl = kl_standard_normal(mu.float(), logvar.float()).mean()
+            loss = loss + c.beta_kl * kl / d
+            out["kl"] = float(kl.detach())
+            if self.discriminator is not None:
+                tc = total_correlation(self.discriminator(z.float()))
+                loss = loss + c.gamma_tc * tc / d
+                out["tc"] = float(tc.detach())
+        self.optimize(loss, "ae")
+        if self.discriminator is not None:
+            # discriminator: z (class 0) vs dimension-wise permuted z (class 1), Kim & Mnih 2018 Algorithm 2
+            zd = z.detach().float()
+            zp = permute_dims(zd)
+            logits_d = torch.cat([self.discriminator(zd), self.discriminator(zp)])
+            labels = torch.cat([torch.zeros(len(zd)), torch.ones(len(zp))]).long().to(zd.device)
+            d_loss = F.cross_entropy(logits_d, labels)
+            self.optimize(d_loss, "disc")
+            out["disc"] = float(d_loss.detach())
+        out["loss"] = float(loss.detach())
+        return out
+
+    # -- capabilities ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 (N, H, W, C) -> (N, latent) codes (the posterior mean for VAEs)."""
+        was = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = to_float(np.asarray(images[i : i + batch_size]), self.device)
+            h = self.extractor(x).float() if self.extractor is not None else x
+            out.append(self.encode_tensor(h)[0].float().cpu())
+        self.train(was)
+        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.latent_dim), np.float32)
+
+    @torch.no_grad()
+    def encode_split(self, domain: str, split: str, flipped: bool = False, batch_size: int = 512) -> np.ndarray:
+        """Latents of a whole (domain, split), reading cached extractor features for E- models."""
+        if self.extractor is None:
+            images = np.asarray(self.data.get(domain, split).images)
+            return self.encode(images[:, :, ::-1].copy() if flipped else images, batch_size)
+        was = self.training
+        self.eval()
+        feats = self.features(domain, split, flipped)
+        out = [self.encode_tensor(feats[i : i + batch_size].to(self.device).float())[0].float().cpu()
+               for i in range(0, len(feats), batch_size)]
+        self.train(was)
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """(N, latent) -> uint8 (N, H, W, C) reconstructions."""
+        x = torch.sigmoid(self.decoder(torch.from_numpy(np.asarray(z, np.float32)).to(self.device)).float())
+        return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images -> uint8 reconstructions through the posterior mean."""
+        return self.decode(self.encode(images))
+
+    def validate(self) -> dict[str, float]:
+        """KNN (k = sqrt(N)) accuracy on the target domain's val split: the study objective (never test)."""
+        from sklearn.neighbors import KNeighborsClassifier
+
+        if not self.data.has(self.target, "val"):
+            return {}
+        src = self.data.get(self.source, "train")
+        val = self.data.get(self.target, "val")
+        keep = one_per_scene(src) if self.cfg.fit_one_per_scene else np.arange(len(src))
+        if len(keep) > self.cfg.val_max_source:
+            keep = np.sort(np.random.default_rng(0).choice(keep, self.cfg.val_max_source, replace=False))
+        z_src = self.encode_split(self.source, "train")[keep]
+        z_val = self.encode_split(self.target, "val")
+        y_src = src.labels[keep]
+        labelled = (y_src != NO_LABEL)
+        if labelled.sum() < 2 or (val.labels == NO_LABEL).all():
+            return {}
+        k = self.cfg.knn_k or knn_default_k(int(labelled.sum()))
+        knn = KNeighborsClassifier(n_neighbors=min(k, int(labelled.sum()))).fit(z_src[labelled], y_src[labelled])
+        ok = val.labels != NO_LABEL
+        acc = float((knn.predict(z_val[ok]) == val.labels[ok]).mean())
+        return {"val_knn_accuracy": acc}
+
+    def example_input(self) -> np.ndarray:
+        return to_float(np.asarray(self.data.get(self.target, "val").images[:2]), torch.device("cpu")).numpy()
+
+    def export_model(self) -> nn.Module:
+        return EncoderModule(self.extractor, self.encoder, self.cfg.latent_dim)
+
+    def sampler_state(self) -> dict[str, Any]:
+        return super().sampler_state() | {"pool": self.pool.state()}
+
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        super().load_sampler_state(state)
+        self.pool.load(state["pool"])
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Trainable modules only: the frozen extractor is rebuilt from its config (and fixed seed/weights)."""
+        sd = super().state_dict(*args, **kwargs)
+        for k in [k for k in sd if k.startswith("extractor.")]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        missing_ok = {k for k in super().state_dict() if k.startswith("extractor.")}
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            bad = [k for k in result.missing_keys if k not in missing_ok] + list(result.unexpected_keys)
+            if bad:
+                raise RuntimeError(f"ae: state dict mismatch: {bad[:8]}")
+        return result
