@@ -166,6 +166,56 @@ def test_paper3_recipe_uses_existing_cli_and_paper_scale() -> None:
         held = [int(v) for v in str(b["ood_holdout"]).split(",")]
         assert 2 <= factors[want] - len(held) and all(0 <= v < factors[want] for v in held)
 
+@pytest.mark.parametrize("fixture", [False, True], ids=["full", "standin"])
+def test_paper5_recipe_uses_existing_cli_and_paper_scale(fixture: bool) -> None:
+    import re
+
+    from s2r.methods import registry
+
+    rec = recipes.load("cut-patch-refinement", REPO, fixture=fixture)
+    stages, r = rec["dvc"]["stages"], rec["recipe"]
+    cmds = " ".join(s.get("do", s)["cmd"] for s in stages.values())
+    for cmd in ("s2r data add", "s2r data validate", "s2r data prepare", "s2r train cut", "s2r refine cut",
+                "s2r train segmenter_", "s2r evaluate segmenter_", "s2r tables cut"):
+        assert cmd in cmds
+    for seg in r["segmenters"]:  # every segmenter the matrix names is a params block of a registered method
+        assert f"segmenter_{seg}" in rec["params"]["methods"] and registry.resolve(f"segmenter_{seg}")
+    assert set(r["experiments"]) == set(_prepared(rec)) and {t["benchmark"] for t in r["tables"].values()} <= set(
+        _prepared(rec))
+    # the --set overrides of the templated commands name existing keys, with values the strict loader accepts
+    for key, entries in (("cut", r["experiments"]), ("tables", r["tables"])):
+        cmd = stages[key]["do"]["cmd"]
+        for name, item in entries.items():
+            sets = dict(kv.split("=", 1) for kv in re.findall(r"--set '?([^ ']+)'?", cmd))
+            assert len(sets) >= 2, cmd
+            over = {k: yaml.safe_load(re.sub(r"\$\{item\.(\w+)\}", lambda m, it=item: str(it[m.group(1)]), v))
+                    for k, v in sets.items()}
+            params = dict(rec["params"])
+            for k, v in over.items():
+                params = recipes.overridden(params, {k: v}, f"{key}@{name}")
+            parsed = parse_params(params, f"{key}@{name}")
+            size = r["sources"][item.get("benchmark", name)]["options"]["image_size"]
+            sizes = parsed.reports.cut_tables.patch_sizes if key == "tables" else [parsed.methods["cut"].patch_size]
+            assert max(sizes) <= size, (name, sizes, size)
+    if not fixture:  # Section IV-A/B/D at the paper's scale
+        m, t = rec["params"]["methods"], rec["params"]["reports"]["cut_tables"]
+        assert m["cut"]["batch_size"] == 40 and m["cut"]["epochs"] == 400 and not m["cut"]["flip"]
+        assert sorted(t["patch_sizes"]) == [60, 70, 90, 100, 120, 160] and t["last_k"] == 50
+        assert t["seg_epochs"] == 300 and t["seg_steps_per_epoch"] * m["segmenter_target"]["batch_size"] == 1500
+        assert all(m[f"segmenter_{s}"]["ema_decay"] == 0.995 for s in r["segmenters"])
+        assert r["experiments"]["hb"] == {"patch_size": 70, "lambda_nce": 2.0}
+        assert sorted(t["lambda_nce"] for k, t in r["tables"].items() if k.startswith("hb")) == [2.0, 5.0, 7.0]
+        assert rec["params"]["train"]["device"] == "cuda"
+
+
+def test_tables_cut_set_must_be_key_value(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from s2r.cli import main
+
+    res = CliRunner().invoke(main, ["tables", "cut", "--data", str(tmp_path), "--set", "reports.cut_tables.lambda_nce"])
+    assert res.exit_code != 0 and "expected KEY=VALUE" in (res.output + str(res.exception))
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("paper", PAPERS)

@@ -410,17 +410,28 @@ def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path
 
 
 @click.option("--out", default="data/tables/cut", show_default=True, type=click.Path(file_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a params key in every run of the table (repeatable): reports.cut_tables.lambda_nce=2.")
 @PARAMS_OPT
-def tables_cut_cmd(data_dir: str, out: str, params_path: str) -> None:
+def tables_cut_cmd(data_dir: str, out: str, params_path: str, sets: tuple[str, ...]) -> None:
     """Paper 5's Table II (mIoU vs target-trained vs synthetic, per CUT patch size) and Table I (epoch time).
 
     Settings come from reports.cut_tables in params.yaml; every CUT and segmenter run is a nested MLflow run.
 
-    Example: s2r tables cut --data data/prepared/scenes --out data/tables/cut
+    Example: s2r tables cut --data data/prepared/scenes --out data/tables/cut --set reports.cut_tables.lambda_nce=2
     """
+    import yaml
+
+    from s2r.config import ConfigError
     from s2r.tables.cut import cut_tables
 
-    res = cut_tables(Path(data_dir), Path(out), Path(params_path))
+    overrides = {}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. reports.cut_tables.lambda_nce=2")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    res = cut_tables(Path(data_dir), Path(out), Path(params_path), overrides)
     click.echo((Path(out) / "table2.md").read_text())
     click.echo((Path(out) / "table1.md").read_text())
     verdict = "beat" if res["metrics"]["refined_beats_synthetic"] else "did NOT beat"

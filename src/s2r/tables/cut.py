@@ -32,8 +32,14 @@ def _lastk(plots: Path, k: int) -> np.ndarray:
     return df["test_miou"].to_numpy(np.float64)[-k:]
 
 
-def cut_tables(data_dir: Path, out: Path, params_path: Path) -> dict[str, Any]:
-    """Run every cell; write table2/table1 markdown + CSV, metrics.json and the box/violin plot; log to MLflow."""
+def cut_tables(data_dir: Path, out: Path, params_path: Path,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every cell; write table2/table1 markdown + CSV, metrics.json and the box/violin plot; log to MLflow.
+
+    `overrides` ({"reports.cut_tables.lambda_nce": 2.0}, `s2r tables cut --set`) apply to every params load, e.g.
+    one recipe params file serving several tables (paper 5's Table III per lambda_NCE).
+    """
+    sets = dict(overrides or {})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,13 +51,13 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path) -> dict[str, Any]:
     from s2r.stages import write_json
     from s2r.tracking import TrackedRun
 
-    base = load_params(params_path)
+    base = load_params(params_path, sets)
     cfg = base.reports.cut_tables
     size = base.benchmarks.scenes.image_size if data_dir.name.startswith("scenes") else None
     out.mkdir(parents=True, exist_ok=True)
 
     def seg_params(train_data: str) -> Any:
-        return load_params(params_path, {
+        return load_params(params_path, {**sets,
             "methods.segmenter_target.train_data": train_data, "methods.segmenter_target.epochs": cfg.seg_epochs,
             "methods.segmenter_target.steps_per_epoch": cfg.seg_steps_per_epoch,
             "methods.segmenter_target.last_k": cfg.last_k, "train.progress": False, "tracking.log_model": False})
@@ -72,7 +78,8 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path) -> dict[str, Any]:
         segment("synthetic", data_dir, "synthetic")
         refined: dict[int, Path] = {}
         for p in cfg.patch_sizes:
-            cp = load_params(params_path, {"methods.cut.patch_size": p, "methods.cut.lambda_nce": cfg.lambda_nce,
+            cp = load_params(params_path, {**sets, "methods.cut.patch_size": p,
+                                           "methods.cut.lambda_nce": cfg.lambda_nce,
                                            "methods.cut.epochs": cfg.cut_epochs,
                                            "methods.cut.steps_per_epoch": cfg.cut_steps_per_epoch,
                                            "train.progress": False, "tracking.log_model": False})
