@@ -49,8 +49,6 @@ def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
         k, v = s.split("=", 1)
         overrides[k] = yaml.safe_load(v)
     return load_params(params_path, overrides)
-
-
 @click.group(cls=S2RGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="s2r")
 def main() -> None:
@@ -140,8 +138,6 @@ def data_import_manifest(manifest: str, out: str, name: str, source: str, target
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--report", "report_path", required=True, type=click.Path(dir_okay=False),
               help="JSON report to write.")
-
-
 @click.option("--no-files", is_flag=True, help="Skip opening every image (manifest checks only).")
 def data_validate(root: str, report_path: str, no_files: bool) -> None:
     """Check a benchmark's manifest and files with Great Expectations; exit 1 on failure.
@@ -210,8 +206,6 @@ def _options(pairs: tuple[str, ...], files: tuple[str, ...]) -> dict[str, Any]:
 @click.option("-o", "--option", "pairs", multiple=True, metavar="KEY=VALUE", help="Adapter option (repeatable).")
 @click.option("--options", "option_files", multiple=True, metavar="FILE[:KEY]",
               help="Adapter options from a YAML file (optionally a dotted key inside it).")
-
-
 @click.option("--dvc/--no-dvc", default=True, show_default=True,
               help="`dvc add` the download and the benchmark (off inside DVC stages, whose outputs DVC tracks).")
 
@@ -287,8 +281,6 @@ def data_fixture(kind: str, out: str) -> None:
 @click.argument("method")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark folder.")
-
-
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--plots", type=click.Path(file_okay=False), help="Folder for training-curve CSV.")
@@ -297,8 +289,6 @@ def data_fixture(kind: str, out: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from a trained model folder (e.g. twinvae_heads from data/models/twinvae).")
-
-
 @PARAMS_OPT
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
               checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
@@ -377,16 +367,10 @@ def tables() -> None:
 @tables.command("mixing")
 @click.option("--synthetic", "syn", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with the original synthetic domain.")
-
-
 @click.option("--cyclegan", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark refined by CycleGAN (s2r refine cyclegan).")
-
-
 @click.option("--mrgan", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark refined by MrGAN's last stage (s2r refine mrgan).")
-
-
 @click.option("--out", default="data/tables/mixing", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path: str) -> None:
@@ -407,8 +391,6 @@ def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path
 @tables.command("cut")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with masks in source and target (e.g. data/prepared/scenes).")
-
-
 @click.option("--out", default="data/tables/cut", show_default=True, type=click.Path(file_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a params key in every run of the table (repeatable): reports.cut_tables.lambda_nce=2.")
@@ -441,16 +423,10 @@ def tables_cut_cmd(data_dir: str, out: str, params_path: str, sets: tuple[str, .
 @tables.command("twinvae")
 @click.option("--ours", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the twin VAE's heads (s2r evaluate twinvae_heads).")
-
-
 @click.option("--lower", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the sim-only lower bound (twinvae_simonly).")
-
-
 @click.option("--upper", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Evaluate JSON of the target-supervised upper bound (twinvae_targetsup).")
-
-
 @click.option("--out", default="data/tables/twinvae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path: str) -> None:
@@ -469,8 +445,6 @@ def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path:
 @tables.command("betavae")
 @click.option("--data", "data_dir", default="data/prepared/scenes", show_default=True,
               type=click.Path(exists=True, file_okay=False), help="Prepared factor-labelled benchmark.")
-
-
 @click.option("--out", default="data/tables/betavae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -502,12 +476,8 @@ def tables_betavae_cmd(data_dir: str, out: str, params_path: str, sets: tuple[st
 @tables.command("ae")
 @click.option("--digits", type=click.Path(exists=True, file_okay=False), default=None,
               help="Prepared digits benchmark: Table 10 (latent classifiers, all seeds of reports.ae_tables).")
-
-
 @click.option("--scenes", type=click.Path(exists=True, file_okay=False), default=None,
               help="Prepared scenes benchmark: Table 1 (reconstructions, trained on toy and on sim).")
-
-
 @click.option("--out", default="data/tables/ae", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
 def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path: str) -> None:
@@ -542,8 +512,6 @@ def report_cmd(metrics_dir: str) -> None:
 @click.argument("method", default="mixing")
 @click.option("--data", "data_dir", default="data/prepared/digits", show_default=True,
               type=click.Path(exists=True, file_okay=False))
-
-
 @click.option("--fractions", default="0,0.125,1", show_default=True, help="real_fraction values to compare.")
 @click.option("--out", default="data/benchmark/mixing.json", show_default=True, type=click.Path(dir_okay=False))
 @PARAMS_OPT
@@ -571,8 +539,6 @@ def registry_group() -> None:
 @click.option("--run-id", help="MLflow run id of a training run (train@METHOD).")
 @click.option("--from", "from_file", type=click.Path(dir_okay=False),
               help="A train metrics JSON or a tuning best.yaml holding mlflow_run_id.")
-
-
 @click.option("--alias", default="candidate", show_default=True, help="Alias to point at the new version.")
 @click.option("--receipt", type=click.Path(dir_okay=False), help="JSON receipt to write (name, version, ...).")
 def registry_register(method: str, run_id: str | None, from_file: str | None, alias: str,
@@ -637,8 +603,6 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 @click.option("--study", required=True, help="A study declared under `studies:` in params.yaml.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark the trials train on.")
-
-
 @click.option("--n-trials", type=int, help="Finished trials wanted in total (default: the study's n_trials).")
 @click.option("--storage", help="RDB URL (postgresql+psycopg2://…) or journal file [data/tuning/STUDY/journal.log].")
 @click.option("--study-name", help="Name of the study in the storage [STUDY].")
