@@ -122,6 +122,24 @@ def test_samplers_return_targets_with_the_stated_relation(paired: Path) -> None:
     assert (split.labels[neg] != split.labels[idx]).all()
 
 
+def test_single_scene_class_falls_back_to_its_own_scene() -> None:
+    """A class with one scene (rare seat combinations of SVIRO-Illumination): sampling II and triplet positives
+    take another variation of that scene (same class), or the image itself when the class has one image."""
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(labels=np.array([0, 0, 1, 1, 1, 2]), scene_ids=np.array([5, 5, 6, 7, 7, 8]))
+    s = ae.TargetSampler(split, "II", "t")  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    idx = np.array([0, 1, 2, 3, 5])
+    for _ in range(5):
+        t, pos = s.targets(idx, rng), s.positives(idx, rng)
+        assert (split.labels[t] == split.labels[idx]).all() and (split.labels[pos] == split.labels[idx]).all()
+        assert list(t[:2]) == [1, 0] and list(pos[:2]) == [1, 0]  # class 0: the other variation of scene 5
+        assert t[2] in (3, 4) and split.scene_ids[t[3]] == 6  # class 1 has two scenes: another scene
+        assert t[4] == 5  # class 2: a single image, itself
+        assert (split.labels[s.negatives(idx, rng)] != split.labels[idx]).all()
+
+
 def test_sampling_I_needs_variations(tiny_prepared: Path) -> None:
     from s2r.data.benchmark import DataError
 
@@ -342,3 +360,13 @@ def test_tables_ae_cli_on_tiny_data(paired: Path, tmp_path: Path, in_tmp: Path) 
     assert "FactorVAE" in t1 and "E-AE" in t1 and "n/a" in t1  # LPIPS unavailable offline, not zero
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["table10.II-E-TAE.knn"] <= 1.0
+
+
+def test_tsne_plot_with_too_few_latents_is_labelled_not_an_error() -> None:
+    """Stand-in splits can hold 2 target test images and no labelled source (MPI3D): t-SNE needs n > perplexity."""
+    from s2r.evaluators.latent import plot_tsne
+
+    fig = plot_tsne(np.zeros((0, 4)), np.ones((2, 4)), ("realistic", "real"), "t")
+    assert "too few for t-SNE" in fig.axes[0].texts[0].get_text()
+    fig = plot_tsne(np.random.default_rng(0).normal(size=(6, 4)), np.ones((3, 4)), ("a", "b"), "t")
+    assert len(fig.axes[0].collections) == 2  # source and target scatter

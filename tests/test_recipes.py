@@ -144,6 +144,63 @@ def test_paper2_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
         assert used <= opts, (cmd, used - opts)
         if cur.name in ("train", "evaluate"):
             assert words[0] in methods, cmd
+def test_paper1_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
+    """Paper 1 (extractor AEs): appendix A.2 (AdamW 1e-4, wd 1e-5, batch 64, 250 / 100 epochs, 224 px extractor
+    input, ImageNet VGG-11 cut at level -3, latent 64 / 10, Table 7 / 4 / 6 decoders, SSIM, Eq. 5 alpha = beta = 1),
+    the Table 2-3 variants on Kodiaq -> TICaM, and every stage command is an existing s2r command / option / method."""
+    import click
+
+    from s2r.cli import main
+    from s2r.methods import registry
+
+    rec = recipes.load("extractor-autoencoder-pirl-triplet", REPO)
+    p = parse_params(rec["params"], "extractor-autoencoder-pirl-triplet/params.yaml")
+    assert p.train.device == "cuda"
+    interior = {"ae_e": ("vanilla", False), "ae_i_e": ("I", False), "ae_ii_e": ("II", False),
+                "ae_e_tae": ("vanilla", True), "ae_i_e_tae": ("I", True), "ae_ii_e_tae": ("II", True)}
+    mpi3d = {"ae_mpi3d": "none", "ae_mpi3d_e": "vgg11", "ae_mpi3d_e_toy": "vgg11"}
+    assert set(p.methods) == set(interior) | set(mpi3d)
+    for name, m in p.methods.items():
+        assert registry.resolve(name) == "s2r.methods.ae", name
+        assert (m.lr, m.weight_decay, m.batch_size, m.recon_loss, m.alpha, m.beta) == (1e-4, 1e-5, 64, "ssim", 1, 1)
+        assert m.triplet_margin == 0.2 and m.triplet_swap and m.knn_k == 0
+        if m.extractor != "none":
+            assert m.extractor_weights == "imagenet" and m.extractor_input_size == 224, name
+    for name, (sampling, triplet) in interior.items():
+        m = p.methods[name]
+        assert (m.sampling, m.triplet, m.extractor, m.latent_dim, m.decoder_fc_channels, m.epochs) == (
+            sampling, triplet, "vgg11", 64, 256, 250), name  # Table 7: FC 4096 = 256 x 4 x 4
+    for name, ext in mpi3d.items():
+        m = p.methods[name]
+        assert (m.extractor, m.latent_dim, m.decoder_fc_channels, m.epochs, m.sampling) == (ext, 10, 64, 100,
+                                                                                          "vanilla"), name
+    assert p.methods["ae_mpi3d_e_toy"].source_domain == "toy" and p.methods["ae_mpi3d_e"].source_domain == "realistic"
+    srcs = rec["recipe"]["sources"]
+    assert all(s["options"]["image_size"] == 64 for s in srcs.values())  # the Table 4 / 6 / 7 decoders end at 64
+    assert srcs["ticam"]["options"]["flips"] and srcs["sviro_illumination_lr"]["options"]["seats"] == "outer"
+    fixture = recipes.load("extractor-autoencoder-pirl-triplet", REPO, fixture=True)["params"]["methods"]
+    assert all(m["extractor_weights"] == "none" for m in fixture.values())  # no ImageNet weights in a stand-in
+    cmds = _expanded_commands(rec)
+    joined = " ".join(cmds)
+    for name in interior:
+        assert f"s2r train {name} --data data/prepared/kodiaq_ticam " in joined, name
+        assert f"s2r evaluate {name} --model data/models/kodiaq_ticam/{name} " in joined, name
+    for name in mpi3d:
+        assert f"s2r train {name} --data data/prepared/mpi3d_large " in joined, name
+        assert f"s2r evaluate {name} --model data/models/mpi3d_large/{name} " in joined, name
+    for cmd in cmds:  # every (sub)command and option exists in the CLI
+        words, cur = cmd.split()[1:], main
+        while isinstance(cur, click.Group):
+            sub = cur.get_command(click.Context(cur), words[0])
+            assert sub is not None, (cmd, words[0])
+            cur, words = sub, words[1:]
+        opts = {o for prm in cur.params for o in (*prm.opts, *getattr(prm, "secondary_opts", []))}
+        used = {w.split("=")[0] for w in words if w.startswith("--")}
+        assert used <= opts, (cmd, used - opts)
+        if cur.name in ("train", "evaluate"):
+            assert words[0] in p.methods, cmd
+
+
 def test_paper3_recipe_uses_existing_cli_and_paper_scale() -> None:
     from s2r.tables.betavae import model_grid
 
@@ -236,6 +293,11 @@ def test_recipe_runs_end_to_end_on_standins(paper: str, tmp_path: Path) -> None:
         ev_path = root / "data" / "metrics" / "vkitti2_kitti" / "twinvae_heads" / "evaluate.json"
         ev = yaml.safe_load(ev_path.read_text())
         assert ev["depth_images"] > 0 and ev["seg_images"] > 0 and ev["n"] > max(ev["depth_images"], ev["seg_images"])
+    if paper == "extractor-autoencoder-pirl-triplet":
+        for b, name in (("kodiaq_ticam", "ae_ii_e_tae"), ("mpi3d_large", "ae_mpi3d_e_toy")):
+            ev = yaml.safe_load((root / "data" / "metrics" / b / name / "evaluate.json").read_text())
+            assert ev["recon_ssim_real"] is not None and (b != "kodiaq_ticam" or "knn_accuracy" in ev)
+            assert ev.get("paired", 0) == 0 if b == "kodiaq_ticam" else ev["paired"] > 0  # scenes pair in MPI3D only
     if paper == "mixing-ratio-mrgan":
         assert "Real + Refined by MrGAN" in (root / "data" / "tables" / "cifar_da4" / "table3.md").read_text()
     if paper == "disentanglement-transfer-ood":

@@ -251,6 +251,14 @@ def test_merge_vkitti2_kitti_and_class_mismatch(tmp_path: Path) -> None:
     spec, df = load_benchmark(out)
     assert [d.role for d in spec.domains] == ["source", "target"] and len(df) == 20 + 13
     assert all(resolve_path(out, p).is_file() for p in df["mask_path"])
+    il = _add("sviro_illumination", interior.sviro_fixture(tmp_path / "ri", vehicles=("kodiaq", "cayenne"), n=6,
+                                                           illumination=True), tmp_path / "il",
+              options={"seats": "outer", "image_size": 8})
+    ti = _add("ticam", interior.ticam_fixture(tmp_path / "rt", n=6), tmp_path / "ti", options={"image_size": 8})
+    _, dm = load_benchmark(merge([il, ti], tmp_path / "kt", name="kt", source="kodiaq", target="ticam"))
+    sv, st = (set(dm.loc[dm["domain"] == d, "scene_id"].astype(int)) - {-1} for d in ("kodiaq", "ticam"))
+    assert sv and st and not sv & st  # different datasets' scenes never share an id (no false scene pairs)
+    assert dm.groupby("scene_id")["variation"].nunique().max() > 1  # Kodiaq's variations still share their scene
     t = _add("trifinger", misc.trifinger_fixture(tmp_path / "rt"), tmp_path / "t")
     with pytest.raises(DataError, match="differs"):
         merge([tmp_path / "v", t], tmp_path / "x", name="x", source="vkitti2", target="real")

@@ -143,9 +143,13 @@ def plot_tsne(z_src: np.ndarray, z_tgt: np.ndarray, names: tuple[str, str], titl
     a = z_src[rng.permutation(len(z_src))[:max_points]]
     b = z_tgt[rng.permutation(len(z_tgt))[:max_points]]
     both = np.concatenate([a, b]).astype(np.float64)
+    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=110)
+    if len(both) < 5:  # t-SNE needs perplexity < n: too few points (stand-in splits) get an empty, labelled plot
+        ax.text(0.5, 0.5, f"{len(both)} latents: too few for t-SNE", ha="center", va="center", fontsize=8)
+        ax.set_title(title, fontsize=8)
+        return fig
     perplexity = float(max(2.0, min(30.0, (len(both) - 1) / 3)))
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(both)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=110)
     ax.scatter(emb[: len(a), 0], emb[: len(a), 1], s=8, marker="o", alpha=0.6, label=f"{names[0]} (source)")
     ax.scatter(emb[len(a) :, 0], emb[len(a) :, 1], s=10, marker="x", alpha=0.7, label=f"{names[1]} (target)")
     ax.set_xticks([])
@@ -182,7 +186,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         result |= {"knn_k": int(scores.pop("knn_k"))} | scores
         result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
     names = (source, target)
-    fig = plot_tsne(z_train, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
+    z_src_plot = z_train if len(z_train) else _encode(method, source, "train")  # unlabelled source (MPI3D): all
+    fig = plot_tsne(z_src_plot, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
     _save(fig, run, plots_out, "tsne.png")
     plt.close(fig)
 

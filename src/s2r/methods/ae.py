@@ -377,6 +377,11 @@ class TargetSampler:
             self.by_class[int(c)] = np.flatnonzero(self.labels == c)
         self.classes = np.array(sorted(self.by_class))
         self.n = n
+        if sampling == "II" or sampling == "I":
+            single = [c for c, ix in self.by_class.items() if c != NO_LABEL and len(np.unique(self.scenes[ix])) < 2]
+            if single and sampling == "II":
+                log.warning("%s: %d class(es) %s have a single scene: sampling II / triplet positives use another "
+                            "image of that scene (or the image itself) for them", where, len(single), single[:8])
 
     def _other_scene_same_class(self, i: int, rng: np.random.Generator) -> int:
         pool = self.by_class[int(self.labels[i])]
@@ -387,7 +392,10 @@ class TargetSampler:
                 return j
         cand = pool[(pool != i) & ((self.scenes[pool] != sc) if sc >= 0 else True)]
         if len(cand) == 0:
-            raise DataError(f"class {self.labels[i]} has a single scene; sampling II / triplets need two")
+            # a class with a single scene (rare seat combinations of a real dataset): no other scene exists, so
+            # fall back to another image of the same class (another variation of the same scene), else itself
+            cand = pool[pool != i]
+            return int(cand[rng.integers(len(cand))]) if len(cand) else i
         return int(cand[rng.integers(len(cand))])
 
     def targets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -197,8 +197,15 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
             raise DataError(f"{key} {v!r} is not a domain of the merged benchmarks {names}")
     size = image_size or max(spec.image_size for _, spec, _ in loaded)
     frames = []
+    offset = 0
     for p, _, df in loaded:
         df = df.copy()
+        if "scene_id" in df.columns:  # scenes of different datasets are different scenes: keep their ids disjoint
+            sc = pd.to_numeric(df["scene_id"], errors="coerce")
+            ok = sc.notna() & (sc >= 0)
+            if ok.any():
+                df.loc[ok, "scene_id"] = sc[ok] + offset
+                offset = int(sc[ok].max()) + offset + 1
         for col in ("path", "depth_path", "mask_path"):
             if col in df.columns:
                 df[col] = [os.path.relpath(os.path.abspath(resolve_path(p, v)), os.path.abspath(out))
