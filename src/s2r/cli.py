@@ -37,10 +37,11 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
+def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
+    """`--set KEY=VALUE` options -> {dotted key: YAML-parsed value}."""
     import yaml
 
-    from s2r.config import ConfigError, load_params
+    from s2r.config import ConfigError
 
     overrides = {}
     for s in sets:
@@ -48,7 +49,15 @@ def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
             raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. methods.mixing.lr=0.01")
         k, v = s.split("=", 1)
         overrides[k] = yaml.safe_load(v)
-    return load_params(params_path, overrides)
+    return overrides
+
+
+def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
+    from s2r.config import load_params
+
+    return load_params(params_path, _overrides(sets))
+
+
 @click.group(cls=S2RGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="s2r")
 def main() -> None:
@@ -402,17 +411,9 @@ def tables_cut_cmd(data_dir: str, out: str, params_path: str, sets: tuple[str, .
 
     Example: s2r tables cut --data data/prepared/scenes --out data/tables/cut --set reports.cut_tables.lambda_nce=2
     """
-    import yaml
-
-    from s2r.config import ConfigError
     from s2r.tables.cut import cut_tables
 
-    overrides = {}
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. reports.cut_tables.lambda_nce=2")
-        k, v = item.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+    overrides = _overrides(sets)
     res = cut_tables(Path(data_dir), Path(out), Path(params_path), overrides)
     click.echo((Path(out) / "table2.md").read_text())
     click.echo((Path(out) / "table1.md").read_text())
@@ -456,17 +457,9 @@ def tables_betavae_cmd(data_dir: str, out: str, params_path: str, sets: tuple[st
 
     Example: s2r tables betavae --data data/prepared/scenes --out data/tables/betavae
     """
-    import yaml
-
-    from s2r.config import ConfigError
     from s2r.tables.betavae import betavae_tables
 
-    overrides = {}
-    for s in sets:
-        if "=" not in s:
-            raise ConfigError(f"--set {s!r}: expected KEY=VALUE, e.g. methods.betavae.ood_factor=object_color")
-        k, v = s.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
+    overrides = _overrides(sets)
     res = betavae_tables(Path(data_dir), Path(out), Path(params_path), overrides)
     click.echo((Path(out) / "transfer.md").read_text())
     click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
