@@ -34,3 +34,26 @@ def test_confusion_plot_has_counts() -> None:
     fig = plot_confusion(np.array([[3, 1], [2, 0]]), ["a", "b"], "t")
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert texts == {"3", "1", "2"}
+
+
+def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path) -> None:
+    """`s2r report` (the last line of `make run`) reads every evaluator's evaluate.json without crashing."""
+    import json
+
+    from s2r.stages import report
+
+    files = {
+        "mixing": {"evaluator": "classification", "domain": "real", "accuracy": 0.9, "balanced_accuracy": 0.8},
+        "ae": {"evaluator": "latent", "domain": "real", "accuracy": 0.2, "knn_accuracy": 0.2, "rf_accuracy": 0.1,
+               "svm_accuracy": None},
+        "twinvae_heads": {"evaluator": "depth_segmentation", "domain": "pseudo_real", "abs_rel": None, "miou": 0.5},
+        "other": {"evaluator": "unknown", "domain": "x", "score": 0.25},
+    }
+    for name, m in files.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "evaluate.json").write_text(json.dumps(m))
+    text = report(tmp_path)
+    assert text.count("method") == 4  # one table each
+    assert "knn_accuracy" in text and "abs_rel" in text and "score" in text
+    assert "n/a" in text and "0.9000" in text and "0.2500" in text
+    assert "no results yet" in report(tmp_path / "empty")

@@ -255,40 +255,41 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
         metrics = evaluator.evaluate(method, run, plots_out, params)
-        result = {"method": method_name, "domain": data.spec.target, "split": "test", **metrics,
+        result = {"method": method_name, "evaluator": evaluator_name, "domain": data.spec.target, "split": "test",
+                  **metrics,
                   "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}
         write_json(Path(out), result)
         run.log_artifact(out, "metrics")
     return result
 
 
+# The headline numbers of each evaluator's evaluate.json, in the order `s2r report` prints them.
+REPORT_COLUMNS = {
+    "classification": ["accuracy", "balanced_accuracy"],
+    "latent": ["knn_accuracy", "rf_accuracy", "svm_accuracy"],
+    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"],
+    "segmentation_lastk": ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"],
+    "disentanglement": ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"],
+}
+
+
 def report(metrics_dir: Path) -> str:
-    """A short results table of every evaluate.json under metrics_dir."""
-    rows, dense = [], []
+    """A short results table per evaluator of every evaluate.json under metrics_dir (missing values: n/a)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
     for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
         m = json.loads(p.read_text())
-        if m.get("accuracy") is None and m.get("abs_rel") is not None:  # depth/segmentation evaluator (paper 2)
-            dense.append((p.parent.name, m.get("domain", "?"), m["abs_rel"], m["rmse"], m["a1"], m["miou"],
-                          m["pixel_accuracy"], m.get("n")))
-            continue
-        rows.append((p.parent.name, m.get("domain", "?"), m.get("split", "?"), m.get("accuracy"),
-                     m.get("balanced_accuracy"), m.get("n")))
-    if not rows and not dense:
+        cols = REPORT_COLUMNS.get(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
+        if cols is None:  # an evaluator without declared columns: its first top-level numbers
+            cols = [k for k, v in m.items() if isinstance(v, float)][:5]
+        cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]
+        row = f"{p.parent.name:<20} {str(m.get('domain', '?')):<12} " + " ".join(f"{c:>14}" for c in cells)
+        groups.setdefault(tuple(cols), []).append(row)
+    if not groups:
         return f"no results yet under {metrics_dir} (run `dvc repro`)"
-    lines = []
-    if rows:
-        head = f"{'method':<12} {'target':<12} {'split':<6} {'accuracy':>9} {'bal.acc':>8} {'n':>6}"
-        lines += [head, "-" * len(head)]
-        for name, dom, split, acc, bal, n in rows:
-            if acc is None:  # not a classifier (e.g. a segmenter: see its evaluate.json)
-                continue
-            lines.append(f"{name:<12} {dom:<12} {split:<6} {acc:>9.4f} {bal:>8.4f} {n:>6}")
-    if dense:
-        head = (f"{'method':<18} {'target':<12} {'AbsRel':>7} {'RMSE':>7} {'a1':>6} {'mIoU':>6} {'pix.acc':>7} "
-                f"{'n':>5}")
-        lines += ([""] if rows else []) + [head, "-" * len(head)]
-        for name, dom, ar, rmse, a1, miou, pa, n in dense:
-            lines.append(f"{name:<18} {dom:<12} {ar:>7.4f} {rmse:>7.4f} {a1:>6.3f} {miou:>6.3f} {pa:>7.3f} {n:>5}")
+    lines: list[str] = []
+    for cols, rows in groups.items():
+        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in cols)
+        lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
     return "\n".join(lines)
 
 
