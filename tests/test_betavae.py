@@ -332,7 +332,7 @@ def test_resume_matches_uninterrupted_run(scenes_prepared: Path, tmp_path: Path,
     torch.set_num_threads(1)
 
     def make() -> bv.Method:
-        seed_everything(0, True)
+        seed_everything(0)
         m = bv.Method(small_cfg(supervision=supervision, input_noise=True, warmup_fraction=1.0),
                       PreparedBenchmark(scenes_prepared), 0)
         m.setup(torch.device("cpu"), None, 4)

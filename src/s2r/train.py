@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,48 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops instead of writing garbage."""
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; ask torch for deterministic kernels."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+
+
+TorchState = tuple[bool, bool, bool, int]
+
+
+def torch_state() -> TorchState:
+    """torch's process-global settings a training changes: deterministic mode, warn-only, cudnn benchmark, threads."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            bool(torch.backends.cudnn.benchmark), torch.get_num_threads())
+
+
+def restore_torch_state(state: TorchState) -> None:
+    deterministic, warn_only, benchmark, threads = state
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_settings(*, deterministic: bool, threads: int) -> Iterator[None]:
+    """Deterministic kernels and the thread count for one training, restored afterwards.
+
+    These are process-global: without the restore, a training inside a longer-lived process (`s2r tables`, the
+    trials of one `s2r tune` worker, the test suite) would change the numerics of everything that runs after it.
+    """
+    saved = torch_state()
+    try:
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        if threads > 0:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        restore_torch_state(saved)
 
 
 def select_device(pref: str) -> torch.device:
