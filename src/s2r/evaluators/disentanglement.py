@@ -142,8 +142,7 @@ def importance_matrix(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarr
         r[:, j] = np.abs(m.feature_importances_)
         info_tr.append(float((m.predict(z_train) == y_train[:, j]).mean()))
         info_te.append(float((m.predict(z_test) == y_test[:, j]).mean()))
-    mean = (lambda v: float(np.mean(v)) if v else 0.0)  # noqa: E731
-    return r, mean(info_tr), mean(info_te)
+    return r, float(np.mean(info_tr)) if info_tr else 0.0, float(np.mean(info_te)) if info_te else 0.0
 
 
 def dci(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray, estimator: str = "gbt",
