@@ -743,7 +743,7 @@ def _factors(
     out_sizes: dict[str, int] = {}
     for c in cols:
         k = c[len("factor_") :]
-        if k not in decl.factor_ranges and not _all_integers(df[c]):
+        if k not in decl.factor_ranges and k not in (sizes or {}) and not _all_integers(df[c]):
             floats = _float_column(df, c, where)
             seen = [v for v in floats if v is not None]
             if seen and min(seen) < max(seen):
