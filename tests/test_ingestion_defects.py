@@ -553,6 +553,31 @@ def test_table_has_enough_cases() -> None:
     assert len(defects) >= 40 and len(controls) >= 8
 
 
+def test_cli_flags_declaration_and_outside_root_report(tmp_path: Path) -> None:
+    """--declaration / --classes refuse undeclared labels; --allow-outside-root accepts, warns, and validation
+    lists the file outside the root."""
+    from click.testing import CliRunner
+
+    from s2r.cli import main
+
+    base = build_base(tmp_path)
+    _allow_outside(base)
+    args = ["data", "import-manifest", str(base.manifest), "--out", str(tmp_path / "b"), "--name", "m",
+            "--source", "sim", "--target", "real", "--declaration", str(base.declaration)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "outside the dataset root" in r.output and "id 'sim-test-cat'" in r.output
+    assert not (tmp_path / "b").exists()
+    r = CliRunner().invoke(main, [*args, "--allow-outside-root"])
+    assert r.exit_code == 0 and "warning:" in r.output and "x.png" in r.output, r.output
+    rep = validate_benchmark(tmp_path / "b")
+    inside = next(x for x in rep.results if x["expectation"] == "expect_files_inside_dataset_root"
+                  and x["column"] == "path")
+    assert rep.success and inside["unexpected_count"] == 1 and inside["examples"][0]["id"] == "sim-test-cat"
+    r = CliRunner().invoke(main, ["data", "import-folder", str(base.images), "--out", str(tmp_path / "f"),
+                                  "--name", "f", "--source", "sim", "--target", "real", "--classes", "cat"])
+    assert r.exit_code == 2 and "class folder 'dog' is not in the declared classes ['cat']" in r.output
+
+
 def table(tmp: Path) -> str:
     """The issue's table: every case, the stage that stopped it and its message; counts at the end."""
     lines = ["| # | case | import | expected | s2r did | stage | message (shortened) |",
