@@ -428,6 +428,12 @@ def _empty_id(b: Base) -> str:
     return "line 5"  # no id to name: the CSV line
 
 
+def _empty_split(b: Base) -> str:
+    df = b.rows()
+    b.write(df[~((df["domain"] == "real") & (df["split"] == "test"))])
+    return "real/test"
+
+
 def _truncated(b: Base) -> str:
     data = b.image().read_bytes()
     b.image().write_bytes(data[: len(data) // 2])
@@ -488,6 +494,7 @@ CASES: list[Case] = [
     Case("missing declared factor column", "manifest", _drop_col("factor_shape")),
     Case("row with extra fields (malformed CSV)", "manifest", _garbage_row),
     Case("same image in train and test (leakage)", "manifest", _duplicate_image_across_splits),
+    Case("a domain with an empty split (no real/test rows)", "manifest", _empty_split),
     # -- factors
     Case("discrete factor value 0.5", "manifest", _row("factor_shape", "0.5")),
     Case("discrete factor outside the declared values", "manifest", _row("factor_shape", "2")),

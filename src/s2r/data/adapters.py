@@ -487,7 +487,8 @@ def _check_paths(records: list[_Record], root: Path, allow_outside: bool, skip_b
         listed = "; ".join(f"{r.where.split(' (file ')[0]}: {why}" for r, why in bad[:MAX_LISTED])
         more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
         if not skip_bad:
-            raise DataError(f"{len(bad)} sample(s) point at missing files, changing the sample count: {listed}{more}; "
+            raise DataError(f"{len(bad)} sample(s) point at missing or non-regular files, changing the sample count: "
+                            f"{listed}{more}; "
                             "fix them, or pass --skip-bad-files to drop them")
         warnings.warn(f"skipped {len(bad)} sample(s) (--skip-bad-files): {listed}{more}", IngestWarning, stacklevel=3)
     if outside:

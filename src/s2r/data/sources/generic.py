@@ -275,6 +275,8 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
             elif k == "max_depth_m":
                 exp[k] = max(exp.get(k, 0.0), float(v))
     resize = any(spec.image_size != size or spec.resize for _, spec, _ in loaded)
+    # the merged files live in the parts' roots: containment is checked against their common folder
+    roots = [os.path.abspath(spec.data_root or p) for p, spec, _ in loaded]
     merged = replace(
         first, name=name, source=source, target=target, image_size=size, resize=resize,
         tasks=sorted({t for _, spec, _ in loaded for t in spec.tasks}, key=("classification", "factors", "depth",
@@ -282,6 +284,8 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
         domains=[replace(d, role="source" if d.name == source else "target" if d.name == target else "auxiliary")
                  for d in domains],
         dataset="+".join(spec.dataset or spec.name for _, spec, _ in loaded), expectations=exp,
+        data_root=str(Path(os.path.commonpath(roots)).resolve()),
+        allow_outside_root=any(spec.allow_outside_root for _, spec, _ in loaded),
         description="merged: " + "; ".join(f"{spec.name} ({p})" for p, spec, _ in loaded),
     )
     merged.validate()
