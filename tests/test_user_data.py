@@ -80,23 +80,43 @@ def test_bin_factor_is_the_reference_histogram_discretisation() -> None:
     assert bin_factor(np.array([np.nan]), 0.0, 1.0, 4)[0] == -1
 
 
-def test_betavae_weak_trains_and_evaluates_on_continuous_factors(continuous: Path, tmp_path: Path) -> None:
-    from s2r.evaluators import disentanglement
+def _weak_on_continuous(data: PreparedBenchmark) -> Any:
+    """betavae_weak on the continuous benchmark, OOD split by a threshold on the joint angle, 2 steps trained."""
     from s2r.methods import betavae as bv
 
     cfg = from_dict(bv.Config, TINY["betavae_weak"] | {"ood_factor": "angle", "ood_holdout": [], "ood_threshold": 0.75,
                                                        "pairs": "match"}, "test")
-    data = PreparedBenchmark(continuous)
     torch.manual_seed(0)
     m = bv.Method(cfg, data, 0)
-    assert m.holdout == {"angle": [3]}  # bin centres -1.125, -0.375, 0.375, 1.125: >= 0.75 is the last bin
-    f = data.get("sim", "train").factors
-    assert ((f[m.pairs[:, 0]] != f[m.pairs[:, 1]]).sum(1) == m.pair_distance).all() and m.pair_distance == 1
-    assert not np.isin(f[m.pairs.ravel(), 0], [3]).any()  # held-out bins never reach training
     m.setup(torch.device("cpu"), None, 2)
     for _, batch in zip(range(2), m.batches()):
         losses = m.train_step(batch)
         assert all(math.isfinite(v) for v in losses.values())
+    return m
+
+
+def test_betavae_weak_pairs_and_threshold_on_continuous_factors(continuous: Path) -> None:
+    from s2r.methods import betavae as bv
+
+    data = PreparedBenchmark(continuous)
+    m = _weak_on_continuous(data)
+    assert m.holdout == {"angle": [3]}  # bin centres -1.125, -0.375, 0.375, 1.125: >= 0.75 is the last bin
+    f = data.get("sim", "train").factors
+    assert ((f[m.pairs[:, 0]] != f[m.pairs[:, 1]]).sum(1) == m.pair_distance).all() and m.pair_distance == 1
+    assert not np.isin(f[m.pairs.ravel(), 0], [3]).any()  # held-out bins never reach training
+    assert m.in_distribution(f).sum() == (f[:, 0] != 3).sum()
+    with pytest.raises(ConfigError, match="continuous"):  # a value set of bins is refused for a continuous factor
+        bv.Method(from_dict(bv.Config, TINY["betavae_weak"] | {"ood_factor": "angle", "pairs": "match"}, "t"), data, 0)
+    with pytest.raises(ConfigError, match="holds out 0"):
+        bv.Method(from_dict(bv.Config, TINY["betavae_weak"] | {"ood_factor": "angle", "ood_holdout": [],
+                                                               "ood_threshold": 9.0, "pairs": "match"}, "t"), data, 0)
+
+
+@pytest.mark.slow  # ~15 s: LightGBM + MLP regressors of the OOD study
+def test_betavae_weak_evaluates_on_continuous_factors(continuous: Path, tmp_path: Path) -> None:
+    from s2r.evaluators import disentanglement
+
+    m = _weak_on_continuous(PreparedBenchmark(continuous))
 
     class Run:
         logged: dict[str, float] = {}
@@ -114,8 +134,6 @@ def test_betavae_weak_trains_and_evaluates_on_continuous_factors(continuous: Pat
     for k in ("dci_disentanglement", "mig", "ood1a_gbt", "ood2a_gbt", "ood2b_gbt"):
         assert math.isfinite(res[k]), k
     assert res["n_ood_values"] > 0 and res["n_target"] > 0
-    with pytest.raises(ConfigError, match="continuous"):
-        bv.Method(from_dict(bv.Config, TINY["betavae_weak"] | {"ood_factor": "angle", "pairs": "match"}, "t"), data, 0)
 
 
 # -- a user's folder of images + depth + masks (papers 2 and 5) ---------------------------------------------------
