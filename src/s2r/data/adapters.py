@@ -19,6 +19,7 @@ read width, height, channels, bit depth and sha256 from the files themselves, an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -118,7 +119,7 @@ class _Record:
 
 def _merge_declared(declared: Declared | None, **given: Any) -> Declared:
     """Keyword arguments given explicitly (not None) override the declaration."""
-    d = dataclasses.replace(declared) if declared is not None else Declared()
+    d = copy.deepcopy(declared) if declared is not None else Declared()  # never mutate the caller's
     for k, v in given.items():
         if v is not None:
             setattr(d, k, list(v) if k == "classes" else v)

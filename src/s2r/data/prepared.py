@@ -151,8 +151,14 @@ def _aux(path: Any, kind: str, size: int, row: int, sid: str, spec: BenchmarkSpe
 
     Empty cells (rows of unlabelled domains) become all-invalid depth / all-ignore masks.
     """
-    from s2r.data.sources.common import resize
+    from PIL import Image
+
     from s2r.data.validation import read_aux
+
+    def resize(a: np.ndarray) -> np.ndarray:  # nearest: no invented depth or class ids
+        if a.shape == (size, size):
+            return a
+        return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST))
 
     if not isinstance(path, str) or not path:
         return (np.zeros((size, size), np.float32) if kind == "depth"
@@ -165,11 +171,11 @@ def _aux(path: Any, kind: str, size: int, row: int, sid: str, spec: BenchmarkSpe
         inv = float(spec.depth_invalid)
         bad = (np.isnan(arr) if math.isnan(inv) else arr == inv) | ~np.isfinite(arr) | (arr < 0)
         d = np.where(bad, 0.0, arr / float(spec.depth_scale or DEPTH_SCALE)).astype(np.float32)
-        return resize(d, size, nearest=True).astype(np.float32)
+        return resize(d).astype(np.float32)
     if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
         raise DataError(f"manifest id {sid!r} (row {row}): {path}: mask ids {int(arr.min())}..{int(arr.max())} "
                         "do not fit 0..255")
-    return resize(arr.astype(np.uint8), size, nearest=True)
+    return resize(arr.astype(np.uint8))
 
 
 def _factor_indices(rows: Any, spec: BenchmarkSpec) -> np.ndarray:
