@@ -53,6 +53,17 @@ def _no_leaked_torch_state() -> Iterator[None]:
         pytest.fail(f"the test left torch's process-global settings changed (before, after): {changed}")
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny convolutions; a shared 2-core CPU), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_spec(classes: int = 3, size: int = 8) -> BenchmarkSpec:
     return BenchmarkSpec(
         name="tiny", tasks=["classification"],
