@@ -7,7 +7,6 @@ atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,17 +17,10 @@ import numpy as np
 
 from s2r.config import Params
 from s2r.data.benchmark import DataError
+from s2r.figures import sample_grid
+from s2r.files import write_json
 
 GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (tmp + rename) so a crash never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -42,29 +34,6 @@ def generate(name: str, out: Path, params: Params) -> Path:
     gen = importlib.import_module(GENERATORS[name])
     spec, samples = gen.generate(getattr(params.benchmarks, name), params.seed)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
-
-
-def sample_grid(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, title: str = "") -> Any:
-    """A matplotlib grid of uint8 (N, H, W, C) images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2 + 0.3), dpi=100, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            img = images[i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            if labels is not None:
-                ax.set_title(labels[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:

@@ -71,7 +71,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate on classification")

@@ -108,7 +108,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import write_json
+    from s2r.files import write_json
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")

@@ -360,7 +360,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
 
     from s2r.data.benchmark import DataError
     from s2r.evaluators import ood_transfer
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "encode" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to score disentanglement on")

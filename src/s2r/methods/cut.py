@@ -36,9 +36,8 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -419,30 +418,3 @@ class Method(BaseMethod):
         super().load_sampler_state(state)
         self.pool_a.load(state["pools"]["a"])
         self.pool_b.load(state["pools"]["b"])
-
-
-# -- the cut_patch objective (s2r tune) ------------------------------------------------------------------------
-def tune_objective(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[[int, dict[str, float]], None],
-                   parent_run_id: str | None, run_name: str, tags: dict[str, str], method: str = "cut"
-                   ) -> dict[str, Any]:
-    """The cut_patch chain for one trial: train CUT, refine the source domain, train the downstream segmenter.
-
-    Called by `s2r.tune` instead of `stages.train`; the segmenter's per-epoch validation metrics go to
-    `on_epoch` (pruning on intermediate mIoU) and its summary is the trial's (objective: median val mIoU of the
-    last K epochs). All three steps are MLflow runs nested under the study's parent run.
-    """
-    from s2r import stages
-
-    cfg = params.methods[method]
-    seg = cfg.downstream
-    if seg not in params.methods:
-        raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
-    work = Path(work)
-    cut_summary = stages.train(method, data_dir, work / "cut", params, ckpt_dir=work / "cut-ckpt",
-                               parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
-    stages.refine(method, work / "cut", data_dir, work / "refined", None, params)
-    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
-                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
-                           tags=tags)
-    return summary | {"cut_seconds": cut_summary["seconds"], "cut_mlflow_run_id": cut_summary["mlflow_run_id"]}
-

@@ -87,7 +87,7 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     """Run Table 10 (digits, all seeds) and/or Table 1 (scenes, first seed); write md/CSV/JSON, log to MLflow."""
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     if digits is None and scenes is None:

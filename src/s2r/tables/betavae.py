@@ -143,7 +143,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     overrides = dict(overrides or {})

@@ -48,7 +48,7 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
 
     from s2r import stages
     from s2r.evaluators.segmentation_lastk import plot_distributions
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path, sets)

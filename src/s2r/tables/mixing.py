@@ -43,7 +43,7 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path) -> di
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path)
