@@ -11,6 +11,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 T = TypeVar("T")
 
+SPLITS = ("train", "val", "test")  # the splits of every benchmark (s2r.data.benchmark) and of the params sections
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type; the message names key and file."""
@@ -185,8 +187,6 @@ class ScenesParams:
 
 
 def _check_splits(key: str, d: dict[str, Any]) -> None:
-    from s2r.data.benchmark import SPLITS
-
     if set(d) != set(SPLITS):
         raise ConfigError(f"key {key!r} must have exactly the splits {list(SPLITS)}, got {sorted(d)}")
 

@@ -106,7 +106,7 @@ def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.n
 
 def source_training_latents(method: Any) -> tuple[np.ndarray, np.ndarray]:
     """Source train latents and labels the classifiers are fitted on (one per scene, + flips if allowed)."""
-    from s2r.methods.ae import one_per_scene
+    from s2r.data.prepared import one_per_scene
 
     data = method.data
     source = getattr(method, "source", data.spec.source)

@@ -51,6 +51,7 @@ from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
+from s2r.methods.registry import register
 
 ENCODER_START = 10  # index of the first residual block in cyclegan.Generator.net (0-9: c7s1-w, d2w, d4w)
 
@@ -240,6 +241,7 @@ class PatchBatch(NamedTuple):
     b: np.ndarray  # (B, p, p, C) uint8 target patches (independent images: unpaired)
 
 
+@register(Config)
 class Method(BaseMethod):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 

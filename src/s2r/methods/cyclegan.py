@@ -57,6 +57,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we use it as the standard deviation
 
@@ -333,6 +334,7 @@ class PairSampler:
 
 
 # -- method --------------------------------------------------------------------------------------------------
+@register(Config, aliases=("mrgan",))  # mrgan: MrGAN's later stages between refined domains (paper 4 Fig. 5B)
 class Method(BaseMethod):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 

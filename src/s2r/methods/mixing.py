@@ -31,6 +31,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 
 @dataclass
@@ -126,6 +127,7 @@ def limited_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator
     return np.sort(np.concatenate(chosen))
 
 
+@register(Config)
 class Method(BaseMethod):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 

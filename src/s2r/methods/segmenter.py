@@ -38,6 +38,7 @@ from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cut import EMA
+from s2r.methods.registry import register
 
 TRAIN_DATA = ("synthetic", "refined", "target", "target+synthetic", "target+refined")
 
@@ -129,6 +130,7 @@ class SegBatch(NamedTuple):
     masks: np.ndarray  # (B, H, W) uint8 class ids of seg_classes
 
 
+@register(Config)
 class Method(BaseMethod):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 

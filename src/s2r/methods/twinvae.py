@@ -73,6 +73,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
 # Config keys that fix the network's shape: stage 2 must match stage 1 on these.
@@ -411,6 +412,7 @@ class TwinBatch(NamedTuple):
     real: np.ndarray  # (B, H, W, C) uint8 unpaired real images, drawn independently ((0, ...) when supervised)
 
 
+@register(Config)
 class Method(BaseMethod):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
