@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_params_dict
-from s2r.config import ConfigError, flatten, load_params
+from s2r.config import ConfigError, flatten
+from s2r.params import load_params
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:

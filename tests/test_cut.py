@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from conftest import tiny_params_dict
 from s2r import stages, tune
 from s2r.cli import main
-from s2r.config import ConfigError, ScenesParams, TrainParams, from_dict, load_params
+from s2r.config import ConfigError, ScenesParams, TrainParams, from_dict
 from s2r.data.benchmark import DataError, write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.methods import cut, segmenter
+from s2r.params import load_params
 from s2r.train import fit, load_checkpoint
 
 TRAIN = TrainParams(device="cpu", checkpoint_every=100, progress=False)

@@ -35,9 +35,9 @@ def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
 
 def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, params_path: str) -> dict[str, Any]:
     """Measure loading vs step, tracking overhead, and test accuracy per real_fraction (one MLflow run each)."""
-    from s2r.config import load_params
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
+    from s2r.params import load_params
     from s2r.tables.mixing import train_and_test
     from s2r.train import select_device
 

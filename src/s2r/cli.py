@@ -53,7 +53,7 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
-    from s2r.config import load_params
+    from s2r.params import load_params
 
     return load_params(params_path, _overrides(sets))
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s2r.config import ConfigError, SearchParam, StudySpec, load_params
+from s2r.config import ConfigError, SearchParam, StudySpec
 from s2r.files import write_json, write_text
+from s2r.params import load_params
 
 TUNING_DIR = Path("data/tuning")
 

@@ -72,7 +72,7 @@ class Config:
     extractor_weights: str = "none"  # none (random init, logged) | imagenet (torchvision cache) | path to a file
     extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
     extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
-    feature_cache_dir: str = ""  # "" = cache extractor outputs in memory only
+    feature_cache_dir: str = "data/cache/ae_features"  # "" = cache extractor outputs in memory only
     sampling: Literal["vanilla", "I", "II"] = "vanilla"
     triplet: bool = False
     triplet_margin: float = 0.2  # Eq. 4

@@ -66,8 +66,8 @@ class Config:
     gen_blocks: int = 3  # CUT 9 residual blocks
     disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # CUT basic D: 64, 128, 256
     nce_layers: list[int] = field(default_factory=lambda: [0, 4, 7, 10, 12])  # indices into Generator.net
-    nce_mlp_dim: int = 256  # CUT netF_nc
-    num_patches: int = 256  # CUT num_patches
+    nce_mlp_dim: int = 64  # CUT netF_nc 256 (CPU-sized)
+    num_patches: int = 64  # CUT num_patches 256 (CPU-sized)
     nce_temperature: float = 0.07  # CUT nce_T
     lambda_nce: float = 1.0  # Eq. 2 (paper 4 tried 1, 2, 5, 7)
     lambda_gan: float = 1.0
@@ -80,9 +80,9 @@ class Config:
     beta2: float = 0.999
     decay_start: float = 0.5  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
     ema_decay: float = 0.0  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
-    batch_size: int = 40  # patches per domain per step (paper 40)
-    epochs: int = 4
-    steps_per_epoch: int = 25
+    batch_size: int = 16  # patches per domain per step (paper 40; CPU-sized)
+    epochs: int = 5
+    steps_per_epoch: int = 40
     downstream: str = "segmenter_refined"  # params block of the segmenter the cut_patch objective trains
 
     def validate(self) -> None:

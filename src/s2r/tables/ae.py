@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
+from s2r.params import load_params
 from s2r.tables import fmt_percent, markdown
 
 # row name -> overrides of methods.ae (paper Table 10)

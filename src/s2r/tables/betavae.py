@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
 from s2r.evaluators.disentanglement import METRIC_KEYS
+from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
 ROW_KEYS = (*METRIC_KEYS, "elbo", "recon", "input_noise", "weak_supervision")

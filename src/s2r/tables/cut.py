@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import load_params
+from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
 PAPER_HEIGHT = 480  # YCB-Video frames the paper's patch sizes refer to (640x480)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
+from s2r.params import load_params
 from s2r.tables import fmt_percent as _fmt
 from s2r.tables import markdown as _markdown
 
