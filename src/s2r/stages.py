@@ -75,7 +75,7 @@ def train(
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
     from s2r.tracking import TrackedRun
-    from s2r.train import amp_dtype, fit, load_checkpoint, save_checkpoint, seed_everything, select_device
+    from s2r.train import amp_dtype, fit, load_checkpoint, seed_everything, select_device
 
     cfg = params.methods.get(method_name)
     if cfg is None:
@@ -118,10 +118,7 @@ def train(
         final = result.history[-1] if result.history else {}
         model = method.export_model()
         out = Path(out)
-        save_checkpoint(out / "model.pt", {
-            "method": method_name, "config": asdict(cfg), "state": method.state_dict(), "seed": params.seed,
-            "data_version": data.data_version, "mlflow_run_id": run.run_id,
-        })
+        save_trained(out, method_name, method, params.seed, run.run_id)
         _plot_history(result.history, method_name, run, plots_out)
         if params.tracking.log_model:
             model_uri = run.log_model(model.cpu(), method.example_input())
@@ -140,6 +137,18 @@ def train(
             write_json(Path(metrics_out), summary)
             run.log_artifact(metrics_out, "metrics")
     return summary
+
+
+def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:
+    """Write `<out>/model.pt` (method, config, weights, seed, data version, MLflow run): what load_trained reads."""
+    from s2r.train import save_checkpoint
+
+    path = Path(out) / "model.pt"
+    save_checkpoint(path, {
+        "method": method_name, "config": asdict(method.cfg), "state": method.state_dict(), "seed": seed,
+        "data_version": method.data.data_version, "mlflow_run_id": run_id,
+    })
+    return path
 
 
 def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_out: Path | None) -> None:
