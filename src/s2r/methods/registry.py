@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -37,14 +38,30 @@ class Entry:
     capabilities: frozenset[str]
     evaluator: str  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
     aliases: tuple[str, ...] = ()
+    block_capabilities: Callable[[Any], Iterable[str]] | None = None
+
+    def capabilities_for(self, cfg: Any) -> frozenset[str]:
+        """The capabilities one params block provides (a subset of the method's, e.g. twin-VAE stage 'vae' has no
+        heads to predict with); the method's own where it declares no `capabilities_for`."""
+        if self.block_capabilities is None:
+            return self.capabilities
+        caps = frozenset(self.block_capabilities(cfg))
+        if not caps <= self.capabilities:
+            raise ConfigError(f"{self.module}: capabilities_for gives {sorted(caps - self.capabilities)}, "
+                              f"not among the declared {sorted(self.capabilities)}")
+        return caps
 
 
 _ENTRIES: dict[str, Entry] = {}  # name and aliases -> entry
 _discovered = False
 
 
-def register(config: type[Any], *, aliases: tuple[str, ...] = ()) -> Any:
-    """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases."""
+def register(config: type[Any], *, aliases: tuple[str, ...] = (),
+             capabilities_for: Callable[[Any], Iterable[str]] | None = None) -> Any:
+    """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases.
+
+    `capabilities_for(cfg)`: where a params block provides only some of the class's capabilities.
+    """
 
     def deco(cls: type[Any]) -> type[Any]:
         module = cls.__module__
@@ -62,7 +79,7 @@ def register(config: type[Any], *, aliases: tuple[str, ...] = ()) -> Any:
         evaluator = getattr(cls, "evaluator", "")
         if evaluator and importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
             raise ConfigError(f"{where}: evaluator {evaluator!r} is not a module of s2r.evaluators")
-        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases))
+        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), capabilities_for)
         for key in (name, *aliases):
             old = _ENTRIES.get(key)
             if old is not None and old.module != module:

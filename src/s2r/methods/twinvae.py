@@ -412,7 +412,8 @@ class TwinBatch(NamedTuple):
     real: np.ndarray  # (B, H, W, C) uint8 unpaired real images, drawn independently ((0, ...) when supervised)
 
 
-@register(Config)
+@register(Config, capabilities_for=lambda cfg: {"vae": {"encode", "translate"}, "supervised": {"encode", "predict"},
+                                                "heads": {"encode", "translate", "predict"}}[cfg.stage])
 class Method(BaseMethod):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
