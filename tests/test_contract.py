@@ -269,3 +269,120 @@ def test_capabilities_export_and_reload(block: str, benchmarks: list[Path], tmp_
 def test_every_registered_method_has_a_params_block() -> None:
     blocks = {registry.entry(b).name for b in BLOCKS}
     assert blocks == set(registry.entries()), "a registered method without a params.yaml block is untested"
+
+
+def test_every_declared_evaluator_names_its_report_columns() -> None:
+    for entry in registry.entries().values():
+        if entry.evaluator:
+            cols = stages.report_columns(entry.evaluator)
+            assert cols and all(isinstance(c, str) for c in cols), entry.evaluator
+
+
+NEW_METHOD = '''
+"""A throwaway method written by tests/test_contract.py: a linear classifier on flattened pixels."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
+
+
+@dataclass
+class Config:
+    lr: float = 0.1
+    batch_size: int = 6
+    epochs: int = 1
+    steps_per_epoch: int = 2
+
+
+@register(Config)
+class Method(BaseMethod):
+    name = "NAME"
+    capabilities = frozenset({"predict"})
+    evaluator = "classification"
+
+    def __init__(self, cfg, data, seed):
+        super().__init__(cfg, data, seed)
+        split = data.get(data.spec.source, "train")
+        self.images, self.labels = split.images, np.asarray(split.labels)
+        self.pool = IndexPool(np.arange(len(self.labels)))
+        size = data.spec.image_size ** 2 * data.spec.channels
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(size, len(data.spec.classes)))
+        self.batch_size = cfg.batch_size
+
+    def configure_optimizers(self):
+        return {"net": torch.optim.SGD(self.net.parameters(), lr=self.cfg.lr)}
+
+    def batches(self):
+        while True:
+            idx = np.sort(self.pool.draw(self.cfg.batch_size, self.rng))
+            yield self.images[idx], self.labels[idx]
+
+    def train_step(self, batch):
+        x, y = to_float(batch[0], self.device), torch.as_tensor(batch[1], device=self.device)
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.optimize(loss, "net")
+        return {"loss": float(loss.detach())}
+
+    def sampler_state(self):
+        return super().sampler_state() | {"pool": self.pool.state()}
+
+    def load_sampler_state(self, state):
+        super().load_sampler_state(state)
+        self.pool.load(state["pool"])
+
+    @torch.no_grad()
+    def predict(self, images):
+        return torch.softmax(self.net(to_float(images, self.device)), 1).cpu().numpy()
+
+    def example_input(self):
+        return to_float(self.images[:2], torch.device("cpu")).numpy()
+
+    def export_model(self):
+        return self.net
+'''
+
+
+def test_a_new_method_is_one_module_and_one_params_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         paired_prepared: Path, benchmarks: list[Path]) -> None:
+    """README "Add a method": write the module (it registers itself) and a params.yaml block; nothing else.
+    The CLI-facing registry, params validation, `s2r train` / `s2r evaluate` and this module's contract tests
+    pick it up; the DVC deps check covers it (its folder, src/s2r/methods, is a dep of every stage)."""
+    import sys
+
+    import s2r.methods
+    from s2r.params import load_params
+
+    name = "tmpmethod"
+    pkg = tmp_path / "methods"
+    pkg.mkdir()
+    (pkg / f"{name}.py").write_text(NEW_METHOD.replace('"NAME"', f'"{name}"'))  # file 1: the module
+    monkeypatch.setattr(s2r.methods, "__path__", [*s2r.methods.__path__, str(pkg)])
+    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        assert name in registry.names()
+        entry = registry.entry(f"{name}_variant")  # <method>_<suffix> blocks work too
+        assert entry.capabilities == {"predict"} and entry.evaluator == "classification"
+        raw = tiny_params_dict()
+        raw["tracking"]["log_model"] = False
+        raw["methods"][name] = {"lr": 0.1, "batch_size": 6, "epochs": 1, "steps_per_epoch": 2}  # file 2: params
+        params_path = tmp_path / "params.yaml"
+        params_path.write_text(__import__("yaml").safe_dump(raw))
+        params = load_params(params_path)
+        summary = stages.train(name, paired_prepared, tmp_path / "model", params, ckpt_dir=tmp_path / "ckpt")
+        assert math.isfinite(summary["train_loss"])
+        result = stages.evaluate(name, tmp_path / "model", paired_prepared, tmp_path / "eval.json", None, params)
+        assert result["evaluator"] == "classification" and 0.0 <= result["accuracy"] <= 1.0
+        # the generated contract tests apply to it unchanged
+        monkeypatch.setitem(TINY["methods"], name, raw["methods"][name])
+        test_losses_finite_gradients_everywhere_and_seeded(name, benchmarks, tmp_path / "c1")
+        test_resume_equals_uninterrupted(name, benchmarks, tmp_path / "c2")
+        test_capabilities_export_and_reload(name, benchmarks, tmp_path / "c3")
+    finally:
+        sys.modules.pop(f"s2r.methods.{name}", None)
+        _CHOSEN.pop(name, None)

@@ -241,14 +241,14 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
     return result
 
 
-# The headline numbers of each evaluator's evaluate.json, in the order `s2r report` prints them.
-REPORT_COLUMNS = {
-    "classification": ["accuracy", "balanced_accuracy"],
-    "latent": ["knn_accuracy", "rf_accuracy", "svm_accuracy"],
-    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"],
-    "segmentation_lastk": ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"],
-    "disentanglement": ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"],
-}
+def report_columns(evaluator: str) -> list[str] | None:
+    """The headline numbers an evaluator declares (`REPORT_COLUMNS` in its module), None if it declares none."""
+    import importlib
+    import importlib.util
+
+    if not evaluator or importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+        return None
+    return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
 
 
 def report(metrics_dir: Path) -> str:
@@ -256,7 +256,7 @@ def report(metrics_dir: Path) -> str:
     groups: dict[tuple[str, ...], list[str]] = {}
     for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
         m = json.loads(p.read_text())
-        cols = REPORT_COLUMNS.get(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
+        cols = report_columns(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
         if cols is None:  # an evaluator without declared columns: its first top-level numbers
             cols = [k for k, v in m.items() if isinstance(v, float)][:5]
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]

@@ -20,6 +20,9 @@ import numpy as np
 from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"]
+
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
 

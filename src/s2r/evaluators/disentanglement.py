@@ -45,6 +45,9 @@ from typing import Any
 
 import numpy as np
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
+
 METRIC_KEYS = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "sap", "modularity",
                "betavae_score", "factorvae_score")
 

@@ -21,6 +21,9 @@ import numpy as np
 
 from s2r.data.benchmark import NO_LABEL
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
+
 
 def knn_default_k(n_train: int) -> int:
     """k = sqrt(N), N = number of training latents (paper Section 4.7: N = 13,356 gives k = 115)."""
