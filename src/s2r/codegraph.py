@@ -179,7 +179,7 @@ def stage_code(kind: str, evaluator: str = "", src: Path = SRC) -> list[str]:
     files = modules(src)
     mods = closure(roots, import_graph(src))
     repo = src.parent
-    return sorted(files[m].relative_to(repo).as_posix() for m in mods if not _docstring_only(files[m]))
+    return sorted(files[m].relative_to(repo).as_posix() for m in mods if m in files and not _docstring_only(files[m]))
 
 
 def _docstring_only(path: Path) -> bool:

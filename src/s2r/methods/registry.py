@@ -23,7 +23,13 @@ from typing import Any
 
 from s2r.config import ConfigError
 
-CAPABILITIES = ("encode", "translate", "predict")  # docs/DESIGN: what a method can provide
+# What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
+CAPABILITIES = {
+    "encode": "uint8 images (N, H, W, C) -> float latents (N, D)",
+    "translate": "uint8 images (N, H, W, C) -> uint8 images of the same shape",
+    "predict": "uint8 images (N, H, W, C) -> class probabilities (N, K) summing to 1, or per-pixel maps "
+               "(N, H, W) (integer masks, finite depth), or a dict of such arrays",
+}
 NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hold no method
 
 
