@@ -33,7 +33,8 @@ REGISTRY = "s2r.methods.registry"
 METHODS_PACKAGE = "s2r.methods"
 NOT_METHODS = ("base", "registry")  # the modules of s2r.methods that hold no method (as in the registry)
 
-# What each stage kind runs: `s2r <kind>` loads params.yaml (s2r.params) and calls s2r.stages.<kind>.
+# What each stage kind runs: `s2r <kind>` loads params.yaml (s2r.params) and calls s2r.stages.<kind>. cli.py only
+# parses the command line and is left out on purpose (a new CLI command must not re-run every stage).
 STAGE_ROOTS = {"train": ("s2r.stages", "s2r.params"), "refine": ("s2r.stages", "s2r.params"),
                "evaluate": ("s2r.stages", "s2r.params")}
 
