@@ -101,6 +101,57 @@ def tiny_prepared(tiny_benchmark: Path, tmp_path: Path) -> Path:
     return prepare(tiny_benchmark, tmp_path / "prepared", progress=False)
 
 
+def paired_spec(size: int = 16) -> BenchmarkSpec:
+    """A classification benchmark whose synthetic scenes come in variations and whose real images share scene ids."""
+    return BenchmarkSpec(
+        name="tinyscenes", tasks=["classification"],
+        domains=[DomainSpec("syn", "source", "synthetic"), DomainSpec("real", "target", "real")],
+        source="syn", target="real", image_size=size, channels=1, classes=["c0", "c1", "c2"],
+    )
+
+
+def paired_samples(spec: BenchmarkSpec, scenes_per_class: int = 3, variations: int = 2) -> list[Sample]:
+    """Synthetic scenes with variations (a class-dependent bar, per-variation background); paired real scenes."""
+    rng = np.random.default_rng(0)
+    s, out, sid = spec.image_size, [], 0
+    for split in ("train", "val", "test"):
+        for c in range(3):
+            for _ in range(scenes_per_class):
+                for v in range(variations):
+                    img = np.full((s, s), 20 + 30 * v, np.uint8)
+                    img[:, c * s // 3 : (c + 1) * s // 3] = 200
+                    img = np.clip(img + rng.integers(0, 20, (s, s)), 0, 255).astype(np.uint8)
+                    out.append(Sample(f"syn-{split}-{sid}-{v}", "syn", split, img, c, scene_id=sid, variation=v))
+                real = np.full((s, s), 40, np.uint8)
+                real[:, c * s // 3 : (c + 1) * s // 3] = 160
+                out.append(Sample(f"real-{split}-{sid}", "real", split, real, c, scene_id=sid, variation=0))
+                sid += 1
+    return out
+
+
+@pytest.fixture(scope="session")
+def paired_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paired_spec/paired_samples written and prepared (16 px, 3 classes x 3 scenes x 2 variations per split)."""
+    from s2r.data.prepared import prepare
+
+    tmp = tmp_path_factory.mktemp("paired")
+    spec = paired_spec()
+    return prepare(write_benchmark(tmp / "bench", spec, paired_samples(spec), progress=False), tmp / "prepared",
+                   progress=False)
+
+
+@pytest.fixture(scope="session")
+def scenes16_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: toy, sim, pseudo_real; depth, masks."""
+    from s2r.config import ScenesParams
+    from s2r.data import scenes
+    from s2r.data.prepared import prepare
+
+    root = tmp_path_factory.mktemp("scenes16")
+    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
+    return prepare(write_benchmark(root / "bench", spec, samples, progress=False), root / "prepared", progress=False)
+
+
 def tiny_params_dict() -> dict:
     """The repo's params.yaml shrunk to seconds-long settings."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

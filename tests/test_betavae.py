@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from conftest import tiny_params_dict
-from s2r.config import ConfigError, load_params
+from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.methods import betavae as bv
+from s2r.params import load_params
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def test_same_seed_same_losses_on_onednn_avx2_path(tmp_path: Path, threads: int)
 def test_training_restores_torch_settings(tiny_prepared: Path, tiny_params_file: Path, in_tmp: Path) -> None:
     """`stages.train` (the CLI, `s2r tables`, every tuning trial) leaves threads and determinism as it found them."""
     from s2r import stages
-    from s2r.config import load_params
+    from s2r.params import load_params
     from s2r.train import torch_state
 
     params = load_params(tiny_params_file, {"train.threads": 1, "train.deterministic": True,

@@ -93,7 +93,7 @@ def test_spec_strict_yaml(tmp_path: Path) -> None:
 def test_generation_same_seed_same_sha256s(name: str, tmp_path: Path) -> None:
     from conftest import tiny_params_dict
     from s2r import stages
-    from s2r.config import parse_params
+    from s2r.params import parse_params
 
     raw = tiny_params_dict()
     params = parse_params(raw, "tiny")

@@ -53,7 +53,7 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
-    from s2r.config import load_params
+    from s2r.params import load_params
 
     return load_params(params_path, _overrides(sets))
 
@@ -704,6 +704,28 @@ def recipe_standin(paper: str, out: str, repo: str) -> None:
 
     root = recipes.standin(paper, Path(out), Path(repo))
     click.echo(f"stand-in project at {root}; run: cd {root} && dvc repro pipelines/recipes/{paper}/dvc.yaml")
+
+
+@main.command("dvc-deps")
+@click.argument("kind", type=click.Choice(["train", "refine", "evaluate"]))
+@click.option("--evaluator", default="", help="evaluate: the evaluator module (default: any of them).")
+@click.option("--check", "check", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A dvc.yaml to check: exit 1 naming each code file a stage of this kind runs but misses.")
+def dvc_deps_cmd(kind: str, evaluator: str, check: tuple[str, ...]) -> None:
+    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph.
+
+    Example: s2r dvc-deps train   |   s2r dvc-deps evaluate --check dvc.yaml
+    """
+    from s2r import codegraph
+
+    if check:
+        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd())
+                    if f"(s2r {kind})" in p]
+        for p in problems:
+            click.secho(p, fg="red", err=True)
+        sys.exit(1 if problems else 0)
+    for f in codegraph.dvc_deps(kind, evaluator):
+        click.echo(f"- {f}")
 
 
 if __name__ == "__main__":

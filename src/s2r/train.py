@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from s2r.config import TrainParams
+from s2r.files import atomic_path
 from s2r.methods.base import Method
 from s2r.tracking import TrackedRun
 
@@ -88,10 +89,8 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:

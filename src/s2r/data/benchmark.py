@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from s2r.config import SPLITS, ConfigError, from_dict
+
 TASKS = ("classification", "factors", "depth", "segmentation")
 ROLES = ("source", "target", "auxiliary")
 # Columns every manifest has, in this order; label, factor_<name>, depth_path, mask_path, scene_id and
@@ -86,8 +87,6 @@ class BenchmarkSpec:
     allow_outside_root: bool = False  # files outside data_root were accepted explicitly (--allow-outside-root)
 
     def validate(self) -> None:
-        from s2r.config import ConfigError
-
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ConfigError(f"key 'tasks': {self.tasks} must be a non-empty subset of {list(TASKS)}")
@@ -129,8 +128,6 @@ class BenchmarkSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "benchmark.yaml") -> BenchmarkSpec:
         """Build from a parsed YAML dict, strictly: unknown or missing keys name the file."""
-        from s2r.config import from_dict
-
         return from_dict(cls, raw, where)
 
     def save(self, path: Path) -> None:

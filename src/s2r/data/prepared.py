@@ -58,6 +58,15 @@ class PreparedSplit:
         return int(self.images.shape[0])
 
 
+def one_per_scene(split: PreparedSplit) -> np.ndarray:
+    """Indices of the first image of every scene (all images where the split has no scene ids)."""
+    s = np.asarray(split.scene_ids)
+    if (s < 0).any():
+        return np.arange(len(s))
+    _, first = np.unique(s, return_index=True)
+    return np.sort(first)
+
+
 class PreparedBenchmark:
     """Read access to a prepared benchmark directory."""
 

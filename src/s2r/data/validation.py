@@ -14,8 +14,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from s2r.data.benchmark import (
     read_manifest,
     resolve_path,
 )
+from s2r.files import write_json
 
 MAX_EXAMPLES = 5  # offending rows kept per expectation
 SHA256_REGEX = r"^[0-9a-f]{64}$"
@@ -188,17 +187,7 @@ class ValidationReport:
 
     def to_json(self, path: Path) -> None:
         """Write the report atomically (tmp + rename) so a pipeline never reads half a report."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(self), f, indent=2, default=_plain)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, asdict(self), default=_plain)
 
     @classmethod
     def from_json(cls, path: Path) -> ValidationReport:

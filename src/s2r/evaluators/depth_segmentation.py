@@ -22,6 +22,9 @@ import numpy as np
 from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"]
+
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
 
@@ -110,7 +113,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import write_json
+    from s2r.files import write_json
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")

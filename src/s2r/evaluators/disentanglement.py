@@ -58,6 +58,9 @@ from typing import Any
 
 import numpy as np
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
+
 METRIC_KEYS = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "sap", "modularity",
                "betavae_score", "factorvae_score")
 ESTIMATORS = ("gbt", "lightgbm", "lasso")
@@ -410,7 +413,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
 
     from s2r.data.benchmark import DataError
     from s2r.evaluators import ood_transfer
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "encode" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to score disentanglement on")

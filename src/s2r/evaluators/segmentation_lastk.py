@@ -21,6 +21,9 @@ import numpy as np
 
 from s2r.evaluators.segmentation import segmentation_metrics
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"]
+
 
 def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
     """Final-model test metrics, last-K distribution (box/violin), per-class IoU and the t-SNE analysis."""

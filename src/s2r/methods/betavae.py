@@ -74,6 +74,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 
 @dataclass
@@ -421,6 +422,7 @@ def render_pair_pool(n: int, k: int, domain: str, image_size: int, hues: int, si
     return imgs, facs, facs[:, 0, 0]
 
 
+@register(Config)
 class Method(BaseMethod):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 

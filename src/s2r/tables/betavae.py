@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
 from s2r.evaluators.disentanglement import METRIC_KEYS
+from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
 ROW_KEYS = (*METRIC_KEYS, "elbo", "recon", "input_noise", "weak_supervision")
@@ -160,7 +161,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     overrides = dict(overrides or {})

@@ -81,7 +81,7 @@ def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def twinvae_table(ours: Path, lower: Path, upper: Path, out: Path, experiment: str = "s2r") -> dict[str, Any]:
     """Read three evaluate JSONs, write table1.md / CSV / metrics.json, log them on an MLflow run tables@twinvae."""
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     paths = {"ours": Path(ours), "lower": Path(lower), "upper": Path(upper)}
