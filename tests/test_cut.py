@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -166,17 +167,94 @@ def test_every_parameter_of_g_d_and_heads_gets_a_gradient(scenes16: Path) -> Non
 
 
 def test_eq2_total_and_reduce_options(scenes16: Path) -> None:
+    """Default = the official code (cut_model.compute_G_loss): L_GAN + 0.5 lambda_NCE (X + Y); `sum` = Eq. 2."""
+    assert cut.Config().nce_reduce == "mean" and tiny_cfg().nce_reduce == "mean"  # params.yaml agrees
     m = make_cut(scenes16, lambda_nce=2.0)
     torch.manual_seed(0)
     a, b = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
     out = m.generator_loss(a, b, m.forward_fake(a, b))
-    expected = out["loss_gan_g"] + 2.0 * (out["loss_nce_x"] + out["loss_nce_y"])  # Eq. 2
-    assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
-    m.cfg.nce_reduce = "mean"
-    torch.manual_seed(0)
-    out = m.generator_loss(a, b, m.forward_fake(a, b))
     expected = out["loss_gan_g"] + 2.0 * 0.5 * (out["loss_nce_x"] + out["loss_nce_y"])  # CUT's code
     assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+    m.cfg.nce_reduce = "sum"
+    torch.manual_seed(0)
+    out = m.generator_loss(a, b, m.forward_fake(a, b))
+    expected = out["loss_gan_g"] + 2.0 * (out["loss_nce_x"] + out["loss_nce_y"])  # Eq. 2 as printed
+    assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+    m.cfg.nce_reduce, m.cfg.nce_idt = "mean", False
+    out = m.generator_loss(a, b, m.forward_fake(a, b))  # without the identity term CUT weights NCE_X by lambda
+    assert out["loss_g"].item() == pytest.approx((out["loss_gan_g"] + 2.0 * out["loss_nce_x"]).item(), rel=1e-5)
+
+
+def recipe_cut_cfg() -> cut.Config:
+    """methods.cut of the paper-5 recipe (CUT's widths)."""
+    raw = yaml.safe_load((Path(__file__).parents[1] / "pipelines/recipes/cut-patch-refinement/params.yaml")
+                         .read_text())
+    return from_dict(cut.Config, raw["methods"]["cut"], "recipe", "methods.cut")
+
+
+def test_recipe_networks_have_the_official_parameter_counts_and_nce_shapes() -> None:
+    """CUT (resnet_9blocks, basic D, mlp_sample F, ngf = ndf = 64, netF_nc 256): G 11,378,179, D 2,764,737,
+    F 560,384; NCE features of layers 0, 4, 8, 12, 16 have CUT's shapes (built at 32 px: counts don't depend on it)."""
+    cfg = recipe_cut_cfg()
+    assert cfg.antialias and cfg.nce_reduce == "mean" and cfg.disc_channels == [64, 128, 256, 512]
+    torch.manual_seed(0)
+    g, d, f = cut.build_networks(cfg, 3)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert (count(g), count(d), count(f)) == (11_378_179, 2_764_737, 560_384)
+    with torch.no_grad():
+        feats = cut.encode_layers(g, torch.zeros(1, 3, 32, 32), cfg.nce_layers)
+    assert [tuple(x.shape) for x in feats] == [(1, 3, 38, 38), (1, 128, 32, 32), (1, 256, 16, 16), (1, 256, 8, 8),
+                                               (1, 256, 8, 8)]  # CUT: padded input, convs before blur-pool, blocks
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) and m.affine for m in [*g.modules(), *d.modules()])
+    w = g.net[12].body[1].weight  # a residual conv: xavier_normal gain 0.02, std = 0.02 sqrt(2 / (fan_in + fan_out))
+    assert w.std().item() == pytest.approx(0.02 * math.sqrt(2 / (2 * 256 * 9)), rel=0.02)
+    assert d.net[-1].bias.abs().sum() == 0
+    no_aa = cut.build_networks(from_dict(cut.Config, {**vars(cfg), "antialias": False,
+                                                      "nce_layers": [0, 4, 7, 10, 14]}, "t", "m"), 3)
+    assert [count(n) for n in no_aa] == [11_378_179, 2_764_737, 560_384]  # the same weights, strided layout
+
+
+def _receptive_field(d: torch.nn.Module, size: int) -> int:
+    """Side of the input region that reaches the centre output unit (norms removed: they couple all pixels)."""
+    d = copy.deepcopy(d)
+    for i, layer in enumerate(d.net):
+        if isinstance(layer, torch.nn.InstanceNorm2d):
+            d.net[i] = torch.nn.Identity()
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    out = d(x)
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = (x.grad.abs().sum(dim=(0, 1, 3)) > 0).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_discriminator_is_cuts_basic_patchgan_with_70px_receptive_field() -> None:
+    torch.manual_seed(0)
+    d = cut.Discriminator(3, [4, 4, 4, 4], last_stride1=True, affine=False, init="xavier")
+    assert _receptive_field(d, 160) == 70  # pix2pix / CUT "70x70 PatchGAN"
+    assert cut.Discriminator.out_size(90, 3, 1) == tuple(d(torch.zeros(1, 3, 90, 90)).shape)[-1]
+    aa = cut.Discriminator(3, [4, 4, 4, 4], last_stride1=True, antialias=True, affine=False, init="xavier")
+    assert aa(torch.zeros(1, 3, 90, 90)).shape == d(torch.zeros(1, 3, 90, 90)).shape  # blur-pool: same map size
+    assert _receptive_field(aa, 200) > 70  # the blur kernels widen it (CUT's default D)
+
+
+def test_blur_pool_keeps_constants_and_removes_the_nyquist_frequency() -> None:
+    from s2r.methods.cyclegan import BlurDownsample, BlurUpsample
+
+    x = torch.full((1, 2, 9, 10), 0.7)
+    assert torch.allclose(BlurDownsample(2)(x), torch.full((1, 2, 5, 5), 0.7))  # (B, C, ceil(H/2), ceil(W/2))
+    assert torch.allclose(BlurUpsample(2)(x), torch.full((1, 2, 18, 20), 0.7))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2.0 - 1  # +-1 alternating: highest frequency
+    down = BlurDownsample(1)(checker[None, None])
+    assert down[0, 0, 1:, 1:].abs().max() < 1e-6  # [1, 2, 1] / 4 in both directions cancels it (interior)
+    plain = checker[None, None, ::2, ::2]  # what a stride-2 conv samples: aliased to a constant
+    assert plain.abs().min() == 1
+
+
+def test_cyclegan_networks_unchanged_by_cut_options() -> None:
+    """CycleGAN keeps affine instance norm, N(0, 0.02) init and all-strided D (appendix 6.1)."""
+    g, d = cut.Generator(3, 4, 1), cut.Discriminator(3, [4, 8])
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) and m.affine for m in g.modules())
+    assert g.first_block == 10 and len(d.net) == 6 and d.net[2].stride == (2, 2)
 
 
 def test_resume_reproduces_next_losses_exactly(scenes16: Path, tmp_path: Path) -> None:
