@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import tiny_params_dict
-from s2r.config import ConfigError, load_params
+from s2r.config import ConfigError, from_dict, load_params
 from s2r.data.benchmark import DataError
 from s2r.methods import betavae as bv
 
@@ -70,6 +70,23 @@ def test_shapes_and_custom_logvar_init(size: int, widths: list[int]) -> None:
     layers = [type(m).__name__ for m in vae.modules()]
     assert "LayerNorm" in layers and "AvgPool2d" in layers and "Upsample" in layers
     assert any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in vae.modules())  # width changes
+
+
+def test_recipe_architecture_has_the_papers_parameter_count() -> None:
+    """Section 3 / appendix A: "approximately 16.3M" parameters at 128 px (Tables 3-4 widths, FC(512) hidden
+    layers). Conv part 12,190,231 + FC stack 4,215,828 = 16,406,059 at d = 10 (12.3 M without the hidden FCs)."""
+    raw = yaml.safe_load((Path(__file__).parents[1] / "pipelines/recipes/disentanglement-transfer-ood/params.yaml")
+                         .read_text())["methods"]["betavae"]
+    cfg = from_dict(bv.Config, raw | {"latent_dim": 10}, "recipe", "methods.betavae")
+    assert cfg.fc_width == 512 and cfg.widths == [64, 128, 128, 256, 256]
+    vae = bv.VAE(3, 128, cfg)
+    n = sum(p.numel() for p in vae.parameters())
+    assert n == 16_406_059 and abs(n - 16.3e6) / 16.3e6 < 0.01
+    fc = [m for m in vae.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in fc] == [(4096, 512), (512, 10), (512, 10), (10, 512),
+                                                             (512, 4096)]  # encoder: hidden, mean, logvar; decoder
+    no_hidden = bv.VAE(3, 128, from_dict(bv.Config, raw | {"latent_dim": 10, "fc_width": 0}, "r", "m"))
+    assert sum(p.numel() for p in no_hidden.parameters()) == 12_325_419  # the old, 12.3 M stack
 
 
 def test_widths_must_fit_the_image_size() -> None:
