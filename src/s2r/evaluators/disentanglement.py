@@ -384,7 +384,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         t0 = time.perf_counter()
         transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
                                                method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
-                                               tgt_set, seed=method.seed)
+                                               tgt_set, seed=method.seed,
+                                               order=list(getattr(method.cfg, "ood_order", [])))
         t_transfer = time.perf_counter() - t0
     elbo = method.elbo_terms(imgs[ind][:512])
     result: dict[str, Any] = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],

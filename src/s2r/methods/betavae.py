@@ -39,7 +39,9 @@ logits. The paper's widths per pair are [64, 128, 128, 256, 256] at 128 px with 
 CPU default is smaller (params.yaml).
 
 Data: the encoder trains on the source domain's images whose `ood_factor` value is not in `ood_holdout` (the
-paper trains the VAEs on 8 of its 12 cube colours; the 4 held out are the OOD2-A test colours). Pairs for weak
+paper trains the VAEs on 8 of its 12 cube colours; the 4 held out are the OOD2-A test colours). A held-out value
+outside the factor's range is an error; `ood_order` gives the order of the factor's values along which the
+evaluator's OOD1-B / OOD1-C split (extrapolation / interpolation: hue order), [] = index order. Pairs for weak
 supervision come from one of two places (`pairs`):
 - `render`: the embedded `scenes` benchmark's renderer draws `render_pairs` factor pairs that differ in exactly k
   factors (`s2r.data.scenes.sample_pair`, holdout values excluded) and renders both images in the source domain;
@@ -89,6 +91,7 @@ class Config:
     cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
     ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
     ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
+    ood_order: list[int] = field(default_factory=list)  # OOD1-B/C order of the factor's values; [] = index order
     match_pairs: int = 200_000  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
     eval_images: int = 0  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
     input_noise: bool = False
@@ -432,6 +435,20 @@ def render_pair_pool(n: int, k: int, domain: str, image_size: int, hues: int, si
     return imgs, facs, facs[:, 0, 0]
 
 
+def check_ood_values(cfg: Config, size: int, where: str) -> None:
+    """`ood_holdout` values must exist (0..size-1) and `ood_order` must list every value once (or be empty)."""
+    bad = [v for v in cfg.ood_holdout if not 0 <= v < size]
+    if bad:
+        raise ConfigError(f"key 'methods.betavae.ood_holdout': value(s) {bad} outside factor {cfg.ood_factor!r} of "
+                          f"{where}, which has {size} values (0..{size - 1})")
+    if len(set(cfg.ood_holdout)) >= size:
+        raise ConfigError(f"key 'methods.betavae.ood_holdout': {cfg.ood_holdout} holds out every value of factor "
+                          f"{cfg.ood_factor!r} ({size} values): nothing left to train on")
+    if cfg.ood_order and sorted(cfg.ood_order) != list(range(size)):
+        raise ConfigError(f"key 'methods.betavae.ood_order': {cfg.ood_order} must list every value of factor "
+                          f"{cfg.ood_factor!r} of {where} exactly once (0..{size - 1}), or be [] for index order")
+
+
 class Method(BaseMethod):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
@@ -450,6 +467,8 @@ class Method(BaseMethod):
         if cfg.ood_factor and cfg.ood_factor not in self.factor_names:
             raise ConfigError(f"key 'methods.betavae.ood_factor': {cfg.ood_factor!r} is not a factor of "
                               f"{data.root} ({self.factor_names}); use \"\" for none")
+        if cfg.ood_factor:
+            check_ood_values(cfg, self.factor_sizes[cfg.ood_factor], str(data.root))
         self.holdout = {cfg.ood_factor: sorted(cfg.ood_holdout)} if cfg.ood_factor and cfg.ood_holdout else {}
         self.size = cfg.image_size or spec.image_size
         self.channels = spec.channels
