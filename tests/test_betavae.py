@@ -300,8 +300,12 @@ def test_tables_cli_on_tiny_data(scenes_prepared: Path, params_file: Path, tmp_p
     assert corr["n_models"] == 4 and "mig" in corr["spearman"] and "ood2b_gbt" in corr["columns"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "weak_raises_dci_disentanglement" in metrics and "noise_lowers_ood2a_gbt" not in metrics  # no noisy runs
-    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv"):
+    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv", "fig3_right.png"):
         assert (out / name).is_file()
+    f3 = json.loads((out / "fig3_right.json").read_text())
+    assert f3["n_models"] == {"unsupervised": 2, "weak": 2}
+    weak = f3["spearman"]["weak"]
+    assert set(weak) == {"elbo", "recon", "gbt10000_error"} and "mig" in weak["elbo"]
     assert len(list((out / "models").glob("*/traversals.png"))) == 4
 
 
@@ -322,6 +326,37 @@ def test_correlation_pieces_on_a_hand_built_table() -> None:
     assert f["noise_lowers_ood2b_mlp"] is True and f["ood2b_mlp_noise_mean"] == pytest.approx(0.15)
     fig = tb.plot_heatmap(corr, "t")
     assert len(fig.axes) == 1
+
+
+def test_fig3_right_is_computed_per_supervision() -> None:
+    """Fig. 3 right: ELBO / reconstruction / GBT10000 vs each metric, over unsupervised and weak models apart."""
+    import pandas as pd
+
+    from s2r.tables import betavae as tb
+
+    runs = pd.DataFrame({"supervision": ["unsupervised"] * 4 + ["weak"] * 4,
+                         "mig": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                         "elbo": [-4.0, -3.0, -2.0, -1.0, -1.0, -2.0, -3.0, -4.0],  # + in one group, - in the other
+                         "recon": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0],
+                         "gbt10000_error": [0.4, 0.3, 0.2, 0.1, 0.4, 0.3, 0.2, 0.1]})
+    f3 = tb.fig3_right(runs)
+    assert f3["unsupervised"]["elbo"]["mig"] == pytest.approx(1.0) and f3["weak"]["elbo"]["mig"] == pytest.approx(-1.0)
+    assert f3["weak"]["gbt10000_error"]["mig"] == pytest.approx(-1.0) and list(f3["weak"]["recon"]) == ["mig"]
+    pooled = tb.spearman_table(runs, ["elbo"], ["mig"])["elbo"]["mig"]
+    assert abs(pooled) < 0.5  # pooling hides both: why the paper splits by supervision
+    assert len(tb.plot_fig3_right(f3).axes) == 2
+
+
+def test_gbt10000_error_known_cases() -> None:
+    from s2r.evaluators.disentanglement import downstream_gbt_error
+
+    rng = np.random.default_rng(0)
+    y = np.c_[rng.integers(0, 4, 600), rng.integers(0, 3, 600), np.zeros(600, int)]  # a constant factor: skipped
+    perfect = downstream_gbt_error(y + 0.01 * rng.normal(size=y.shape), y)
+    assert perfect["gbt10000_error"] < 0.02 and perfect["gbt_train_size"] == 480  # 600 - 120 test points
+    noise = downstream_gbt_error(rng.normal(size=(600, 3)), y)["gbt10000_error"]
+    assert noise > 0.5  # chance error 1 - (1/4 + 1/3) / 2 = 0.71
+    assert downstream_gbt_error(y.astype(float), y, n_train=100)["gbt_train_size"] == 100
 
 
 def test_default_params_declare_both_variants_and_the_study() -> None:
