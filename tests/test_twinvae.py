@@ -81,7 +81,7 @@ def test_architecture_table2_at_256px() -> None:
     c.validate()
     twin = TwinVAE(3, c)
     packs = [m for m in twin.enc_r.private.modules() if isinstance(m, Packing)]
-    unpacks = [m for m in twin.dec_r.private.modules() if isinstance(m, Unpacking)]
+    unpacks = [m for m in twin.dec_r.modules() if isinstance(m, Unpacking)]
     assert [p.conv.out_channels for p in packs] == [76, 88, 100, 128, 200, 250]
     assert len(unpacks) == 6 and twin.enc_r.shared.mu.out_channels == 300
     with torch.no_grad():  # the same depth, narrow: 6 packings take 128 px to 2 x 2 and back
@@ -103,6 +103,37 @@ def test_shared_layers_are_the_same_objects() -> None:
     convs = [m.weight for m in twin.modules() if isinstance(m, torch.nn.Conv2d)]
     w = torch.cat([c.detach().flatten() for c in convs])
     assert abs(float(w.std()) - 0.02) < 0.003 and abs(float(w.mean())) < 0.002  # Gaussian init N(0, 0.02)
+
+
+def test_first_three_decoder_weights_are_shared() -> None:
+    """Section 3.2: "the first three weights of each decoder are shared": layer 11's transposed conv and layer 12's
+    2D conv + unpacking 3D conv are one object in G_R and G_S; each head has its own copy (Table 2 note (*))."""
+    from s2r.methods.twinvae import Heads
+
+    def weights(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d,
+                                                                       torch.nn.Conv3d))]
+
+    c = cfg()
+    assert c.shared_decoder_weights == 3  # params.yaml default = the paper's text
+    twin = TwinVAE(3, c)
+    shared = weights(twin.dec_r.shared)
+    assert len(shared) == 3 and all(a is b for a, b in zip(shared, weights(twin.dec_s.shared)))
+    assert len(weights(twin.enc_r.shared)) == 3  # the encoder side: layer 10 conv, mu, logvar
+    first_private = weights(twin.dec_r.private)[0]
+    assert first_private is not weights(twin.dec_s.private)[0]
+    heads = Heads(15, c)
+    assert not set(map(id, weights(heads.depth.shared))) & set(map(id, weights(heads.seg.shared)))
+    assert heads.seg(torch.zeros(2, c.latent_channels, 4, 4)).shape[1] == 15
+    table = cfg(shared_decoder_weights=1)
+    t1 = TwinVAE(3, table)
+    assert len(weights(t1.dec_r.shared)) == 1
+    z = torch.randn(2, c.latent_channels, 4, 4)
+    assert t1.dec_r(z).shape == twin.dec_r(z).shape  # the same network, only the sharing differs
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(t1) - n(twin) == sum(p.numel() for p in twin.dec_r.shared.net[3].parameters())  # layer 12 counted once
+    with pytest.raises(ConfigError, match="shared_decoder_weights"):
+        cfg(shared_decoder_weights=2).validate()
 
 
 def test_reparameterisation_samples_every_forward() -> None:
@@ -221,7 +252,8 @@ def test_capabilities_shapes(scenes16: Path) -> None:
 
 
 def test_heads_only_option_and_sampling_at_inference(scenes16: Path) -> None:
-    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False, inference_sample=True)
+    assert cfg("twinvae_heads").inference_sample and Config().inference_sample  # the paper's default
+    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False)
     m.initialised = True
     m.setup(torch.device("cpu"), None, 2)
     assert {id(p) for p in m.optimizers["net"].param_groups[0]["params"]} == {id(p) for p in m.heads.parameters()}
@@ -229,7 +261,17 @@ def test_heads_only_option_and_sampling_at_inference(scenes16: Path) -> None:
     assert all(p.grad is None for p in m.twin.parameters())  # frozen twin VAE
     assert all(p.grad is not None for p in m.heads.parameters())
     imgs = np.asarray(m.real_val.images)
-    assert not np.array_equal(m.predict(imgs)["depth"], m.predict(imgs)["depth"])  # z sampled at inference too
+    state = torch.get_rng_state()
+    first = m.predict(imgs)["depth"]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert np.array_equal(first, m.predict(imgs)["depth"])  # repeatable: samples from a generator seeded by the seed
+    m.seed = 1
+    sampled = m.predict(imgs)["depth"]
+    assert not np.array_equal(first, sampled)  # z sampled at inference (another seed, another sample)
+    m.cfg.inference_sample = False
+    mean = m.predict(imgs)["depth"]
+    m.seed = 0
+    assert np.array_equal(mean, m.predict(imgs)["depth"]) and not np.array_equal(mean, first)  # the mean option
 
 
 def test_gap_closed_known_values() -> None:
