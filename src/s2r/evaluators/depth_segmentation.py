@@ -158,4 +158,5 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
         "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
         "confusion_matrix": cm.tolist(),
+        **({"trained_tasks": list(method.trained_tasks())} if hasattr(method, "trained_tasks") else {}),
     }

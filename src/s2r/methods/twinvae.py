@@ -482,6 +482,12 @@ class Method(BaseMethod):
         self.initialised = cfg.stage != "heads"  # stage 2 needs stage 1's weights (init_from)
         self.init_info: dict[str, str] = {}
 
+    def trained_tasks(self) -> list[str]:
+        """The tasks whose heads this model trained (stage vae: none; a zero loss weight leaves a head untrained)."""
+        if self.cfg.stage == "vae":
+            return []
+        return [t for t, w in (("depth", self.cfg.w_depth), ("segmentation", self.cfg.w_seg)) if w > 0]
+
     def _val(self, domain: str) -> PreparedSplit:
         return self.data.get(domain, "val" if self.data.has(domain, "val") else "train")
 
