@@ -375,8 +375,29 @@ def test_refine_writes_benchmark_the_segmenter_trains_on(in_tmp: Path, scenes16:
     assert ev["train_data"] == "refined" and len(ev["test_miou_lastk"]) == 2 and set(ev["per_class_iou"]) == {
         "background", "table", "cube", "sphere", "cylinder", "cone"}
     assert {"feature_gap_synthetic", "feature_gap_refined"} <= set(ev)
+    assert ev["tsne_paired"] == 1.0  # scenes: sim and pseudo_real render the same scenes
     for f in ("miou_lastk.png", "tsne.png", "per_class_iou.png", "miou_history.csv"):
         assert (Path("ev") / f).stat().st_size > 0, f
+
+
+def test_tsne_pairs_by_scene_where_pairs_exist_else_unpaired() -> None:
+    """Section IV-F's red line joins a synthetic / refined / real triple: only meaningful for the same scene."""
+    from types import SimpleNamespace
+
+    from s2r.evaluators.segmentation_lastk import tsne_rows
+
+    def part(ids: list[str], scenes: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(ids=ids, scene_ids=np.array(scenes), images=np.zeros(len(ids)))
+
+    syn = part(["a", "b", "c", "d"], [5, 3, 9, -1])
+    ref = part(["c", "a", "b", "d"], [9, 5, 3, -1])  # the same images translated, stored in another order
+    tgt = part(["x", "y", "z"], [9, 7, 3])
+    rows, paired = tsne_rows({"synthetic": syn, "refined": ref, "target": tgt}, 10)
+    assert paired and rows["synthetic"].tolist() == [1, 2] and rows["target"].tolist() == [2, 0]  # scenes 3, 9
+    assert rows["refined"].tolist() == [2, 0]  # ids b, c
+    ycb_real = part(["r0", "r1", "r2"], [-1, -1, -1])  # real frames unrelated to the renders
+    rows, paired = tsne_rows({"synthetic": syn, "refined": ref, "target": ycb_real}, 2)
+    assert not paired and rows["target"].tolist() == [0, 1] and rows["refined"].tolist() == [1, 2]
 
 
 def test_tables_cut_cli_on_tiny_data(in_tmp: Path, scenes16: Path, tiny_params_file: Path) -> None:
