@@ -400,6 +400,49 @@ def test_tsne_pairs_by_scene_where_pairs_exist_else_unpaired() -> None:
     assert not paired and rows["target"].tolist() == [0, 1] and rows["refined"].tolist() == [1, 2]
 
 
+def test_bop_official_test_split_object_subset_and_640x480_frames(tmp_path: Path) -> None:
+    """Paper 5 (Section IV-D): HomebrewedDB is scored on the official BOP test images, on the objects S present
+    there; CUT trains on the validation images showing S; frames stay 640x480 (here 16x12), CUT and the segmenter
+    train on them and refine at full resolution."""
+    from s2r.data import sources
+    from s2r.data.benchmark import load_benchmark
+    from s2r.data.sources import objects
+
+    raw = objects.bop_fixture(tmp_path / "raw", test_split=True)
+    out = Path(sources.add("bop", raw, tmp_path / "b", options={"image_size": 16, "crop": "keep"})["benchmark"])
+    spec, df = load_benchmark(out)
+    assert (spec.image_size, spec.image_height) == (16, 12) and set(df["width"]) == {16} and set(df["height"]) == {12}
+    real = df[df["domain"] == "real"]
+    scene = real["id"].str.split("-").str[2]
+    frame = real["id"].str.split("-").str[3].astype(int)
+    test = real["split"] == "test"
+    assert set(scene[test]) == {"000003"} and sorted(frame[test]) == [0, 2, 4, 6, 8]  # test_targets_bop19 only
+    assert not set(scene[real["split"] == "train"]) & set(scene[real["split"] == "val"])  # split by scene
+    assert spec.expectations["mask_values"] == [0, 1, 3, 255] and spec.seg_classes[2] == "unused_2"  # S = {1, 3}
+    assert not ((scene == "000002") & (frame % 2 == 0)).any()  # val frames showing only object 2: dropped
+    prepared = prepare(out, tmp_path / "p", progress=False)
+    data = PreparedBenchmark(prepared)
+    masks = np.asarray(data.get("real", "val").masks)
+    assert masks.shape[1:] == (12, 16) and 2 not in np.unique(masks) and 255 in np.unique(masks)  # 2: ignored
+    m = cut.Method(tiny_cfg(patch_size=8), data, 0)
+    m.setup(torch.device("cpu"), None, 4)
+    assert all(math.isfinite(v) for v in m.train_step(next(m.batches())).values())
+    imgs = np.asarray(data.get("synthetic", "test").images)
+    assert m.translate(imgs).shape == imgs.shape == (len(imgs), 12, 16, 3)
+    seg = segmenter.Method(seg_cfg(train_data="synthetic", refiner="cut", batch_size=2), data, 0)
+    seg.setup(torch.device("cpu"), None, 2)
+    seg.train_step(next(seg.batches()))
+    assert seg.predict(np.asarray(data.get("real", "test").images)).shape == (5, 12, 16)
+    hashed = Path(sources.add("bop", objects.bop_fixture(tmp_path / "r2"), tmp_path / "h",
+                              options={"image_size": 8})["benchmark"])
+    assert load_benchmark(hashed)[0].image_height == 0  # no test split: the old square, hashed layout
+    with pytest.raises(DataError, match="objects: test"):
+        sources.add("bop", objects.bop_fixture(tmp_path / "r3"), tmp_path / "x", options={"objects": "test"})
+    ycb = Path(sources.add("ycb_video", objects.ycb_fixture(tmp_path / "ry"), tmp_path / "y",
+                           options={"image_size": 16, "crop": "keep"})["benchmark"])
+    assert load_benchmark(ycb)[0].image_height == 12  # 640x480 -> 640x480, no centre crop
+
+
 def test_tables_cut_cli_on_tiny_data(in_tmp: Path, scenes16: Path, tiny_params_file: Path) -> None:
     raw = yaml.safe_load(tiny_params_file.read_text())
     raw["reports"]["cut_tables"].update(patch_sizes=[9], seg_epochs=1, last_k=1, mix_patch_size=9)

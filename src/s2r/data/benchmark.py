@@ -76,6 +76,14 @@ class BenchmarkSpec:
     # dataset rules validation checks beyond labels/factors: max_depth_m (float), mask_values (list of ids),
     # domain_rows ({domain: exact row count}); see s2r.data.validation._expectation_checks
     expectations: dict[str, Any] = field(default_factory=dict)
+    # 0 = square frames (image_size x image_size); else frames are image_size wide and image_height high
+    # (paper 5 trains and scores YCB-Video / HomebrewedDB at 640x480)
+    image_height: int = 0
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (image_size for square benchmarks)."""
+        return self.image_height or self.image_size
 
     def validate(self) -> None:
         from s2r.config import ConfigError
@@ -103,7 +111,7 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {})):
+        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("image_height", 0)):
             if d[key] == default:
                 del d[key]
         return d

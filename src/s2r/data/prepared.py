@@ -98,8 +98,11 @@ class PreparedBenchmark:
         return part
 
 
-def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str = "image") -> np.ndarray:
-    """Decode one file to uint8/uint16 array of the benchmark's size, naming file and row on failure."""
+def _decode(path: Path, channels: int, size: int | tuple[int, int], row: int, sid: str, mode: str = "image"
+            ) -> np.ndarray:
+    """Decode one file to uint8/uint16 array of the benchmark's size (side, or (width, height)), naming file and
+    row on failure."""
+    wh = (size, size) if isinstance(size, int) else tuple(size)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -120,13 +123,13 @@ def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str 
                         f"benchmark declares {channels}"
                     )
                 im = im.convert(want)
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                if im.size != wh:
+                    im = im.resize(wh, Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
                 return arr[:, :, None] if arr.ndim == 2 else arr  # (H, W) -> (H, W, 1)
             resample = Image.Resampling.NEAREST
-            if im.size != (size, size):
-                im = im.resize((size, size), resample)
+            if im.size != wh:
+                im = im.resize(wh, resample)
             return np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"manifest row {row} (id {sid!r}): {path} is not a readable image: {e}") from e
@@ -220,6 +223,7 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
     spec, manifest = load_benchmark(bench_root)
     manifest_file = next(p for p in (bench_root / "manifest.parquet", bench_root / "manifest.csv") if p.is_file())
     size, ch = spec.image_size, spec.channels
+    height, wh = spec.height, (spec.image_size, spec.height)
     factor_cols = [f"factor_{n}" for n in spec.factors]
     for col in ["id", "domain", "split", "path", *factor_cols] + (["label"] if spec.classes else []):
         if col not in manifest.columns:
@@ -233,17 +237,18 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
             n = len(rows)
             d = tmp / str(domain) / str(split)
             d.mkdir(parents=True)
-            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, ch))
-            depth = np.zeros((n, size, size), np.float32) if spec.has_depth else None
-            masks = np.zeros((n, size, size), np.uint8) if spec.has_mask else None
+            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8,
+                                               shape=(n, height, size, ch))
+            depth = np.zeros((n, height, size), np.float32) if spec.has_depth else None
+            masks = np.zeros((n, height, size), np.uint8) if spec.has_mask else None
             for j, (row, r) in enumerate(rows.iterrows()):
                 sid = str(r["id"])
-                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, size, int(row), sid)
+                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, wh, int(row), sid)
                 if depth is not None:
-                    raw = _decode(resolve_path(bench_root, r["depth_path"]), ch, size, int(row), sid, "depth")
+                    raw = _decode(resolve_path(bench_root, r["depth_path"]), ch, wh, int(row), sid, "depth")
                     depth[j] = raw.astype(np.float32) / float(spec.depth_scale or DEPTH_SCALE)
                 if masks is not None:
-                    masks[j] = _decode(resolve_path(bench_root, r["mask_path"]), ch, size, int(row), sid, "mask")
+                    masks[j] = _decode(resolve_path(bench_root, r["mask_path"]), ch, wh, int(row), sid, "mask")
                 bar.update(1)
             images.flush()
             del images
