@@ -27,7 +27,7 @@ Eq. 2 as printed (twice the NCE weight at the same lambda_NCE).
 - Layers: CUT's `nce_layers=0,4,8,12,16` index its (anti-aliased) generator's nn.Sequential: the padded input,
   the two downsampling convs (before their blur-pool), residual blocks 1 and 5. With `antialias: true` our
   cyclegan.Generator.net has CUT's layout, so the indices are CUT's. Without blur-pooling (the CPU default,
-  where the stride-1 full-resolution convs would cost ~4x) the same layers are 0, 4, 7, 10 and 14; with the
+  where the stride-1 full-resolution convs make G about 1.7x slower) the same layers are 0, 4, 7, 10 and 14; with the
   CPU default of 3 residual blocks the last one is 12 (the third block).
 - Heads are created in `__init__` (CUT creates them lazily on the first batch) so that the optimiser exists
   before any checkpoint is restored and resume is exact.
