@@ -34,7 +34,7 @@ from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
 from s2r.methods import registry
-from s2r.train import fit, load_checkpoint, seed_everything
+from s2r.train import fit, load_checkpoint, seed_everything, torch_settings
 
 TINY = tiny_params_dict()
 BLOCKS = sorted(TINY["methods"])  # every params block of params.yaml, each typed by its registered method
@@ -44,11 +44,10 @@ STEPS = 3  # cover GAN schedules: a G pretraining step, a D pretraining step, a 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_deterministic() -> Iterator[None]:
+    """As `s2r train` runs (train.deterministic), on one thread; restored after the module."""
+    with torch_settings(deterministic=True, threads=1):
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,7 +121,7 @@ def build(block: str, benchmarks: list[Path], tmp: Path, total: int) -> Any:
     if hasattr(entry.method, "init_from") and block != entry.name and not (base_dir / "model.pt").is_file():
         base = entry.method(config_for(entry.name, data), data, SEED)
         stages.save_trained(base_dir, entry.name, base, SEED, "contract-test")
-    seed_everything(SEED, True)
+    seed_everything(SEED)
     m = entry.method(cfg, data, SEED)
     m.name = block
     if hasattr(m, "init_from") and block != entry.name:
