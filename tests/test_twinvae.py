@@ -317,10 +317,10 @@ def test_val_sim_metrics_read_sim_images_with_the_sim_encoder(scenes16: Path) ->
 
 def test_driving_adapters_vkitti_classes_give_15_outputs_scoring_12(tmp_path: Path) -> None:
     """Paper 2: the segmentation decoder outputs VKITTI's 15 categories (Table 2 (**)); 12 shared are scored."""
-    from s2r.params import load_params
     from s2r.data.benchmark import DataError, load_benchmark
     from s2r.data.sources import add, driving
     from s2r.data.sources.generic import merge
+    from s2r.params import load_params
 
     opts = {"image_size": 8, "classes": "vkitti"}
     v = Path(add("vkitti2", driving.vkitti2_fixture(tmp_path / "rv"), tmp_path / "v", options=opts)["benchmark"])
