@@ -1,0 +1,127 @@
+"""Crash consistency: SIGKILL at chosen points, then resume; the model must equal an uninterrupted run's.
+
+Processes kill themselves at deterministic points (tests/crash_driver.py), so nothing races with a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, tiny_params_dict
+from s2r import tracking
+
+DRIVER = Path(__file__).with_name("crash_driver.py")
+
+
+def _params(tmp_path: Path, method: str) -> Path:
+    raw = tiny_params_dict()
+    raw["train"].update(threads=1, checkpoint_every=2)
+    raw["tracking"]["log_model"] = True
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def _env(uri: str, kill: str = "") -> dict[str, str]:
+    return os.environ | {"MLFLOW_TRACKING_URI": uri, "S2R_TEST_KILL": kill, "OMP_NUM_THREADS": "1",
+                         "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _train(folder: Path, method: str, prepared: Path, params: Path, uri: str, *, kill: str = "",
+           resume: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(DRIVER), "train", method, "--data", str(prepared), "--out", str(folder / "model"),
+           "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json"), "--params", str(params)]
+    return subprocess.run(cmd + (["--resume"] if resume else []), env=_env(uri, kill), capture_output=True,
+                          text=True, timeout=600, cwd=folder.parent)
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every model number: the flattened tensors of the method's saved state."""
+    saved = torch.load(folder / "model" / "model.pt", map_location="cpu", weights_only=False)
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, v: object) -> None:
+        if isinstance(v, torch.Tensor):
+            out[prefix] = v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+
+    walk("", saved["state"])
+    return out
+
+
+# (kill point of each attempt, what the next --resume must say); steps: 2 epochs x 3, a checkpoint every 2 steps
+CHAIN = [
+    ("step:2", "no checkpoint in"),  # dies after step 1, before the first checkpoint
+    ("checkpoint_tmp:2", "continuing from the checkpoint at step 2/6"),  # dies mid-write of the step-4 checkpoint
+    ("step:3", "continuing from the checkpoint at step 4/6"),  # from step 2 it runs 3, 4 (checkpoint), dies at 5
+    ("after_fit", "continuing from the checkpoint at step 6/6"),  # trained to the end, model not written
+    ("log_model", "continuing from the checkpoint at step 6/6"),  # model.pt written, run not finished
+]
+
+
+def _kill_resume_chain(tmp_path: Path, prepared: Path, method: str) -> None:
+    params = _params(tmp_path, method)
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    base, crash = tmp_path / "base", tmp_path / "crash"
+    base.mkdir()
+    crash.mkdir()
+    ok = _train(base, method, prepared, params, uri)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+
+    run_id = None
+    for i, (kill, says_next) in enumerate(CHAIN):
+        p = _train(crash, method, prepared, params, uri, kill=kill, resume=i > 0)
+        assert p.returncode == -9, (kill, p.returncode, p.stderr[-3000:])  # died by SIGKILL where asked
+        if i > 0:
+            assert CHAIN[i - 1][1] in p.stderr, p.stderr[-2000:]
+        this = json.loads((crash / "ckpt" / "run.json").read_text())["run_id"]
+        assert run_id in (None, this)  # every attempt continues the one MLflow run
+        run_id = this
+        assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "RUNNING"
+        assert run_id in tracking.reconcile(uri)  # what the next s2r command does first
+        r = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+        assert r.info.status == "KILLED" and "is gone" in r.data.tags[tracking.RECONCILED_TAG]
+    assert not (crash / "model" / "model.pt").is_file() or kill == "log_model"
+
+    last = _train(crash, method, prepared, params, uri, resume=True)
+    assert last.returncode == 0 and CHAIN[-1][1] in last.stderr, last.stderr[-3000:]
+    again = _train(crash, method, prepared, params, uri, resume=True)  # a finished run: a no-op that says so
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-3000:]
+
+    a, b = _state(base), _state(crash)
+    assert a.keys() == b.keys() and len(a) > 0
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ after kill+resume, e.g. {differ[:5]}"
+    ma, mb = (json.loads((f / "metrics.json").read_text()) for f in (base, crash))
+    for k, v in ma.items():  # the logged training metrics too (timings aside)
+        if k.startswith(("train_", "val_")):
+            assert mb[k] == v, k
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and mb["mlflow_run_id"] == run_id
+    assert run.data.tags["resumed"] == "true" and run.data.tags["resumed_from_status"] == "KILLED"
+    assert run.data.tags["threads"] == "1" and run.data.tags["torch"] == torch.__version__
+    assert run.data.tags["device"] == "cpu"
+    assert "model_uri" in run.data.tags
+    runs = client.search_runs([run.info.experiment_id], filter_string="tags.stage = 'train'")
+    assert len(runs) == 2  # the uninterrupted run and the one run of all the attempts
+
+
+def test_sigkill_anywhere_then_resume_gives_identical_model(tmp_path: Path, tiny_prepared: Path) -> None:
+    _kill_resume_chain(tmp_path, tiny_prepared, "mixing")
+
+
+@pytest.mark.slow
+def test_sigkill_gan_anywhere_then_resume_gives_identical_model(tmp_path: Path, tiny_prepared: Path) -> None:
+    _kill_resume_chain(tmp_path, tiny_prepared, "cyclegan")
