@@ -4,8 +4,8 @@ S2R_TEST_KILL picks the point, counted within this process, so where it dies is 
   step:K            before the K-th training step
   checkpoint_tmp:N  while writing the N-th checkpoint: the temp file is written, the rename never happens
   after_fit         after the training loop, before the model file is written
-  log_model         while logging the model to MLflow (model.pt written, run not finished)
-Usage: python tests/crash_driver.py train mixing --data ... (the arguments of `s2r`).
+  after_model       after model.pt is written, before the run is finished (plots, model logging)
+Usage: python tests/crash_driver.py train mixing --data ... (the arguments of `s2r`), or `run_cli` in a fork.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def install(spec: str) -> None:
     """Patch the training loop's seams (no product code changes) to die at `spec`."""
     import torch
 
-    import s2r.tracking
+    import s2r.stages
     import s2r.train
 
     kind, _, arg = spec.partition(":")
@@ -58,14 +58,47 @@ def install(spec: str) -> None:
                 die()
         real_save(path, state)
 
-    def log_model(self: Any, *a: Any, **kw: Any) -> str:
+    def plot_history(*a: Any, **kw: Any) -> None:
         die()
-        return ""
 
     s2r.train.fit = fit
     s2r.train.save_checkpoint = save_checkpoint
-    if kind == "log_model":
-        s2r.tracking.TrackedRun.log_model = log_model
+    if kind == "after_model":
+        s2r.stages._plot_history = plot_history
+
+
+def run_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
+    """Run `s2r ARGV` in a forked child of this process (no second start-up of torch/MLflow); return its status.
+
+    The status is the exit code, or minus the signal that ended it (-9: SIGKILL). stdout/stderr go to `log`.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller (pytest)
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - lives until os._exit
+            os.environ.update(env)
+            if env.get("S2R_TEST_KILL"):
+                install(env["S2R_TEST_KILL"])
+            from s2r.cli import main
+
+            main(argv, prog_name="s2r")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - report anything, then leave without running the caller's code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,16 @@ Processes kill themselves at deterministic points (tests/crash_driver.py), so no
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 - imported once here, not in every forked child (seed_everything needs it)
 import yaml
 
-from conftest import REPO, tiny_params_dict
+from conftest import tiny_params_dict
+from crash_driver import run_cli
 from s2r import tracking
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
@@ -25,23 +24,30 @@ DRIVER = Path(__file__).with_name("crash_driver.py")
 def _params(tmp_path: Path, method: str) -> Path:
     raw = tiny_params_dict()
     raw["train"].update(threads=1, checkpoint_every=2)
-    raw["tracking"]["log_model"] = True
+    raw["tracking"]["log_model"] = False  # seconds per attempt; the after_model point covers that window
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
     return p
 
 
 def _env(uri: str, kill: str = "") -> dict[str, str]:
-    return os.environ | {"MLFLOW_TRACKING_URI": uri, "S2R_TEST_KILL": kill, "OMP_NUM_THREADS": "1",
-                         "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {"MLFLOW_TRACKING_URI": uri, "S2R_TEST_KILL": kill, "OMP_NUM_THREADS": "1"}
+
+
+def _alias(uri: str) -> str:
+    """The same store under another spelling, for this process only: children never inherit its connections."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    return f"sqlite:///{path.parent}/./{path.name}"
 
 
 def _train(folder: Path, method: str, prepared: Path, params: Path, uri: str, *, kill: str = "",
-           resume: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(DRIVER), "train", method, "--data", str(prepared), "--out", str(folder / "model"),
-           "--checkpoints", str(folder / "ckpt"), "--metrics", str(folder / "metrics.json"), "--params", str(params)]
-    return subprocess.run(cmd + (["--resume"] if resume else []), env=_env(uri, kill), capture_output=True,
-                          text=True, timeout=600, cwd=folder.parent)
+           resume: bool = False) -> tuple[int, str]:
+    """`s2r train` in a forked child that dies at `kill`; (exit status, its output)."""
+    argv = ["train", method, "--data", str(prepared), "--out", str(folder / "model"), "--checkpoints",
+            str(folder / "ckpt"), "--metrics", str(folder / "metrics.json"), "--params", str(params)]
+    log = folder / "log.txt"
+    rc = run_cli(argv + (["--resume"] if resume else []), _env(uri, kill), log)
+    return rc, log.read_text()
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +72,7 @@ CHAIN = [
     ("checkpoint_tmp:2", "continuing from the checkpoint at step 2/6"),  # dies mid-write of the step-4 checkpoint
     ("step:3", "continuing from the checkpoint at step 4/6"),  # from step 2 it runs 3, 4 (checkpoint), dies at 5
     ("after_fit", "continuing from the checkpoint at step 6/6"),  # trained to the end, model not written
-    ("log_model", "continuing from the checkpoint at step 6/6"),  # model.pt written, run not finished
+    ("after_model", "continuing from the checkpoint at step 6/6"),  # model.pt written, run not finished
 ]
 
 
@@ -76,28 +82,30 @@ def _kill_resume_chain(tmp_path: Path, prepared: Path, method: str) -> None:
     base, crash = tmp_path / "base", tmp_path / "crash"
     base.mkdir()
     crash.mkdir()
-    ok = _train(base, method, prepared, params, uri)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    rc, log = _train(base, method, prepared, params, uri)
+    assert rc == 0, log[-3000:]
 
+    here = _alias(uri)
+    client = mlflow.MlflowClient(tracking_uri=here)
     run_id = None
-    for i, (kill, says_next) in enumerate(CHAIN):
-        p = _train(crash, method, prepared, params, uri, kill=kill, resume=i > 0)
-        assert p.returncode == -9, (kill, p.returncode, p.stderr[-3000:])  # died by SIGKILL where asked
+    for i, (kill, _) in enumerate(CHAIN):
+        rc, log = _train(crash, method, prepared, params, uri, kill=kill, resume=i > 0)
+        assert rc == -9, (kill, rc, log[-3000:])  # died by SIGKILL where asked
         if i > 0:
-            assert CHAIN[i - 1][1] in p.stderr, p.stderr[-2000:]
+            assert CHAIN[i - 1][1] in log, log[-2000:]
         this = json.loads((crash / "ckpt" / "run.json").read_text())["run_id"]
         assert run_id in (None, this)  # every attempt continues the one MLflow run
         run_id = this
-        assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "RUNNING"
-        assert run_id in tracking.reconcile(uri)  # what the next s2r command does first
-        r = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+        assert client.get_run(run_id).info.status == "RUNNING"
+        assert run_id in tracking.reconcile(here)  # what the next s2r command does first
+        r = client.get_run(run_id)
         assert r.info.status == "KILLED" and "is gone" in r.data.tags[tracking.RECONCILED_TAG]
-    assert not (crash / "model" / "model.pt").is_file() or kill == "log_model"
+        assert (crash / "model" / "model.pt").is_file() == (kill == "after_model")
 
-    last = _train(crash, method, prepared, params, uri, resume=True)
-    assert last.returncode == 0 and CHAIN[-1][1] in last.stderr, last.stderr[-3000:]
-    again = _train(crash, method, prepared, params, uri, resume=True)  # a finished run: a no-op that says so
-    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-3000:]
+    rc, log = _train(crash, method, prepared, params, uri, resume=True)
+    assert rc == 0 and CHAIN[-1][1] in log, log[-3000:]
+    rc, log = _train(crash, method, prepared, params, uri, resume=True)  # a finished run: a no-op that says so
+    assert rc == 0 and "already finished" in log, log[-3000:]
 
     a, b = _state(base), _state(crash)
     assert a.keys() == b.keys() and len(a) > 0
@@ -107,13 +115,11 @@ def _kill_resume_chain(tmp_path: Path, prepared: Path, method: str) -> None:
     for k, v in ma.items():  # the logged training metrics too (timings aside)
         if k.startswith(("train_", "val_")):
             assert mb[k] == v, k
-    client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and mb["mlflow_run_id"] == run_id
     assert run.data.tags["resumed"] == "true" and run.data.tags["resumed_from_status"] == "KILLED"
     assert run.data.tags["threads"] == "1" and run.data.tags["torch"] == torch.__version__
     assert run.data.tags["device"] == "cpu"
-    assert "model_uri" in run.data.tags
     runs = client.search_runs([run.info.experiment_id], filter_string="tags.stage = 'train'")
     assert len(runs) == 2  # the uninterrupted run and the one run of all the attempts
 

@@ -218,7 +218,15 @@ class _Heartbeat:
                     mlflow.MlflowClient(tracking_uri=uri).set_tag(run_id, _proc_key(entry), json.dumps(entry))
 
 
+    def reset_in_child(self) -> None:
+        """A forked child has none of its parent's threads or open runs."""
+        self.runs, self.lock, self.wake, self.thread = {}, threading.Lock(), threading.Event(), None
+
+
 HEARTBEAT = _Heartbeat()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=HEARTBEAT.reset_in_child)
+    os.register_at_fork(after_in_child=_reconciled.clear)
 
 
 @contextlib.contextmanager
