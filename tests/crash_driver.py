@@ -5,6 +5,8 @@ S2R_TEST_KILL picks the point, counted within this process, so where it dies is 
   checkpoint_tmp:N  while writing the N-th checkpoint: the temp file is written, the rename never happens
   after_fit         after the training loop, before the model file is written
   after_model       after model.pt is written, before the run is finished (plots, model logging)
+S2R_TEST_DEAD_MARK=PATH: touch PATH just before dying. S2R_TEST_WAIT_FOR=PATH: hold the first training step
+until PATH exists (so another worker is certainly mid-trial when it dies; an event, not a timer).
 Usage: python tests/crash_driver.py train mixing --data ... (the arguments of `s2r`), or `run_cli` in a fork.
 """
 
@@ -18,6 +20,8 @@ from typing import Any
 
 
 def die() -> None:
+    if os.environ.get("S2R_TEST_DEAD_MARK"):
+        Path(os.environ["S2R_TEST_DEAD_MARK"]).touch()
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -30,11 +34,21 @@ def install(spec: str) -> None:
     import s2r.stages
     import s2r.train
 
-    kind, _, arg = spec.partition(":")
+    kind, _, arg = spec.partition(":") if spec else ("", "", "")
     real_fit, real_save = s2r.train.fit, s2r.train.save_checkpoint
     calls = {"step": 0, "ckpt": 0}
 
     def fit(method: Any, **kw: Any) -> Any:
+        gate = os.environ.get("S2R_TEST_WAIT_FOR")
+        if gate and not calls.get("waited"):
+            import time
+
+            calls["waited"] = 1
+            deadline = time.monotonic() + 600
+            while not Path(gate).exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{gate} never appeared")
+                time.sleep(0.1)
         if kind == "step":
             real_step = method.train_step
 
@@ -72,6 +86,17 @@ def run_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
 
     The status is the exit code, or minus the signal that ended it (-9: SIGKILL). stdout/stderr go to `log`.
     """
+    return wait(spawn_cli(argv, env, log))
+
+
+def wait(pid: int) -> int:
+    """The exit code of child `pid`, or minus the signal that ended it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def spawn_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
+    """Start `s2r ARGV` in a forked child; return its pid (see run_cli)."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller (pytest)
         code = 1
@@ -81,8 +106,8 @@ def run_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
             os.dup2(fd, 2)
             sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - lives until os._exit
             os.environ.update(env)
-            if env.get("S2R_TEST_KILL"):
-                install(env["S2R_TEST_KILL"])
+            if env.get("S2R_TEST_KILL") or env.get("S2R_TEST_WAIT_FOR"):
+                install(env.get("S2R_TEST_KILL", ""))
             from s2r.cli import main
 
             main(argv, prog_name="s2r")
@@ -97,8 +122,7 @@ def run_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return pid
 
 
 if __name__ == "__main__":

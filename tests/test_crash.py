@@ -15,7 +15,7 @@ import torch._dynamo  # noqa: F401 - imported once here, not in every forked chi
 import yaml
 
 from conftest import tiny_params_dict
-from crash_driver import run_cli
+from crash_driver import run_cli, spawn_cli, wait
 from s2r import tracking
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
@@ -31,7 +31,8 @@ def _params(tmp_path: Path, method: str) -> Path:
 
 
 def _env(uri: str, kill: str = "") -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": uri, "S2R_TEST_KILL": kill, "OMP_NUM_THREADS": "1"}
+    return {"MLFLOW_TRACKING_URI": uri, "S2R_TEST_KILL": kill, "OMP_NUM_THREADS": "1", "S2R_TEST_WAIT_FOR": "",
+            "S2R_TEST_DEAD_MARK": ""}
 
 
 def _alias(uri: str) -> str:
@@ -131,3 +132,50 @@ def test_sigkill_anywhere_then_resume_gives_identical_model(tmp_path: Path, tiny
 @pytest.mark.slow
 def test_sigkill_gan_anywhere_then_resume_gives_identical_model(tmp_path: Path, tiny_prepared: Path) -> None:
     _kill_resume_chain(tmp_path, tiny_prepared, "cyclegan")
+
+
+def test_sigkilled_tuning_worker_trial_is_failed_and_retried_with_one_parent_run(tmp_path: Path,
+                                                                                 tiny_prepared: Path) -> None:
+    """Two workers start at the same instant; one dies by SIGKILL mid-trial; a worker started later settles it."""
+    from optuna.trial import TrialState
+
+    from s2r import tune
+    from test_tune import study_params, trials
+
+    params = study_params(tmp_path, n_trials=3)
+    raw = yaml.safe_load(params.read_text())
+    raw["tracking"]["log_model"] = False
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    argv = ["tune", "--study", "t", "--data", str(tiny_prepared), "--params", str(params), "--out",
+            str(tmp_path / "out"), "--study-name", "crash", "--resume"]
+    # trials train 2 epochs x 3 steps: step 4 is in the second epoch of the worker's first trial
+    mark = str(tmp_path / "a-died")  # b's first trial waits for a's death, so a surely gets a trial to die in
+    a = spawn_cli(argv, _env(uri, "step:4") | {"S2R_TEST_DEAD_MARK": mark}, tmp_path / "a.txt")
+    b = spawn_cli(argv, _env(uri) | {"S2R_TEST_WAIT_FOR": mark}, tmp_path / "b.txt")
+    assert wait(a) == -9, (tmp_path / "a.txt").read_text()[-3000:]
+    assert wait(b) == 0, (tmp_path / "b.txt").read_text()[-3000:]
+    c = run_cli(argv, _env(uri), tmp_path / "c.txt")  # e.g. a retry loop or the next `dvc repro`
+    assert c == 0, (tmp_path / "c.txt").read_text()[-3000:]
+
+    o = tune.TuneOptions(study="t", data_dir=tiny_prepared, params_path=params, out_dir=tmp_path / "out",
+                         study_name="crash")
+    ts = trials(o)
+    assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}, ts
+    dead = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(dead) == 1 and "died during the trial" in dead[0].user_attrs["fail_reason"]
+    retries = [t for t in ts if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(retries) == 1 and retries[0].params == dead[0].params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert sum(t.state == TrialState.COMPLETE for t in ts) >= 3
+
+    client = mlflow.MlflowClient(tracking_uri=_alias(uri))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    assert len(parents) == 1, [r.info.run_id for r in parents]  # one parent run although both started together
+    kids = [r for r in runs if r.data.tags.get("optuna_study") == "crash"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parents[0].info.run_id}
+    killed = [r for r in kids if r.data.tags["optuna_trial"] == str(dead[0].number)]
+    assert len(killed) == 1 and killed[0].info.status == "KILLED"  # reconciled by a later process
+    assert tracking.RECONCILED_TAG in killed[0].data.tags
+    assert all(r.info.status != "RUNNING" for r in runs)
