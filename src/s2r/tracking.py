@@ -283,6 +283,14 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+def _torch_tags() -> dict[str, str]:
+    """What a run's numbers depend on besides code, data and params (if torch is in use at all)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    return {"torch": str(torch.__version__), "threads": str(torch.get_num_threads())}
+
+
 class TrackedRun:
     """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt."""
 
@@ -314,6 +322,7 @@ class TrackedRun:
             "host": platform.node(),
             "pid": str(me["pid"]),
             _proc_key(me): json.dumps(me),
+            **_torch_tags(),
             **self.tags,
         }
         if self.parent_run_id:
