@@ -179,3 +179,17 @@ def test_sigkilled_tuning_worker_trial_is_failed_and_retried_with_one_parent_run
     assert len(killed) == 1 and killed[0].info.status == "KILLED"  # reconciled by a later process
     assert tracking.RECONCILED_TAG in killed[0].data.tags
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_resume_refuses_a_checkpoint_of_other_params(tmp_path: Path, tiny_prepared: Path,
+                                                     tiny_params_file: Path) -> None:
+    from s2r import stages
+    from s2r.config import load_params
+    from s2r.data.benchmark import DataError
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / stages.RUN_FILE).write_text(json.dumps({"run_id": "x", "fingerprint": "other"}))
+    with pytest.raises(DataError, match="written for other params"):
+        stages.train("mixing", tiny_prepared, tmp_path / "m", load_params(tiny_params_file), ckpt_dir=ckpt,
+                     resume=True)

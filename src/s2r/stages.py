@@ -114,9 +114,12 @@ def train(
         raise DataError(f"params.yaml has no section methods.{method_name}")
     ckpt_dir = Path(ckpt_dir or Path("data/checkpoints") / method_name)
     total = cfg.epochs * cfg.steps_per_epoch
+    data = PreparedBenchmark(data_dir)
+    fingerprint = _fingerprint(method_name, asdict(cfg), params.seed, data.data_version)
     resume_state = load_checkpoint(ckpt_dir) if resume else None
     resume_run_id, resume_mode = None, ""
     if resume:
+        _check_fingerprint(ckpt_dir, fingerprint)
         resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
         done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
         if done is not None:
@@ -130,7 +133,6 @@ def train(
     threads, threads_reason = choose_threads(params.train.threads)
     if threads > 0:
         torch.set_num_threads(threads)
-    data = PreparedBenchmark(data_dir)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
     init_tags: dict[str, str] = {}
@@ -149,7 +151,8 @@ def train(
         | ({"resume": resume_mode} if resume else {}),
         run_id=resume_run_id, parent_run_id=parent_run_id,
     ) as run:
-        write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total})
+        write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
+                                         "fingerprint": fingerprint})
         if resume_state is None:
             batch = method.preview_batch()
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
@@ -192,6 +195,26 @@ RUN_FILE = "run.json"  # beside the checkpoints: the MLflow run of the training 
 def notice(msg: str) -> None:
     """A one-line message for the user on stderr (stdout carries the command's result)."""
     print(f"s2r: {msg}", file=sys.stderr, flush=True)
+
+
+def _fingerprint(method: str, cfg: dict[str, Any], seed: int, data_version: str) -> str:
+    """What a checkpoint belongs to: method, its config, seed and data (not threads or logging)."""
+    import hashlib
+
+    blob = json.dumps({"method": method, "config": cfg, "seed": seed, "data": data_version}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_fingerprint(ckpt_dir: Path, fingerprint: str) -> None:
+    """`--resume` must not continue a checkpoint written for other params or data."""
+    marker = ckpt_dir / RUN_FILE
+    if not marker.is_file():
+        return
+    saved = json.loads(marker.read_text()).get("fingerprint")
+    if saved and saved != fingerprint:
+        raise DataError(f"--resume: the checkpoint in {ckpt_dir} was written for other params, seed or data "
+                        f"than this run's; run without --resume to start over (or use another --checkpoints)")
 
 
 def _resume_plan(ckpt_dir: Path, state: dict[str, Any] | None, total: int) -> tuple[str | None, str]:
