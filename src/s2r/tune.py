@@ -426,12 +426,13 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[settle_after, progress])
         bar.close()
         result = summarise(study, spec, opts.study)
-        _tag_trial_runs(study)
-        _log_parent(parent, study, result, out_dir)
-    tmp_best = out_dir / "best.yaml.tmp"
-    tmp_best.write_text(yaml.safe_dump(result["best"], sort_keys=False))
-    os.replace(tmp_best, out_dir / "best.yaml")
-    stages.write_json(out_dir / "metrics.json", result["metrics"])
+        with workers.lock():  # workers finishing together would write the same tags and files at once
+            _tag_trial_runs(study)
+            _log_parent(parent, study, result, out_dir)
+            tmp_best = out_dir / "best.yaml.tmp"
+            tmp_best.write_text(yaml.safe_dump(result["best"], sort_keys=False))
+            os.replace(tmp_best, out_dir / "best.yaml")
+            stages.write_json(out_dir / "metrics.json", result["metrics"])
     return result
 
 
@@ -507,10 +508,17 @@ def _tag_trial_runs(study: Any) -> None:
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for r in runs:
         t = by_number.get(int(r.data.tags.get("optuna_trial", -1)))
-        if t is not None:
-            client.set_tag(r.info.run_id, "trial_state", t.state.name)
-            if "fail_reason" in t.user_attrs:
-                client.set_tag(r.info.run_id, "fail_reason", t.user_attrs["fail_reason"])
+        if t is None:
+            continue
+        tags = {"trial_state": t.state.name} | ({"fail_reason": t.user_attrs["fail_reason"]}
+                                                if "fail_reason" in t.user_attrs else {})
+        for k, v in tags.items():
+            if r.data.tags.get(k) == v:
+                continue
+            try:
+                client.set_tag(r.info.run_id, k, v)
+            except mlflow.exceptions.MlflowException:  # a worker on another machine wrote it at the same time
+                client.set_tag(r.info.run_id, k, v)  # now an update of the existing tag
 
 
 def _log_parent(parent: Any, study: Any, result: dict[str, Any], out_dir: Path) -> None:
