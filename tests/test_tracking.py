@@ -61,9 +61,8 @@ def test_default_store_is_sqlite_under_project(tmp_path: Path, monkeypatch: pyte
 
 def _orphan(tags: dict[str, str]) -> str:
     """A RUNNING run with the given tags, as a process that died would leave it."""
-    client = mlflow.MlflowClient()
-    exp = tracking.setup("t")
-    return client.create_run(exp, tags=tags).info.run_id
+    exp = tracking.setup("t")  # first: it points MLflow at the store (an earlier test may have moved it)
+    return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri()).create_run(exp, tags=tags).info.run_id
 
 
 def _proc_tag(**entry: object) -> dict[str, str]:
