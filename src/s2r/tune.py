@@ -286,7 +286,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
 
     from s2r import stages
     from s2r.methods import registry as method_registry
-    from s2r.tracking import TrackedRun
+    from s2r.tracking import TrackedRun, reconcile
 
     base = load_params(opts.params_path)
     if opts.study not in base.studies:
@@ -342,7 +342,10 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             if journal is None:
                 optuna.storages.fail_stale_trials(study)  # RDB heartbeats
                 return 0
-            return settle_dead_trials(study, workers, opts)[1]
+            failed, undecided = settle_dead_trials(study, workers, opts)
+            if failed:  # their MLflow runs too, now rather than when the next s2r process starts
+                reconcile()
+            return undecided
 
         settle()
         bar = tqdm(total=n_trials, initial=min(n_done(), n_trials), desc=f"tune {opts.study}", unit="trial")
