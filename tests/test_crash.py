@@ -164,6 +164,7 @@ def test_sigkilled_tuning_worker_trial_is_failed_and_retried_with_one_parent_run
     assert {t.state for t in ts} <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}, ts
     dead = [t for t in ts if t.state == TrialState.FAIL]
     assert len(dead) == 1 and "died during the trial" in dead[0].user_attrs["fail_reason"]
+    assert f"failed by pid {b} " in dead[0].user_attrs["fail_reason"]  # the live worker, right after its trial
     retries = [t for t in ts if t.system_attrs.get("failed_trial") == dead[0].number]
     assert len(retries) == 1 and retries[0].params == dead[0].params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
@@ -177,7 +178,7 @@ def test_sigkilled_tuning_worker_trial_is_failed_and_retried_with_one_parent_run
     assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parents[0].info.run_id}
     killed = [r for r in kids if r.data.tags["optuna_trial"] == str(dead[0].number)]
     assert len(killed) == 1 and killed[0].info.status == "KILLED"  # reconciled by a later process
-    assert tracking.RECONCILED_TAG in killed[0].data.tags
+    assert f"KILLED by s2r (pid {b} " in killed[0].data.tags[tracking.RECONCILED_TAG]  # by that worker, too
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
