@@ -226,10 +226,14 @@ def test_two_local_workers_share_the_journal(tmp_path: Path, tiny_prepared: Path
 def test_threads_auto_divides_the_cores_among_local_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    monkeypatch.setattr("psutil.cpu_count", lambda logical=True: 8)
     monkeypatch.setenv("S2R_LOCAL_WORKERS", "2")
     assert stages.choose_threads("auto") == (2, "auto: 5 cores / 2 local workers")
     monkeypatch.setenv("S2R_LOCAL_WORKERS", "9")
     assert stages.choose_threads("auto")[0] == 1  # never 0
+    monkeypatch.setattr("psutil.cpu_count", lambda logical=True: 2 if not logical else 4)  # 2 cores, 2 threads each
+    monkeypatch.setenv("S2R_LOCAL_WORKERS", "1")
+    assert stages.choose_threads("auto") == (2, "auto: 2 cores / 1 local worker")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's explicit choice wins
     assert stages.choose_threads("auto") == (3, "auto: OMP_NUM_THREADS=3")
     assert stages.choose_threads(4) == (4, "train.threads=4")

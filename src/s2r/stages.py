@@ -256,9 +256,9 @@ def _finished_summary(state: dict[str, Any] | None, run_id: str | None, out: Pat
 def choose_threads(setting: int | str) -> tuple[int, str]:
     """torch CPU threads for this process and why (logged as tags `threads`, `threads_choice`).
 
-    "auto": OMP_NUM_THREADS when the user set it, else the cores this process may use (its CPU affinity)
-    divided by the local workers of its tuning study ($S2R_LOCAL_WORKERS, set by `s2r tune`; 1 otherwise):
-    several processes each running torch's default (every core) on one machine oversubscribe it.
+    "auto": OMP_NUM_THREADS when the user set it, else the cores this process may use (its CPU affinity, at
+    most the physical cores) divided by the local workers of its tuning study ($S2R_LOCAL_WORKERS, set by
+    `s2r tune`; 1 otherwise): several processes each running torch's default (every core) oversubscribe a CPU.
     An integer N: exactly N; 0: torch's default (no call).
     """
     if setting != "auto":
@@ -267,7 +267,10 @@ def choose_threads(setting: int | str) -> tuple[int, str]:
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp), f"auto: OMP_NUM_THREADS={omp}"
+    import psutil
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = min(cores, psutil.cpu_count(logical=False) or cores)  # as torch: no second thread per physical core
     workers = max(1, int(os.environ.get("S2R_LOCAL_WORKERS", "1") or 1))
     n = max(1, cores // workers)
     return n, f"auto: {cores} cores / {workers} local worker{'s' if workers > 1 else ''}"
