@@ -185,8 +185,8 @@ def test_sigkilled_tuning_worker_trial_is_failed_and_retried_with_one_parent_run
 def test_resume_refuses_a_checkpoint_of_other_params(tmp_path: Path, tiny_prepared: Path,
                                                      tiny_params_file: Path) -> None:
     from s2r import stages
-    from s2r.config import load_params
     from s2r.data.benchmark import DataError
+    from s2r.params import load_params
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -16,24 +16,20 @@ from click.testing import CliRunner
 from conftest import tiny_params_dict
 from s2r import stages, tune
 from s2r.cli import main
-from s2r.config import ConfigError, ScenesParams, TrainParams, from_dict, load_params
-from s2r.data.benchmark import DataError, write_benchmark
-from s2r.data.prepared import PreparedBenchmark, prepare
+from s2r.config import ConfigError, TrainParams, from_dict
+from s2r.data.benchmark import DataError
+from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import cut, segmenter
+from s2r.params import load_params
 from s2r.train import fit, load_checkpoint
 
 TRAIN = TrainParams(device="cpu", checkpoint_every=100, progress=False)
 
 
 @pytest.fixture(scope="module")
-def scenes16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The scenes benchmark at 16 px with 4/2/2 images per split (masks in every domain)."""
-    from s2r.data import scenes
-
-    tmp = tmp_path_factory.mktemp("scenes16")
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
-    bench = write_benchmark(tmp / "bench", spec, samples, progress=False)
-    return prepare(bench, tmp / "prepared", progress=False)
+def scenes16(scenes16_prepared: Path) -> Path:
+    """conftest's embedded scenes at 16 px, 4/2/2 samples per split: sim, pseudo_real, depth, masks."""
+    return scenes16_prepared
 
 
 def tiny_cfg(**kw: object) -> cut.Config:
@@ -350,7 +346,7 @@ def test_cut_patch_study_runs_the_chain(tmp_path: Path, scenes16: Path, tiny_par
 
 
 def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scenes16: Path) -> None:
-    """Methods without tune_objective still go through stages.train (the existing path)."""
+    """Methods without a `downstream` block go through stages.train (the plain path)."""
     called = []
 
     def fake(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):  # noqa: ANN001, ANN003
@@ -373,7 +369,7 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
 def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                       scenes16: Path) -> None:
-    """cut.tune_objective replaces stages.train; its per-epoch values reach the pruner and the objective."""
+    """methods.cut.downstream: tune.refine_chain replaces stages.train; its per-epoch values reach the pruner."""
     calls = []
 
     def fake(data_dir, params, work, *, on_epoch, parent_run_id, run_name, tags, method):  # noqa: ANN001
@@ -383,7 +379,7 @@ def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.Monkey
             on_epoch(epoch, {"val_miou_lastk_median": 0.1 * epoch if n != 3 else 0.0})
         return {"val_miou_lastk_median": 0.3 if n != 3 else 0.0, "mlflow_run_id": f"r{n}"}
 
-    monkeypatch.setattr(cut, "tune_objective", fake)
+    monkeypatch.setattr(tune, "refine_chain", fake)
     raw = tiny_params_dict()
     study = raw["studies"]["cut_patch"]
     study.update(n_startup_trials=2, pruner_warmup_epochs=0, sampler="grid", n_trials=4)

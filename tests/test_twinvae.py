@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import tiny_params_dict
-from s2r.config import ConfigError, ScenesParams, from_dict
+from s2r.config import ConfigError, from_dict
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.twinvae import (
     Config,
@@ -41,16 +41,9 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def scenes16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: sim, pseudo_real, depth, masks."""
-    from s2r.data import scenes
-    from s2r.data.benchmark import write_benchmark
-    from s2r.data.prepared import prepare
-
-    root = tmp_path_factory.mktemp("scenes16")
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
-    bench = write_benchmark(root / "bench", spec, samples, progress=False)
-    return prepare(bench, root / "prepared", progress=False)
+def scenes16(scenes16_prepared: Path) -> Path:
+    """conftest's embedded scenes at 16 px, 4/2/2 samples per split: sim, pseudo_real, depth, masks."""
+    return scenes16_prepared
 
 
 def cfg(name: str = "twinvae", **kw) -> Config:
@@ -152,7 +145,8 @@ def test_depth_and_segmentation_losses_known_values() -> None:
 
 
 @pytest.mark.parametrize("name", ["twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"])
-def test_every_loss_finite_and_every_parameter_gets_a_gradient(scenes16: Path, name: str) -> None:
+def test_loss_terms_per_stage(scenes16: Path, name: str) -> None:
+    """The Eq. 1-20 terms each stage reports (finite losses and gradients: tests/test_contract.py)."""
     m = make(scenes16, name)
     m.initialised = True  # stage 2 without stage 1 weights: shapes and gradients only
     m.setup(torch.device("cpu"), None, 2)
@@ -161,11 +155,6 @@ def test_every_loss_finite_and_every_parameter_gets_a_gradient(scenes16: Path, n
                             "cycle_s"},
                 "twinvae_heads": {"kl_r2d", "kl_s2d", "mmd_s2r", "mmd_r2s", "depth_s", "depth_r", "seg_s", "seg_r"}}
     assert expected.get(name, {"kl", "depth", "seg"}) | {"loss"} == set(out)
-    assert all(torch.isfinite(v) for v in out.values())
-    m.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
 
 
 def test_vae_batches_are_unpaired(scenes16: Path) -> None:

@@ -19,17 +19,10 @@ import numpy as np
 
 from s2r.config import Params
 from s2r.data.benchmark import DataError
+from s2r.figures import sample_grid
+from s2r.files import write_json
 
 GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (tmp + rename) so a crash never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -45,29 +38,6 @@ def generate(name: str, out: Path, params: Params) -> Path:
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
-def sample_grid(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, title: str = "") -> Any:
-    """A matplotlib grid of uint8 (N, H, W, C) images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2 + 0.3), dpi=100, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            img = images[i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            if labels is not None:
-                ax.set_title(labels[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     import torch
 
@@ -80,7 +50,16 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     }
 
 
-def train(
+def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
+    """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
+    from s2r.train import torch_settings
+
+    threads, why = choose_threads(params.train.threads)  # "auto": the cores per local worker
+    with torch_settings(deterministic=params.train.deterministic, threads=threads):
+        return _train(method_name, data_dir, out, params, threads_choice=why, **kwargs)
+
+
+def _train(
     method_name: str,
     data_dir: Path,
     out: Path,
@@ -95,6 +74,7 @@ def train(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     init: Path | None = None,
+    threads_choice: str = "",
 ) -> dict[str, Any]:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
 
@@ -107,7 +87,7 @@ def train(
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
     from s2r.tracking import TrackedRun
-    from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, save_checkpoint, seed_everything, select_device
+    from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, seed_everything, select_device
 
     cfg = params.methods.get(method_name)
     if cfg is None:
@@ -129,10 +109,7 @@ def train(
     else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
         (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
         (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
-    seed_everything(params.seed, params.train.deterministic)
-    threads, threads_reason = choose_threads(params.train.threads)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    seed_everything(params.seed)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
     init_tags: dict[str, str] = {}
@@ -147,7 +124,7 @@ def train(
     with TrackedRun(
         run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
         tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
-        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_reason}
+        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice}
         | ({"resume": resume_mode} if resume else {}),
         run_id=resume_run_id, parent_run_id=parent_run_id,
     ) as run:
@@ -165,10 +142,7 @@ def train(
         final = result.history[-1] if result.history else {}
         model = method.export_model()
         out = Path(out)
-        save_checkpoint(out / "model.pt", {
-            "method": method_name, "config": asdict(cfg), "state": method.state_dict(), "seed": params.seed,
-            "data_version": data.data_version, "mlflow_run_id": run.run_id,
-        })
+        save_trained(out, method_name, method, params.seed, run.run_id)
         _plot_history(result.history, method_name, run, plots_out)
         if params.tracking.log_model:
             model_uri = run.log_model(model.cpu(), method.example_input())
@@ -187,6 +161,18 @@ def train(
             write_json(Path(metrics_out), summary)
             run.log_artifact(metrics_out, "metrics")
     return summary
+
+
+def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:
+    """Write `<out>/model.pt` (method, config, weights, seed, data version, MLflow run): what load_trained reads."""
+    from s2r.train import save_checkpoint
+
+    path = Path(out) / "model.pt"
+    save_checkpoint(path, {
+        "method": method_name, "config": asdict(method.cfg), "state": method.state_dict(), "seed": seed,
+        "data_version": method.data.data_version, "mlflow_run_id": run_id,
+    })
+    return path
 
 
 RUN_FILE = "run.json"  # beside the checkpoints: the MLflow run of the training that writes them
@@ -366,14 +352,14 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
     return result
 
 
-# The headline numbers of each evaluator's evaluate.json, in the order `s2r report` prints them.
-REPORT_COLUMNS = {
-    "classification": ["accuracy", "balanced_accuracy"],
-    "latent": ["knn_accuracy", "rf_accuracy", "svm_accuracy"],
-    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"],
-    "segmentation_lastk": ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"],
-    "disentanglement": ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"],
-}
+def report_columns(evaluator: str) -> list[str] | None:
+    """The headline numbers an evaluator declares (`REPORT_COLUMNS` in its module), None if it declares none."""
+    import importlib
+    import importlib.util
+
+    if not evaluator or importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+        return None
+    return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
 
 
 def report(metrics_dir: Path) -> str:
@@ -381,7 +367,7 @@ def report(metrics_dir: Path) -> str:
     groups: dict[tuple[str, ...], list[str]] = {}
     for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
         m = json.loads(p.read_text())
-        cols = REPORT_COLUMNS.get(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
+        cols = report_columns(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
         if cols is None:  # an evaluator without declared columns: its first top-level numbers
             cols = [k for k, v in m.items() if isinstance(v, float)][:5]
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]

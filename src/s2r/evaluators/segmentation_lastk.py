@@ -21,6 +21,9 @@ import numpy as np
 
 from s2r.evaluators.segmentation import segmentation_metrics
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"]
+
 
 def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
     """Final-model test metrics, last-K distribution (box/violin), per-class IoU and the t-SNE analysis."""
@@ -30,11 +33,12 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.methods.segmenter import lastk_summary
+    from s2r.methods.segmenter import MIOU, lastk_summary
 
     cfg = method.cfg
     test = method.test
-    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes)
+    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
+                                 miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
     done = int(method.epochs_done)
     hist = method.miou_history[:done].numpy()
     per_class = method.class_history[:done].numpy()

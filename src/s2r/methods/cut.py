@@ -36,9 +36,8 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -52,6 +51,7 @@ from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
+from s2r.methods.registry import register
 
 ENCODER_START = 10  # index of the first residual block in cyclegan.Generator.net (0-9: c7s1-w, d2w, d4w)
 
@@ -66,8 +66,8 @@ class Config:
     gen_blocks: int = 3  # CUT 9 residual blocks
     disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # CUT basic D: 64, 128, 256
     nce_layers: list[int] = field(default_factory=lambda: [0, 4, 7, 10, 12])  # indices into Generator.net
-    nce_mlp_dim: int = 256  # CUT netF_nc
-    num_patches: int = 256  # CUT num_patches
+    nce_mlp_dim: int = 64  # CUT netF_nc 256 (CPU-sized)
+    num_patches: int = 64  # CUT num_patches 256 (CPU-sized)
     nce_temperature: float = 0.07  # CUT nce_T
     lambda_nce: float = 1.0  # Eq. 2 (paper 4 tried 1, 2, 5, 7)
     lambda_gan: float = 1.0
@@ -80,9 +80,9 @@ class Config:
     beta2: float = 0.999
     decay_start: float = 0.5  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
     ema_decay: float = 0.0  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
-    batch_size: int = 40  # patches per domain per step (paper 40)
-    epochs: int = 4
-    steps_per_epoch: int = 25
+    batch_size: int = 16  # patches per domain per step (paper 40; CPU-sized)
+    epochs: int = 5
+    steps_per_epoch: int = 40
     downstream: str = "segmenter_refined"  # params block of the segmenter the cut_patch objective trains
 
     def validate(self) -> None:
@@ -241,6 +241,7 @@ class PatchBatch(NamedTuple):
     b: np.ndarray  # (B, p, p, C) uint8 target patches (independent images: unpaired)
 
 
+@register(Config)
 class Method(BaseMethod):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 
@@ -419,30 +420,3 @@ class Method(BaseMethod):
         super().load_sampler_state(state)
         self.pool_a.load(state["pools"]["a"])
         self.pool_b.load(state["pools"]["b"])
-
-
-# -- the cut_patch objective (s2r tune) ------------------------------------------------------------------------
-def tune_objective(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[[int, dict[str, float]], None],
-                   parent_run_id: str | None, run_name: str, tags: dict[str, str], method: str = "cut"
-                   ) -> dict[str, Any]:
-    """The cut_patch chain for one trial: train CUT, refine the source domain, train the downstream segmenter.
-
-    Called by `s2r.tune` instead of `stages.train`; the segmenter's per-epoch validation metrics go to
-    `on_epoch` (pruning on intermediate mIoU) and its summary is the trial's (objective: median val mIoU of the
-    last K epochs). All three steps are MLflow runs nested under the study's parent run.
-    """
-    from s2r import stages
-
-    cfg = params.methods[method]
-    seg = cfg.downstream
-    if seg not in params.methods:
-        raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
-    work = Path(work)
-    cut_summary = stages.train(method, data_dir, work / "cut", params, ckpt_dir=work / "cut-ckpt",
-                               parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
-    stages.refine(method, work / "cut", data_dir, work / "refined", None, params)
-    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
-                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
-                           tags=tags)
-    return summary | {"cut_seconds": cut_summary["seconds"], "cut_mlflow_run_id": cut_summary["mlflow_run_id"]}
-

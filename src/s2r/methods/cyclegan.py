@@ -57,6 +57,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we use it as the standard deviation
 
@@ -75,7 +76,7 @@ class Config:
     lambda_identity: float = 0.0  # absolute weight of ||G_AB(b) - b|| + ||G_BA(a) - a|| (CycleGAN: 0.5 * 10)
     lambda_l1: float = 0.1  # L1 between original and refined image (appendix 7)
     lr_g: float = 2e-4
-    lr_d: float = 1e-5
+    lr_d: float = 2.0e-4  # paper 1e-5 (40,000 iterations); at 200 CPU iterations D then never learns
     beta1: float = 0.5
     beta2: float = 0.999
     g_steps_per_d: int = 5
@@ -333,6 +334,7 @@ class PairSampler:
 
 
 # -- method --------------------------------------------------------------------------------------------------
+@register(Config, aliases=("mrgan",))  # mrgan: MrGAN's later stages between refined domains (paper 4 Fig. 5B)
 class Method(BaseMethod):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 

@@ -73,6 +73,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
 # Config keys that fix the network's shape: stage 2 must match stage 1 on these.
@@ -86,11 +87,11 @@ class Config:
     stage: Literal["vae", "heads", "supervised"] = "vae"
     supervised_domain: Literal["source", "target"] = "source"  # stage supervised: whose labels (lower/upper bound)
     # architecture (appendix Table 2); paper: 64, [76, 88, 100, 128, 200, 250], 2, 300 at 256 px
-    stem_channels: int = 16
-    pack_channels: list[int] = field(default_factory=lambda: [24, 32, 48, 64])
+    stem_channels: int = 8
+    pack_channels: list[int] = field(default_factory=lambda: [16, 24, 32])
     mid_blocks: int = 2
-    latent_channels: int = 64
-    pack_d: int = 8  # 3D-conv filters of packing / unpacking (PackNet's d)
+    latent_channels: int = 32
+    pack_d: int = 4  # 3D-conv filters of packing / unpacking (PackNet's d)
     init_std: float = 0.02  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
     # stage 1 weights (Eq. 10; the paper sums with weight 1)
     w_kl: float = 1.0  # Eq. 2-3 (KL + Gaussian NLL)
@@ -106,13 +107,13 @@ class Config:
     train_vae_in_heads: bool = True  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
     depth_max: float = 4.0  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
     inference_sample: bool = False  # sample z at inference too (else the posterior mean: deterministic)
-    lr: float = 1.0e-4
+    lr: float = 1.0e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    batch_size: int = 16
+    batch_size: int = 8
     epochs: int = 4
-    steps_per_epoch: int = 25
-    val_images: int = 64  # validation subset per domain (per-epoch monitoring)
+    steps_per_epoch: int = 20
+    val_images: int = 32  # validation subset per domain (per-epoch monitoring)
 
     def validate(self) -> None:
         if self.stem_channels < 1 or not self.pack_channels or any(c < 1 for c in self.pack_channels):
@@ -411,6 +412,8 @@ class TwinBatch(NamedTuple):
     real: np.ndarray  # (B, H, W, C) uint8 unpaired real images, drawn independently ((0, ...) when supervised)
 
 
+@register(Config, capabilities_for=lambda cfg: {"vae": {"encode", "translate"}, "supervised": {"encode", "predict"},
+                                                "heads": {"encode", "translate", "predict"}}[cfg.stage])
 class Method(BaseMethod):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
