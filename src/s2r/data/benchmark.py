@@ -85,6 +85,14 @@ class BenchmarkSpec:
     convert_16bit: bool = False  # 16-bit images: refused unless true, then prepare keeps the high byte (>> 8)
     data_root: str = ""  # the folder the user's files must lie in ("" = the benchmark folder itself)
     allow_outside_root: bool = False  # files outside data_root were accepted explicitly (--allow-outside-root)
+    # 0 = square frames (image_size x image_size); else frames are image_size wide and image_height high
+    # (paper 5 trains and scores YCB-Video / HomebrewedDB at 640x480)
+    image_height: int = 0
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (image_size for square benchmarks)."""
+        return self.image_height or self.image_size
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -119,7 +127,7 @@ class BenchmarkSpec:
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
         defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
                     ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
-                    ("allow_outside_root", False))
+                    ("allow_outside_root", False), ("image_height", 0))
         for key, default in defaults:
             if d[key] == default:
                 del d[key]

@@ -113,9 +113,11 @@ class PreparedBenchmark:
         return part
 
 
-def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str = "image",
+def _decode(path: Path, channels: int, size: int | tuple[int, int], row: int, sid: str, mode: str = "image",
             convert_16bit: bool = False) -> np.ndarray:
-    """Decode one file to uint8/uint16 array of the benchmark's size, naming file and row on failure."""
+    """Decode one file to uint8/uint16 array of the benchmark's size (side, or (width, height)), naming file and
+    row on failure."""
+    wh = (size, size) if isinstance(size, int) else tuple(size)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -143,19 +145,19 @@ def _decode(path: Path, channels: int, size: int, row: int, sid: str, mode: str 
                         f"benchmark declares {channels}"
                     )
                 im = im.convert(want)
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                if im.size != wh:
+                    im = im.resize(wh, Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
                 return arr[:, :, None] if arr.ndim == 2 else arr  # (H, W) -> (H, W, 1)
             resample = Image.Resampling.NEAREST
-            if im.size != (size, size):
-                im = im.resize((size, size), resample)
+            if im.size != wh:
+                im = im.resize(wh, resample)
             return np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"manifest id {sid!r} (row {row}): {path} is not a readable image: {e}") from e
 
 
-def _aux(path: Any, kind: str, size: int, row: int, sid: str, spec: BenchmarkSpec) -> np.ndarray:
+def _aux(path: Any, kind: str, wh: tuple[int, int], row: int, sid: str, spec: BenchmarkSpec) -> np.ndarray:
     """A depth map (float32 metres, 0 = invalid) or a mask (uint8 ids) at the benchmark's size.
 
     Empty cells (rows of unlabelled domains) become all-invalid depth / all-ignore masks.
@@ -164,14 +166,16 @@ def _aux(path: Any, kind: str, size: int, row: int, sid: str, spec: BenchmarkSpe
 
     from s2r.data.validation import read_aux
 
+    shape = (wh[1], wh[0])  # (width, height) -> (H, W)
+
     def resize(a: np.ndarray) -> np.ndarray:  # nearest: no invented depth or class ids
-        if a.shape == (size, size):
+        if a.shape == shape:
             return a
-        return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST))
+        return np.asarray(Image.fromarray(a).resize(wh, Image.Resampling.NEAREST))
 
     if not isinstance(path, str) or not path:
-        return (np.zeros((size, size), np.float32) if kind == "depth"
-                else np.full((size, size), spec.mask_ignore, np.uint8))
+        return (np.zeros(shape, np.float32) if kind == "depth"
+                else np.full(shape, spec.mask_ignore, np.uint8))
     try:
         arr = read_aux(path, kind)
     except DataError as e:
@@ -296,6 +300,7 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
     spec, manifest = load_benchmark(bench_root)
     manifest_file = next(p for p in (bench_root / "manifest.parquet", bench_root / "manifest.csv") if p.is_file())
     size, ch = spec.image_size, spec.channels
+    height, wh = spec.height, (spec.image_size, spec.height)
     factor_cols = [f"factor_{n}" for n in spec.factors]
     for col in ["id", "domain", "split", "path", *factor_cols] + (["label"] if spec.classes else []):
         if col not in manifest.columns:
@@ -309,18 +314,19 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
             n = len(rows)
             d = tmp / str(domain) / str(split)
             d.mkdir(parents=True)
-            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, ch))
-            depth = np.zeros((n, size, size), np.float32) if spec.has_depth else None
-            masks = np.zeros((n, size, size), np.uint8) if spec.has_mask else None
+            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8,
+                                               shape=(n, height, size, ch))
+            depth = np.zeros((n, height, size), np.float32) if spec.has_depth else None
+            masks = np.zeros((n, height, size), np.uint8) if spec.has_mask else None
             for j, (row, r) in enumerate(rows.iterrows()):
                 sid = str(r["id"])
-                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, size, int(row), sid,
+                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, wh, int(row), sid,
                                     convert_16bit=spec.convert_16bit)
                 for arr, col, kind in ((depth, "depth_path", "depth"), (masks, "mask_path", "mask")):
                     if arr is not None:
                         v = r.get(col)
                         p = str(resolve_path(bench_root, v)) if isinstance(v, str) and v else None
-                        arr[j] = _aux(p, kind, size, int(row), sid, spec)
+                        arr[j] = _aux(p, kind, wh, int(row), sid, spec)
                 bar.update(1)
             images.flush()
             del images

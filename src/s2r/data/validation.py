@@ -299,9 +299,9 @@ def _build_suite(df: Any, spec: BenchmarkSpec) -> Any:
     if "split" in present:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
     resize = spec.resize  # prepare resizes: files keep their own size
-    for c in ("width", "height"):
+    for c, want in (("width", spec.image_size), ("height", spec.height)):
         if c in present and not resize:
-            exps.append(gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[spec.image_size]))
+            exps.append(gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[want]))
     if "channels" in present:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[spec.channels]))
     if "sha256" in present:

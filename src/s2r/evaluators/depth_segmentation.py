@@ -165,4 +165,5 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         "depth_average": s.depth_average, "miou_convention": s.miou,
         "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
         "confusion_matrix": cm.tolist(),
+        **({"trained_tasks": list(method.trained_tasks())} if hasattr(method, "trained_tasks") else {}),
     }

@@ -335,6 +335,31 @@ def all_metrics(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_
     return out
 
 
+def downstream_gbt_error(z: np.ndarray, y: np.ndarray, n_train: int = 10_000, n_test: int = 5_000, seed: int = 0
+                         ) -> dict[str, float]:
+    """Fig. 3 right's "GBT10000": test error of gradient-boosted classifiers (one per factor) trained on n_train
+    labelled points (disentanglement_lib downstream_task: 1 - mean over factors of the test accuracy,
+    num_test 5,000). Points are disjoint random subsets of the labelled set (no generator here); on a smaller set
+    the train size shrinks (reported as `gbt_train_size`) and a fifth of the set, at most n_test, is the test set."""
+    from lightgbm import LGBMClassifier
+
+    z, y = np.asarray(z, np.float64), np.asarray(y)
+    keep = [j for j in range(y.shape[1]) if len(np.unique(y[:, j])) > 1]
+    idx = np.random.default_rng(seed).permutation(len(z))
+    n_te = max(1, min(n_test, len(z) // 5))
+    te, tr = idx[:n_te], idx[n_te : n_te + min(n_train, len(z) - n_te)]
+    acc = []
+    for j in keep:
+        if len(np.unique(y[tr, j])) < 2:
+            acc.append(float((y[te, j] == y[tr[0], j]).mean()))  # one class seen: the classifier predicts it
+            continue
+        m = LGBMClassifier(n_estimators=50, learning_rate=0.1, num_leaves=15, min_child_samples=5, n_jobs=1,
+                           deterministic=True, force_row_wise=True, random_state=seed, verbose=-1)
+        m.fit(z[tr], y[tr, j])
+        acc.append(float((m.predict(z[te]) == y[te, j]).mean()))
+    return {"gbt10000_error": 1.0 - float(np.mean(acc)) if acc else 0.0, "gbt_train_size": int(len(tr))}
+
+
 def factor_max_abs_corr(y: np.ndarray) -> float:
     """Largest |Pearson correlation| between two factors: ~0 when conditioning the data is a valid intervention."""
     y = np.asarray(y, np.float64)
@@ -437,11 +462,13 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         t0 = time.perf_counter()
         metrics = all_metrics(z_ind[tr], f_ind[tr], z_ind[te], f_ind[te], estimator=cfg.estimator,
                               sap_form=cfg.sap_form, bins=cfg.bins, seed=method.seed)
+        metrics |= downstream_gbt_error(z_ind, f_ind, seed=method.seed)  # Fig. 3 right's GBT10000
         t_metrics = time.perf_counter() - t0
         t0 = time.perf_counter()
         transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
                                                method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
-                                               tgt_set, seed=method.seed, clip=cfg.ood_clip)
+                                               tgt_set, seed=method.seed, clip=cfg.ood_clip,
+                                               order=list(getattr(method.cfg, "ood_order", [])))
         t_transfer = time.perf_counter() - t0
     elbo = method.elbo_terms(imgs[ind][:512])
     result: dict[str, Any] = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],

@@ -11,7 +11,8 @@ compute the mean absolute error"); `clip=True` (`reports.disentanglement.ood_cli
 predictions to [0, 1] first, which hides part of the extrapolation failures OOD1-B measures. The per-factor
 errors (paper 3 Fig. 15) are returned in "per_factor" and written by `s2r tables betavae` to per_factor.csv.
 
-Scenarios, with V = the sorted values of the OOD factor (hue) the encoder trained on and H = the held-out ones:
+Scenarios, with V = the values of the OOD factor (hue) the encoder trained on, in `order`, and H = the held-out
+ones:
     OOD1-A  train on 1 value (V[0], red in the scenes benchmark), test on the other values of V
     OOD1-B  train on the upper half of V (high hue), test on the lower half (extrapolation)
     OOD1-C  train on V[0::2], test on V[1::2] (alternating along hue: interpolation)
@@ -19,6 +20,10 @@ Scenarios, with V = the sorted values of the OOD factor (hue) the encoder traine
     OOD2-B  train on all of V in the source domain, test on the target domain (pseudo_real: a simulated camera),
             restricted to values in V so that only the domain is out of distribution; every factor is scored.
 The paper has 8 training colours; V and H come from `methods.<name>.ood_holdout` (scenes: 8 and 4 of 12 hues).
+`order` (`methods.<name>.ood_order`) is the explicit order of the factor's values along which OOD1-A/B/C split:
+empty = index order, which is hue order for the scenes benchmark and TriFinger's cube hue; MPI3D's
+object_color indices (white, green, red, blue, brown, olive) are not, so the paper-3 recipe gives its hue order.
+A scenario with no training or no test rows is an error naming it (never a silent skip).
 """
 
 from __future__ import annotations
@@ -31,10 +36,18 @@ REGRESSORS = ("gbt", "mlp")
 SCENARIOS = ("OOD1-A", "OOD1-B", "OOD1-C", "OOD2-A", "OOD2-B")
 
 
-def hue_scenarios(values: np.ndarray, train_values: list[int], holdout: list[int]
+def hue_scenarios(values: np.ndarray, train_values: list[int], holdout: list[int], order: list[int] | None = None
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Boolean (train, test) masks over `values` (the OOD factor of every row) for OOD1-A/B/C and OOD2-A."""
-    v = sorted(int(x) for x in train_values)
+    """Boolean (train, test) masks over `values` (the OOD factor of every row) for OOD1-A/B/C and OOD2-A.
+
+    V = `train_values` in `order` (empty / None: ascending index order)."""
+    if order:
+        missing = sorted(set(int(x) for x in train_values) - set(order))
+        if missing:
+            raise ValueError(f"ood_order {list(order)} does not list the in-distribution value(s) {missing}")
+        v = [int(x) for x in order if x in set(int(t) for t in train_values)]
+    else:
+        v = sorted(int(x) for x in train_values)
     if len(v) < 2:
         raise ValueError(f"OOD1 scenarios need >= 2 in-distribution values of the OOD factor, got {v}")
     half = len(v) // 2
@@ -95,8 +108,14 @@ def factor_mae(kind: str, z_tr: np.ndarray, y_tr: np.ndarray, z_te: np.ndarray, 
 
 def transfer_study(z: np.ndarray, factors: np.ndarray, names: list[str], sizes: dict[str, int], ood_factor: str,
                    holdout: list[int], target: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0,
-                   regressors: tuple[str, ...] = REGRESSORS, clip: bool = False) -> dict[str, Any]:
-    """Every scenario x regressor: {"scores": {ood1a_gbt: mae, ...}, "table": {...}, "per_factor": {...}}."""
+                   regressors: tuple[str, ...] = REGRESSORS, clip: bool = False, order: list[int] | None = None
+                   ) -> dict[str, Any]:
+    """Every scenario x regressor: {"scores": {ood1a_gbt: mae, ...}, "table": {...}, "per_factor": {...}}.
+
+    Raises DataError naming the scenario when its training or test set is empty (e.g. an evaluation subset that
+    holds no image of a held-out value, or a target domain whose images all have held-out values)."""
+    from s2r.data.benchmark import DataError
+
     size_list = [sizes[n] for n in names]
     y = normalise(factors, size_list)
     varying = [j for j, n in enumerate(names) if sizes[n] > 1]
@@ -106,14 +125,20 @@ def transfer_study(z: np.ndarray, factors: np.ndarray, names: list[str], sizes: 
     if jo is not None:
         cols = [j for j in varying if j != jo]
         train_values = sorted(np.unique(factors[ind, jo]).tolist())
-        for name, (tr, te) in hue_scenarios(factors[:, jo], train_values, holdout).items():
-            if tr.any() and te.any():
-                cases[name] = (z[tr], y[tr], z[te], y[te], cols)
+        for name, (tr, te) in hue_scenarios(factors[:, jo], train_values, holdout, order).items():
+            for side, mask in (("training", tr), ("test", te)):
+                if not mask.any():
+                    raise DataError(f"OOD scenario {name}: no {side} images ({ood_factor} values in the evaluated "
+                                    f"set: {sorted(np.unique(factors[:, jo]).tolist())}, held out: {holdout}); "
+                                    "evaluate more images (eval_images) or change ood_holdout / ood_order")
+            cases[name] = (z[tr], y[tr], z[te], y[te], cols)
     if target is not None and len(target[0]):
         zt, ft = target
         keep = ~np.isin(ft[:, jo], holdout) if jo is not None else np.ones(len(zt), bool)
-        if keep.any():
-            cases["OOD2-B"] = (z[ind], y[ind], zt[keep], normalise(ft[keep], size_list), varying)
+        if not keep.any():
+            raise DataError(f"OOD scenario OOD2-B: all {len(zt)} target images have held-out {ood_factor} values "
+                            f"{holdout}: nothing in distribution to test on")
+        cases["OOD2-B"] = (z[ind], y[ind], zt[keep], normalise(ft[keep], size_list), varying)
     scores: dict[str, float] = {}
     table: dict[str, dict[str, float]] = {}
     per_factor: dict[str, dict[str, dict[str, float]]] = {}

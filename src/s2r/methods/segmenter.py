@@ -197,7 +197,7 @@ class Method(BaseMethod):
         y = torch.from_numpy(np.asarray(batch.masks, np.int64)).to(self.device)
         with self.autocast():
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), y)  # pixel-wise cross-entropy
+        loss = F.cross_entropy(logits.float(), y, ignore_index=255)  # pixel-wise CE; 255 = no class (benchmarks)
         self.optimize(loss, "net")
         if self.ema is not None:
             self.ema.update(self.net)

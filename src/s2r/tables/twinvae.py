@@ -6,7 +6,11 @@ Table 1). Columns as the paper: AbsRel, SqRel, RMSE, logRMSE (+ a1..a3) and mIoU
 "gap closed" row says which share of the lower-to-upper gap our method recovers per metric:
 (lower - ours) / (lower - upper) for lower-is-better metrics, (ours - lower) / (upper - lower) otherwise;
 1 = as good as target supervision, 0 = no better than sim only, < 0 = worse than sim only; "n/a" when the
-upper bound is not better than the lower bound (no gap to close on that metric).
+upper bound is not better than the lower bound (no gap to close on that metric), and "n/a" for a whole task
+(depth or segmentation) unless BOTH bounds were trained on it: each evaluate JSON names the tasks its model's
+heads were trained on (`trained_tasks`, from w_depth / w_seg > 0); a bound whose head never trained (the
+recipe's upper bound has `w_seg: 0`, KITTI having no segmentation training labels) or a JSON without the key
+gives "n/a (bound not trained on <task>)", and that bound's row is marked "(head not trained)".
 Inputs: the evaluate JSONs of `s2r evaluate` (s2r.evaluators.depth_segmentation).
 """
 
@@ -51,6 +55,12 @@ def conventions(results: dict[str, dict[str, Any]]) -> str:
     return f"Conventions: {CONVENTIONS.get(depth, depth)}; {CONVENTIONS.get(miou, miou)}."
 
 
+def trained_on(result: dict[str, Any], task: str) -> bool:
+    """Whether the evaluated model's head for `task` ("depth" / "segmentation") was trained (evaluate JSON
+    `trained_tasks`); a JSON that does not say counts as not trained (no gap is claimed on an unknown bound)."""
+    return task in result.get("trained_tasks", [])
+
+
 def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Depth and segmentation tables (pandas) + gap-closed metrics from {lower, ours, upper} evaluate results."""
     import pandas as pd
@@ -62,15 +72,21 @@ def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     gaps: dict[str, float | None] = {}
     for part, cols in (("depth", DEPTH), ("segmentation", SEG)):
         rows = []
+        untrained = [key for key in ("lower", "upper") if not trained_on(results[key], part)]
         for key, label in ROWS:
             r = results[key]
-            row: dict[str, Any] = {"Network": label, "method": r.get("method", key)}
+            mark = " (head not trained)" if key in untrained or (key == "ours" and not trained_on(r, part)) else ""
+            row: dict[str, Any] = {"Network": label + mark, "method": r.get("method", key)}
             for m, title, _ in cols:
                 v = r[m]
                 row[title] = "n/a" if v is None else f"{100 * v:.1f}%" if m == "pixel_accuracy" else f"{v:.4f}"
             rows.append(row)
         gap_row: dict[str, Any] = {"Network": "Gap closed by ours", "method": ""}
         for m, title, higher in cols:
+            if untrained:
+                gaps[m] = None
+                gap_row[title] = f"n/a (bound not trained on {part})"
+                continue
             g = gap_closed(results["lower"][m], results["ours"][m], results["upper"][m], higher)
             gaps[m] = g
             gap_row[title] = "n/a (no gap)" if g is None else f"{100 * g:.0f}%"

@@ -244,6 +244,9 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
         if v not in names:
             raise DataError(f"{key} {v!r} is not a domain of the merged benchmarks {names}")
     size = image_size or max(spec.image_size for _, spec, _ in loaded)
+    wide = [str(p) for p, spec, _ in loaded if spec.image_height]
+    if wide:
+        raise DataError(f"{wide[0]}: non-square frames (image_height) cannot be merged yet; build the parts square")
     frames = []
     offset = 0
     for p, _, df in loaded:
