@@ -57,3 +57,52 @@ def test_default_store_is_sqlite_under_project(tmp_path: Path, monkeypatch: pyte
     exp_id = tracking.setup("e")
     exp = mlflow.get_experiment(exp_id)
     assert exp.artifact_location.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+
+
+def _orphan(tags: dict[str, str]) -> str:
+    """A RUNNING run with the given tags, as a process that died would leave it."""
+    exp = tracking.setup("t")  # first: it points MLflow at the store (an earlier test may have moved it)
+    return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri()).create_run(exp, tags=tags).info.run_id
+
+
+def _proc_tag(**entry: object) -> dict[str, str]:
+    import json
+
+    e = tracking.process_identity() | {"beat": 0.0} | entry
+    return {tracking._proc_key(e): json.dumps(e)}
+
+
+def test_reconcile_marks_runs_of_dead_processes_killed_and_leaves_live_ones() -> None:
+    import time
+
+    me = tracking.process_identity()
+    dead_local = _orphan(_proc_tag(start=me["start"] - 1000))  # this pid, another start time: a reused pid
+    stale_remote = _orphan(_proc_tag(host="elsewhere", pid=7, beat=time.time() - 2 * tracking.stale_seconds()))
+    fresh_remote = _orphan(_proc_tag(host="elsewhere", pid=8, beat=time.time()))
+    live = _orphan(_proc_tag())  # this very process
+    foreign = _orphan({})  # not an s2r run: nothing says who holds it
+    shared = _orphan(_proc_tag(start=me["start"] - 1000) | _proc_tag(host="elsewhere", pid=9, beat=time.time()))
+    killed = tracking.reconcile()
+    assert dead_local in killed and stale_remote in killed
+    assert not {fresh_remote, live, foreign, shared} & set(killed)  # one live holder keeps a run RUNNING
+    assert _run(dead_local).info.status == "KILLED" and "is gone" in _run(dead_local).data.tags["s2r.reconciled"]
+    assert "no heartbeat since" in _run(stale_remote).data.tags["s2r.reconciled"]
+    assert {_run(r).info.status for r in (fresh_remote, live, foreign, shared)} == {"RUNNING"}
+    assert dead_local not in tracking.reconcile()  # settled once
+    for r in (fresh_remote, live, foreign, shared):
+        mlflow.MlflowClient().set_terminated(r)
+
+
+def test_every_run_records_its_process_and_resume_reopens_a_killed_run() -> None:
+    import json
+
+    with TrackedRun("train@x", experiment="t") as first:
+        pass
+    tags = _run(first.run_id).data.tags
+    entry = json.loads(next(v for k, v in tags.items() if k.startswith(tracking.PROC_TAG)))
+    assert tags["pid"] == str(entry["pid"]) and entry["host"] == tags["host"] and entry["start"] > 0
+    mlflow.MlflowClient().set_terminated(first.run_id, status="KILLED")
+    with TrackedRun("train@x", experiment="t", run_id=first.run_id) as again:
+        assert _run(again.run_id).info.status == "RUNNING"
+    r = _run(first.run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["resumed_from_status"] == "KILLED"

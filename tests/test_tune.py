@@ -219,3 +219,54 @@ def test_two_local_workers_share_the_journal(tmp_path: Path, tiny_prepared: Path
     numbers = [t.number for t in ts]
     assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in ts) >= 4
     assert len({t.user_attrs["worker_pid"] for t in ts}) == 2  # both processes ran trials
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'tune'")
+    assert len(runs) == 1  # one parent run although both workers started at the same instant
+
+
+def test_threads_auto_divides_the_cores_among_local_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    monkeypatch.setattr("psutil.cpu_count", lambda logical=True: 8)
+    monkeypatch.setenv("S2R_LOCAL_WORKERS", "2")
+    assert stages.choose_threads("auto") == (2, "auto: 5 cores / 2 local workers")
+    monkeypatch.setenv("S2R_LOCAL_WORKERS", "9")
+    assert stages.choose_threads("auto")[0] == 1  # never 0
+    monkeypatch.setattr("psutil.cpu_count", lambda logical=True: 2 if not logical else 4)  # 2 cores, 2 threads each
+    monkeypatch.setenv("S2R_LOCAL_WORKERS", "1")
+    assert stages.choose_threads("auto") == (2, "auto: 2 cores / 1 local worker")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's explicit choice wins
+    assert stages.choose_threads("auto") == (3, "auto: OMP_NUM_THREADS=3")
+    assert stages.choose_threads(4) == (4, "train.threads=4")
+    assert stages.choose_threads(0)[0] == 0
+
+
+@pytest.mark.parametrize("value", ["fast", -1])
+def test_threads_setting_is_checked(tmp_path: Path, value: Any) -> None:
+    raw = tiny_params_dict()
+    raw["train"]["threads"] = value
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="threads"):
+        load_params(p)
+
+
+def test_worker_registry_counts_live_local_workers_and_judges_remote_ones(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from s2r.tracking import process_identity
+
+    me = process_identity()
+    folder = tmp_path / "workers"
+    with tune.Workers(folder, heartbeat_interval=60) as w:
+        (folder / "ghost.json").write_text(json.dumps(me | {"start": me["start"] - 500}))  # a dead local worker
+        remote = {"host": "elsewhere", "pid": 5, "pidns": "", "boot": 0, "start": 1.0}
+        (folder / "elsewhere.5.json").write_text(json.dumps(remote))
+        assert w.local_count() == 1  # only this process; the remote one runs on its own cores
+        assert w.alive(me, grace=30) and not w.alive(me | {"start": me["start"] - 500}, grace=30)
+        assert w.alive(remote, grace=30)  # its file was just written
+        old = time.time() - 100
+        os.utime(folder / "elsewhere.5.json", (old, old))
+        assert not w.alive(remote, grace=30)  # no heartbeat for longer than the grace period
+    assert not w.file.exists()  # a worker that leaves normally removes its file

@@ -640,13 +640,17 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 @click.option("--study-name", help="Name of the study in the storage [STUDY].")
 @click.option("--resume", is_flag=True, help="Continue the stored study (or create it); other workers join this way.")
 @click.option("--restart", is_flag=True, help="Delete the stored study of that name and start over.")
-@click.option("--heartbeat-interval", default=10, show_default=True, help="Seconds between RDB heartbeats.")
-@click.option("--grace-period", default=30, show_default=True, help="Seconds before a silent trial counts as dead.")
+@click.option("--heartbeat-interval", default=10, show_default=True,
+              help="Seconds between heartbeats (RDB trials; journal studies' worker files).")
+@click.option("--grace-period", default=30, show_default=True,
+              help="Seconds without a heartbeat before a worker on another host counts as dead (same host: its pid).")
+@click.option("--max-retry", default=2, show_default=True,
+              help="Retries of a trial whose worker died (the retry keeps its parameters).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [data/tuning/STUDY].")
 @PARAMS_OPT
 def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | None, study_name: str | None,
-             resume: bool, restart: bool, heartbeat_interval: int, grace_period: int, out_dir: str | None,
-             params_path: str) -> None:
+             resume: bool, restart: bool, heartbeat_interval: int, grace_period: int, max_retry: int,
+             out_dir: str | None, params_path: str) -> None:
     """Run an Optuna study from params.yaml; every trial is a nested MLflow run; writes best.yaml.
 
     Example: s2r tune --study mixing_ratio --data data/prepared/digits --n-trials 10
@@ -656,7 +660,7 @@ def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | Non
     res = tune.run(tune.TuneOptions(
         study=study, data_dir=Path(data_dir), params_path=Path(params_path), storage=storage, study_name=study_name,
         n_trials=n_trials, resume=resume, restart=restart, heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period, out_dir=Path(out_dir) if out_dir else None))
+        grace_period=grace_period, max_retry=max_retry, out_dir=Path(out_dir) if out_dir else None))
     click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
 
 

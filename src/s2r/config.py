@@ -253,8 +253,14 @@ class TrainParams:
     amp: bool = True  # bf16/fp16 autocast when on a GPU; ignored on CPU
     deterministic: bool = True
     checkpoint_every: int = 200  # steps
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # torch CPU threads: "auto" = the cores this process may use / local workers of its study (OMP_NUM_THREADS
+    # wins if set), N = exactly N, 0 = torch's own default; the choice is logged as run tags (s2r.stages)
+    threads: int | Literal["auto"] = "auto"
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.threads != "auto" and self.threads < 0:
+            raise ConfigError(f"key 'threads' must be 'auto' or an integer >= 0, got {self.threads!r}")
 
 
 @dataclass

@@ -41,13 +41,14 @@ def _client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from s2r.tracking import tracking_uri
+    from s2r.tracking import reconcile_once, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    reconcile_once(uri)  # settle runs of dead processes (s2r.tracking)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

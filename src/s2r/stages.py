@@ -7,7 +7,9 @@ atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -52,8 +54,9 @@ def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs:
     """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
     from s2r.train import torch_settings
 
-    with torch_settings(deterministic=params.train.deterministic, threads=params.train.threads):
-        return _train(method_name, data_dir, out, params, **kwargs)
+    threads, why = choose_threads(params.train.threads)  # "auto": the cores per local worker
+    with torch_settings(deterministic=params.train.deterministic, threads=threads):
+        return _train(method_name, data_dir, out, params, threads_choice=why, **kwargs)
 
 
 def _train(
@@ -71,6 +74,7 @@ def _train(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     init: Path | None = None,
+    threads_choice: str = "",
 ) -> dict[str, Any]:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
 
@@ -78,21 +82,34 @@ def _train(
     with an `init_from(model_dir) -> tags` method accept it.
     """
     import matplotlib.pyplot as plt
+    import torch
 
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
     from s2r.tracking import TrackedRun
-    from s2r.train import amp_dtype, fit, load_checkpoint, seed_everything, select_device
+    from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, seed_everything, select_device
 
     cfg = params.methods.get(method_name)
     if cfg is None:
         raise DataError(f"params.yaml has no section methods.{method_name}")
     ckpt_dir = Path(ckpt_dir or Path("data/checkpoints") / method_name)
-    resume_state = load_checkpoint(ckpt_dir) if resume else None
-    if resume and resume_state is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-    seed_everything(params.seed)
+    total = cfg.epochs * cfg.steps_per_epoch
     data = PreparedBenchmark(data_dir)
+    fingerprint = _fingerprint(method_name, asdict(cfg), params.seed, data.data_version)
+    resume_state = load_checkpoint(ckpt_dir) if resume else None
+    resume_run_id, resume_mode = None, ""
+    if resume:
+        _check_fingerprint(ckpt_dir, fingerprint)
+        resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
+        done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
+        if done is not None:
+            notice(f"--resume: run {resume_run_id} already finished ({total} steps, model in {out}); nothing to do")
+            return done
+        notice(f"--resume: {resume_mode}")
+    else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
+        (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
+        (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+    seed_everything(params.seed)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
     init_tags: dict[str, str] = {}
@@ -101,16 +118,18 @@ def _train(
             raise DataError(f"method {method_name!r} cannot start from a trained model (--init {init})")
         init_tags = method.init_from(Path(init))
     device = select_device(params.train.device)
-    total = cfg.epochs * cfg.steps_per_epoch
     method.setup(device, amp_dtype(device, params.train.amp), total)
     logged = {"method": method_name, "seed": params.seed, "methods": {method_name: asdict(cfg)},
               "train": asdict(params.train), "benchmark": data.spec.name}
     with TrackedRun(
         run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
         tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
-        | init_tags,
-        run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
+        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice}
+        | ({"resume": resume_mode} if resume else {}),
+        run_id=resume_run_id, parent_run_id=parent_run_id,
     ) as run:
+        write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
+                                         "fingerprint": fingerprint})
         if resume_state is None:
             batch = method.preview_batch()
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
@@ -154,6 +173,93 @@ def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: st
         "data_version": method.data.data_version, "mlflow_run_id": run_id,
     })
     return path
+
+
+RUN_FILE = "run.json"  # beside the checkpoints: the MLflow run of the training that writes them
+
+
+def notice(msg: str) -> None:
+    """A one-line message for the user on stderr (stdout carries the command's result)."""
+    print(f"s2r: {msg}", file=sys.stderr, flush=True)
+
+
+def _fingerprint(method: str, cfg: dict[str, Any], seed: int, data_version: str) -> str:
+    """What a checkpoint belongs to: method, its config, seed and data (not threads or logging)."""
+    import hashlib
+
+    blob = json.dumps({"method": method, "config": cfg, "seed": seed, "data": data_version}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_fingerprint(ckpt_dir: Path, fingerprint: str) -> None:
+    """`--resume` must not continue a checkpoint written for other params or data."""
+    marker = ckpt_dir / RUN_FILE
+    if not marker.is_file():
+        return
+    saved = json.loads(marker.read_text()).get("fingerprint")
+    if saved and saved != fingerprint:
+        raise DataError(f"--resume: the checkpoint in {ckpt_dir} was written for other params, seed or data "
+                        f"than this run's; run without --resume to start over (or use another --checkpoints)")
+
+
+def _resume_plan(ckpt_dir: Path, state: dict[str, Any] | None, total: int) -> tuple[str | None, str]:
+    """Which MLflow run `--resume` continues and from where, in words for the user and the run's tags.
+
+    With a checkpoint: its step and run. Without one (killed before the first checkpoint): step 0, in the run
+    named by run.json if a killed attempt left one, else a new run.
+    """
+    marker = ckpt_dir / RUN_FILE
+    known = json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
+    if state is not None:
+        step = int(state["step"])
+        return state.get("run_id") or known, f"continuing from the checkpoint at step {step}/{total} in {ckpt_dir}"
+    if known:
+        return known, f"no checkpoint in {ckpt_dir}: starting from step 0 in the same MLflow run {known}"
+    return None, f"no checkpoint in {ckpt_dir} and no earlier run: starting from step 0 in a new MLflow run"
+
+
+def _finished_summary(state: dict[str, Any] | None, run_id: str | None, out: Path, metrics_out: Path | None,
+                      total: int) -> dict[str, Any] | None:
+    """The summary of a run that already finished (checkpoint at the last step, model written, run FINISHED)."""
+    import torch
+
+    from s2r.tracking import run_status
+
+    if state is None or run_id is None or int(state["step"]) < total or not (out / "model.pt").is_file():
+        return None
+    if torch.load(out / "model.pt", map_location="cpu", weights_only=False).get("mlflow_run_id") != run_id:
+        return None
+    if run_status(run_id) != "FINISHED":
+        return None  # killed after the model was written (e.g. while logging it): finish the run's work
+    if metrics_out and Path(metrics_out).is_file():
+        return json.loads(Path(metrics_out).read_text()) | {"resume": "already finished"}
+    final = state["history"][-1] if state["history"] else {}
+    return {**{k: v for k, v in final.items() if k != "epoch"}, "steps": total, "mlflow_run_id": run_id,
+            "resume": "already finished"}
+
+
+def choose_threads(setting: int | str) -> tuple[int, str]:
+    """torch CPU threads for this process and why (logged as tags `threads`, `threads_choice`).
+
+    "auto": OMP_NUM_THREADS when the user set it, else the cores this process may use (its CPU affinity, at
+    most the physical cores) divided by the local workers of its tuning study ($S2R_LOCAL_WORKERS, set by
+    `s2r tune`; 1 otherwise): several processes each running torch's default (every core) oversubscribe a CPU.
+    An integer N: exactly N; 0: torch's default (no call).
+    """
+    if setting != "auto":
+        n = int(setting)
+        return n, f"train.threads={n}" if n > 0 else "train.threads=0 (torch default)"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), f"auto: OMP_NUM_THREADS={omp}"
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = min(cores, psutil.cpu_count(logical=False) or cores)  # as torch: no second thread per physical core
+    workers = max(1, int(os.environ.get("S2R_LOCAL_WORKERS", "1") or 1))
+    n = max(1, cores // workers)
+    return n, f"auto: {cores} cores / {workers} local worker{'s' if workers > 1 else ''}"
 
 
 def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_out: Path | None) -> None:

@@ -3,15 +3,25 @@
 Default store: `sqlite:///<project>/mlruns/mlflow.db` with artifacts in `<project>/mlruns/artifacts`
 (MLflow 3 refuses a bare folder store). `MLFLOW_TRACKING_URI` overrides it (a team's tracking server).
 Metrics are buffered and sent with one `log_batch` per flush: per-call `log_metric` on SQLite is fsync-bound.
+
+Crash consistency: every run records the processes that hold it open (tag `s2r.proc.<host>.<pid>`: host, pid,
+pid namespace, boot time, process start time, last heartbeat). The first time a process opens a store it
+reconciles it: a RUNNING run none of whose processes is alive is marked KILLED with tag `s2r.reconciled`
+saying why. A process on this host (same pid namespace) is alive when its pid exists with the recorded start
+time; a process elsewhere is alive while its heartbeat (rewritten every S2R_HEARTBEAT_SECONDS, default 60)
+is younger than S2R_STALE_SECONDS (default 900). Runs without such tags (other tools) are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +31,18 @@ from typing import Any
 from s2r.config import flatten
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+PROC_TAG = "s2r.proc."  # + <host>.<pid>: one tag per process that has the run open
+RECONCILED_TAG = "s2r.reconciled"
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between heartbeats of open runs (S2R_HEARTBEAT_SECONDS; 0 = no heartbeat thread)."""
+    return float(os.environ.get("S2R_HEARTBEAT_SECONDS", "60"))
+
+
+def stale_seconds() -> float:
+    """A run held only by processes of other hosts is orphaned once their heartbeats are this old."""
+    return float(os.environ.get("S2R_STALE_SECONDS", "900"))
 
 
 def project_root() -> Path:
@@ -55,7 +77,156 @@ def setup(experiment: str) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):  # MLflow creates/migrates SQLite tables on first use; not safe from two processes
-        return _experiment_id(mlflow, uri, experiment)
+        exp_id = _experiment_id(mlflow, uri, experiment)
+        reconcile_once(uri)
+        return exp_id
+
+
+_reconciled: set[str] = set()
+
+
+def reconcile_once(uri: str | None = None) -> list[str]:
+    """Reconcile the store the first time this process opens it (see reconcile)."""
+    uri = uri or tracking_uri()
+    if uri in _reconciled:
+        return []
+    _reconciled.add(uri)
+    return reconcile(uri)
+
+
+def process_identity() -> dict[str, Any]:
+    """What tells this process apart from any other, even after a reboot or a reused pid."""
+    import psutil
+
+    me = psutil.Process()
+    return {"host": platform.node(), "pidns": _pid_namespace(), "boot": round(psutil.boot_time(), 1),
+            "pid": me.pid, "start": round(me.create_time(), 2)}
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # containers on one host name see different pids
+    except OSError:
+        return ""
+
+
+def is_local(entry: dict[str, Any]) -> bool:
+    """Whether the process of `entry` is visible from here (same host name and pid namespace)."""
+    return entry.get("host") == platform.node() and entry.get("pidns", "") == _pid_namespace()
+
+
+def process_alive(entry: dict[str, Any], *, beat: float | None = None, stale_after: float | None = None) -> bool:
+    """Alive: a local process with that pid and start time; a remote one whose last heartbeat is fresh."""
+    import psutil
+
+    if is_local(entry):
+        if abs(float(entry.get("boot", 0)) - psutil.boot_time()) > 2:
+            return False  # the host rebooted since
+        try:
+            started = psutil.Process(int(entry["pid"])).create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError):
+            return False
+        return abs(started - float(entry.get("start", started))) < 1.0  # else the pid was reused
+    last = float(beat if beat is not None else entry.get("beat", 0))
+    return time.time() - last < (stale_after if stale_after is not None else stale_seconds())
+
+
+def _proc_key(entry: dict[str, Any]) -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", str(entry["host"]))[:200]
+    return f"{PROC_TAG}{host}.{entry['pid']}"
+
+
+def reconcile(uri: str | None = None) -> list[str]:
+    """Mark RUNNING runs whose processes are all gone as KILLED (tag s2r.reconciled says why); return their ids."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri or tracking_uri())
+    try:
+        runs = client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()],
+                                  filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    except mlflow.exceptions.MlflowException:
+        return []
+    me = process_identity()
+    killed = []
+    for r in runs:
+        entries = []
+        for k, v in r.data.tags.items():
+            if k.startswith(PROC_TAG):
+                with contextlib.suppress(ValueError, TypeError):
+                    entries.append(json.loads(v))
+        if not entries or any(process_alive(e) for e in entries):
+            continue  # not an s2r run, or still held by a live process
+        why = "; ".join(
+            f"pid {e.get('pid')} on {e.get('host')} is gone" if is_local(e)
+            else f"pid {e.get('pid')} on {e.get('host')}: no heartbeat since "
+                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(float(e.get('beat', 0))))}"
+            for e in entries)
+        try:
+            client.set_tag(r.info.run_id, RECONCILED_TAG,
+                           f"KILLED by s2r (pid {me['pid']} on {me['host']}, "
+                           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}): {why}"[:MAX_PARAM_LEN])
+            last = max(float(e.get("beat", 0)) for e in entries)
+            client.set_terminated(r.info.run_id, status="KILLED",
+                                  end_time=int(1000 * last) if last else None)
+        except mlflow.exceptions.MlflowException:
+            continue  # e.g. deleted meanwhile
+        killed.append(r.info.run_id)
+    return killed
+
+
+def run_status(run_id: str) -> str | None:
+    """The MLflow status of a run in the current store, or None if the store does not hold it."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    try:
+        return str(mlflow.MlflowClient(tracking_uri=tracking_uri()).get_run(run_id).info.status)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+class _Heartbeat:
+    """One daemon thread per process that rewrites this process's tag on every open run."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, str] = {}  # run id -> tracking uri
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, run_id: str, uri: str) -> None:
+        with self.lock:
+            self.runs[run_id] = uri
+            if self.thread is None and heartbeat_seconds() > 0:
+                self.thread = threading.Thread(target=self._loop, name="s2r-heartbeat", daemon=True)
+                self.thread.start()
+
+    def remove(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.pop(run_id, None)
+
+    def _loop(self) -> None:
+        import mlflow
+
+        while not self.wake.wait(heartbeat_seconds()):
+            with self.lock:
+                runs = dict(self.runs)
+            for run_id, uri in runs.items():
+                with contextlib.suppress(Exception):  # a missed beat must never stop training
+                    entry = process_identity() | {"beat": round(time.time(), 1)}
+                    mlflow.MlflowClient(tracking_uri=uri).set_tag(run_id, _proc_key(entry), json.dumps(entry))
+
+
+    def reset_in_child(self) -> None:
+        """A forked child has none of its parent's threads or open runs."""
+        self.runs, self.lock, self.wake, self.thread = {}, threading.Lock(), threading.Event(), None
+
+
+HEARTBEAT = _Heartbeat()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=HEARTBEAT.reset_in_child)
+    os.register_at_fork(after_in_child=_reconciled.clear)
 
 
 @contextlib.contextmanager
@@ -112,6 +283,14 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+def _torch_tags() -> dict[str, str]:
+    """What a run's numbers depend on besides code, data and params (if torch is in use at all)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    return {"torch": str(torch.__version__), "threads": str(torch.get_num_threads())}
+
+
 class TrackedRun:
     """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt."""
 
@@ -137,21 +316,28 @@ class TrackedRun:
 
         t = time.perf_counter()
         setup(self.experiment)
+        me = process_identity() | {"beat": round(time.time(), 1)}
         tags = {
             "git_commit": git_commit(),
             "host": platform.node(),
+            "pid": str(me["pid"]),
+            _proc_key(me): json.dumps(me),
+            **_torch_tags(),
             **self.tags,
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         nested = mlflow.active_run() is not None  # e.g. a tuning trial inside its study's parent run
         if self.resume_id:
+            before = run_status(self.resume_id)
             run = mlflow.start_run(run_id=self.resume_id, nested=nested)
-            mlflow.set_tags({"resumed": "true"})
+            mlflow.set_tags({"resumed": "true", "resumed_from_status": str(before), "host": me["host"],
+                             "pid": str(me["pid"]), _proc_key(me): json.dumps(me)} | self.tags)
         else:
             run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested)
             self.log_params(self.params)
         self.run_id = run.info.run_id
+        HEARTBEAT.add(self.run_id, tracking_uri())
         self.log_seconds += time.perf_counter() - t
         return self
 
@@ -160,6 +346,7 @@ class TrackedRun:
     ) -> None:
         import mlflow
 
+        HEARTBEAT.remove(self.run_id)
         try:
             self.flush()
         finally:

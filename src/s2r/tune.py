@@ -2,17 +2,27 @@
 
 Storage: a journal file under data/tuning/<study>/ by default (safe for several local worker processes);
 an RDB URL (`postgresql+psycopg2://...`, `sqlite:///...`) for workers on several machines, with heartbeats so
-that a trial whose worker died is marked FAIL by a live worker and retried (RetryFailedTrialCallback).
+that a trial whose worker died is marked FAIL by a live worker and retried (RetryHeartbeatStaleTrialCallback).
+Optuna 5's JournalStorage has no heartbeat (optuna/optuna#6615, PR #6622 not merged), so journal studies get a
+worker registry instead (`<journal>.workers/<study>/`, one file per worker, its mtime a heartbeat): a RUNNING
+trial whose worker is gone (same host: its pid/start time; other hosts: no heartbeat for grace_period seconds)
+is failed and re-queued with its parameters by the next worker that looks (at start, after every trial, at exit).
 `n_trials` counts finished (complete + pruned) trials of the whole study, across workers and resumes.
+One MLflow parent run per study: created under the registry's lock by the first local worker; on an RDB the
+worker whose create_study call made the study creates it and the others wait for its id.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,13 +90,20 @@ def build_pruner(spec: StudySpec) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def journal_path(opts: TuneOptions, out_dir: Path) -> Path | None:
+    """The journal file of a local study, None for an RDB URL."""
+    if opts.storage is None or "://" not in opts.storage:
+        return Path(opts.storage) if opts.storage else out_dir / "journal.log"
+    return None
+
+
 def build_storage(opts: TuneOptions, out_dir: Path) -> Any:
     """Journal file by default; RDB (with heartbeats and retries of dead workers' trials) for URLs."""
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
-    if opts.storage is None or "://" not in opts.storage:
-        path = Path(opts.storage) if opts.storage else out_dir / "journal.log"
+    path = journal_path(opts, out_dir)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     return RDBStorage(
@@ -96,6 +113,150 @@ def build_storage(opts: TuneOptions, out_dir: Path) -> Any:
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=opts.max_retry),
         engine_kwargs={"pool_pre_ping": True},
     )
+
+
+class Workers:
+    """The workers of one study: a file per worker process, rewritten every heartbeat_interval seconds.
+
+    Counts the live local workers (for `train.threads: auto`), tells whether a trial's worker is alive, and
+    holds the lock under which workers create the study's parent run and settle dead workers' trials.
+    """
+
+    def __init__(self, folder: Path, heartbeat_interval: float) -> None:
+        from s2r.tracking import process_identity
+
+        self.folder, self.interval = folder, max(float(heartbeat_interval), 0.5)
+        self.me = process_identity()
+        self.file = folder / f"{self.me['host']}.{self.me['pid']}.json"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Workers:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="s2r-worker-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.file.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        tmp = self.file.with_name(self.file.name + ".tmp")
+        tmp.write_text(json.dumps(self.me | {"beat": round(time.time(), 1)}))
+        os.replace(tmp, self.file)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError):
+                self._beat()
+
+    def _entries(self) -> list[dict[str, Any]]:
+        out = []
+        for f in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(f.read_text()) | {"mtime": f.stat().st_mtime})
+        return out
+
+    def alive(self, worker: dict[str, Any], grace: float) -> bool:
+        """A local worker: its process exists; a remote one: its file was rewritten within `grace` seconds."""
+        from s2r.tracking import is_local, process_alive
+
+        if is_local(worker):
+            return process_alive(worker)
+        for e in self._entries():
+            if e.get("host") == worker.get("host") and e.get("pid") == worker.get("pid"):
+                return time.time() - float(e["mtime"]) < grace
+        return False
+
+    def local_count(self) -> int:
+        """Live worker processes of this study on this machine (this one included)."""
+        from s2r.tracking import is_local, process_alive
+
+        n = 0
+        for e in self._entries():
+            if is_local(e):
+                if process_alive(e):
+                    n += 1
+                else:  # a dead worker's file
+                    with contextlib.suppress(OSError):
+                        (self.folder / f"{e['host']}.{e['pid']}.json").unlink()
+        return max(n, 1)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock among the local workers (released by the kernel if its holder dies)."""
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def settle_dead_trials(study: Any, workers: Workers, opts: TuneOptions) -> tuple[list[int], int]:
+    """Fail the RUNNING trials whose worker died and queue a retry of each with the same parameters.
+
+    Returns (numbers of the trials failed now, trials still RUNNING whose worker cannot be judged yet: without
+    a recorded worker, younger than grace_period). The retry is Optuna's RetryHeartbeatStaleTrialCallback, as
+    on an RDB with heartbeats, so `max_retry` and the `failed_trial`/`retry_history` attrs mean the same.
+    """
+    import datetime
+
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    failed, undecided = [], 0
+    with workers.lock():
+        storage = study._storage
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get("worker")
+            if owner is None:
+                age = (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+                if age < opts.grace_period:
+                    undecided += 1
+                    continue
+                why = f"no worker recorded {age:.0f} s after the trial started"
+            elif workers.alive(owner, opts.grace_period):
+                continue
+            else:
+                why = f"worker pid {owner.get('pid')} on {owner.get('host')} died during the trial"
+            reason = f"{why}; failed by pid {workers.me['pid']} on {workers.me['host']}"
+            try:
+                storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                continue  # finished meanwhile (its worker was alive after all)
+            dead = storage.get_trial(t._trial_id)
+            retry = optuna.trial.FrozenTrial(  # the retry keeps params, not the dead run's bookkeeping
+                number=dead.number, state=dead.state, value=None, values=dead.values,
+                datetime_start=dead.datetime_start, datetime_complete=dead.datetime_complete, params=dead.params,
+                distributions=dead.distributions, user_attrs={}, system_attrs=dead.system_attrs,
+                intermediate_values={}, trial_id=dead._trial_id)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                RetryHeartbeatStaleTrialCallback(max_retry=opts.max_retry)(study, retry)
+            failed.append(t.number)
+    return failed, undecided
+
+
+def _wait_for_parent(study: Any, seconds: float = 120.0) -> str | None:
+    """The parent run id the study's creator (maybe on another host) is about to store; None if it never does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = study.user_attrs.get(PARENT_ATTR)
+        if found:
+            return str(found)
+        time.sleep(0.5)
+    return None
+
+
+PARENT_ATTR = "mlflow_parent_run_id"
 
 
 def suggest(trial: Any, spec: StudySpec) -> dict[str, Any]:
@@ -150,7 +311,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from s2r import stages
-    from s2r.tracking import TrackedRun
+    from s2r.tracking import TrackedRun, reconcile
 
     base = load_params(opts.params_path)
     if opts.study not in base.studies:
@@ -169,30 +330,55 @@ def run(opts: TuneOptions) -> dict[str, Any]:
         except KeyError:
             pass
     directions = [o.direction for o in spec.objectives]
-    if not opts.resume:
-        existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        if name in existing:
+    journal = journal_path(opts, out_dir)
+    workers_dir = (journal.with_name(journal.name + ".workers") if journal else out_dir / "workers") / name
+    kwargs = {"storage": storage, "study_name": name, "sampler": build_sampler(spec), "pruner": build_pruner(spec),
+              "directions": directions}
+    try:  # creating the study is atomic in every storage: it elects the worker that creates the parent run
+        study, creator = optuna.create_study(**kwargs, load_if_exists=False), True
+    except optuna.exceptions.DuplicatedStudyError:
+        if not opts.resume:
             raise ConfigError(f"study {name!r} already exists in {opts.storage or out_dir / 'journal.log'}; "
-                              "pass --resume to continue it or --restart to start over")
-    study = optuna.create_study(storage=storage, study_name=name, sampler=build_sampler(spec),
-                                pruner=build_pruner(spec), directions=directions, load_if_exists=True)
+                              "pass --resume to continue it or --restart to start over") from None
+        study, creator = optuna.create_study(**kwargs, load_if_exists=True), False
     study.set_user_attr("method", spec.method)
-    parent_id = study.user_attrs.get("mlflow_parent_run_id")
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
 
     def n_done() -> int:
         return len(study.get_trials(deepcopy=False, states=finished))
 
     experiment = base.tracking.experiment
-    with TrackedRun(f"tune@{opts.study}", experiment=experiment, run_id=parent_id,
-                    params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
-                    tags={"stage": "tune", "study": name, "method": spec.method}) as parent:
-        if parent_id is None:
-            study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    with contextlib.ExitStack() as stack:
+        workers = stack.enter_context(Workers(workers_dir, opts.heartbeat_interval))
+        stack.callback(os.environ.pop, "S2R_LOCAL_WORKERS", None)
+        with workers.lock():  # one parent run per study, even for workers started at the same instant
+            parent_id = study.user_attrs.get(PARENT_ATTR)
+            if parent_id is None and not creator and journal is None:  # an RDB study's creator may be elsewhere
+                parent_id = _wait_for_parent(study)
+            parent = stack.enter_context(TrackedRun(
+                f"tune@{opts.study}", experiment=experiment, run_id=parent_id,
+                params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
+                tags={"stage": "tune", "study": name, "method": spec.method}))
+            if parent_id is None:
+                study.set_user_attr(PARENT_ATTR, parent.run_id)
+
+        def settle() -> int:
+            """Settle dead workers' trials; the number of RUNNING trials whose fate is not known yet."""
+            if journal is None:
+                optuna.storages.fail_stale_trials(study)  # RDB heartbeats
+                return 0
+            failed, undecided = settle_dead_trials(study, workers, opts)
+            if failed:  # their MLflow runs too, now rather than when the next s2r process starts
+                reconcile()
+            return undecided
+
+        settle()
         bar = tqdm(total=n_trials, initial=min(n_done(), n_trials), desc=f"tune {opts.study}", unit="trial")
 
         def objective(trial: optuna.Trial) -> Any:
+            trial.set_user_attr("worker", workers.me)  # whoever finds it RUNNING with this process gone fails it
             trial.set_user_attr("worker_pid", os.getpid())
+            os.environ["S2R_LOCAL_WORKERS"] = str(workers.local_count())  # train.threads: auto (s2r.stages)
             overrides = suggest(trial, spec) | {"train.progress": False}
             single = len(spec.objectives) == 1
             twin = _completed_twin(study, trial)
@@ -257,17 +443,22 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             if n_done() >= n_trials or failed >= max(n_trials, 3):
                 st.stop()
 
+        def settle_after(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
+            settle()
+
         if n_done() < n_trials:
-            study.optimize(objective, timeout=spec.timeout, catch=(Exception,), callbacks=[progress, stop_when_done])
-        waiting = _settle_stale_trials(study, storage, opts)
+            study.optimize(objective, timeout=spec.timeout, catch=(Exception,),
+                           callbacks=[settle_after, progress, stop_when_done])
+        waiting = _settle_stale_trials(study, opts, settle, rdb=journal is None)
         if waiting:  # retries of trials whose worker died: run them so every trial is accounted for
-            study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[progress])
+            study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[settle_after, progress])
         bar.close()
         result = summarise(study, spec, opts.study)
-        _tag_trial_runs(study)
-        _log_parent(parent, study, result, out_dir)
-    write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
-    write_json(out_dir / "metrics.json", result["metrics"])
+        with workers.lock():  # workers finishing together would write the same tags and files at once
+            _tag_trial_runs(study)
+            _log_parent(parent, study, result, out_dir)
+            write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
+            write_json(out_dir / "metrics.json", result["metrics"])
     return result
 
 
@@ -281,26 +472,22 @@ def _completed_twin(study: Any, trial: Any) -> Any:
     return None
 
 
-def _settle_stale_trials(study: Any, storage: Any, opts: TuneOptions) -> int:
-    """Before leaving, fail trials of dead workers (RDB heartbeats); return how many retries now wait.
+def _settle_stale_trials(study: Any, opts: TuneOptions, settle: Any, *, rdb: bool) -> int:
+    """Before leaving, fail trials of dead workers; return how many retries now wait.
 
-    A dead worker's trial is otherwise noticed only when a live worker starts a new trial, which never
-    happens once the study has its n_trials; waits at most grace_period + heartbeat_interval seconds.
+    A dead worker's trial is otherwise noticed only when a live worker finishes a trial, which never
+    happens once the study has its n_trials. RDB: waits while RUNNING trials remain (their heartbeats decide);
+    journal: waits only for trials whose worker is not recorded yet. At most grace_period + heartbeat_interval s.
     """
-    import time
-
-    import optuna
-    from optuna.storages import RDBStorage
     from optuna.trial import TrialState
 
-    if not isinstance(storage, RDBStorage):
-        return 0
     deadline = time.monotonic() + opts.grace_period + opts.heartbeat_interval
     while True:
-        optuna.storages.fail_stale_trials(study)
-        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or time.monotonic() > deadline:
+        undecided = settle()
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if (not running if rdb else not undecided) or time.monotonic() > deadline:
             break
-        time.sleep(max(opts.heartbeat_interval, 1))
+        time.sleep(max(min(opts.heartbeat_interval, 5), 1))
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
@@ -347,10 +534,17 @@ def _tag_trial_runs(study: Any) -> None:
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for r in runs:
         t = by_number.get(int(r.data.tags.get("optuna_trial", -1)))
-        if t is not None:
-            client.set_tag(r.info.run_id, "trial_state", t.state.name)
-            if "fail_reason" in t.user_attrs:
-                client.set_tag(r.info.run_id, "fail_reason", t.user_attrs["fail_reason"])
+        if t is None:
+            continue
+        tags = {"trial_state": t.state.name} | ({"fail_reason": t.user_attrs["fail_reason"]}
+                                                if "fail_reason" in t.user_attrs else {})
+        for k, v in tags.items():
+            if r.data.tags.get(k) == v:
+                continue
+            try:
+                client.set_tag(r.info.run_id, k, v)
+            except mlflow.exceptions.MlflowException:  # a worker on another machine wrote it at the same time
+                client.set_tag(r.info.run_id, k, v)  # now an update of the existing tag
 
 
 def _log_parent(parent: Any, study: Any, result: dict[str, Any], out_dir: Path) -> None:
