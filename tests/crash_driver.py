@@ -89,10 +89,21 @@ def run_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
     return wait(spawn_cli(argv, env, log))
 
 
-def wait(pid: int) -> int:
-    """The exit code of child `pid`, or minus the signal that ended it."""
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+def wait(pid: int, timeout: float = 600.0) -> int:
+    """The exit code of child `pid`, or minus the signal that ended it; a child still alive after `timeout`
+    seconds is killed and reported as a TimeoutError (a hung child must fail the test, never hang the suite)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"forked s2r child {pid} still running after {timeout:.0f} s; killed")
+        time.sleep(0.05)
 
 
 def spawn_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
