@@ -248,7 +248,7 @@ class Method(BaseMethod):
             self.class_history[e] = torch.tensor([np.nan if v is None else v for v in test["per_class_iou"].values()],
                                                  dtype=torch.float64)
         self.epochs_done += 1
-        hist = self.miou_history[: int(self.epochs_done)].numpy()
+        hist = self.miou_history[: int(self.epochs_done)].cpu().numpy()  # a GPU buffer: copy to host first
         out = {"val_miou": val["miou"], "test_miou": test["miou"], "test_pixel_accuracy": test["pixel_accuracy"]}
         out |= {f"test_iou_{c}": (float("nan") if v is None else v) for c, v in test["per_class_iou"].items()}
         return out | lastk_summary(hist[:, 0], self.cfg.last_k, "val_miou") | \
