@@ -65,7 +65,8 @@ class Method(nn.Module):
     """Base class: owns networks, optimisers, schedulers and the batch sampler of one method.
 
     Subclasses implement `train_step` (one optimisation step, GANs alternate D/G inside it) returning a
-    dict of float losses, `validate` (per-epoch metrics on the validation split), and `predict`/`encode`/
+    dict of losses as detached 0-dim tensors on the device (or Python numbers; never `float(tensor)`, which
+    makes the host wait for the GPU every step: the loop syncs only when it logs), `validate` (per-epoch metrics on the validation split), and `predict`/`encode`/
     `translate` for the capabilities they declare.
     """
 
@@ -118,7 +119,7 @@ class Method(nn.Module):
         """An endless iterator of training batches (drawn with self.rng)."""
         raise NotImplementedError
 
-    def train_step(self, batch: Any) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
         raise NotImplementedError
 
     def validate(self) -> dict[str, float]:
