@@ -66,8 +66,8 @@ class Method(nn.Module):
 
     Subclasses implement `train_step` (one optimisation step, GANs alternate D/G inside it) returning a
     dict of losses as detached 0-dim tensors on the device (or Python numbers; never `float(tensor)`, which
-    makes the host wait for the GPU every step: the loop syncs only when it logs), `validate` (per-epoch metrics on the validation split), and `predict`/`encode`/
-    `translate` for the capabilities they declare.
+    makes the host wait for the GPU every step: the loop syncs only when it logs), `validate` (per-epoch
+    metrics on the validation split), and `predict`/`encode`/`translate` for the capabilities they declare.
     """
 
     name: ClassVar[str] = ""
