@@ -207,12 +207,25 @@ class TrainParams:
     checkpoint_every: int = 200  # steps
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     progress: bool = True
+    prefetch: int = 1  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
+    channels_last: Literal["auto"] | bool = "auto"  # NHWC weights; auto = off (not yet measured on a GPU)
+    compile: Literal["auto"] | bool = "auto"  # torch.compile each network; auto = off (not yet measured on a GPU)
+
+    def validate(self) -> None:
+        if self.prefetch < 0 or self.checkpoint_every < 1:
+            raise ConfigError("keys 'train.prefetch' (>= 0) and 'train.checkpoint_every' (>= 1)")
 
 
 @dataclass
 class TrackingParams:
     experiment: str = "s2r"
     log_model: bool = True
+    log_every: int = 0  # also log loss means every N steps as steps/train_<loss> (0 = per epoch only)
+    system_metrics: bool = True  # CPU / memory / GPU use of training runs (MLflow system metrics)
+
+    def validate(self) -> None:
+        if self.log_every < 0:
+            raise ConfigError("key 'tracking.log_every' must be >= 0 (0 = per epoch only)")
 
 
 @dataclass

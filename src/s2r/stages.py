@@ -145,7 +145,8 @@ def train(
             plt.close(fig)
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
+                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
+                     log_every=params.tracking.log_every)
         final = result.history[-1] if result.history else {}
         model = method.export_model()
         out = Path(out)

@@ -21,12 +21,26 @@ def to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
     would wait for every queued kernel first (a hidden sync per batch). Arrays already in pinned memory (the
     loop's prefetcher puts batches there) are not copied again. Other devices: a plain `.to(device)`.
     """
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x if x.flags.writeable else np.array(x, copy=True))
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif device.type == "cuda" and _pinned_base(x) is not None:
+        t = _pinned_base(x)  # the prefetcher's pinned tensor itself: the host allocator tracks its copies
+    else:
+        t = torch.from_numpy(x if x.flags.writeable else np.array(x, copy=True))
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
         return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     return t.to(device)
+
+
+def _pinned_base(x: np.ndarray) -> torch.Tensor | None:
+    """The pinned tensor an array is a whole view of (train.pin_batch makes such arrays), else None."""
+    b = x.base
+    if (isinstance(b, torch.Tensor) and b.is_pinned() and tuple(b.shape) == x.shape and x.flags.c_contiguous
+            and b.data_ptr() == x.ctypes.data and b.dtype == torch.from_numpy(x[:0]).dtype):
+        return b
+    return None
 
 
 def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
