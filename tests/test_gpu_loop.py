@@ -234,3 +234,77 @@ def test_cudnn_benchmark_only_when_not_deterministic() -> None:
         assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+# -- what MLflow shows -------------------------------------------------------------------------------------------
+def test_train_run_has_dataset_input_and_system_metrics(tiny_prepared: Path, tiny_params_file: Path, in_tmp: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import mlflow
+
+    from s2r import stages
+    from s2r.config import load_params
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    params = load_params(tiny_params_file, {"tracking.log_model": False, "tracking.log_every": 1})
+    data = PreparedBenchmark(tiny_prepared)
+    summary = stages.train("mixing", tiny_prepared, in_tmp / "model", params, ckpt_dir=in_tmp / "ck")
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == data.data_version[:36] and str(tiny_prepared.resolve()) in inp.dataset.source
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    profile = json.loads(inp.dataset.profile)
+    assert profile["data_version"] == data.data_version
+    assert profile["splits"]["real"] == {s: len(data.get("real", s)) for s in ("train", "val", "test")}
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+    steps = client.get_metric_history(run.info.run_id, "steps/train_loss")
+    assert [m.step for m in steps] == list(range(1, 7))  # tracking.log_every: 1 -> every step of 2 x 3
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_experiment_kind_chosen_by_a_user_is_kept() -> None:
+    import mlflow
+
+    from s2r import tracking
+
+    exp_id = tracking.setup("kind-kept")
+    mlflow.MlflowClient().set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")
+    tracking.setup("kind-kept")
+    assert mlflow.MlflowClient().get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+    assert tracking.ui_url("127.0.0.1", 5005, "kind-kept") == (
+        f"http://127.0.0.1:5005/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+
+
+def test_run_server_stops_its_whole_process_group(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor (as to `s2r ui`) also ends the server's own children (uvicorn's workers)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "pids"
+    child = f"sleep 60 & echo $$ $! > {pidfile}; wait"
+    code = f"from s2r.tracking import run_server; run_server(['sh', '-c', {child!r}])"
+    sup = subprocess.Popen([sys.executable, "-c", code],
+                           env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and len(pidfile.read_text().split()) == 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pgid, worker = (int(x) for x in pidfile.read_text().split())
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # the server and its background worker are gone
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)

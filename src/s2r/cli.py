@@ -631,13 +631,15 @@ def ui_cmd(port: int, host: str) -> None:
     """
     import os
 
-    from s2r.tracking import tracking_uri
+    from s2r.tracking import run_server, tracking_uri, ui_url
 
     uri = tracking_uri()
     click.echo(f"MLflow UI for {uri} on http://{host}:{port}")
+    click.echo(f"training runs: {ui_url(host, port)}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port)])
+    # its own process group: stopping `s2r ui` (Ctrl-C, SIGTERM) stops the server and its uvicorn workers too
+    sys.exit(run_server([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                         "--host", host, "--port", str(port)]))
 
 
 @main.group("recipe")

@@ -136,8 +136,10 @@ def train(
         tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
         | init_tags,
         run_id=resume_state.get("run_id") if resume_state else None, parent_run_id=parent_run_id,
+        system_metrics=params.tracking.system_metrics,
     ) as run:
         if resume_state is None:
+            run.log_dataset(data, "training")
             batch = method.preview_batch()
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
             fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
@@ -253,6 +255,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
             "stage": "evaluate", "method": method_name, "evaluator": evaluator_name,
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
+        run.log_dataset(data, "evaluation")
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
         metrics = evaluator.evaluate(method, run, plots_out, params)
@@ -326,6 +329,7 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
             "stage": "refine", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
     ) as run:
         # one-sided translators (CUT, paper 5) declare `directions = ("a2b",)`: only <A>_<method> is written
+        run.log_dataset(data, "refine")
         directions = getattr(method, "directions", ("a2b", "b2a"))
         pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in directions]
         derive(data, Path(out), {new: (orig, lambda x, d=d: method.translate(x, d)) for d, orig, new in pairs},
