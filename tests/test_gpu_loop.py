@@ -308,3 +308,37 @@ def test_run_server_stops_its_whole_process_group(tmp_path: Path) -> None:
         os.killpg(pgid, 0)  # the server and its background worker are gone
     with pytest.raises(ProcessLookupError):
         os.kill(worker, 0)
+
+
+# -- gpu-check and the loop benchmark -------------------------------------------------------------------------------
+def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from s2r.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    res = CliRunner().invoke(main, ["gpu-check", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("\n") == 1 and "no CUDA device" in res.output
+    assert not out.exists()
+
+
+def test_loop_vs_bare_step_measures_both(tiny_prepared: Path) -> None:
+    """Numbers are reported, not asserted (shared machines): both positive, the loop's data wait is a share."""
+    from s2r.bench import loop_vs_step
+
+    res = loop_vs_step(lambda: make("mixing", tiny_prepared), train_params(), steps=(2, 4))
+    assert res["bare_step_s"] > 0 and res["loop_step_s"] > 0 and res["loop_over_bare"] > 0
+    assert 0 <= res["data_wait_share"] < 1 and res["steps"] == 4
+
+
+def test_patch_benchmark_feeds_cut_at_paper_patch_sizes(tmp_path: Path) -> None:
+    """gpu-check's timing data: CUT with its default networks draws batch-40 patches of the paper's sizes."""
+    from s2r import gpucheck
+
+    data = gpucheck.patch_benchmark(tmp_path, 68, n=4)
+    m = gpucheck.cut_method(data, 60, torch.device("cpu"), None)
+    batch = next(m.batches())
+    assert batch.a.shape == (40, 60, 60, 3) and batch.b.shape == (40, 60, 60, 3)
+    assert m.g is not None and m.cfg.gen_width == 64 and m.cfg.gen_blocks == 9 and m.cfg.num_patches == 256
