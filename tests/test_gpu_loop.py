@@ -342,3 +342,38 @@ def test_patch_benchmark_feeds_cut_at_paper_patch_sizes(tmp_path: Path) -> None:
     batch = next(m.batches())
     assert batch.a.shape == (40, 60, 60, 3) and batch.b.shape == (40, 60, 60, 3)
     assert m.g is not None and m.cfg.gen_width == 64 and m.cfg.gen_blocks == 9 and m.cfg.num_patches == 256
+
+
+@pytest.mark.slow
+def test_s2r_ui_frees_its_port_on_sigterm(tmp_path: Path) -> None:
+    """The real server: `s2r ui` answers, and after a SIGTERM nothing holds its port (uvicorn workers included)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ui.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "s2r.cli", "ui", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline, up = time.monotonic() + 180, False
+        while time.monotonic() < deadline and not up:
+            try:
+                up = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert up, "the MLflow UI did not come up"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert "workflowType=machine_learning" in (proc.stdout.read() if proc.stdout else "")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # free again: no worker survived
