@@ -82,7 +82,7 @@ class FitResult:
     steps: int = 0
     seconds_total: float = 0.0
     seconds_data: float = 0.0  # waiting for the next batch (with prefetching: only the stalls)
-    seconds_step: float = 0.0  # host time of train_step (on a GPU the kernels may still be running)
+    seconds_step: float = 0.0  # train_step + waiting for the GPU where losses are read (the syncs)
     seconds_validate: float = 0.0
     seconds_tracking: float = 0.0
     samples: int = 0
@@ -291,8 +291,12 @@ def fit(
     ckpt_path = Path(ckpt_dir) / CHECKPOINT
     verified = start  # every step up to here had finite losses
 
-    def checked(values: dict[str, float], step: int) -> dict[str, float]:
+    def checked(sums_: LossSums, step: int) -> dict[str, float]:
+        """Read (the one sync: waiting for queued GPU work counts as step time) and check for NaN/inf."""
         nonlocal verified
+        t = time.perf_counter()
+        values = sums_.read()
+        result.seconds_step += time.perf_counter() - t
         for k, v in values.items():
             if not math.isfinite(v):
                 first = verified + 1
@@ -305,8 +309,8 @@ def fit(
         return values
 
     def checkpoint(step: int) -> None:
-        epoch_sums = checked(sums.read(), step)  # never save weights that a NaN already reached
-        window_sums = checked(window.read(), step)
+        epoch_sums = checked(sums, step)  # never save weights that a NaN already reached
+        window_sums = checked(window, step)
         save_checkpoint(ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
             "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": epoch_sums,
@@ -344,14 +348,14 @@ def fit(
             bar.update(1)
             done = step + 1
             if log_every > 0 and done % log_every == 0:
-                means = {f"steps/train_{k}": v / log_every for k, v in checked(window.read(), done).items()}
+                means = {f"steps/train_{k}": v / log_every for k, v in checked(window, done).items()}
                 window = LossSums()
                 if run is not None:
                     run.log_metrics(means, step=done)
             if done % steps_per_epoch == 0:
                 epoch = done // steps_per_epoch
                 n = steps_per_epoch
-                train_sums = checked(sums.read(), done)
+                train_sums = checked(sums, done)
                 tv = time.perf_counter()
                 method.eval()
                 with torch.no_grad():
