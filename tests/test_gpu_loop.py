@@ -377,3 +377,13 @@ def test_s2r_ui_frees_its_port_on_sigterm(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # free again: no worker survived
+
+
+def test_gpu_check_params_are_valid_for_every_method_block() -> None:
+    """The shrunken settings gpu-check trains every block with parse strictly (catchable without a GPU)."""
+    from s2r import gpucheck
+
+    p = gpucheck.check_params(None, steps=2)
+    assert p.train.device == "cuda" and p.train.amp and p.tracking.experiment == "s2r-gpu-check"
+    assert all(c.epochs == 2 and c.steps_per_epoch == 2 for c in p.methods.values())
+    assert p.methods["cyclegan"].pretrain_g_steps == 1 and p.methods["segmenter_synthetic"].last_k <= 2

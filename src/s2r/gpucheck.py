@@ -184,27 +184,41 @@ def _params_path() -> str:
 
 
 # -- 1. every method on the GPU --------------------------------------------------------------------------------
-def check_methods(workdir: Path, names: list[str] | None, steps: int = 2) -> dict[str, dict[str, Any]]:
-    """Each method block: train (interrupted after epoch 1, resumed from its checkpoint), then evaluate/refine."""
-    from s2r import stages
+def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda") -> Any:
+    """params.yaml shrunk for the check: 2 epochs of `steps` steps, GAN pretraining and last-K windows that fit,
+    small generated benchmarks, bf16 on CUDA, runs in experiment s2r-gpu-check."""
     from s2r.config import load_params
 
     base = load_params(_params_path())
-    names = names or list(base.methods)
-    over = {"train.device": "cuda", "train.amp": True, "train.progress": False, "train.checkpoint_every": steps,
-            "benchmarks.digits.scenes_per_class": {"train": 4, "val": 2, "test": 2},
-            "benchmarks.scenes.samples": {"train": 16, "val": 8, "test": 8}}
-    for n in names:
+    over: dict[str, Any] = {
+        "train.device": device, "train.amp": True, "train.progress": False, "train.checkpoint_every": steps,
+        "benchmarks.digits.scenes_per_class": {"train": 4, "val": 2, "test": 2},
+        "benchmarks.scenes.samples": {"train": 16, "val": 8, "test": 8},
+        "tracking.experiment": "s2r-gpu-check",  # its runs apart from the project's
+    }
+    for n in names or list(base.methods):
+        cfg = base.methods[n]
         over |= {f"methods.{n}.epochs": 2, f"methods.{n}.steps_per_epoch": steps}
-    over["tracking.experiment"] = "s2r-gpu-check"  # its runs apart from the project's
-    params = load_params(_params_path(), over)
+        for key, value in (("pretrain_g_steps", 1), ("pretrain_d_steps", 1), ("last_k", 2)):
+            if hasattr(cfg, key):
+                over[f"methods.{n}.{key}"] = min(getattr(cfg, key), value)
+    return load_params(_params_path(), over)
+
+
+def check_methods(workdir: Path, names: list[str] | None, steps: int = 2,
+                  device: str = "cuda") -> dict[str, dict[str, Any]]:
+    """Each method block: train (interrupted after epoch 1, resumed from its checkpoint), then evaluate/refine."""
+    from s2r import stages
+
+    params = check_params(names, steps, device)
+    names = names or list(params.methods)
     data = {b: stages.generate(b, workdir / f"{b}_raw", params) for b in ("digits", "scenes")}
     from s2r.data.prepared import prepare
 
     prepared = {b: prepare(p, workdir / b, progress=False) for b, p in data.items()}
     results: dict[str, dict[str, Any]] = {}
     for name in sorted(names, key=_order):
-        results[name] = _check_one(name, params, prepared, workdir, results)
+        results[name] = _check_one(name, params, prepared, workdir, torch.device(device))
         print(f"gpu-check {name:<22} {results[name]['status']}"
               + (f"  {results[name].get('error', '')[:150]}" if results[name]["status"] != "passed" else ""),
               flush=True)
@@ -220,7 +234,7 @@ class _Interrupt(Exception):
 
 
 def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
-               done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+               device: torch.device) -> dict[str, Any]:
     from s2r import stages
     from s2r.methods import registry
 
@@ -233,7 +247,6 @@ def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
         data = workdir / "refined_cut"
     init = workdir / "model_twinvae" if name == "twinvae_heads" else None
     out, ck = workdir / f"model_{name}", workdir / f"ck_{name}"
-    device = torch.device("cuda")
     _reset_peak(device)
     t = time.perf_counter()
     try:
