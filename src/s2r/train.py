@@ -282,6 +282,8 @@ def fit(
     if resume_state is not None:
         method.load_train_state(resume_state["method"])
         torch.set_rng_state(resume_state["torch_rng"])
+        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])  # randn_like etc. on the GPU resume exactly
         start = int(resume_state["step"])
         result.history = list(resume_state["history"])
         sums = LossSums(resume_state.get("epoch_sums", {}))
@@ -313,6 +315,7 @@ def fit(
         window_sums = checked(window, step)
         save_checkpoint(ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
+            "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
             "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": epoch_sums,
             "window_sums": window_sums,
         })
