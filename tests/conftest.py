@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,47 @@ def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
     store = tmp_path_factory.mktemp("mlruns")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def _global_torch_state() -> dict[str, object]:
+    """Process-global torch settings one test could leak into every later test (threads, determinism, ...)."""
+    import torch
+
+    from s2r.train import torch_state
+
+    return {"torch_state (deterministic, warn_only, cudnn.benchmark, threads)": torch_state(),
+            "grad_enabled": torch.is_grad_enabled(), "default_dtype": torch.get_default_dtype(),
+            "mkldnn_enabled": torch.backends.mkldnn.enabled, "interop_threads": torch.get_num_interop_threads()}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_torch_state() -> Iterator[None]:
+    """Fail a test that changes torch's process-global settings without restoring them (and restore them)."""
+    import torch
+
+    from s2r.train import restore_torch_state
+
+    before = _global_torch_state()
+    yield
+    after = _global_torch_state()
+    if after != before:
+        restore_torch_state(before["torch_state (deterministic, warn_only, cudnn.benchmark, threads)"])  # type: ignore[arg-type]
+        torch.set_grad_enabled(bool(before["grad_enabled"]))
+        torch.set_default_dtype(before["default_dtype"])  # type: ignore[arg-type]
+        torch.backends.mkldnn.enabled = bool(before["mkldnn_enabled"])
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"the test left torch's process-global settings changed (before, after): {changed}")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny convolutions; a shared 2-core CPU), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_spec(classes: int = 3, size: int = 8) -> BenchmarkSpec:

@@ -271,6 +271,7 @@ def test_tune_beta_vae_study_runs_two_trials(scenes_prepared: Path, params_file:
 
 @pytest.mark.slow
 def test_tables_cli_on_tiny_data(scenes_prepared: Path, params_file: Path, tmp_path: Path) -> None:
+    import pandas as pd
     from click.testing import CliRunner
 
     from s2r.cli import main
@@ -283,8 +284,11 @@ def test_tables_cli_on_tiny_data(scenes_prepared: Path, params_file: Path, tmp_p
     assert corr["n_models"] == 4 and "mig" in corr["spearman"] and "ood2b_gbt" in corr["columns"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "weak_raises_dci_disentanglement" in metrics and "noise_lowers_ood2a_gbt" not in metrics  # no noisy runs
-    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv"):
+    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv", "per_factor.md"):
         assert (out / name).is_file()
+    per_factor = pd.read_csv(out / "per_factor.csv")  # Fig. 15: one row per model x scenario x regressor x factor
+    assert len(per_factor) > 0 and set(per_factor["model"]) == set(pd.read_csv(out / "runs.csv")["model"])
+    assert "hue" not in set(per_factor[per_factor["scenario"] == "OOD2-A"]["factor"])  # the OOD factor is left out
     assert len(list((out / "models").glob("*/traversals.png"))) == 4
 
 
@@ -332,7 +336,7 @@ def test_resume_matches_uninterrupted_run(scenes_prepared: Path, tmp_path: Path,
     torch.set_num_threads(1)
 
     def make() -> bv.Method:
-        seed_everything(0, True)
+        seed_everything(0)
         m = bv.Method(small_cfg(supervision=supervision, input_noise=True, warmup_fraction=1.0),
                       PreparedBenchmark(scenes_prepared), 0)
         m.setup(torch.device("cpu"), None, 4)

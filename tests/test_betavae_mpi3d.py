@@ -65,7 +65,7 @@ def test_matching_pairs_samples_above_the_exact_limit() -> None:
         bv.matching_pairs(np.array([[0, 0]] * 200 + [[1, 1]] * 200), 1, exact_limit=100)
 
 
-def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path) -> None:
+def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path, one_thread: None) -> None:
     from s2r.data.prepared import PreparedBenchmark
 
     data = PreparedBenchmark(mpi3d_prepared)
@@ -76,7 +76,6 @@ def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path) -> None:
     f = data.get(data.spec.source, "train").factors
     assert not (f[m.train_idx, 0] == 1).any() and (f[:, 0] == 1).any()  # held-out colour never trains the encoder
     assert ((f[m.pairs[:, 0]] != f[m.pairs[:, 1]]).sum(1) == 1).all()
-    torch.set_num_threads(1)
     m.setup(torch.device("cpu"), None, 2)
     assert np.isfinite(m.train_step(next(m.batches()))["loss"])
 

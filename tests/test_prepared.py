@@ -52,7 +52,8 @@ def test_wrong_channels_and_missing_file_named(tiny_benchmark: Path, tmp_path: P
     with pytest.raises(DataError, match="3 channels .*declares 1"):
         prepare(tiny_benchmark, tmp_path / "p", progress=False)
     (tiny_benchmark / manifest.iloc[3]["path"]).unlink()
-    with pytest.raises(DataError, match=f"row 3 .*cannot read .*{manifest.iloc[3]['id']}"):
+    sid = manifest.iloc[3]["id"]
+    with pytest.raises(DataError, match=f"id '{sid}' \\(row 3\\): cannot read .*{sid}"):
         prepare(tiny_benchmark, tmp_path / "p", progress=False)
 
 

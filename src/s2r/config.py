@@ -274,12 +274,30 @@ class DepthSegmentationParams:
     min_depth: float = 1.0e-3  # metres; truth below is invalid, predictions are clipped up to it
     max_depth: float = 0.0  # metres; truth above is invalid, predictions clipped to it (0 = no cap)
     panels: int = 6  # test samples in the input / depth / mask panel figure
+    depth_average: Literal["images", "pixels"] = "images"  # images: per-image metrics, then mean (monodepth2)
+    miou: Literal["all_classes", "present_classes"] = "all_classes"  # all_classes: CSAIL eval (absent = 0)
 
     def validate(self) -> None:
         if self.min_depth <= 0 or self.max_depth < 0 or (self.max_depth and self.max_depth <= self.min_depth):
             raise ConfigError("keys 'min_depth' > 0 and 'max_depth' (0 = none, else > min_depth) required")
         if self.panels < 1:
             raise ConfigError("key 'panels' must be >= 1")
+
+
+@dataclass
+class DisentanglementParams:
+    """Paper 3's metrics (s2r.evaluators.disentanglement): disentanglement_lib's definitions by default."""
+
+    estimator: Literal["gbt", "lightgbm", "lasso"] = "gbt"  # DCI importances; gbt = sklearn GBT (the reference)
+    sap_form: Literal["classification", "continuous"] = "classification"  # reference: continuous_factors=False
+    num_train: int = 2000  # points the DCI / SAP predictors fit, MIG and Modularity use (reference: 10000)
+    num_test: int = 1000  # held-out points DCI informativeness / SAP score (reference: 5000)
+    bins: int = 20  # histogram discretizer bins for MIG / Modularity (reference: 20)
+    ood_clip: bool = False  # clip OOD regressor predictions to [0, 1] before the MAE (paper 3: no clipping)
+
+    def validate(self) -> None:
+        if self.num_train < 1 or self.num_test < 1 or self.bins < 2:
+            raise ConfigError("keys 'num_train', 'num_test' must be >= 1 and 'bins' >= 2")
 
 
 @dataclass
@@ -331,6 +349,7 @@ class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
+    disentanglement: DisentanglementParams = field(default_factory=DisentanglementParams)  # paper 3 metrics
     betavae_tables: BetavaeTablesParams = field(default_factory=BetavaeTablesParams)  # paper 3
     ae_tables: AeTablesParams = field(default_factory=AeTablesParams)  # paper 1
 

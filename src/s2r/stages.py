@@ -79,7 +79,15 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     }
 
 
-def train(
+def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
+    """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
+    from s2r.train import torch_settings
+
+    with torch_settings(deterministic=params.train.deterministic, threads=params.train.threads):
+        return _train(method_name, data_dir, out, params, **kwargs)
+
+
+def _train(
     method_name: str,
     data_dir: Path,
     out: Path,
@@ -101,7 +109,6 @@ def train(
     with an `init_from(model_dir) -> tags` method accept it.
     """
     import matplotlib.pyplot as plt
-    import torch
 
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
@@ -115,9 +122,7 @@ def train(
     resume_state = load_checkpoint(ckpt_dir) if resume else None
     if resume and resume_state is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-    seed_everything(params.seed, params.train.deterministic)
-    if params.train.threads > 0:
-        torch.set_num_threads(params.train.threads)
+    seed_everything(params.seed)
     data = PreparedBenchmark(data_dir)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name

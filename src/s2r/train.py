@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,18 +31,51 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops instead of writing garbage."""
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; ask torch for deterministic kernels."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per input shape and keeps the fastest
+
+
+TorchState = tuple[bool, bool, bool, int]
+
+
+def torch_state() -> TorchState:
+    """torch's process-global settings a training changes: deterministic mode, warn-only, cudnn benchmark, threads."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            bool(torch.backends.cudnn.benchmark), torch.get_num_threads())
+
+
+def restore_torch_state(state: TorchState) -> None:
+    deterministic, warn_only, benchmark, threads = state
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_settings(*, deterministic: bool, threads: int) -> Iterator[None]:
+    """Deterministic kernels and the thread count for one training, restored afterwards.
+
+    These are process-global: without the restore, a training inside a longer-lived process (`s2r tables`, the
+    trials of one `s2r tune` worker, the test suite) would change the numerics of everything that runs after it.
+    """
+    saved = torch_state()
+    try:
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.use_deterministic_algorithms(False)
+            torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per input shape, keeps the fastest
+        if threads > 0:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        restore_torch_state(saved)
 
 
 def select_device(pref: str) -> torch.device:
@@ -233,11 +267,16 @@ def resolve_auto(value: bool | str, device: torch.device) -> bool:
     return value is True
 
 
+def use_channels_last(train: TrainParams, device: torch.device) -> bool:
+    """NHWC only on CUDA: on CPUs oneDNN's AVX2 NHWC weight gradient is broken (issue 22, tests/test_determinism)."""
+    return device.type == "cuda" and resolve_auto(train.channels_last, device)
+
+
 def apply_train_options(method: Method, train: TrainParams) -> Callable[[], None]:
     """channels_last and torch.compile on the method's networks; returns the undo (before export/pickling)."""
     compiled: list[nn.Module] = []
-    if resolve_auto(train.channels_last, method.device):
-        method.to(memory_format=torch.channels_last)  # 4-D weights NHWC; to_float's inputs already are
+    if use_channels_last(train, method.device):
+        method.to(memory_format=torch.channels_last)  # 4-D weights NHWC (convolutions then run NHWC)
     if resolve_auto(train.compile, method.device):
         for child in method.children():  # each network (G, D, heads, ...) in place: state_dict keys unchanged
             if any(True for _ in child.parameters()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -76,6 +77,13 @@ class BenchmarkSpec:
     # dataset rules validation checks beyond labels/factors: max_depth_m (float), mask_values (list of ids),
     # domain_rows ({domain: exact row count}); see s2r.data.validation._expectation_checks
     expectations: dict[str, Any] = field(default_factory=dict)
+    # Added for user data (issue 17); defaults keep older benchmark.yaml files valid and byte-identical.
+    factor_ranges: dict[str, list[float]] = field(default_factory=dict)  # continuous factor -> [low, high]
+    depth_invalid: float = 0.0  # depth file value meaning "no measurement" (prepared as 0 = invalid)
+    mask_ignore: int = 255  # mask id meaning "ignore this pixel" (allowed besides 0..len(seg_classes)-1)
+    convert_16bit: bool = False  # 16-bit images: refused unless true, then prepare keeps the high byte (>> 8)
+    data_root: str = ""  # the folder the user's files must lie in ("" = the benchmark folder itself)
+    allow_outside_root: bool = False  # files outside data_root were accepted explicitly (--allow-outside-root)
 
     def validate(self) -> None:
         from s2r.config import ConfigError
@@ -92,6 +100,13 @@ class BenchmarkSpec:
                 raise ConfigError(f"key 'domains': domain {d.name!r} has role {d.role!r}, not one of {list(ROLES)}")
         if "classification" in self.tasks and not self.classes:
             raise ConfigError("key 'classes': a classification benchmark needs class names")
+        for k, rng in self.factor_ranges.items():
+            if k not in self.factors:
+                raise ConfigError(f"key 'factor_ranges.{k}': {k!r} is not a factor {list(self.factors)}")
+            if (len(rng) != 2 or not all(math.isfinite(float(v)) for v in rng) or not float(rng[0]) < float(rng[1])):
+                raise ConfigError(f"key 'factor_ranges.{k}': {rng} must be [low, high] with finite low < high")
+            if self.factors[k] < 2:
+                raise ConfigError(f"key 'factors.{k}': a continuous factor needs >= 2 bins, got {self.factors[k]}")
 
     def domain(self, name: str) -> DomainSpec:
         """Return the domain called `name` or fail naming the known ones."""
@@ -103,7 +118,10 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {})):
+        defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
+                    ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
+                    ("allow_outside_root", False))
+        for key, default in defaults:
             if d[key] == default:
                 del d[key]
         return d
@@ -257,6 +275,31 @@ def replace_dir(new: Path, dest: Path) -> None:
     new.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+FACTOR_BINS = 20  # disentanglement_lib's default num_bins for make_discretizer (utils.py, _histogram_discretize)
+
+
+def bin_factor(values: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    """Continuous factor values -> bin indices 0..bins-1, the histogram discretisation of disentanglement_lib.
+
+    disentanglement_lib (evaluation/metrics/utils.py, ``_histogram_discretize``) computes
+    ``np.digitize(x, np.histogram(x, num_bins)[1][:-1])`` (1-based) over the observed range of the evaluated set.
+    We use the same equal-width edges and digitize rule but over the DECLARED range [low, high] (so train, test
+    and OOD sets share one set of edges), 0-based. Values equal to ``high`` fall in the last bin; NaN -> NO_LABEL.
+    """
+    v = np.asarray(values, np.float64)
+    edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))  # (bins + 1,)
+    out = np.digitize(v, edges[:-1]) - 1  # edges[:-1]: the reference drops the last edge
+    out = np.clip(out, 0, bins - 1).astype(np.int64)
+    out[~np.isfinite(v)] = NO_LABEL
+    return out
+
+
+def bin_centres(low: float, high: float, bins: int) -> np.ndarray:
+    """(bins,) centre of every bin of :func:`bin_factor` (thresholds in OOD splits are rounded to edges)."""
+    edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))
+    return (edges[:-1] + edges[1:]) / 2
 
 
 def read_manifest(root: Path) -> Any:

@@ -30,11 +30,12 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.methods.segmenter import lastk_summary
+    from s2r.methods.segmenter import MIOU, lastk_summary
 
     cfg = method.cfg
     test = method.test
-    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes)
+    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
+                                 miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
     done = int(method.epochs_done)
     hist = method.miou_history[:done].cpu().numpy()  # buffers live on the GPU: copy to host first
     per_class = method.class_history[:done].cpu().numpy()

@@ -44,7 +44,10 @@ supervision come from one of two places (`pairs`):
   the pool is cached under `cache_dir` keyed by everything that decides its pixels, so models share it. In render
   mode the unsupervised model trains on the same 2 x render_pairs images, so both supervisions see the same data.
 - `match`: pairs of rows of the prepared train split whose factor vectors differ in exactly k entries (a user's
-  factor-labelled dataset, e.g. `s2r data import-manifest` with factor_<name> columns). If no two rows differ in
+  factor-labelled dataset, e.g. `s2r data import-manifest` with factor_<name> columns). Continuous factors
+  (``factor_ranges``) are compared after prepare's binning (``factors.npy`` holds bin indices: equal-width bins over
+  the declared range, disentanglement_lib's histogram discretisation, `s2r.data.benchmark.bin_factor`), so "differ in
+  k factors" means "fall in different bins of k factors". If no two rows differ in
   exactly k factors, the pairs at the smallest available Hamming distance are used with a warning and the
   distance is reported as `pair_distance` in the train metrics; if all rows are identical it is an error.
 `auto` = `render` for the embedded scenes benchmark, `match` otherwise.
@@ -87,6 +90,7 @@ class Config:
     cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
     ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
     ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
+    ood_threshold: float | None = None  # instead of ood_holdout: hold out values >= it (continuous: bin centres)
     match_pairs: int = 200_000  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
     eval_images: int = 0  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
     input_noise: bool = False
@@ -436,6 +440,8 @@ class Method(BaseMethod):
             raise ConfigError(f"key 'methods.betavae.ood_factor': {cfg.ood_factor!r} is not a factor of "
                               f"{data.root} ({self.factor_names}); use \"\" for none")
         self.holdout = {cfg.ood_factor: sorted(cfg.ood_holdout)} if cfg.ood_factor and cfg.ood_holdout else {}
+        if cfg.ood_factor:
+            self.holdout = self._threshold_holdout(cfg, spec) or self.holdout
         self.size = cfg.image_size or spec.image_size
         self.channels = spec.channels
         self.batch_size = cfg.batch_size
@@ -478,6 +484,36 @@ class Method(BaseMethod):
         self.val_images = np.asarray(val.images[vi])
 
     # -- data ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _threshold_holdout(cfg: Config, spec: Any) -> dict[str, list[int]]:
+        """OOD split by a threshold: held-out values are those >= `ood_threshold`.
+
+        A continuous factor (``factor_ranges`` in benchmark.yaml) is binned by prepare
+        (:func:`s2r.data.benchmark.bin_factor`); its held-out bins are those whose centre is >= the threshold, so the
+        effective threshold is the nearest bin edge. A continuous OOD factor needs the threshold (value sets of
+        bins are refused: they depend on the bin count).
+        """
+        from s2r.data.benchmark import bin_centres
+
+        name = cfg.ood_factor
+        if cfg.ood_threshold is None:
+            if name in spec.factor_ranges and cfg.ood_holdout:
+                raise ConfigError(f"key 'methods.betavae.ood_holdout': factor {name!r} is continuous; hold values out "
+                                  "with 'ood_threshold' (and ood_holdout: [])")
+            return {}
+        if cfg.ood_holdout:
+            raise ConfigError("keys 'methods.betavae.ood_holdout' / '.ood_threshold': give one of them, not both")
+        n = spec.factors[name]
+        if name in spec.factor_ranges:
+            values = bin_centres(*(float(v) for v in spec.factor_ranges[name]), n)
+        else:
+            values = np.arange(n, dtype=np.float64)
+        held = [int(b) for b in np.flatnonzero(values >= cfg.ood_threshold)]
+        if not held or len(held) == n:
+            raise ConfigError(f"key 'methods.betavae.ood_threshold': {cfg.ood_threshold} holds out {len(held)} of "
+                              f"the {n} values of {name!r}; choose one inside its range")
+        return {name: held}
+
     def in_distribution(self, factors: np.ndarray) -> np.ndarray:
         """Rows whose held-out factor value is one the encoder trains on."""
         keep = np.ones(len(factors), bool)

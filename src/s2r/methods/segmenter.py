@@ -40,6 +40,7 @@ from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cut import EMA
 
 TRAIN_DATA = ("synthetic", "refined", "target", "target+synthetic", "target+refined")
+MIOU = "present_classes"  # paper 5's mIoU convention (s2r.evaluators.segmentation), see Method.score
 
 
 @dataclass
@@ -236,7 +237,8 @@ class Method(BaseMethod):
         """mIoU / per-class IoU / pixel accuracy on (the first eval_images of) a split."""
         n = self.cfg.eval_images or len(part)
         cm = confusion(np.asarray(part.masks[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
-        return metrics_from_confusion(cm, self.classes)
+        # paper 5 (Sec. IV-A): "mean IoU ... over all classes present in the dataset": absent classes left out
+        return metrics_from_confusion(cm, self.classes, miou=MIOU)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

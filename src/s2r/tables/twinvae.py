@@ -35,6 +35,22 @@ def gap_closed(lower: float | None, ours: float | None, upper: float | None, hig
     return ((ours - lower) if higher_better else (lower - ours)) / gap
 
 
+CONVENTIONS = {"images": "depth metrics per image, then the mean (monodepth2 / KITTI)",
+               "pixels": "depth metrics pooled over all valid pixels (not the papers' convention)",
+               "all_classes": "mIoU = mean over all scored classes, absent ones 0 (CSAIL eval)",
+               "present_classes": "mIoU = mean over classes present in truth or prediction (not paper 2's)"}
+
+
+def conventions(results: dict[str, dict[str, Any]]) -> str:
+    """One line naming the depth averaging and mIoU conventions of the rows (an error if the rows differ)."""
+    seen = {(r.get("depth_average", "pixels"), r.get("miou_convention", "present_classes")) for r in results.values()}
+    if len(seen) > 1:
+        raise ValueError(f"twinvae table rows were scored with different conventions {sorted(seen)}; re-evaluate "
+                         "them with the same reports.depth_segmentation.depth_average / miou")
+    depth, miou = seen.pop()
+    return f"Conventions: {CONVENTIONS.get(depth, depth)}; {CONVENTIONS.get(miou, miou)}."
+
+
 def build(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Depth and segmentation tables (pandas) + gap-closed metrics from {lower, ours, upper} evaluate results."""
     import pandas as pd
@@ -82,6 +98,7 @@ def twinvae_table(ours: Path, lower: Path, upper: Path, out: Path, experiment: s
             f"`{domain}` test split, {results['ours'].get('n', '?')} images"
             + (f" ({results['ours']['depth_images']} with depth, {results['ours']['seg_images']} with masks)"
                if "depth_images" in results["ours"] else "") + "\n\n"
+            + conventions(results) + "\n\n"
             + markdown(res["tables"]["depth"], "Depth (lower is better, a1..a3 higher is better)") + "\n"
             + markdown(res["tables"]["segmentation"], "Semantic segmentation (higher is better)"))
     (out / "table1.md").write_text(text)
