@@ -182,6 +182,6 @@ def test_stages_train_and_evaluate_on_device(name: str, benchmarks: dict[str, Pa
         if cls.evaluator and name != "twinvae":  # stage 1 of the twin VAE has no heads to evaluate
             res = stages.evaluate(name, tmp_path / "model", data, tmp_path / "eval.json", None, params)
             assert res["evaluator"] == cls.evaluator
-        if "translate" in cls.capabilities:
+        if "translate" in cls.capabilities and name in ("cyclegan", "cut", "twinvae"):  # the others: no twin VAE
             res = stages.refine(name, tmp_path / "model", data, tmp_path / "refined", None, params)
             assert res["domains"]
