@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: env run test test-postgres lint ui bench clean
+.PHONY: env run test test-postgres lint ui bench gpu-check clean
 
 env: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ ui: env
 
 bench: env
 	$(BIN)/s2r benchmark mixing --fractions 0,0.125,0.5,1
+
+# On a CUDA machine: every method in bf16 (train, resume, evaluate) + CUT timed at paper settings, one JSON.
+# Without CUDA: one line, exit 0. Side by side with the official CUT: make gpu-check CUT_REFERENCE=/path/to/checkout
+gpu-check: env
+	$(BIN)/s2r gpu-check $(if $(CUT_REFERENCE),--reference $(CUT_REFERENCE))
 
 clean:
 	rm -rf $(VENV)

@@ -93,7 +93,7 @@ def test_nan_loss_stops_with_clear_error(tiny_prepared: Path, tmp_path: Path) ->
     with torch.no_grad():
         for p in m.net.head.parameters():
             p.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="loss 'loss' is nan at step 1"):
+    with pytest.raises(NonFiniteLossError, match="loss 'loss' is nan in steps 1-2 \\(epoch 1;"):
         fit(m, train=TRAIN, epochs=1, steps_per_epoch=3, ckpt_dir=tmp_path)
 
 

@@ -5,6 +5,7 @@ Numbers are measured and reported, never asserted: machines are shared and noisy
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,42 @@ def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
             "step_seconds": step_s, "train_images_per_second": bs / step_s, "load_to_step_ratio": load_s / step_s}
 
 
+def loop_vs_step(make_method: Any, train: Any, steps: tuple[int, int] = (4, 12)) -> dict[str, float]:
+    """Per-step time of the whole loop (s2r.train.fit: batch drawing, prefetch, loss sums, NaN checks) vs the bare
+    train_step on pre-drawn batches. fit's fixed costs (one validation, the final checkpoint) cancel out in
+    (T(n2) - T(n1)) / (n2 - n1); on CUDA every timing ends with a synchronize."""
+    import torch
+
+    from s2r.train import fit
+
+    n1, n2 = steps
+    m = make_method()
+    dev = m.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    it = m.batches()
+    batches = [next(it) for _ in range(n2 + 1)]
+    m.train()
+    m.train_step(batches[0])  # warm-up
+    sync()
+    t = time.perf_counter()
+    for b in batches[1:]:
+        m.train_step(b)
+    sync()
+    bare = (time.perf_counter() - t) / n2
+    totals = []
+    for n in (n1, n2):
+        m = make_method()
+        with tempfile.TemporaryDirectory() as tmp:
+            sync()
+            t = time.perf_counter()
+            r = fit(m, train=train, epochs=1, steps_per_epoch=n, ckpt_dir=Path(tmp))
+            sync()
+            totals.append(time.perf_counter() - t)
+    loop = (totals[1] - totals[0]) / (n2 - n1)
+    return {"bare_step_s": bare, "loop_step_s": loop, "loop_over_bare": loop / bare,
+            "data_wait_share": r.seconds_data / max(r.seconds_total, 1e-9), "steps": n2}
+
+
 def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, params_path: str) -> dict[str, Any]:
     """Measure loading vs step, tracking overhead, and test accuracy per real_fraction (one MLflow run each)."""
     from s2r.data.prepared import PreparedBenchmark
@@ -48,6 +85,16 @@ def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, par
     device = select_device(params.train.device)
     method.setup(device, None, cfg.epochs * cfg.steps_per_epoch)
     result: dict[str, Any] = {"method": method_name, "device": str(device), "loading": loading_vs_step(method)}
+
+    def fresh() -> Any:
+        import torch
+
+        torch.manual_seed(params.seed)
+        m = registry.method_class(method_name)(cfg, data, params.seed)
+        m.setup(device, None, cfg.epochs * cfg.steps_per_epoch)
+        return m
+
+    result["loop"] = loop_vs_step(fresh, dataclasses.replace(params.train, progress=False))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for f in fractions:
@@ -70,6 +117,8 @@ def format_result(res: dict[str, Any]) -> str:
         f"training: {lo['train_images_per_second']:>10.0f} img/s  ({lo['step_seconds'] * 1e3:.1f} ms/step)",
         f"loading / step time: {lo['load_to_step_ratio']:.3%}",
         f"MLflow share of training time (mean): {res['tracking_share_mean']:.3%}",
+        f"whole loop vs bare step: {res['loop']['loop_step_s'] * 1e3:.1f} vs {res['loop']['bare_step_s'] * 1e3:.1f} "
+        f"ms/step ({res['loop']['loop_over_bare']:.3f}x)",
         "",
         f"{'real_fraction':>13} {'test_acc':>9} {'val_acc':>8} {'train_s':>8} {'tracking':>9}",
     ]

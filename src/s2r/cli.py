@@ -558,6 +558,26 @@ def benchmark_cmd(method: str, data_dir: str, fractions: str, out: str, params_p
     click.echo(bench.format_result(res))
 
 
+@main.command("gpu-check")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False),
+              help="A checkout of taesungp/contrastive-unpaired-translation to time side by side (never committed).")
+@click.option("--out", default="data/gpu-check.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--methods", default="", help="Comma-separated method blocks (default: every block of params.yaml).")
+@click.option("--steps", default=2, show_default=True, help="Training steps per epoch per method (2 epochs).")
+@click.option("--skip-methods", is_flag=True, help="Only the CUT timing.")
+@click.option("--skip-timing", is_flag=True, help="Only the per-method train / resume / evaluate check.")
+def gpu_check_cmd(reference: str | None, out: str, methods: str, steps: int, skip_methods: bool,
+                  skip_timing: bool) -> None:
+    """On a CUDA machine: every method in bf16 (train, resume, evaluate) and CUT timed at paper settings.
+
+    Without CUDA it says so and exits 0. Example: s2r gpu-check --reference ../contrastive-unpaired-translation
+    """
+    from s2r import gpucheck
+
+    sys.exit(gpucheck.run(Path(out), Path(reference) if reference else None,
+                          [m for m in methods.split(",") if m] or None, skip_methods, skip_timing, steps))
+
+
 @main.group("registry")
 def registry_group() -> None:
     """Register trained models as s2r-METHOD in MLflow, move aliases (candidate, champion), predict.
@@ -674,13 +694,15 @@ def ui_cmd(port: int, host: str) -> None:
     """
     import os
 
-    from s2r.tracking import tracking_uri
+    from s2r.tracking import run_server, tracking_uri, ui_url
 
     uri = tracking_uri()
     click.echo(f"MLflow UI for {uri} on http://{host}:{port}")
+    click.echo(f"training runs: {ui_url(host, port)}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", host, "--port", str(port)])
+    # its own process group: stopping `s2r ui` (Ctrl-C, SIGTERM) stops the server and its uvicorn workers too
+    sys.exit(run_server([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                         "--host", host, "--port", str(port)]))
 
 
 @main.group("recipe")

@@ -257,8 +257,13 @@ class TrainParams:
     # wins if set), N = exactly N, 0 = torch's own default; the choice is logged as run tags (s2r.stages)
     threads: int | Literal["auto"] = "auto"
     progress: bool = True
+    prefetch: int = 1  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
+    channels_last: Literal["auto"] | bool = "auto"  # NHWC weights; auto = off (not yet measured on a GPU)
+    compile: Literal["auto"] | bool = "auto"  # torch.compile each network; auto = off (not yet measured on a GPU)
 
     def validate(self) -> None:
+        if self.prefetch < 0 or self.checkpoint_every < 1:
+            raise ConfigError("keys 'train.prefetch' (>= 0) and 'train.checkpoint_every' (>= 1)")
         if self.threads != "auto" and self.threads < 0:
             raise ConfigError(f"key 'threads' must be 'auto' or an integer >= 0, got {self.threads!r}")
 
@@ -267,6 +272,12 @@ class TrainParams:
 class TrackingParams:
     experiment: str = "s2r"
     log_model: bool = True
+    log_every: int = 0  # also log loss means every N steps as steps/train_<loss> (0 = per epoch only)
+    system_metrics: bool = True  # CPU / memory / GPU use of training runs (MLflow system metrics)
+
+    def validate(self) -> None:
+        if self.log_every < 0:
+            raise ConfigError("key 'tracking.log_every' must be >= 0 (0 = per epoch only)")
 
 
 @dataclass

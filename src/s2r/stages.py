@@ -127,10 +127,12 @@ def _train(
         | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice}
         | ({"resume": resume_mode} if resume else {}),
         run_id=resume_run_id, parent_run_id=parent_run_id,
+        system_metrics=params.tracking.system_metrics,
     ) as run:
         write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
                                          "fingerprint": fingerprint})
         if resume_state is None:
+            run.log_dataset(data, "training")
             batch = method.preview_batch()
             names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
             fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
@@ -138,7 +140,8 @@ def _train(
             plt.close(fig)
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
+                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
+                     log_every=params.tracking.log_every)
         final = result.history[-1] if result.history else {}
         model = method.export_model()
         out = Path(out)
@@ -341,6 +344,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
             "stage": "evaluate", "method": method_name, "evaluator": evaluator_name,
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
+        run.log_dataset(data, "evaluation")
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
         metrics = evaluator.evaluate(method, run, plots_out, params)
@@ -414,6 +418,7 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
             "stage": "refine", "method": method_name, "train_run_id": saved["mlflow_run_id"]},
     ) as run:
         # one-sided translators (CUT, paper 5) declare `directions = ("a2b",)`: only <A>_<method> is written
+        run.log_dataset(data, "refine")
         directions = getattr(method, "directions", ("a2b", "b2a"))
         pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in directions]
         derive(data, Path(out), {new: (orig, lambda x, d=d: method.translate(x, d)) for d, orig, new in pairs},

@@ -263,8 +263,112 @@ def _experiment_id(mlflow: Any, uri: str, experiment: str) -> str:
             exp_id = found.experiment_id
     else:
         exp_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND[0] not in (exp.tags or {}):  # a kind chosen in the UI is kept
+        mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+# MLflow 3's UI shows an experiment as GenAI (traces overview) or as classic ML (training runs). The tag is what
+# its kind selector writes; the 3.17 UI decides by its workflow switch (default GenAI, `?workflowType=` in the
+# URL), so `s2r ui` prints the runs URL with workflowType=machine_learning (ui_url).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ui_url(host: str, port: int, experiment: str = "s2r") -> str:
+    """The MLflow UI address that opens `experiment` on its training runs (not the GenAI overview)."""
+    import mlflow
+
+    base = f"http://{host}:{port}"
+    try:
+        mlflow.set_tracking_uri(tracking_uri())
+        exp = mlflow.get_experiment_by_name(experiment)
+    except Exception:  # no store yet: the experiment list
+        exp = None
+    where = f"/#/experiments/{exp.experiment_id}/runs" if exp is not None else "/#/experiments"
+    return f"{base}{where}?workflowType=machine_learning"
+
+
+def run_server(cmd: list[str], grace: float = 10.0) -> int:
+    """Run a server command in its own process group; SIGTERM/SIGINT/SIGHUP stop the whole group.
+
+    `mlflow ui` starts uvicorn worker processes: stopping only the parent left them holding the port.
+    """
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True)  # pgid = proc.pid
+
+    def stop(signum: int, frame: Any) -> None:
+        _stop_group(proc, grace)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        return proc.wait()
+    finally:
+        _stop_group(proc, grace)
+
+
+def _stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+class PreparedDataset:
+    """Builds the MLflow dataset of a prepared benchmark: name, digest = data version, source path, profile =
+    split sizes per domain (the runs table's Dataset column and the run's inputs)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        import numpy as np
+
+        out: dict[str, dict[str, int]] = {}
+        for dom in self.data.spec.domains:
+            for split in ("train", "val", "test"):
+                if self.data.has(dom.name, split):
+                    n = len(np.load(self.data.root / dom.name / split / "images.npy", mmap_mode="r"))
+                    out.setdefault(dom.name, {})[split] = n
+        return out
+
+    def build(self) -> Any:
+        import json
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        profile = json.dumps({"data_version": self.data.data_version, "splits": self.sizes()})
+
+        class _WithProfile(MetaDataset):
+            @property
+            def profile(self) -> Any:
+                return profile
+
+            def to_dict(self) -> dict[str, str]:
+                return super().to_dict() | {"profile": profile}
+
+        import warnings
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are local files
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(self.data.root).resolve()))
+        return _WithProfile(source=source, name=f"{self.data.spec.name}@{Path(self.data.root).name}",
+                            digest=self.data.data_version[:36])  # MLflow's digest limit: 36 characters
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -303,7 +407,9 @@ class TrackedRun:
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        system_metrics: bool = False,
     ) -> None:
+        self.system_metrics = system_metrics  # MLflow's CPU / memory / GPU sampler thread for this run
         self.name, self.experiment = name, experiment
         self.params, self.tags = params or {}, tags or {}
         self.resume_id, self.parent_run_id = run_id, parent_run_id
@@ -330,11 +436,12 @@ class TrackedRun:
         nested = mlflow.active_run() is not None  # e.g. a tuning trial inside its study's parent run
         if self.resume_id:
             before = run_status(self.resume_id)
-            run = mlflow.start_run(run_id=self.resume_id, nested=nested)
+            run = mlflow.start_run(run_id=self.resume_id, nested=nested, log_system_metrics=self.system_metrics)
             mlflow.set_tags({"resumed": "true", "resumed_from_status": str(before), "host": me["host"],
                              "pid": str(me["pid"]), _proc_key(me): json.dumps(me)} | self.tags)
         else:
-            run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested)
+            run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested,
+                                   log_system_metrics=self.system_metrics)
             self.log_params(self.params)
         self.run_id = run.info.run_id
         HEARTBEAT.add(self.run_id, tracking_uri())
@@ -407,6 +514,15 @@ class TrackedRun:
 
         t = time.perf_counter()
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self.log_seconds += time.perf_counter() - t
+
+    def log_dataset(self, data: Any, context: str) -> None:
+        """Record a prepared benchmark as an input of this run (context: training / evaluation / refine)."""
+        import mlflow
+
+        t = time.perf_counter()
+        mlflow.log_input(PreparedDataset(data).build(), context=context,
+                         tags={"data_version": data.data_version})
         self.log_seconds += time.perf_counter() - t
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:

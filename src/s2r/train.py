@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import queue
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from s2r.config import TrainParams
 from s2r.files import atomic_path
@@ -65,6 +69,9 @@ def torch_settings(*, deterministic: bool, threads: int) -> Iterator[None]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        else:
+            torch.use_deterministic_algorithms(False)
+            torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per input shape, keeps the fastest
         if threads > 0:
             torch.set_num_threads(threads)
         yield
@@ -107,11 +114,179 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     seconds_total: float = 0.0
-    seconds_data: float = 0.0
-    seconds_step: float = 0.0
+    seconds_data: float = 0.0  # waiting for the next batch (with prefetching: only the stalls)
+    seconds_step: float = 0.0  # train_step + waiting for the GPU where losses are read (the syncs)
     seconds_validate: float = 0.0
     seconds_tracking: float = 0.0
     samples: int = 0
+
+
+class LossSums:
+    """Running per-key sums of what train_step returns, kept on the device: no host/device sync per step.
+
+    Tensors are added in float64 on their device, Python numbers in Python. float32 -> float64 is exact and the
+    additions happen in the same order as the former `sums[k] += float(v)`, so the means are bit-identical to
+    summing Python floats. `read()` syncs once (one stacked copy) and returns Python floats.
+    """
+
+    def __init__(self, start: dict[str, float] | None = None) -> None:
+        self.host: dict[str, float] = dict(start or {})
+        self.dev: dict[str, torch.Tensor] = {}
+        self.order: list[str] = list(self.host)  # keys in first-seen order (the metric order of the history)
+
+    def add(self, losses: dict[str, Any]) -> None:
+        for k, v in losses.items():
+            if k not in self.host and k not in self.dev:
+                self.order.append(k)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().reshape(())
+                if k in self.dev:
+                    self.dev[k] += v
+                else:
+                    self.dev[k] = self.host.pop(k, 0.0) + v.to(torch.float64)
+            elif k in self.dev:
+                self.dev[k] += float(v)
+            else:
+                self.host[k] = self.host.get(k, 0.0) + float(v)
+
+    def read(self) -> dict[str, float]:
+        """Python floats (one device sync for all tensor sums)."""
+        out = dict(self.host)
+        if self.dev:
+            keys = list(self.dev)
+            out |= dict(zip(keys, torch.stack([self.dev[k] for k in keys]).cpu().tolist()))
+        return {k: out[k] for k in self.order if k in out}
+
+    def __bool__(self) -> bool:
+        return bool(self.host or self.dev)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Prefetcher:
+    """Draws the next batches in a background thread while the current step runs (`train.prefetch` ahead).
+
+    The sampler (method.batches(), driven by method.rng) runs ahead of training, so before drawing the batch
+    that follows a checkpoint the thread waits until that checkpoint is written (`release`): a checkpoint's
+    sampler state is always the one after exactly the steps it holds, and resuming gives the same batches.
+    On CUDA the batch's arrays are copied into pinned memory here, so to_device's copies are non-blocking.
+    """
+
+    def __init__(self, batches: Iterator[Any], first: int, total: int, pause_before: Callable[[int], bool],
+                 depth: int, pin: bool) -> None:
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+        self.released = first
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, args=(batches, first, total, pause_before, pin),
+                                       name="s2r-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, batches: Iterator[Any], first: int, total: int, pause_before: Callable[[int], bool],
+             pin: bool) -> None:
+        try:
+            for j in range(first, total):  # j = steps done before the batch being drawn is used
+                if j > first and pause_before(j):
+                    with self.cond:
+                        self.cond.wait_for(lambda j=j: self.released >= j or self.stopped)
+                if self.stopped:
+                    return
+                batch = next(batches)
+                self._put(pin_batch(batch) if pin else batch)
+        except BaseException as e:  # handed to the training thread, raised there
+            self._put(_Failed(e))
+
+    def _put(self, item: Any) -> None:
+        while not self.stopped:
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> Any:
+        item = self.q.get()
+        if isinstance(item, _Failed):
+            raise item.exc
+        return item
+
+    def release(self, steps_done: int) -> None:
+        with self.cond:
+            self.released = steps_done
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+
+
+class _Serial:
+    """No prefetching (train.prefetch: 0): batches drawn in the training thread."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self.batches = batches
+
+    def get(self) -> Any:
+        return next(self.batches)
+
+    def release(self, steps_done: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def pin_batch(batch: Any) -> Any:
+    """The batch with every numpy array copied into pinned memory (a view of a pinned tensor; to_device uses
+    that tensor, whose copy the CUDA caching host allocator tracks). Tuples, named tuples, lists, dicts and
+    dataclasses are rebuilt with the same types."""
+    if isinstance(batch, np.ndarray):
+        if batch.dtype == object:
+            return batch
+        return torch.from_numpy(np.ascontiguousarray(batch)).pin_memory().numpy()
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(pin_batch(x) for x in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(pin_batch(x) for x in batch)
+    if isinstance(batch, dict):
+        return {k: pin_batch(v) for k, v in batch.items()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: pin_batch(getattr(batch, f.name))
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def resolve_auto(value: bool | str, device: torch.device) -> bool:
+    """`auto` for train.channels_last / train.compile: off until measured on a GPU (no GPU measurement yet)."""
+    return value is True
+
+
+def use_channels_last(train: TrainParams, device: torch.device) -> bool:
+    """NHWC only on CUDA: on CPUs oneDNN's AVX2 NHWC weight gradient is broken (issue 22, tests/test_determinism)."""
+    return device.type == "cuda" and resolve_auto(train.channels_last, device)
+
+
+def apply_train_options(method: Method, train: TrainParams) -> Callable[[], None]:
+    """channels_last and torch.compile on the method's networks; returns the undo (before export/pickling)."""
+    compiled: list[nn.Module] = []
+    if use_channels_last(train, method.device):
+        method.to(memory_format=torch.channels_last)  # 4-D weights NHWC (convolutions then run NHWC)
+    if resolve_auto(train.compile, method.device):
+        for child in method.children():  # each network (G, D, heads, ...) in place: state_dict keys unchanged
+            if any(True for _ in child.parameters()):
+                child.compile(dynamic=False)
+                compiled.append(child)
+
+    def undo() -> None:  # a compiled module cannot be pickled (MLflow's model format): back to eager
+        for c in compiled:
+            c._compiled_call_impl = None
+
+    return undo
 
 
 def fit(
@@ -124,12 +299,18 @@ def fit(
     run: TrackedRun | None = None,
     resume_state: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 0,
 ) -> FitResult:
     """Train `method` for epochs x steps_per_epoch steps, validating and logging once per epoch.
 
     `method.setup()` must have been called. With `resume_state` (from load_checkpoint) training continues at
     the saved step with the saved optimiser, scheduler and sampler states, so the result matches an
     uninterrupted run.
+
+    Losses stay on the device (LossSums) and are read, checked for NaN/inf and logged only at epoch ends,
+    checkpoints and every `log_every` steps (0 = per epoch only; `steps/train_<loss>` = the mean over those
+    steps, at the global step). A non-finite loss stops training naming the steps since the last check, and
+    no checkpoint is written after it.
     """
     from tqdm import tqdm
 
@@ -139,65 +320,108 @@ def fit(
     if resume_state is not None:
         method.load_train_state(resume_state["method"])
         torch.set_rng_state(resume_state["torch_rng"])
+        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])  # randn_like etc. on the GPU resume exactly
         start = int(resume_state["step"])
         result.history = list(resume_state["history"])
-        sums_restored = dict(resume_state.get("epoch_sums", {}))
+        sums = LossSums(resume_state.get("epoch_sums", {}))
+        window = LossSums(resume_state.get("window_sums", {}))
     else:
-        sums_restored = {}
+        sums, window = LossSums(), LossSums()
     ckpt_path = Path(ckpt_dir) / CHECKPOINT
+    verified = start  # every step up to here had finite losses
+
+    def checked(sums_: LossSums, step: int) -> dict[str, float]:
+        """Read (the one sync: waiting for queued GPU work counts as step time) and check for NaN/inf."""
+        nonlocal verified
+        t = time.perf_counter()
+        values = sums_.read()
+        result.seconds_step += time.perf_counter() - t
+        for k, v in values.items():
+            if not math.isfinite(v):
+                first = verified + 1
+                e0, e1 = (first - 1) // steps_per_epoch + 1, (step - 1) // steps_per_epoch + 1
+                raise NonFiniteLossError(
+                    f"{method.name}: loss {k!r} is {v} in steps {first}-{step} (epoch {e0}"
+                    f"{f'-{e1}' if e1 != e0 else ''}; losses are checked where they are logged and checkpointed); "
+                    f"lower the learning rate or check the data. Last checkpoint (before these steps): {ckpt_path}")
+        verified = step
+        return values
 
     def checkpoint(step: int) -> None:
+        epoch_sums = checked(sums, step)  # never save weights that a NaN already reached
+        window_sums = checked(window, step)
         save_checkpoint(ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
-            "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": sums,
+            "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
+            "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": epoch_sums,
+            "window_sums": window_sums,
         })
 
     tracking_before = run.log_seconds if run else 0.0
-    batches = method.batches()
-    sums: dict[str, float] = sums_restored
+    every = train.checkpoint_every
+
+    def is_checkpoint(done: int) -> bool:
+        return done % every == 0 or done == total
+
+    pin = method.device.type == "cuda"
+    source: Prefetcher | _Serial = (
+        Prefetcher(method.batches(), start, total, is_checkpoint, train.prefetch, pin) if train.prefetch > 0
+        else _Serial(method.batches()))
+    undo_options = apply_train_options(method, train)
     t_start = time.perf_counter()
     method.train()
     bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", disable=not train.progress,
                mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t1 = time.perf_counter()
-        losses = method.train_step(batch)
-        result.seconds_data += t1 - t0
-        result.seconds_step += time.perf_counter() - t1
-        result.samples += int(getattr(method, "batch_size", 0))
-        for k, v in losses.items():
-            if not math.isfinite(v):
-                raise NonFiniteLossError(
-                    f"{method.name}: loss {k!r} is {v} at step {step + 1} (epoch {step // steps_per_epoch + 1}); "
-                    f"lower the learning rate or check the data. Last checkpoint: {ckpt_path}"
-                )
-            sums[k] = sums.get(k, 0.0) + v
-        result.steps += 1
-        bar.update(1)
-        if (step + 1) % steps_per_epoch == 0:
-            epoch = (step + 1) // steps_per_epoch
-            n = steps_per_epoch
-            tv = time.perf_counter()
-            method.eval()
-            with torch.no_grad():
-                val = method.validate()
-            method.train()
-            result.seconds_validate += time.perf_counter() - tv
-            metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | val
-            metrics["lr"] = _first_lr(method)
-            result.history.append({"epoch": epoch, **metrics})
-            sums = {}
-            if run is not None:
-                run.log_metrics(metrics, step=epoch)
-                run.flush()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
-        if (step + 1) % train.checkpoint_every == 0 or step + 1 == total:
-            checkpoint(step + 1)
-        if on_epoch is not None and (step + 1) % steps_per_epoch == 0:
-            on_epoch((step + 1) // steps_per_epoch, result.history[-1])  # may raise to stop/prune
-    bar.close()
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            batch = source.get()
+            t1 = time.perf_counter()
+            losses = method.train_step(batch)
+            result.seconds_data += t1 - t0
+            result.seconds_step += time.perf_counter() - t1
+            result.samples += int(getattr(method, "batch_size", 0))
+            sums.add(losses)
+            if log_every > 0:
+                window.add(losses)
+            result.steps += 1
+            bar.update(1)
+            done = step + 1
+            if log_every > 0 and done % log_every == 0:
+                means = {f"steps/train_{k}": v / log_every for k, v in checked(window, done).items()}
+                window = LossSums()
+                if run is not None:
+                    run.log_metrics(means, step=done)
+            if done % steps_per_epoch == 0:
+                epoch = done // steps_per_epoch
+                n = steps_per_epoch
+                train_sums = checked(sums, done)
+                tv = time.perf_counter()
+                method.eval()
+                with torch.no_grad():
+                    val = method.validate()
+                method.train()
+                result.seconds_validate += time.perf_counter() - tv
+                metrics = {f"train_{k}": v / max(n, 1) for k, v in train_sums.items()} | val
+                metrics["lr"] = _first_lr(method)
+                result.history.append({"epoch": epoch, **metrics})
+                sums = LossSums()
+                if run is not None:
+                    run.log_metrics(metrics, step=epoch)
+                    run.flush()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
+            if is_checkpoint(done):
+                checkpoint(done)
+                source.release(done)
+            if on_epoch is not None and done % steps_per_epoch == 0:
+                on_epoch(done // steps_per_epoch, result.history[-1])  # may raise to stop/prune
+        if run is not None:
+            run.flush()
+    finally:
+        source.close()
+        undo_options()
+        bar.close()
     result.seconds_total = time.perf_counter() - t_start
     result.seconds_tracking = (run.log_seconds - tracking_before) if run else 0.0  # logging during training only
     return result

@@ -45,8 +45,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
                                  miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
     done = int(method.epochs_done)
-    hist = method.miou_history[:done].numpy()
-    per_class = method.class_history[:done].numpy()
+    hist = method.miou_history[:done].cpu().numpy()  # buffers live on the GPU: copy to host first
+    per_class = method.class_history[:done].cpu().numpy()
     k = cfg.last_k
     result: dict[str, Any] = {
         "train_data": cfg.train_data, "test_miou": final["miou"], "test_pixel_accuracy": final["pixel_accuracy"],

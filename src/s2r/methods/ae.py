@@ -43,7 +43,7 @@ from s2r.config import ConfigError
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -154,7 +154,7 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
 def permute_dims(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Samples of the product of marginals q(z_1)...q(z_d): each latent dimension shuffled independently."""
     b, d = z.shape
-    idx = torch.stack([torch.randperm(b, generator=generator, device="cpu") for _ in range(d)], 1).to(z.device)
+    idx = to_device(torch.stack([torch.randperm(b, generator=generator, device="cpu") for _ in range(d)], 1), z.device)
     return torch.gather(z, 0, idx)  # (B, D): column j permuted by idx[:, j]
 
 
@@ -580,7 +580,9 @@ class Method(BaseMethod):
             return out[:, : self.cfg.latent_dim], out[:, self.cfg.latent_dim :].clamp(-20.0, 20.0)
         return out, None
 
-    def train_step(self, batch: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]) -> dict[str, float]:
+    def train_step(
+        self, batch: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]
+    ) -> dict[str, torch.Tensor | float]:
         c = self.cfg
         batch_idx = batch[2]
         x = self._inputs(batch[0], batch_idx["input"], batch_idx["flip"])
@@ -603,31 +605,32 @@ class Method(BaseMethod):
             l_rec = rec.mean()
             l_tri = torch.zeros((), device=rec.device)
         loss = c.alpha * l_tri + c.beta * l_rec
-        out: dict[str, float] = {"recon": float(l_rec.detach())}
+        out: dict[str, torch.Tensor] = {"recon": l_rec.detach()}  # on the device: the loop syncs when it logs
         if c.triplet:
-            out["triplet"] = float(l_tri.detach())
+            out["triplet"] = l_tri.detach()
         if logvar is not None:
             # the reconstruction term is a mean over the D = C*H*W pixels, so the KL is divided by D too:
             # the same balance as the ELBO with a per-image sum (beta-VAE's beta keeps its meaning)
             d = float(target[0].numel())
             kl = kl_standard_normal(mu.float(), logvar.float()).mean()
             loss = loss + c.beta_kl * kl / d
-            out["kl"] = float(kl.detach())
+            out["kl"] = kl.detach()
             if self.discriminator is not None:
                 tc = total_correlation(self.discriminator(z.float()))
                 loss = loss + c.gamma_tc * tc / d
-                out["tc"] = float(tc.detach())
+                out["tc"] = tc.detach()
         self.optimize(loss, "ae")
         if self.discriminator is not None:
             # discriminator: z (class 0) vs dimension-wise permuted z (class 1), Kim & Mnih 2018 Algorithm 2
             zd = z.detach().float()
             zp = permute_dims(zd)
             logits_d = torch.cat([self.discriminator(zd), self.discriminator(zp)])
-            labels = torch.cat([torch.zeros(len(zd)), torch.ones(len(zp))]).long().to(zd.device)
+            labels = torch.cat([torch.zeros(len(zd), dtype=torch.long, device=zd.device),
+                                torch.ones(len(zp), dtype=torch.long, device=zd.device)])
             d_loss = F.cross_entropy(logits_d, labels)
             self.optimize(d_loss, "disc")
-            out["disc"] = float(d_loss.detach())
-        out["loss"] = float(loss.detach())
+            out["disc"] = d_loss.detach()
+        out["loss"] = loss.detach()
         return out
 
     # -- capabilities ---------------------------------------------------------------------------------

@@ -14,6 +14,35 @@ from torch import nn
 from s2r.data.prepared import PreparedBenchmark
 
 
+def to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array or tensor -> a tensor on `device`, without making the host wait for the GPU.
+
+    On CUDA the copy comes from pinned (page-locked) memory with non_blocking=True: a copy from ordinary memory
+    would wait for every queued kernel first (a hidden sync per batch). Arrays already in pinned memory (the
+    loop's prefetcher puts batches there) are not copied again. Other devices: a plain `.to(device)`.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif device.type == "cuda" and _pinned_base(x) is not None:
+        t = _pinned_base(x)  # the prefetcher's pinned tensor itself: the host allocator tracks its copies
+    else:
+        t = torch.from_numpy(x if x.flags.writeable else np.array(x, copy=True))
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _pinned_base(x: np.ndarray) -> torch.Tensor | None:
+    """The pinned tensor an array is a whole view of (train.pin_batch makes such arrays), else None."""
+    b = x.base
+    if (isinstance(b, torch.Tensor) and b.is_pinned() and tuple(b.shape) == x.shape and x.flags.c_contiguous
+            and b.data_ptr() == x.ctypes.data and b.dtype == torch.from_numpy(x[:0]).dtype):
+        return b
+    return None
+
+
 def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, C) array -> float (B, C, H, W) in [0, 1] on `device` (decode-free hot path).
 
@@ -21,11 +50,10 @@ def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     strides, so every convolution would run oneDNN's NHWC kernels; on CPUs without AVX-512 (oneDNN's AVX2 code
     path, torch 2.14.1 / oneDNN 3.12) the weight gradient of a 1x1 stride-2 NHWC convolution is
     nondeterministic and can corrupt the heap ("malloc(): unaligned tcache chunk detected", SIGABRT/SIGSEGV
-    inside autograd backward). See `tests/test_determinism.py`; channels_last stays a GPU-only choice.
+    inside autograd backward). See `tests/test_determinism.py`; channels_last stays a GPU-only choice
+    (`train.channels_last`).
     """
-    t = torch.from_numpy(np.array(images, copy=True)) if not images.flags.writeable else torch.from_numpy(images)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
+    t = to_device(np.asarray(images), device)  # the uint8 bytes travel, the float conversion runs on the device
     # (B, H, W, C) -> (B, C, H, W), copied into fresh NCHW strides (also for C = 1, where strides are ambiguous)
     return t.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
@@ -60,8 +88,9 @@ class Method(nn.Module):
     """Base class: owns networks, optimisers, schedulers and the batch sampler of one method.
 
     Subclasses implement `train_step` (one optimisation step, GANs alternate D/G inside it) returning a
-    dict of float losses, `validate` (per-epoch metrics on the validation split), and `predict`/`encode`/
-    `translate` for the capabilities they declare.
+    dict of losses as detached 0-dim tensors on the device (or Python numbers; never `float(tensor)`, which
+    makes the host wait for the GPU every step: the loop syncs only when it logs), `validate` (per-epoch
+    metrics on the validation split), and `predict`/`encode`/`translate` for the capabilities they declare.
     """
 
     name: ClassVar[str] = ""
@@ -113,7 +142,7 @@ class Method(nn.Module):
         """An endless iterator of training batches (drawn with self.rng)."""
         raise NotImplementedError
 
-    def train_step(self, batch: Any) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
         raise NotImplementedError
 
     def validate(self) -> dict[str, float]:

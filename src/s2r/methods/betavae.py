@@ -76,7 +76,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -310,9 +310,9 @@ def add_input_noise(x: torch.Tensor, std_subpixel: float, std_pixel: float, upsa
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Appendix A: per-subpixel N(0, s1^2) + greyscale per-pixel N(0, s2^2) bilinearly upsampled by `upsample`."""
     b, c, h, w = x.shape
-    n1 = torch.randn(x.shape, generator=generator, device="cpu").to(x.device) * std_subpixel
+    n1 = to_device(torch.randn(x.shape, generator=generator, device="cpu"), x.device) * std_subpixel
     hs, ws = max(1, math.ceil(h / upsample)), max(1, math.ceil(w / upsample))
-    low = torch.randn((b, 1, hs, ws), generator=generator, device="cpu").to(x.device) * std_pixel
+    low = to_device(torch.randn((b, 1, hs, ws), generator=generator, device="cpu"), x.device) * std_pixel
     n2 = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)  # (B,1,h,w) -> (B,1,H,W)
     return x + n1 + n2  # n2 broadcast over the channels: greyscale
 
@@ -641,7 +641,7 @@ class Method(BaseMethod):
         return {"loss": (rec1 + rec2 + beta * (kl1 + kl2)).mean(), "recon": rec.mean(), "kl": kl.mean(),
                 "shared_dims": mask.float().sum(1).mean()}
 
-    def train_step(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> dict[str, float]:
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> dict[str, torch.Tensor | float]:
         x1 = self.to_input(batch[0])
         x2 = self.to_input(batch[2]) if batch[2] is not None else None
         beta = self.beta_now()
@@ -654,7 +654,7 @@ class Method(BaseMethod):
         opt.step()
         self.step_schedulers()
         self.step += 1
-        res = {k: float(v.detach()) for k, v in out.items()} | {"beta": beta, "grad_norm": float(gnorm)}
+        res = {k: v.detach() for k, v in out.items()} | {"beta": beta, "grad_norm": gnorm.detach()}
         if self.pair_mode == "match" and self.cfg.supervision == "weak":
             res["pair_distance"] = float(self.pair_distance)
         return res

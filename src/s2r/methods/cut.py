@@ -61,7 +61,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
 from s2r.methods.registry import register
@@ -167,7 +167,7 @@ class PatchSampleHeads(nn.Module):
         out = []
         for f in feats:
             hw = f.shape[2] * f.shape[3]
-            perm = torch.randperm(hw, generator=generator, device="cpu").to(f.device)
+            perm = to_device(torch.randperm(hw, generator=generator, device="cpu"), f.device)
             out.append(perm[: min(num_patches, hw)])
         return out
 
@@ -372,7 +372,7 @@ class Method(BaseMethod):
         total = c.lambda_gan * gan.float() + c.lambda_nce * nce.float()
         return {"loss_g": total, "loss_gan_g": gan, "loss_nce_x": nce_x, "loss_nce_y": nce_y}
 
-    def train_step(self, batch: PatchBatch) -> dict[str, float]:
+    def train_step(self, batch: PatchBatch) -> dict[str, torch.Tensor | float]:
         """One CUT iteration (CUT optimize_parameters): forward, D on real B vs G(a), then G and H on Eq. 2."""
         a, b = self._prepare(batch.a), self._prepare(batch.b)
         fake = self.forward_fake(a, b)
@@ -395,9 +395,9 @@ class Method(BaseMethod):
         if self.g_ema is not None:
             self.g_ema.update(self.g)
         self.step_schedulers()
-        out = {k: float(v.detach()) for k, v in g_out.items()}
-        return out | {"loss_d": float(loss_d.detach()), "d_real": float(real_s.float().mean().detach()),
-                      "d_fake": float(fake_s.float().mean().detach())}
+        out = {k: v.detach() for k, v in g_out.items()}  # on the device: the loop syncs when it logs
+        return out | {"loss_d": loss_d.detach(), "d_real": real_s.float().mean().detach(),
+                      "d_fake": fake_s.float().mean().detach()}
 
     # -- use -----------------------------------------------------------------------------------------------
     def refiner(self) -> Generator:

@@ -55,7 +55,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -503,7 +503,7 @@ class Method(BaseMethod):
     def _targets(self, n: int, real: bool) -> torch.Tensor:
         """(n, 1, 1, 1) discriminator targets, one per image, broadcast over its patch scores."""
         t = d_targets(n, real, self.cfg, self.noise_rng)
-        return torch.from_numpy(t).to(self.device).view(n, 1, 1, 1)  # (n,) -> (n, 1, 1, 1)
+        return to_device(t, self.device).view(n, 1, 1, 1)  # (n,) -> (n, 1, 1, 1)
 
     def discriminator_loss(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """LSGAN loss of D_A and D_B on real images and pooled fakes (Mao et al. eq. 2; appendix 6.2 targets)."""
@@ -556,7 +556,7 @@ class Method(BaseMethod):
         for p in [*self.d_a.parameters(), *self.d_b.parameters()]:
             p.requires_grad_(flag)
 
-    def train_step(self, batch: CycleBatch) -> dict[str, float]:
+    def train_step(self, batch: CycleBatch) -> dict[str, torch.Tensor | float]:
         """One iteration: G pretraining, D pretraining, or 1 D update + g_steps_per_d G updates on the batch."""
         a = to_float(batch.a, self.device) * 2 - 1  # [0, 1] -> [-1, 1]
         b = to_float(batch.b, self.device) * 2 - 1
@@ -566,19 +566,19 @@ class Method(BaseMethod):
         if phase == "pretrain_g":
             loss = self.pretrain_generator_loss(a, b)
             self.optimize(loss, "g")
-            out["loss_g"] = out["loss_l1"] = float(loss.detach())
+            out["loss_g"] = out["loss_l1"] = loss.detach()
         else:
             d = self.discriminator_loss(a, b)
             self.optimize(d["loss_d"], "d")
-            out.update({k: float(v.detach()) for k, v in d.items()})
+            out.update({k: v.detach() for k, v in d.items()})
         if phase == "gan":
             self._set_d_trainable(False)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # float64 on the device (no sync per G update)
             for _ in range(self.cfg.g_steps_per_d):
                 g = self.generator_loss(a, b)
                 self.optimize(g["loss_g"], "g")
                 for k, v in g.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
             self._set_d_trainable(True)
             out.update({k: v / self.cfg.g_steps_per_d for k, v in sums.items()})  # mean over the G updates
         self.step_schedulers()

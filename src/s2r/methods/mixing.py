@@ -29,7 +29,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -190,17 +190,17 @@ class Method(BaseMethod):
             out[i] = crop[:, ::-1] if flip[i] else crop
         return out
 
-    def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor | float]:
         images, labels = batch
         x = to_float(images, self.device)
-        y = torch.from_numpy(labels).to(self.device)
+        y = to_device(np.asarray(labels), self.device)
         with self.autocast():
             logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
         self.optimize(loss, "net")
         self.step_schedulers()
         acc = (logits.argmax(1) == y).float().mean()
-        return {"loss": float(loss.detach()), "accuracy": float(acc)}
+        return {"loss": loss.detach(), "accuracy": acc}
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

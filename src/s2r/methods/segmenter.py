@@ -35,7 +35,7 @@ from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cut import EMA
 from s2r.methods.registry import register
@@ -192,16 +192,16 @@ class Method(BaseMethod):
             labels = np.asarray(part.labels[idx]) if len(part.labels) else np.zeros(len(idx), np.int64)
             yield SegBatch(np.asarray(part.images[idx]), np.maximum(labels, 0), np.asarray(part.masks[idx]))
 
-    def train_step(self, batch: SegBatch) -> dict[str, float]:
+    def train_step(self, batch: SegBatch) -> dict[str, torch.Tensor]:
         x = to_float(batch.images, self.device)
-        y = torch.from_numpy(np.asarray(batch.masks, np.int64)).to(self.device)
+        y = to_device(np.asarray(batch.masks), self.device).long()  # uint8 bytes travel, int64 on the device
         with self.autocast():
             logits = self.net(x)
         loss = F.cross_entropy(logits.float(), y, ignore_index=255)  # pixel-wise CE; 255 = no class (benchmarks)
         self.optimize(loss, "net")
         if self.ema is not None:
             self.ema.update(self.net)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # -- use -----------------------------------------------------------------------------------------------
     def model(self) -> UNet:
@@ -252,7 +252,7 @@ class Method(BaseMethod):
             self.class_history[e] = torch.tensor([np.nan if v is None else v for v in test["per_class_iou"].values()],
                                                  dtype=torch.float64)
         self.epochs_done += 1
-        hist = self.miou_history[: int(self.epochs_done)].numpy()
+        hist = self.miou_history[: int(self.epochs_done)].cpu().numpy()  # a GPU buffer: copy to host first
         out = {"val_miou": val["miou"], "test_miou": test["miou"], "test_pixel_accuracy": test["pixel_accuracy"]}
         out |= {f"test_iou_{c}": (float("nan") if v is None else v) for c, v in test["per_class_iou"].items()}
         return out | lastk_summary(hist[:, 0], self.cfg.last_k, "val_miou") | \

@@ -78,7 +78,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -639,16 +639,16 @@ class Method(BaseMethod):
         x = self._t(batch.images)
         if self.cfg.stage == "vae":
             return self.vae_losses(self._t(batch.real), x)
-        depth = torch.from_numpy(np.ascontiguousarray(batch.depth, np.float32)).to(self.device)
-        masks = torch.from_numpy(np.ascontiguousarray(batch.masks)).long().to(self.device)
+        depth = to_device(np.ascontiguousarray(batch.depth, np.float32), self.device)
+        masks = to_device(np.ascontiguousarray(batch.masks), self.device).long()
         if self.cfg.stage == "heads":
             return self.head_losses(x, self._t(batch.real), depth, masks)
         return self.supervised_losses(x, depth, masks)
 
-    def train_step(self, batch: TwinBatch) -> dict[str, float]:
+    def train_step(self, batch: TwinBatch) -> dict[str, torch.Tensor]:
         out = self.losses(batch)
         self.optimize(out["loss"], "net")
-        return {k: float(v.detach()) for k, v in out.items()}
+        return {k: v.detach() for k, v in out.items()}  # on the device: the loop syncs when it logs
 
     # -- capabilities ----------------------------------------------------------------------------------------
     def _latent(self, enc: Encoder, x: torch.Tensor) -> torch.Tensor:
