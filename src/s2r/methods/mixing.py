@@ -35,7 +35,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.base import IndexPool, to_float
+from s2r.methods.base import IndexPool, limited_indices, to_float
 from s2r.methods.base import Method as BaseMethod
 
 
@@ -124,23 +124,6 @@ class SmallResNet(nn.Module):
         """(B, C, H, W) in [0, 1] -> (B, K) logits."""
         h = self.stages(self.stem(x))
         return self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
-
-
-def limited_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    """Pick `per_class` samples of every class (all if -1), sorted, reproducibly from `rng`.
-
-    The classifier and the label-aligned CycleGAN call it with the same labels and `default_rng(real_subset_seed)`,
-    so both get the same images (refined benchmarks keep the real domain's order and labels).
-    """
-    if per_class == -1:
-        return np.arange(len(labels))
-    chosen = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise DataError(f"class {c} has only {len(idx)} real training images; real_per_class={per_class}")
-        chosen.append(rng.choice(idx, size=per_class, replace=False))
-    return np.sort(np.concatenate(chosen))
 
 
 class Method(BaseMethod):
