@@ -103,14 +103,14 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     cells = table_cells(ratios, table3_on, list(stage2))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}
+    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}  # by dataset path: RR-RS is Table 3's MrGAN
     logged = {"reports": {"mixing_tables": asdict(cfg)}, "datasets": {k: str(v) for k, v in datasets.items()}}
     with TrackedRun("tables@mixing", experiment=base.tracking.experiment, params=logged,
                     tags={"stage": "tables", "method": "mixing"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         for setting, key, fractions, aug in cells:
             for seed in cfg.seeds:
                 for f in fractions:
-                    ident = (key, f, aug, seed)
+                    ident = (str(datasets[key]), f, aug, seed)
                     if ident not in done:
                         p = load_params(params_path, {
                             "seed": seed, "methods.mixing.real_fraction": f, "methods.mixing.augment": aug,
