@@ -76,6 +76,11 @@ class BenchmarkSpec:
     # dataset rules validation checks beyond labels/factors: max_depth_m (float), mask_values (list of ids),
     # domain_rows ({domain: exact row count}); see s2r.data.validation._expectation_checks
     expectations: dict[str, Any] = field(default_factory=dict)
+    # Class structure (paper 1's seat occupancy): mirror_classes[i] is the label of class i's image mirrored
+    # left-right ([] = no map: a flip keeps the label); class_parts[i] lists class i's per-position sub-labels
+    # (seats left to right, 0 = empty) for hard triplet negatives ([] = classes have no parts).
+    mirror_classes: list[int] = field(default_factory=list)
+    class_parts: list[list[int]] = field(default_factory=list)
 
     def validate(self) -> None:
         from s2r.config import ConfigError
@@ -92,6 +97,14 @@ class BenchmarkSpec:
                 raise ConfigError(f"key 'domains': domain {d.name!r} has role {d.role!r}, not one of {list(ROLES)}")
         if "classification" in self.tasks and not self.classes:
             raise ConfigError("key 'classes': a classification benchmark needs class names")
+        n = len(self.classes)
+        if self.mirror_classes:
+            m = self.mirror_classes
+            if len(m) != n or any(not 0 <= c < n for c in m) or any(m[c] != i for i, c in enumerate(m)):
+                raise ConfigError(f"key 'mirror_classes': must map each of the {n} classes to a class index, and "
+                                  f"mirroring twice must give the class back; got {m}")
+        if self.class_parts and (len(self.class_parts) != n or len({len(p) for p in self.class_parts}) != 1):
+            raise ConfigError(f"key 'class_parts': needs one equally long list of sub-labels per class ({n})")
 
     def domain(self, name: str) -> DomainSpec:
         """Return the domain called `name` or fail naming the known ones."""
@@ -103,7 +116,8 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {})):
+        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}),
+                             ("mirror_classes", []), ("class_parts", [])):
             if d[key] == default:
                 del d[key]
         return d
