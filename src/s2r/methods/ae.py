@@ -272,7 +272,16 @@ def expected_weights_file(name: str) -> Path:
 
 
 def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
-    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says.
+    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says."""
+    cut = cut_level3(name, load_torchvision_model(name, weights, seed))
+    cut.eval()
+    for p in cut.parameters():
+        p.requires_grad_(False)
+    return cut
+
+
+def load_torchvision_model(name: str, weights: str, seed: int = 0) -> nn.Module:
+    """The whole torchvision model `name` with `extractor_weights` (shared with the classification baselines).
 
     `imagenet` goes through torchvision's own weights API, which reads the torchvision cache layout
     ($TORCH_HOME/hub/checkpoints/<file>) before trying to download; offline, a missing file is an error naming
@@ -312,16 +321,16 @@ def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
         except RuntimeError as e:
             raise ConfigError(f"methods.ae.extractor_weights: {path} is not a {name} state dict: {e}") from e
         log.info("extractor %s: weights from %s", name, path)
+    return model
+
+
+def cut_level3(name: str, model: nn.Module) -> nn.Module:
+    """The layers of a torchvision model up to the paper's layer "level -3" (appendix A.2.1), sharing its modules."""
     if name == "vgg11":
-        cut: nn.Module = model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
-    elif name == "resnet50":
-        cut = nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
-    else:
-        cut = model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
-    cut.eval()
-    for p in cut.parameters():
-        p.requires_grad_(False)
-    return cut
+        return model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
+    if name == "resnet50":
+        return nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
+    return model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
 
 
 class FrozenExtractor(nn.Module):

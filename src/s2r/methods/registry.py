@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
     "betavae": "s2r.methods.betavae",  # paper 3: beta-VAE; Ada-GVAE = params block betavae_weak
     "ae": "s2r.methods.ae",  # paper 1: (extractor) autoencoders, PIRL sampling I / II, triplet loss; ae_<variant>
+    "classifier": "s2r.methods.classifier",  # paper 1: Scratch / Pre-trained classification baselines
 }
 
 
