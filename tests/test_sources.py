@@ -106,6 +106,8 @@ def test_sviro_labels_64_classes_and_removed_images(tmp_path: Path) -> None:
     row = df[df["id"] == "tesla-tesla_train_imageID_5_GT_1_4_3"].iloc[0]
     assert row["label"] == 1 * 16 + 0 * 4 + 3
     assert set(df["split"]) == {"train", "val", "test"}  # train_only (A.1.2): test comes from train too
+    # benchmark.yaml carries the seat structure: mirrored = left and right swapped; parts = seats left to right
+    assert spec.mirror_classes[1 * 16 + 0 * 4 + 3] == 3 * 16 + 0 * 4 + 1 and spec.class_parts[19] == [1, 0, 3]
     outer = _add("sviro", raw, tmp_path / "o", options={"seats": "outer", "image_size": 16})
     so, do = load_benchmark(outer)
     assert so.classes == interior.seat_class_names(2)
@@ -161,7 +163,7 @@ def test_ticam_preprocessing_flips_and_counts(tmp_path: Path) -> None:
         left, right = interior.ticam_seat_class(parts[8]), interior.ticam_seat_class(parts[2])
         assert r["label"] == interior.joint_label([left, right])
         flip = df[df["id"] == f"{r['id']}-flip"].iloc[0]
-        assert flip["label"] == interior.joint_label([right, left])
+        assert flip["label"] == interior.joint_label([right, left]) == spec.mirror_classes[r["label"]]
         assert np.array_equal(_img(out, flip["path"]), _img(out, r["path"])[:, ::-1])
     # A.1.5 by hand for one frame: equalise, crop (120, 300, 106, 300), resize
     f = sorted((raw / "train" / "IR").glob("*.png"))[0]
