@@ -438,6 +438,7 @@ def test_flipped_training_latents_carry_mirrored_labels(tmp_path: Path) -> None:
     n = len(y) // 2
     assert np.array_equal(y[n:], np.asarray(data.spec.mirror_classes)[y[:n]]) and not np.array_equal(y[n:], y[:n])
     assert latent.knn_default_k(len(z)) == math.isqrt(len(z))
+    assert 0.0 <= m.validate()["val_knn_accuracy"] <= 1.0  # per-epoch KNN fits the flipped latents too
 
 
 def test_hard_triplet_negatives_differ_in_one_seat_and_are_never_empty(tmp_path: Path) -> None:

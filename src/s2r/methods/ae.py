@@ -728,7 +728,7 @@ class Method(BaseMethod):
         return self.decode(self.encode(images))
 
     def validate(self) -> dict[str, float]:
-        """KNN (k = sqrt(N)) accuracy on the target domain's val split: the study objective (never test)."""
+        """KNN (k = floor(sqrt(N))) accuracy on the target domain's val split: the study objective (never test)."""
         from sklearn.neighbors import KNeighborsClassifier
 
         if not self.data.has(self.target, "val"):
@@ -741,6 +741,11 @@ class Method(BaseMethod):
         z_src = self.encode_split(self.source, "train")[keep]
         z_val = self.encode_split(self.target, "val")
         y_src = src.labels[keep]
+        if self.cfg.hflip:  # as the evaluator (Section 4.7): + flipped latents, labels through the mirror map
+            z_src = np.concatenate([z_src, self.encode_split(self.source, "train", flipped=True)[keep]])
+            mirrored = np.where(y_src >= 0, self.mirror[np.maximum(y_src, 0)], y_src) if self.mirror is not None \
+                else y_src
+            y_src = np.concatenate([y_src, mirrored])
         labelled = (y_src != NO_LABEL)
         if labelled.sum() < 2 or (val.labels == NO_LABEL).all():
             return {}
