@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,47 @@ def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> None:
     store = tmp_path_factory.mktemp("mlruns")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def _global_torch_state() -> dict[str, object]:
+    """Process-global torch settings one test could leak into every later test (threads, determinism, ...)."""
+    import torch
+
+    from s2r.train import torch_state
+
+    return {"torch_state (deterministic, warn_only, cudnn.benchmark, threads)": torch_state(),
+            "grad_enabled": torch.is_grad_enabled(), "default_dtype": torch.get_default_dtype(),
+            "mkldnn_enabled": torch.backends.mkldnn.enabled, "interop_threads": torch.get_num_interop_threads()}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_torch_state() -> Iterator[None]:
+    """Fail a test that changes torch's process-global settings without restoring them (and restore them)."""
+    import torch
+
+    from s2r.train import restore_torch_state
+
+    before = _global_torch_state()
+    yield
+    after = _global_torch_state()
+    if after != before:
+        restore_torch_state(before["torch_state (deterministic, warn_only, cudnn.benchmark, threads)"])  # type: ignore[arg-type]
+        torch.set_grad_enabled(bool(before["grad_enabled"]))
+        torch.set_default_dtype(before["default_dtype"])  # type: ignore[arg-type]
+        torch.backends.mkldnn.enabled = bool(before["mkldnn_enabled"])
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"the test left torch's process-global settings changed (before, after): {changed}")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny convolutions; a shared 2-core CPU), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_spec(classes: int = 3, size: int = 8) -> BenchmarkSpec:
@@ -57,6 +99,57 @@ def tiny_prepared(tiny_benchmark: Path, tmp_path: Path) -> Path:
     from s2r.data.prepared import prepare
 
     return prepare(tiny_benchmark, tmp_path / "prepared", progress=False)
+
+
+def paired_spec(size: int = 16) -> BenchmarkSpec:
+    """A classification benchmark whose synthetic scenes come in variations and whose real images share scene ids."""
+    return BenchmarkSpec(
+        name="tinyscenes", tasks=["classification"],
+        domains=[DomainSpec("syn", "source", "synthetic"), DomainSpec("real", "target", "real")],
+        source="syn", target="real", image_size=size, channels=1, classes=["c0", "c1", "c2"],
+    )
+
+
+def paired_samples(spec: BenchmarkSpec, scenes_per_class: int = 3, variations: int = 2) -> list[Sample]:
+    """Synthetic scenes with variations (a class-dependent bar, per-variation background); paired real scenes."""
+    rng = np.random.default_rng(0)
+    s, out, sid = spec.image_size, [], 0
+    for split in ("train", "val", "test"):
+        for c in range(3):
+            for _ in range(scenes_per_class):
+                for v in range(variations):
+                    img = np.full((s, s), 20 + 30 * v, np.uint8)
+                    img[:, c * s // 3 : (c + 1) * s // 3] = 200
+                    img = np.clip(img + rng.integers(0, 20, (s, s)), 0, 255).astype(np.uint8)
+                    out.append(Sample(f"syn-{split}-{sid}-{v}", "syn", split, img, c, scene_id=sid, variation=v))
+                real = np.full((s, s), 40, np.uint8)
+                real[:, c * s // 3 : (c + 1) * s // 3] = 160
+                out.append(Sample(f"real-{split}-{sid}", "real", split, real, c, scene_id=sid, variation=0))
+                sid += 1
+    return out
+
+
+@pytest.fixture(scope="session")
+def paired_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paired_spec/paired_samples written and prepared (16 px, 3 classes x 3 scenes x 2 variations per split)."""
+    from s2r.data.prepared import prepare
+
+    tmp = tmp_path_factory.mktemp("paired")
+    spec = paired_spec()
+    return prepare(write_benchmark(tmp / "bench", spec, paired_samples(spec), progress=False), tmp / "prepared",
+                   progress=False)
+
+
+@pytest.fixture(scope="session")
+def scenes16_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: toy, sim, pseudo_real; depth, masks."""
+    from s2r.config import ScenesParams
+    from s2r.data import scenes
+    from s2r.data.prepared import prepare
+
+    root = tmp_path_factory.mktemp("scenes16")
+    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
+    return prepare(write_benchmark(root / "bench", spec, samples, progress=False), root / "prepared", progress=False)
 
 
 def tiny_params_dict() -> dict:

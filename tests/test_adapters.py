@@ -243,14 +243,14 @@ def test_manifest_missing_column(csv_manifest: Path, tmp_path: Path) -> None:
 def test_manifest_unknown_split(csv_manifest: Path, tmp_path: Path) -> None:
     rows = _rows(csv_manifest)
     rows[5]["split"] = "training"
-    with pytest.raises(DataError, match=r"row 5 \(line 7\): unknown split 'training'"):
+    with pytest.raises(DataError, match=r"line 7: unknown split 'training'"):
         from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
 
 
 def test_manifest_label_not_in_class_set(csv_manifest: Path, tmp_path: Path) -> None:
     rows = _rows(csv_manifest)
     rows[3]["label"] = "bird"
-    with pytest.raises(DataError, match=r"row 3 .*label 'bird' is not in the class set"):
+    with pytest.raises(DataError, match=r"line 5: label 'bird' is not in the class set"):
         from_manifest(
             _write_csv(csv_manifest, rows),
             tmp_path / "b",
@@ -262,7 +262,7 @@ def test_manifest_label_not_in_class_set(csv_manifest: Path, tmp_path: Path) -> 
     for r in rows:
         r["label"] = 1
     rows[4]["label"] = 2
-    with pytest.raises(DataError, match=r"row 4 .*label 2 is not in the class set"):
+    with pytest.raises(DataError, match=r"line 6: label 2 is not in the class set"):
         from_manifest(
             _write_csv(csv_manifest, rows),
             tmp_path / "b",
@@ -276,7 +276,7 @@ def test_manifest_label_not_in_class_set(csv_manifest: Path, tmp_path: Path) -> 
 def test_manifest_missing_label_in_labelled_domain(csv_manifest: Path, tmp_path: Path) -> None:
     rows = _rows(csv_manifest)
     rows[2]["label"] = None
-    with pytest.raises(DataError, match=r"domain\(s\) \['real'\] have no 'label'.*row 2 .*unlabelled="):
+    with pytest.raises(DataError, match=r"domain\(s\) \['real'\] have no 'label'.*line 4 .*unlabelled="):
         from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
 
 
@@ -285,26 +285,31 @@ def test_manifest_duplicate_ids(csv_manifest: Path, tmp_path: Path) -> None:
     for i, r in enumerate(rows):
         r["id"] = f"s{i}"
     rows[7]["id"] = "s2"
-    with pytest.raises(DataError, match=r"row 7 .*duplicate id 's2' \(first at row 2\)"):
+    with pytest.raises(DataError, match=r"id 's2' \(line 9\): duplicate id 's2' \(first at row 2\)"):
         from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
 
 
 def test_manifest_corrupt_and_missing_files(csv_manifest: Path, folder: Path, tmp_path: Path) -> None:
     rows = _rows(csv_manifest)
     (folder / rows[6]["path"]).write_bytes(b"nope")
+    original = rows[9]["path"]
     rows[9]["path"] = "sim/train/cat/absent.png"
+    with pytest.raises(DataError) as e:  # a missing file is refused first: the sample count must not change
+        from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
+    msg = str(e.value)
+    assert "line 11" in msg and "absent.png" in msg and "no such file" in msg and "--skip-bad-files" in msg
+    rows[9]["path"] = original
     with pytest.raises(DataError) as e:
         from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
     msg = str(e.value)
-    assert "2 unreadable or corrupt" in msg
-    assert "row 6" in msg and str(folder / rows[6]["path"]) in msg and "cannot decode" in msg
-    assert "row 9" in msg and "absent.png" in msg and "no such file" in msg
+    assert "1 unreadable or corrupt" in msg
+    assert "line 8" in msg and str(folder / rows[6]["path"]) in msg and "cannot decode" in msg
 
 
 def test_manifest_inconsistent_channels(csv_manifest: Path, folder: Path, tmp_path: Path) -> None:
     rows = _rows(csv_manifest)
     _png(folder / rows[10]["path"], np.random.default_rng(4), (8, 8, 3))
-    with pytest.raises(DataError, match=r"inconsistent channel counts.*row 10 .*has 3 \(mode RGB\)"):
+    with pytest.raises(DataError, match=r"inconsistent channel counts.*line 12 .*has 3 \(mode RGB\)"):
         from_manifest(csv_manifest, tmp_path / "b", name="x", source="sim", target="real")
 
 
@@ -314,7 +319,7 @@ def test_manifest_failed_run_leaves_out_untouched(csv_manifest: Path, tmp_path: 
     spec_before = yaml.safe_load((out / "benchmark.yaml").read_text())
     rows = _rows(csv_manifest)
     rows[0]["split"] = "nope"
-    with pytest.raises(DataError, match="row 0"):
+    with pytest.raises(DataError, match="line 2"):
         from_manifest(_write_csv(csv_manifest, rows), out, name="other", source="sim", target="real")
     assert tree_digest(out) == before and spec_before["name"] == "pets"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "src"]
@@ -332,7 +337,7 @@ def test_manifest_factor_out_of_range(csv_manifest: Path, tmp_path: Path) -> Non
     for i, r in enumerate(rows):
         r["factor_pose"] = i % 3
     rows[8]["factor_pose"] = 3
-    with pytest.raises(DataError, match=r"row 8 .*factor_pose = 3 is outside 0..2"):
+    with pytest.raises(DataError, match=r"line 10: factor_pose = 3 is outside 0..2"):
         from_manifest(
             _write_csv(csv_manifest, rows),
             tmp_path / "b",
@@ -342,7 +347,7 @@ def test_manifest_factor_out_of_range(csv_manifest: Path, tmp_path: Path) -> Non
             factors={"pose": 3},
         )
     rows[8]["factor_pose"] = "left"
-    with pytest.raises(DataError, match=r"row 8 .*'factor_pose' = 'left' is not an integer"):
+    with pytest.raises(DataError, match=r"line 10: .*'factor_pose' = 'left' is not an integer"):
         from_manifest(_write_csv(csv_manifest, rows), tmp_path / "b", name="x", source="sim", target="real")
 
 

@@ -10,45 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import paired_samples, paired_spec
 from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample, write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.evaluators import latent
 from s2r.methods import ae
 
 
-def _spec(size: int = 16) -> BenchmarkSpec:
-    return BenchmarkSpec(
-        name="tinyscenes", tasks=["classification"],
-        domains=[DomainSpec("syn", "source", "synthetic"), DomainSpec("real", "target", "real")],
-        source="syn", target="real", image_size=size, channels=1, classes=["c0", "c1", "c2"],
-    )
-
-
-def _samples(spec: BenchmarkSpec, scenes_per_class: int = 3, variations: int = 2) -> list[Sample]:
-    """Synthetic scenes with variations (a class-dependent bar, per-variation background); paired real scenes."""
-    rng = np.random.default_rng(0)
-    s, out, sid = spec.image_size, [], 0
-    for split in ("train", "val", "test"):
-        for c in range(3):
-            for _ in range(scenes_per_class):
-                for v in range(variations):
-                    img = np.full((s, s), 20 + 30 * v, np.uint8)
-                    img[:, c * s // 3 : (c + 1) * s // 3] = 200
-                    img = np.clip(img + rng.integers(0, 20, (s, s)), 0, 255).astype(np.uint8)
-                    out.append(Sample(f"syn-{split}-{sid}-{v}", "syn", split, img, c, scene_id=sid, variation=v))
-                real = np.full((s, s), 40, np.uint8)
-                real[:, c * s // 3 : (c + 1) * s // 3] = 160
-                out.append(Sample(f"real-{split}-{sid}", "real", split, real, c, scene_id=sid, variation=0))
-                sid += 1
-    return out
-
-
 @pytest.fixture(scope="module")
-def paired(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("ae")
-    spec = _spec()
-    bench = write_benchmark(tmp / "bench", spec, _samples(spec), progress=False)
-    return prepare(bench, tmp / "prepared", progress=False)
+def paired(paired_prepared: Path) -> Path:
+    """conftest's paired benchmark: synthetic scenes in 2 variations, real images sharing scene ids."""
+    return paired_prepared
 
 
 def _cfg(**kw: object) -> ae.Config:
@@ -407,7 +379,7 @@ def test_seat_mirror_map_swaps_left_and_right(tmp_path: Path) -> None:
     assert m3[joint_label([0, 2, 3])] == joint_label([3, 2, 0]) and all(m3[m3[i]] == i for i in range(64))
     assert seat_parts(3)[joint_label([1, 0, 2])] == [1, 0, 2]
     with pytest.raises(Exception, match="mirror_classes"):
-        replace(_spec(), mirror_classes=[1, 2, 0]).validate()  # not an involution
+        replace(paired_spec(), mirror_classes=[1, 2, 0]).validate()  # not an involution
 
 
 def test_hflip_mirrors_labels_and_flips_a_triplet_as_a_whole(tmp_path: Path) -> None:
@@ -466,6 +438,6 @@ def test_hard_triplet_negatives_differ_in_one_seat_and_are_never_empty(tmp_path:
 
 
 def _paired_or_tiny(tmp: Path) -> Path:
-    spec = _spec()
-    return prepare(write_benchmark(tmp / "plain", spec, _samples(spec), progress=False), tmp / "plain_p",
+    spec = paired_spec()
+    return prepare(write_benchmark(tmp / "plain", spec, paired_samples(spec), progress=False), tmp / "plain_p",
                    progress=False)

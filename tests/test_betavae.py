@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from conftest import tiny_params_dict
-from s2r.config import ConfigError, load_params
+from s2r.config import ConfigError, from_dict
 from s2r.data.benchmark import DataError
 from s2r.methods import betavae as bv
+from s2r.params import load_params
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,23 @@ def test_shapes_and_custom_logvar_init(size: int, widths: list[int]) -> None:
     layers = [type(m).__name__ for m in vae.modules()]
     assert "LayerNorm" in layers and "AvgPool2d" in layers and "Upsample" in layers
     assert any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in vae.modules())  # width changes
+
+
+def test_recipe_architecture_has_the_papers_parameter_count() -> None:
+    """Section 3 / appendix A: "approximately 16.3M" parameters at 128 px (Tables 3-4 widths, FC(512) hidden
+    layers). Conv part 12,190,231 + FC stack 4,215,828 = 16,406,059 at d = 10 (12.3 M without the hidden FCs)."""
+    raw = yaml.safe_load((Path(__file__).parents[1] / "pipelines/recipes/disentanglement-transfer-ood/params.yaml")
+                         .read_text())["methods"]["betavae"]
+    cfg = from_dict(bv.Config, raw | {"latent_dim": 10}, "recipe", "methods.betavae")
+    assert cfg.fc_width == 512 and cfg.widths == [64, 128, 128, 256, 256]
+    vae = bv.VAE(3, 128, cfg)
+    n = sum(p.numel() for p in vae.parameters())
+    assert n == 16_406_059 and abs(n - 16.3e6) / 16.3e6 < 0.01
+    fc = [m for m in vae.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in fc] == [(4096, 512), (512, 10), (512, 10), (10, 512),
+                                                             (512, 4096)]  # encoder: hidden, mean, logvar; decoder
+    no_hidden = bv.VAE(3, 128, from_dict(bv.Config, raw | {"latent_dim": 10, "fc_width": 0}, "r", "m"))
+    assert sum(p.numel() for p in no_hidden.parameters()) == 12_325_419  # the old, 12.3 M stack
 
 
 def test_widths_must_fit_the_image_size() -> None:
@@ -271,6 +289,7 @@ def test_tune_beta_vae_study_runs_two_trials(scenes_prepared: Path, params_file:
 
 @pytest.mark.slow
 def test_tables_cli_on_tiny_data(scenes_prepared: Path, params_file: Path, tmp_path: Path) -> None:
+    import pandas as pd
     from click.testing import CliRunner
 
     from s2r.cli import main
@@ -283,8 +302,15 @@ def test_tables_cli_on_tiny_data(scenes_prepared: Path, params_file: Path, tmp_p
     assert corr["n_models"] == 4 and "mig" in corr["spearman"] and "ood2b_gbt" in corr["columns"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "weak_raises_dci_disentanglement" in metrics and "noise_lowers_ood2a_gbt" not in metrics  # no noisy runs
-    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv"):
+    for name in ("spearman.png", "transfer.md", "transfer.csv", "runs.csv", "per_factor.md", "fig3_right.png"):
         assert (out / name).is_file()
+    per_factor = pd.read_csv(out / "per_factor.csv")  # Fig. 15: one row per model x scenario x regressor x factor
+    assert len(per_factor) > 0 and set(per_factor["model"]) == set(pd.read_csv(out / "runs.csv")["model"])
+    assert "hue" not in set(per_factor[per_factor["scenario"] == "OOD2-A"]["factor"])  # the OOD factor is left out
+    f3 = json.loads((out / "fig3_right.json").read_text())
+    assert f3["n_models"] == {"unsupervised": 2, "weak": 2}
+    weak = f3["spearman"]["weak"]
+    assert set(weak) == {"elbo", "recon", "gbt10000_error"} and "mig" in weak["elbo"]
     assert len(list((out / "models").glob("*/traversals.png"))) == 4
 
 
@@ -305,6 +331,37 @@ def test_correlation_pieces_on_a_hand_built_table() -> None:
     assert f["noise_lowers_ood2b_mlp"] is True and f["ood2b_mlp_noise_mean"] == pytest.approx(0.15)
     fig = tb.plot_heatmap(corr, "t")
     assert len(fig.axes) == 1
+
+
+def test_fig3_right_is_computed_per_supervision() -> None:
+    """Fig. 3 right: ELBO / reconstruction / GBT10000 vs each metric, over unsupervised and weak models apart."""
+    import pandas as pd
+
+    from s2r.tables import betavae as tb
+
+    runs = pd.DataFrame({"supervision": ["unsupervised"] * 4 + ["weak"] * 4,
+                         "mig": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                         "elbo": [-4.0, -3.0, -2.0, -1.0, -1.0, -2.0, -3.0, -4.0],  # + in one group, - in the other
+                         "recon": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0],
+                         "gbt10000_error": [0.4, 0.3, 0.2, 0.1, 0.4, 0.3, 0.2, 0.1]})
+    f3 = tb.fig3_right(runs)
+    assert f3["unsupervised"]["elbo"]["mig"] == pytest.approx(1.0) and f3["weak"]["elbo"]["mig"] == pytest.approx(-1.0)
+    assert f3["weak"]["gbt10000_error"]["mig"] == pytest.approx(-1.0) and list(f3["weak"]["recon"]) == ["mig"]
+    pooled = tb.spearman_table(runs, ["elbo"], ["mig"])["elbo"]["mig"]
+    assert abs(pooled) < 0.5  # pooling hides both: why the paper splits by supervision
+    assert len(tb.plot_fig3_right(f3).axes) == 2
+
+
+def test_gbt10000_error_known_cases() -> None:
+    from s2r.evaluators.disentanglement import downstream_gbt_error
+
+    rng = np.random.default_rng(0)
+    y = np.c_[rng.integers(0, 4, 600), rng.integers(0, 3, 600), np.zeros(600, int)]  # a constant factor: skipped
+    perfect = downstream_gbt_error(y + 0.01 * rng.normal(size=y.shape), y)
+    assert perfect["gbt10000_error"] < 0.02 and perfect["gbt_train_size"] == 480  # 600 - 120 test points
+    noise = downstream_gbt_error(rng.normal(size=(600, 3)), y)["gbt10000_error"]
+    assert noise > 0.5  # chance error 1 - (1/4 + 1/3) / 2 = 0.71
+    assert downstream_gbt_error(y.astype(float), y, n_train=100)["gbt_train_size"] == 100
 
 
 def test_default_params_declare_both_variants_and_the_study() -> None:
@@ -332,7 +389,7 @@ def test_resume_matches_uninterrupted_run(scenes_prepared: Path, tmp_path: Path,
     torch.set_num_threads(1)
 
     def make() -> bv.Method:
-        seed_everything(0, True)
+        seed_everything(0)
         m = bv.Method(small_cfg(supervision=supervision, input_noise=True, warmup_fraction=1.0),
                       PreparedBenchmark(scenes_prepared), 0)
         m.setup(torch.device("cpu"), None, 4)

@@ -65,7 +65,7 @@ def test_matching_pairs_samples_above_the_exact_limit() -> None:
         bv.matching_pairs(np.array([[0, 0]] * 200 + [[1, 1]] * 200), 1, exact_limit=100)
 
 
-def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path) -> None:
+def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path, one_thread: None) -> None:
     from s2r.data.prepared import PreparedBenchmark
 
     data = PreparedBenchmark(mpi3d_prepared)
@@ -76,7 +76,6 @@ def test_ood_factor_object_color_on_mpi3d(mpi3d_prepared: Path) -> None:
     f = data.get(data.spec.source, "train").factors
     assert not (f[m.train_idx, 0] == 1).any() and (f[:, 0] == 1).any()  # held-out colour never trains the encoder
     assert ((f[m.pairs[:, 0]] != f[m.pairs[:, 1]]).sum(1) == 1).all()
-    torch.set_num_threads(1)
     m.setup(torch.device("cpu"), None, 2)
     assert np.isfinite(m.train_step(next(m.batches()))["loss"])
 
@@ -136,3 +135,64 @@ def test_sweep_grid_default_unchanged_and_paper_scale() -> None:
     assert "beta2_weak_noise1_d25_warm0.025_seed7" in {x["slug"] for x in g}
     with pytest.raises(ConfigError, match="warmup_fractions"):
         BetavaeTablesParams(warmup_fractions=[1.5]).validate()
+
+
+def test_explicit_ood_order_changes_the_ood1_splits() -> None:
+    """MPI3D object_color indices (white, green, red, blue, brown, olive) are not hue order: with the recipe's
+    order (red, brown, olive, green, blue, white) and green / brown held out, V = [red, olive, blue, white]."""
+    from s2r.evaluators import ood_transfer as ot
+
+    colour = np.arange(6)
+    sc = ot.hue_scenarios(colour, [0, 2, 3, 5], [1, 4], order=[2, 4, 5, 1, 3, 0])
+    got = {k: (colour[tr].tolist(), colour[te].tolist()) for k, (tr, te) in sc.items()}
+    assert got["OOD1-A"] == ([2], [0, 3, 5])  # train on red only
+    assert got["OOD1-B"] == ([0, 3], [2, 5])  # train on blue + white, extrapolate to red + olive
+    assert got["OOD1-C"] == ([2, 3], [0, 5])  # alternating along hue: red, blue vs olive, white
+    index_order = {k: (colour[tr].tolist(), colour[te].tolist())
+                   for k, (tr, te) in ot.hue_scenarios(colour, [0, 2, 3, 5], [1, 4]).items()}
+    assert index_order["OOD1-A"] == ([0], [2, 3, 5]) and index_order["OOD1-B"] != got["OOD1-B"]
+    with pytest.raises(ValueError, match="ood_order"):
+        ot.hue_scenarios(colour, [0, 2, 3, 5], [1, 4], order=[2, 4, 5, 1])
+
+
+def test_recipe_gives_mpi3d_a_hue_order_and_every_holdout_exists() -> None:
+    import yaml
+
+    from s2r.data.sources import misc, mpi3d
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "pipelines/recipes/disentanglement-transfer-ood/recipe.yaml")
+                            .read_text())["prepared"]
+    order = [int(v) for v in recipe["mpi3d"]["ood_order"].split(",")]
+    assert sorted(order) == list(range(mpi3d.FACTORS["object_color"])) and order[0] == 2  # red first, all colours
+    assert recipe["trifinger"]["ood_order"] == "" and misc.TRIFINGER_FACTORS["cube_hue"] == 12  # index = hue order
+    dvc = (Path(__file__).parents[1] / "pipelines/recipes/disentanglement-transfer-ood/dvc.yaml").read_text()
+    assert "methods.betavae.ood_order=[${item.ood_order}]" in dvc
+
+
+def test_ood_values_outside_the_factor_and_bad_orders_are_errors(mpi3d_prepared: Path) -> None:
+    from s2r.data.prepared import PreparedBenchmark
+
+    data = PreparedBenchmark(mpi3d_prepared)  # object_color has 3 values here
+    with pytest.raises(ConfigError, match=r"ood_holdout.*\[4\].*object_color.*3 values"):
+        bv.Method(cfg(ood_holdout=[1, 4]), data, 0)
+    with pytest.raises(ConfigError, match="every value"):
+        bv.Method(cfg(ood_holdout=[0, 1, 2]), data, 0)
+    with pytest.raises(ConfigError, match="ood_order"):
+        bv.Method(cfg(ood_order=[2, 0]), data, 0)
+    m = bv.Method(cfg(ood_order=[2, 0, 1]), data, 0)
+    assert m.cfg.ood_order == [2, 0, 1]
+
+
+def test_an_empty_ood_scenario_is_an_error_naming_it() -> None:
+    from s2r.evaluators import ood_transfer as ot
+
+    names, sizes = ["hue", "pos"], {"hue": 12, "pos": 4}
+    rng = np.random.default_rng(0)
+    f = np.c_[rng.choice([0, 2, 3, 5], 80), rng.integers(0, 4, 80)]  # no image of the held-out hues 1, 4
+    with pytest.raises(DataError, match="OOD2-A: no test images"):
+        ot.transfer_study(f.astype(float), f, names, sizes, "hue", [1, 4], regressors=("gbt",))
+    ft = np.c_[np.full(10, 4), rng.integers(0, 4, 10)]  # every target image has a held-out hue
+    with pytest.raises(DataError, match="OOD2-B: all 10 target images"):
+        f2 = np.r_[f, [[4, 0], [1, 1]]]
+        ot.transfer_study(f2.astype(float), f2, names, sizes, "hue", [1, 4], (ft.astype(float), ft),
+                          regressors=("gbt",))

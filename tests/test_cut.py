@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -16,24 +17,20 @@ from click.testing import CliRunner
 from conftest import tiny_params_dict
 from s2r import stages, tune
 from s2r.cli import main
-from s2r.config import ConfigError, ScenesParams, TrainParams, from_dict, load_params
-from s2r.data.benchmark import DataError, write_benchmark
+from s2r.config import ConfigError, TrainParams, from_dict
+from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.methods import cut, segmenter
+from s2r.params import load_params
 from s2r.train import fit, load_checkpoint
 
 TRAIN = TrainParams(device="cpu", checkpoint_every=100, progress=False)
 
 
 @pytest.fixture(scope="module")
-def scenes16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The scenes benchmark at 16 px with 4/2/2 images per split (masks in every domain)."""
-    from s2r.data import scenes
-
-    tmp = tmp_path_factory.mktemp("scenes16")
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
-    bench = write_benchmark(tmp / "bench", spec, samples, progress=False)
-    return prepare(bench, tmp / "prepared", progress=False)
+def scenes16(scenes16_prepared: Path) -> Path:
+    """conftest's embedded scenes at 16 px, 4/2/2 samples per split: sim, pseudo_real, depth, masks."""
+    return scenes16_prepared
 
 
 def tiny_cfg(**kw: object) -> cut.Config:
@@ -166,17 +163,94 @@ def test_every_parameter_of_g_d_and_heads_gets_a_gradient(scenes16: Path) -> Non
 
 
 def test_eq2_total_and_reduce_options(scenes16: Path) -> None:
+    """Default = the official code (cut_model.compute_G_loss): L_GAN + 0.5 lambda_NCE (X + Y); `sum` = Eq. 2."""
+    assert cut.Config().nce_reduce == "mean" and tiny_cfg().nce_reduce == "mean"  # params.yaml agrees
     m = make_cut(scenes16, lambda_nce=2.0)
     torch.manual_seed(0)
     a, b = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
     out = m.generator_loss(a, b, m.forward_fake(a, b))
-    expected = out["loss_gan_g"] + 2.0 * (out["loss_nce_x"] + out["loss_nce_y"])  # Eq. 2
-    assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
-    m.cfg.nce_reduce = "mean"
-    torch.manual_seed(0)
-    out = m.generator_loss(a, b, m.forward_fake(a, b))
     expected = out["loss_gan_g"] + 2.0 * 0.5 * (out["loss_nce_x"] + out["loss_nce_y"])  # CUT's code
     assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+    m.cfg.nce_reduce = "sum"
+    torch.manual_seed(0)
+    out = m.generator_loss(a, b, m.forward_fake(a, b))
+    expected = out["loss_gan_g"] + 2.0 * (out["loss_nce_x"] + out["loss_nce_y"])  # Eq. 2 as printed
+    assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+    m.cfg.nce_reduce, m.cfg.nce_idt = "mean", False
+    out = m.generator_loss(a, b, m.forward_fake(a, b))  # without the identity term CUT weights NCE_X by lambda
+    assert out["loss_g"].item() == pytest.approx((out["loss_gan_g"] + 2.0 * out["loss_nce_x"]).item(), rel=1e-5)
+
+
+def recipe_cut_cfg() -> cut.Config:
+    """methods.cut of the paper-5 recipe (CUT's widths)."""
+    raw = yaml.safe_load((Path(__file__).parents[1] / "pipelines/recipes/cut-patch-refinement/params.yaml")
+                         .read_text())
+    return from_dict(cut.Config, raw["methods"]["cut"], "recipe", "methods.cut")
+
+
+def test_recipe_networks_have_the_official_parameter_counts_and_nce_shapes() -> None:
+    """CUT (resnet_9blocks, basic D, mlp_sample F, ngf = ndf = 64, netF_nc 256): G 11,378,179, D 2,764,737,
+    F 560,384; NCE features of layers 0, 4, 8, 12, 16 have CUT's shapes (built at 32 px: counts don't depend on it)."""
+    cfg = recipe_cut_cfg()
+    assert cfg.antialias and cfg.nce_reduce == "mean" and cfg.disc_channels == [64, 128, 256, 512]
+    torch.manual_seed(0)
+    g, d, f = cut.build_networks(cfg, 3)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert (count(g), count(d), count(f)) == (11_378_179, 2_764_737, 560_384)
+    with torch.no_grad():
+        feats = cut.encode_layers(g, torch.zeros(1, 3, 32, 32), cfg.nce_layers)
+    assert [tuple(x.shape) for x in feats] == [(1, 3, 38, 38), (1, 128, 32, 32), (1, 256, 16, 16), (1, 256, 8, 8),
+                                               (1, 256, 8, 8)]  # CUT: padded input, convs before blur-pool, blocks
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) and m.affine for m in [*g.modules(), *d.modules()])
+    w = g.net[12].body[1].weight  # a residual conv: xavier_normal gain 0.02, std = 0.02 sqrt(2 / (fan_in + fan_out))
+    assert w.std().item() == pytest.approx(0.02 * math.sqrt(2 / (2 * 256 * 9)), rel=0.02)
+    assert d.net[-1].bias.abs().sum() == 0
+    no_aa = cut.build_networks(from_dict(cut.Config, {**vars(cfg), "antialias": False,
+                                                      "nce_layers": [0, 4, 7, 10, 14]}, "t", "m"), 3)
+    assert [count(n) for n in no_aa] == [11_378_179, 2_764_737, 560_384]  # the same weights, strided layout
+
+
+def _receptive_field(d: torch.nn.Module, size: int) -> int:
+    """Side of the input region that reaches the centre output unit (norms removed: they couple all pixels)."""
+    d = copy.deepcopy(d)
+    for i, layer in enumerate(d.net):
+        if isinstance(layer, torch.nn.InstanceNorm2d):
+            d.net[i] = torch.nn.Identity()
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    out = d(x)
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = (x.grad.abs().sum(dim=(0, 1, 3)) > 0).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_discriminator_is_cuts_basic_patchgan_with_70px_receptive_field() -> None:
+    torch.manual_seed(0)
+    d = cut.Discriminator(3, [4, 4, 4, 4], last_stride1=True, affine=False, init="xavier")
+    assert _receptive_field(d, 160) == 70  # pix2pix / CUT "70x70 PatchGAN"
+    assert cut.Discriminator.out_size(90, 3, 1) == tuple(d(torch.zeros(1, 3, 90, 90)).shape)[-1]
+    aa = cut.Discriminator(3, [4, 4, 4, 4], last_stride1=True, antialias=True, affine=False, init="xavier")
+    assert aa(torch.zeros(1, 3, 90, 90)).shape == d(torch.zeros(1, 3, 90, 90)).shape  # blur-pool: same map size
+    assert _receptive_field(aa, 200) > 70  # the blur kernels widen it (CUT's default D)
+
+
+def test_blur_pool_keeps_constants_and_removes_the_nyquist_frequency() -> None:
+    from s2r.methods.cyclegan import BlurDownsample, BlurUpsample
+
+    x = torch.full((1, 2, 9, 10), 0.7)
+    assert torch.allclose(BlurDownsample(2)(x), torch.full((1, 2, 5, 5), 0.7))  # (B, C, ceil(H/2), ceil(W/2))
+    assert torch.allclose(BlurUpsample(2)(x), torch.full((1, 2, 18, 20), 0.7))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2.0 - 1  # +-1 alternating: highest frequency
+    down = BlurDownsample(1)(checker[None, None])
+    assert down[0, 0, 1:, 1:].abs().max() < 1e-6  # [1, 2, 1] / 4 in both directions cancels it (interior)
+    plain = checker[None, None, ::2, ::2]  # what a stride-2 conv samples: aliased to a constant
+    assert plain.abs().min() == 1
+
+
+def test_cyclegan_networks_unchanged_by_cut_options() -> None:
+    """CycleGAN keeps affine instance norm, N(0, 0.02) init and all-strided D (appendix 6.1)."""
+    g, d = cut.Generator(3, 4, 1), cut.Discriminator(3, [4, 8])
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) and m.affine for m in g.modules())
+    assert g.first_block == 10 and len(d.net) == 6 and d.net[2].stride == (2, 2)
 
 
 def test_resume_reproduces_next_losses_exactly(scenes16: Path, tmp_path: Path) -> None:
@@ -297,8 +371,75 @@ def test_refine_writes_benchmark_the_segmenter_trains_on(in_tmp: Path, scenes16:
     assert ev["train_data"] == "refined" and len(ev["test_miou_lastk"]) == 2 and set(ev["per_class_iou"]) == {
         "background", "table", "cube", "sphere", "cylinder", "cone"}
     assert {"feature_gap_synthetic", "feature_gap_refined"} <= set(ev)
+    assert ev["tsne_paired"] == 1.0  # scenes: sim and pseudo_real render the same scenes
     for f in ("miou_lastk.png", "tsne.png", "per_class_iou.png", "miou_history.csv"):
         assert (Path("ev") / f).stat().st_size > 0, f
+
+
+def test_tsne_pairs_by_scene_where_pairs_exist_else_unpaired() -> None:
+    """Section IV-F's red line joins a synthetic / refined / real triple: only meaningful for the same scene."""
+    from types import SimpleNamespace
+
+    from s2r.evaluators.segmentation_lastk import tsne_rows
+
+    def part(ids: list[str], scenes: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(ids=ids, scene_ids=np.array(scenes), images=np.zeros(len(ids)))
+
+    syn = part(["a", "b", "c", "d"], [5, 3, 9, -1])
+    ref = part(["c", "a", "b", "d"], [9, 5, 3, -1])  # the same images translated, stored in another order
+    tgt = part(["x", "y", "z"], [9, 7, 3])
+    rows, paired = tsne_rows({"synthetic": syn, "refined": ref, "target": tgt}, 10)
+    assert paired and rows["synthetic"].tolist() == [1, 2] and rows["target"].tolist() == [2, 0]  # scenes 3, 9
+    assert rows["refined"].tolist() == [2, 0]  # ids b, c
+    ycb_real = part(["r0", "r1", "r2"], [-1, -1, -1])  # real frames unrelated to the renders
+    rows, paired = tsne_rows({"synthetic": syn, "refined": ref, "target": ycb_real}, 2)
+    assert not paired and rows["target"].tolist() == [0, 1] and rows["refined"].tolist() == [1, 2]
+
+
+def test_bop_official_test_split_object_subset_and_640x480_frames(tmp_path: Path) -> None:
+    """Paper 5 (Section IV-D): HomebrewedDB is scored on the official BOP test images, on the objects S present
+    there; CUT trains on the validation images showing S; frames stay 640x480 (here 16x12), CUT and the segmenter
+    train on them and refine at full resolution."""
+    from s2r.data import sources
+    from s2r.data.benchmark import load_benchmark
+    from s2r.data.sources import objects
+
+    raw = objects.bop_fixture(tmp_path / "raw", test_split=True)
+    out = Path(sources.add("bop", raw, tmp_path / "b", options={"image_size": 16, "crop": "keep"})["benchmark"])
+    spec, df = load_benchmark(out)
+    assert (spec.image_size, spec.image_height) == (16, 12) and set(df["width"]) == {16} and set(df["height"]) == {12}
+    real = df[df["domain"] == "real"]
+    scene = real["id"].str.split("-").str[2]
+    frame = real["id"].str.split("-").str[3].astype(int)
+    test = real["split"] == "test"
+    assert set(scene[test]) == {"000003"} and sorted(frame[test]) == [0, 2, 4, 6, 8]  # test_targets_bop19 only
+    assert not set(scene[real["split"] == "train"]) & set(scene[real["split"] == "val"])  # split by scene
+    assert spec.expectations["mask_values"] == [0, 1, 3, 255] and spec.seg_classes[2] == "unused_2"  # S = {1, 3}
+    assert not ((scene == "000002") & (frame % 2 == 0)).any()  # val frames showing only object 2: dropped
+    prepared = prepare(out, tmp_path / "p", progress=False)
+    data = PreparedBenchmark(prepared)
+    masks = np.asarray(data.get("real", "val").masks)
+    assert masks.shape[1:] == (12, 16) and 2 not in np.unique(masks) and 255 in np.unique(masks)  # 2: ignored
+    m = cut.Method(tiny_cfg(patch_size=8), data, 0)
+    m.setup(torch.device("cpu"), None, 4)
+    assert all(math.isfinite(v) for v in m.train_step(next(m.batches())).values())
+    imgs = np.asarray(data.get("synthetic", "test").images)
+    assert m.translate(imgs).shape == imgs.shape == (len(imgs), 12, 16, 3)
+    seg = segmenter.Method(seg_cfg(train_data="target", refiner="cut", batch_size=2), data, 0)
+    seg.setup(torch.device("cpu"), None, 2)
+    batch = next(seg.batches())
+    masks = np.array(batch.masks)
+    masks[:, :2] = 255  # pixels of objects outside S are ignored by the loss
+    assert math.isfinite(seg.train_step(batch._replace(masks=masks))["loss"])
+    assert seg.predict(np.asarray(data.get("real", "test").images)).shape == (5, 12, 16)
+    hashed = Path(sources.add("bop", objects.bop_fixture(tmp_path / "r2"), tmp_path / "h",
+                              options={"image_size": 8})["benchmark"])
+    assert load_benchmark(hashed)[0].image_height == 0  # no test split: the old square, hashed layout
+    with pytest.raises(DataError, match="objects: test"):
+        sources.add("bop", objects.bop_fixture(tmp_path / "r3"), tmp_path / "x", options={"objects": "test"})
+    ycb = Path(sources.add("ycb_video", objects.ycb_fixture(tmp_path / "ry"), tmp_path / "y",
+                           options={"image_size": 16, "crop": "keep"})["benchmark"])
+    assert load_benchmark(ycb)[0].image_height == 12  # 640x480 -> 640x480, no centre crop
 
 
 def test_tables_cut_cli_on_tiny_data(in_tmp: Path, scenes16: Path, tiny_params_file: Path) -> None:
@@ -350,7 +491,7 @@ def test_cut_patch_study_runs_the_chain(tmp_path: Path, scenes16: Path, tiny_par
 
 
 def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scenes16: Path) -> None:
-    """Methods without tune_objective still go through stages.train (the existing path)."""
+    """Methods without a `downstream` block go through stages.train (the plain path)."""
     called = []
 
     def fake(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):  # noqa: ANN001, ANN003
@@ -373,7 +514,7 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
 def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                       scenes16: Path) -> None:
-    """cut.tune_objective replaces stages.train; its per-epoch values reach the pruner and the objective."""
+    """methods.cut.downstream: tune.refine_chain replaces stages.train; its per-epoch values reach the pruner."""
     calls = []
 
     def fake(data_dir, params, work, *, on_epoch, parent_run_id, run_name, tags, method):  # noqa: ANN001
@@ -383,7 +524,7 @@ def test_tune_calls_the_method_objective_with_pruning(monkeypatch: pytest.Monkey
             on_epoch(epoch, {"val_miou_lastk_median": 0.1 * epoch if n != 3 else 0.0})
         return {"val_miou_lastk_median": 0.3 if n != 3 else 0.0, "mlflow_run_id": f"r{n}"}
 
-    monkeypatch.setattr(cut, "tune_objective", fake)
+    monkeypatch.setattr(tune, "refine_chain", fake)
     raw = tiny_params_dict()
     study = raw["studies"]["cut_patch"]
     study.update(n_startup_trials=2, pruner_warmup_epochs=0, sampler="grid", n_trials=4)

@@ -51,14 +51,89 @@ def test_median_scaling_removes_global_scale() -> None:
     np.testing.assert_allclose(median_scale(p, t, np.ones_like(t, bool)), t)
 
 
-def test_miou_leaves_out_classes_absent_from_both() -> None:
+def _ref_monodepth2(pred: np.ndarray, truth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
+    """An independent implementation of monodepth2's evaluate_depth.py loop: per image, valid pixels strictly
+    inside (min, max), prediction clipped, the seven errors, then the mean over images."""
+    rows = []
+    for p, t in zip(pred, truth):
+        keep = (t > min_depth) & (t < max_depth)
+        g, q = t[keep], np.clip(p[keep], min_depth, max_depth)
+        thresh = np.maximum(g / q, q / g)
+        rows.append([np.mean(np.abs(g - q) / g), np.mean((g - q) ** 2 / g), np.sqrt(np.mean((g - q) ** 2)),
+                     np.sqrt(np.mean((np.log(g) - np.log(q)) ** 2)), (thresh < 1.25).mean(),
+                     (thresh < 1.25**2).mean(), (thresh < 1.25**3).mean()])
+    return np.array(rows).mean(0)
+
+
+KEYS = ("abs_rel", "sq_rel", "rmse", "log_rmse", "a1", "a2", "a3")
+
+
+def test_depth_is_averaged_per_image_as_monodepth2() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.uniform(1.0, 60.0, (3, 6, 5))
+    t[0, :4] = 0.0  # image 0 has few valid pixels: per-image and pooled means differ
+    t[1, 0, 0] = 80.0  # exactly max_depth: invalid (strict, as monodepth2)
+    p = t * rng.uniform(0.5, 1.6, t.shape) + rng.uniform(0, 2, t.shape)
+    p[2, 0, 0] = 200.0  # clipped to max_depth
+    m = depth_metrics(p, t, min_depth=1e-3, max_depth=80.0)
+    ref = _ref_monodepth2(p, t, 1e-3, 80.0)
+    assert [m[k] for k in KEYS] == pytest.approx(ref.tolist(), abs=1e-12)
+    assert m["average"] == "images" and m["images"] == 3 and m["valid_pixels"] == 30 * 3 - 20 - 1
+    pooled = depth_metrics(p, t, min_depth=1e-3, max_depth=80.0, average="pixels")
+    assert [pooled[k] for k in KEYS] == pytest.approx([m["pixel_pooled"][k] for k in KEYS], abs=1e-15)
+    assert abs(pooled["abs_rel"] - m["abs_rel"]) > 1e-3  # the two conventions differ on this set
+    # pooled by hand: one image made of all valid pixels
+    keep = (t > 1e-3) & (t < 80.0)
+    assert pooled["rmse"] == pytest.approx(np.sqrt(np.mean((np.clip(p[keep], 1e-3, 80) - t[keep]) ** 2)), abs=1e-12)
+    with pytest.raises(ValueError, match="average"):
+        depth_metrics(p, t, average="batches")
+
+
+def _ref_csail_miou(preds: list[np.ndarray], labels: list[np.ndarray], k: int) -> tuple[float, np.ndarray]:
+    """An independent implementation of the CSAIL eval: per image the intersection / union areas of classes
+    1..k (labels shifted by one, unlabelled = 0 and masked out of the prediction), summed over the set;
+    iou = I / (U + 1e-10), mIoU = iou.mean() over all k classes."""
+    inter, union = np.zeros(k), np.zeros(k)
+    for p, t in zip(preds, labels):
+        p, t = p.astype(np.int64) + 1, t.astype(np.int64) + 1
+        p = p * (t > 0)
+        i_area = np.histogram(p * (p == t), bins=k, range=(1, k))[0]
+        p_area = np.histogram(p, bins=k, range=(1, k))[0]
+        t_area = np.histogram(t, bins=k, range=(1, k))[0]
+        inter += i_area
+        union += p_area + t_area - i_area
+    iou = inter / (union + 1e-10)
+    return float(iou.mean()), iou
+
+
+def test_miou_is_the_csail_mean_over_all_classes() -> None:
+    classes = ["bg", "a", "b", "c", "d"]
+    rng = np.random.default_rng(1)
+    truth = [rng.integers(0, 3, (4, 4)) for _ in range(3)]  # classes 3, 4 never occur in truth
+    preds = [rng.integers(0, 4, (4, 4)) for _ in range(3)]  # class 3 predicted (FP only), 4 never
+    truth[0][0, :2] = -1  # unlabelled pixels (CSAIL: -1) are left out
+    ref, ref_iou = _ref_csail_miou(preds, truth, 5)
+    t = np.concatenate([x.ravel() for x in truth])
+    p = np.concatenate([x.ravel() for x in preds])
+    m = segmentation_metrics(np.where(t < 0, 255, t), p, classes, ignore_index=255)
+    assert m["miou"] == pytest.approx(ref, abs=1e-9)
+    assert [v or 0.0 for v in m["per_class_iou"].values()] == pytest.approx(ref_iou.tolist(), abs=1e-9)
+    assert m["per_class_iou"]["d"] is None  # undefined (0/0), counted as 0 in the mean
+    present = segmentation_metrics(np.where(t < 0, 255, t), p, classes, ignore_index=255, miou="present_classes")
+    assert present["miou"] == pytest.approx(ref * 5 / 4, abs=1e-9)  # the mean over the 4 classes with a union
+    with pytest.raises(ValueError, match="mIoU"):
+        segmentation_metrics(t, p, classes, miou="some")
+
+
+def test_miou_conventions_on_classes_absent_from_both() -> None:
     classes = ["bg", "a", "b", "c"]
     t = np.array([0, 0, 1, 1])
     p = np.array([0, 1, 1, 1])
     m = segmentation_metrics(t, p, classes)
-    # bg: 1/2, a: 2/3; b and c absent from truth and prediction -> None, not 0, and not in the mean
+    # bg: 1/2, a: 2/3; b and c absent from truth and prediction -> None (undefined), 0 in the CSAIL mean
     assert m["per_class_iou"] == {"bg": 0.5, "a": pytest.approx(2 / 3), "b": None, "c": None}
-    assert m["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert m["miou"] == pytest.approx((0.5 + 2 / 3) / 4)
+    assert segmentation_metrics(t, p, classes, miou="present_classes")["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
 
 
 def test_subset_scoring_of_shared_classes() -> None:
@@ -69,6 +144,9 @@ def test_subset_scoring_of_shared_classes() -> None:
     full = subset_metrics(cm, classes, classes)
     ref = metrics_from_confusion(cm, classes)
     assert full["miou"] == pytest.approx(ref["miou"]) and full["pixel_accuracy"] == ref["pixel_accuracy"]
+    cm_absent = confusion(np.array([0, 0]), np.array([0, 1]), 3)  # b absent from both
+    assert subset_metrics(cm_absent, classes, classes)["miou"] == pytest.approx((0.5 + 0 + 0) / 3)
+    assert subset_metrics(cm_absent, classes, classes, "present_classes")["miou"] == pytest.approx(0.25)
     sub = subset_metrics(cm, classes, ["bg", "a"])
     # truth-b pixels are left out; the truth-a pixel predicted b is a miss of a: a IoU 0/1, bg 1/1
     assert sub["per_class_iou"] == {"bg": 1.0, "a": 0.0} and sub["pixels"] == 2
@@ -108,7 +186,8 @@ def _dense_method(depth: np.ndarray, masks: np.ndarray, pred_depth: np.ndarray, 
 def _params(**kw: object):
     from types import SimpleNamespace
 
-    s = {"classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0, "panels": 2} | kw
+    s = {"classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0, "panels": 2,
+         "depth_average": "images", "miou": "all_classes"} | kw
     return SimpleNamespace(reports=SimpleNamespace(depth_segmentation=SimpleNamespace(**s)))
 
 

@@ -11,7 +11,7 @@ import torch
 from s2r.config import TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.mixing import Config, Method, SmallResNet, limited_indices
-from s2r.train import NonFiniteLossError, fit, load_checkpoint
+from s2r.train import NonFiniteLossError, fit
 
 TRAIN = TrainParams(device="cpu", checkpoint_every=2, progress=False)
 
@@ -59,64 +59,26 @@ def test_limited_real_is_per_class() -> None:
     assert len(limited_indices(labels, -1, np.random.default_rng(0))) == 15
 
 
-def test_step_finite_and_every_parameter_gets_gradient(tiny_prepared: Path) -> None:
+def test_step_reports_loss_and_accuracy(tiny_prepared: Path) -> None:
+    """Finite losses, gradients, same seed and resume: tests/test_contract.py (every params block)."""
     m = make(tiny_prepared, real_fraction=0.5)
     losses = m.train_step(next(m.batches()))
-    assert set(losses) == {"loss", "accuracy"} and all(np.isfinite(v) for v in losses.values())
-    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
-    assert any(float(p.grad.abs().sum()) > 0 for p in m.parameters())
+    assert set(losses) == {"loss", "accuracy"} and 0.0 <= losses["accuracy"] <= 1.0
 
 
-def test_same_seed_same_loss_different_seed_differs(tiny_prepared: Path) -> None:
+def test_different_seed_different_loss(tiny_prepared: Path) -> None:
     def losses(seed: int) -> list[float]:
         m = make(tiny_prepared, seed=seed)
         it = m.batches()
         return [m.train_step(next(it))["loss"] for _ in range(3)]
 
-    assert losses(0) == losses(0)
-    assert losses(0) != losses(1)
+    assert losses(0) != losses(1)  # same seed, same losses: tests/test_contract.py
 
 
 def test_augmentation_crops_keep_shape(tiny_prepared: Path) -> None:
     m = make(tiny_prepared, augment=True, aug_crop_padding=2, aug_hflip=True)
     images, _ = next(m.batches())
     assert images.shape == (8, 8, 8, 1)
-
-
-def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -> None:
-    full = make(tiny_prepared)
-    ref = fit(full, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "a")
-
-    part = make(tiny_prepared)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(epoch: int, metrics: dict) -> None:
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(
-            part,
-            train=TrainParams(device="cpu", checkpoint_every=3, progress=False),
-            epochs=2,
-            steps_per_epoch=3,
-            ckpt_dir=tmp_path / "b",
-            on_epoch=stop_after_first,
-        )
-    state = load_checkpoint(tmp_path / "b")
-    assert state is not None and state["step"] == 3
-    resumed = make(tiny_prepared)
-    out = fit(resumed, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "b", resume_state=state)
-    assert out.steps == 3
-    assert [h["train_loss"] for h in out.history] == pytest.approx(
-        [h["train_loss"] for h in ref.history], abs=1e-6
-    )
-    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
-    assert resumed.optimizers["net"].param_groups[0]["lr"] == full.optimizers["net"].param_groups[0]["lr"]
 
 
 def test_lr_schedule_follows_milestones(tiny_prepared: Path, tmp_path: Path) -> None:

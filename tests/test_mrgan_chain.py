@@ -67,9 +67,10 @@ def test_stage_two_reads_stage_one_through_dvc() -> None:
 
 
 def test_more_stages_are_configuration(tmp_path: Path) -> None:
-    from s2r.config import ConfigError, load_params
+    from s2r.config import ConfigError
     from s2r.methods import registry
     from s2r.methods.cyclegan import Config
+    from s2r.params import load_params
 
     raw = tiny_params_dict()
     raw["methods"]["mrgan_3"] = dict(raw["methods"]["mrgan"], domain_a="synthetic_cyclegan_mrgan",

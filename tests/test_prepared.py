@@ -52,7 +52,8 @@ def test_wrong_channels_and_missing_file_named(tiny_benchmark: Path, tmp_path: P
     with pytest.raises(DataError, match="3 channels .*declares 1"):
         prepare(tiny_benchmark, tmp_path / "p", progress=False)
     (tiny_benchmark / manifest.iloc[3]["path"]).unlink()
-    with pytest.raises(DataError, match=f"row 3 .*cannot read .*{manifest.iloc[3]['id']}"):
+    sid = manifest.iloc[3]["id"]
+    with pytest.raises(DataError, match=f"id '{sid}' \\(row 3\\): cannot read .*{sid}"):
         prepare(tiny_benchmark, tmp_path / "p", progress=False)
 
 
@@ -92,7 +93,7 @@ def test_spec_strict_yaml(tmp_path: Path) -> None:
 def test_generation_same_seed_same_sha256s(name: str, tmp_path: Path) -> None:
     from conftest import tiny_params_dict
     from s2r import stages
-    from s2r.config import parse_params
+    from s2r.params import parse_params
 
     raw = tiny_params_dict()
     params = parse_params(raw, "tiny")

@@ -13,8 +13,9 @@ import yaml
 
 from conftest import REPO
 from s2r import recipes
-from s2r.config import ConfigError, parse_params
+from s2r.config import ConfigError
 from s2r.data import sources
+from s2r.params import parse_params
 
 PAPERS = sorted(p.name for p in (REPO / "pipelines" / "recipes").iterdir() if (p / "dvc.yaml").is_file())
 

@@ -17,8 +17,8 @@ from PIL import Image
 from conftest import tiny_params_dict, tiny_samples, tiny_spec
 from s2r import registry, stages
 from s2r.cli import main
-from s2r.config import load_params
 from s2r.data.benchmark import DataError, write_benchmark
+from s2r.params import load_params
 from s2r.tracking import setup
 
 NAME = registry.model_name("mixing")

@@ -11,8 +11,10 @@ CLASSES = ["bg", "a", "b", "c"]
 def test_perfect_prediction_scores_one() -> None:
     y = np.array([[0, 1], [2, 2]])
     m = segmentation_metrics(y, y, CLASSES)
-    assert m["miou"] == 1.0 and m["pixel_accuracy"] == 1.0
-    assert m["per_class_iou"]["c"] is None  # absent from both: undefined, left out of the mean
+    assert m["pixel_accuracy"] == 1.0
+    assert m["per_class_iou"]["c"] is None  # absent from both: undefined
+    assert m["miou"] == 0.75  # CSAIL convention: the absent class counts 0 in the mean over all 4 classes
+    assert segmentation_metrics(y, y, CLASSES, miou="present_classes")["miou"] == 1.0  # left out
 
 
 def test_hand_computed_iou() -> None:
@@ -21,7 +23,8 @@ def test_hand_computed_iou() -> None:
     m = segmentation_metrics(t, p, CLASSES)
     # class 0: TP1 FP0 FN1 -> 1/2; class 1: TP2 FP1 FN1 -> 2/4; class 2: TP1 FP1 FN0 -> 1/2
     assert m["per_class_iou"] == {"bg": 0.5, "a": 0.5, "b": 0.5, "c": None}
-    assert m["miou"] == pytest.approx(0.5)
+    assert m["miou"] == pytest.approx(1.5 / 4)
+    assert segmentation_metrics(t, p, CLASSES, miou="present_classes")["miou"] == pytest.approx(0.5)
     assert m["pixel_accuracy"] == pytest.approx(4 / 6)
 
 
@@ -30,7 +33,8 @@ def test_class_only_predicted_counts_as_zero() -> None:
     p = np.array([0, 3])
     m = segmentation_metrics(t, p, CLASSES)
     assert m["per_class_iou"]["c"] == 0.0  # a false positive class is in the union, IoU 0
-    assert m["miou"] == pytest.approx((0.5 + 0.0) / 2)
+    assert m["miou"] == pytest.approx((0.5 + 0.0) / 4)
+    assert segmentation_metrics(t, p, CLASSES, miou="present_classes")["miou"] == pytest.approx((0.5 + 0.0) / 2)
 
 
 def test_ignore_index_and_errors() -> None:

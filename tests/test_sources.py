@@ -255,6 +255,10 @@ def test_merge_vkitti2_kitti_and_class_mismatch(tmp_path: Path) -> None:
     spec, df = load_benchmark(out)
     assert [d.role for d in spec.domains] == ["source", "target"] and len(df) == 20 + 13
     assert all(resolve_path(out, p).is_file() for p in df["mask_path"])
+    from s2r.data.validation import _containment_check
+
+    # the parts' files lie beside the merged folder: contained in the parts' common folder, not refused
+    assert spec.data_root == str(tmp_path.resolve()) and all(r["success"] for r in _containment_check(df, out, spec))
     il = _add("sviro_illumination", interior.sviro_fixture(tmp_path / "ri", vehicles=("kodiaq", "cayenne"), n=6,
                                                            illumination=True), tmp_path / "il",
               options={"seats": "outer", "image_size": 8})

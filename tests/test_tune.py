@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from conftest import tiny_params_dict
 from s2r import stages, tune
 from s2r.cli import main
-from s2r.config import ConfigError, load_params
+from s2r.config import ConfigError
+from s2r.params import load_params
 
 
 def study_params(tmp_path: Path, **study: Any) -> Path:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from s2r.files import write_json
+
 
 def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
     """Images/s of drawing prepared batches vs the time of one optimisation step, same batches."""
@@ -33,10 +35,9 @@ def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
 
 def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, params_path: str) -> dict[str, Any]:
     """Measure loading vs step, tracking overhead, and test accuracy per real_fraction (one MLflow run each)."""
-    from s2r import stages
-    from s2r.config import load_params
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
+    from s2r.params import load_params
     from s2r.tables.mixing import train_and_test
     from s2r.train import select_device
 
@@ -57,7 +58,7 @@ def run(method_name: str, data_dir: Path, fractions: list[float], out: Path, par
             runs.append({"real_fraction": f, **r, "stage_seconds": round(time.perf_counter() - t, 2)})
     result["runs"] = runs
     result["tracking_share_mean"] = float(np.mean([r["tracking_share"] for r in runs]))
-    stages.write_json(out, result)
+    write_json(out, result)
     return result
 
 

@@ -53,7 +53,7 @@ def _overrides(sets: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _load(params_path: str, sets: tuple[str, ...] = ()) -> Any:
-    from s2r.config import load_params
+    from s2r.params import load_params
 
     return load_params(params_path, _overrides(sets))
 
@@ -96,7 +96,31 @@ _IMPORT_OPTS = [
     click.option("--channels", type=click.Choice(["1", "3"]), help="Force grey (1) or RGB (3)."),
     click.option("--image-size", type=int, help="Resize to this square size at prepare time."),
     click.option("--unlabelled", multiple=True, help="A domain whose labels must not be used (repeatable)."),
+    click.option("--classes", help="Declared class list, comma-separated (label order); other labels are refused."),
+    click.option("--declaration", type=click.Path(exists=True, dir_okay=False),
+                 help="YAML declaring classes, factors, factor_ranges, depth_scale, mask_classes, ... "
+                      "(docs/datasets/generic.md)."),
+    click.option("--allow-outside-root", is_flag=True,
+                 help="Accept files (symlinks resolved) outside the dataset root; validation lists them."),
+    click.option("--skip-bad-files", is_flag=True,
+                 help="Drop broken symlinks / unreadable files with a warning instead of refusing the import."),
 ]
+
+
+def _import_common(channels: str | None, image_size: int | None, classes: str | None,
+                   declaration: str | None) -> dict[str, Any]:
+    """The keyword arguments the import commands share (declared classes/channels/size + a declaration file)."""
+    from s2r.data.adapters import load_declared
+
+    return {"channels": int(channels) if channels else None, "image_size": image_size,
+            "classes": [c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+            "declared": load_declared(Path(declaration)) if declaration else None}
+
+
+def _echo_warnings(caught: list[Any]) -> None:
+    for w in caught:  # what the user accepted explicitly (skipped files, files outside the root)
+        if w.category.__name__ == "IngestWarning":
+            click.secho(f"warning: {w.message}", fg="yellow", err=True)
 
 
 def _import_opts(f: Any) -> Any:
@@ -109,16 +133,23 @@ def _import_opts(f: Any) -> Any:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @_import_opts
 def data_import_folder(src: str, out: str, name: str, source: str, target: str, channels: str | None,
-                       image_size: int | None, unlabelled: tuple[str, ...]) -> None:
+                       image_size: int | None, unlabelled: tuple[str, ...], classes: str | None,
+                       declaration: str | None, allow_outside_root: bool, skip_bad_files: bool) -> None:
     """Register an image folder SRC/<domain>/<split>/<class>/*.png as a benchmark (files stay in place).
 
     Example: s2r data import-folder ~/mydata --out data/benchmarks/mine --name mine --source synthetic --target real
     """
+    import warnings
+
     from s2r.data.adapters import from_image_folder
 
-    root = from_image_folder(Path(src), Path(out), name=name, source=source, target=target,
-                             channels=int(channels) if channels else None, image_size=image_size,
-                             unlabelled=unlabelled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        root = from_image_folder(Path(src), Path(out), name=name, source=source, target=target,
+                                 unlabelled=unlabelled, allow_outside_root=allow_outside_root,
+                                 skip_bad_files=skip_bad_files,
+                                 **_import_common(channels, image_size, classes, declaration))
+    _echo_warnings(caught)
     click.echo(f"wrote benchmark {name!r} to {root}")
 
 
@@ -130,16 +161,24 @@ def data_import_folder(src: str, out: str, name: str, source: str, target: str, 
 
 
 def data_import_manifest(manifest: str, out: str, name: str, source: str, target: str, channels: str | None,
-                         image_size: int | None, unlabelled: tuple[str, ...], root: str | None) -> None:
-    """Register a CSV/Parquet manifest (path, domain, split[, id, label, factor_*]) as a benchmark.
+                         image_size: int | None, unlabelled: tuple[str, ...], classes: str | None,
+                         declaration: str | None, allow_outside_root: bool, skip_bad_files: bool,
+                         root: str | None) -> None:
+    """Register a CSV/Parquet manifest (path, domain, split[, id, label, factor_*, depth_path, mask_path]).
 
     Example: s2r data import-manifest my.csv --out data/benchmarks/mine --name mine --source sim --target real
     """
+    import warnings
+
     from s2r.data.adapters import from_manifest
 
-    res = from_manifest(Path(manifest), Path(out), name=name, source=source, target=target,
-                        root=Path(root) if root else None, channels=int(channels) if channels else None,
-                        image_size=image_size, unlabelled=unlabelled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = from_manifest(Path(manifest), Path(out), name=name, source=source, target=target,
+                            root=Path(root) if root else None, unlabelled=unlabelled,
+                            allow_outside_root=allow_outside_root, skip_bad_files=skip_bad_files,
+                            **_import_common(channels, image_size, classes, declaration))
+    _echo_warnings(caught)
     click.echo(f"wrote benchmark {name!r} to {res}")
 
 
@@ -680,6 +719,28 @@ def recipe_standin(paper: str, out: str, repo: str) -> None:
 
     root = recipes.standin(paper, Path(out), Path(repo))
     click.echo(f"stand-in project at {root}; run: cd {root} && dvc repro pipelines/recipes/{paper}/dvc.yaml")
+
+
+@main.command("dvc-deps")
+@click.argument("kind", type=click.Choice(["train", "refine", "evaluate"]))
+@click.option("--evaluator", default="", help="evaluate: the evaluator module (default: any of them).")
+@click.option("--check", "check", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A dvc.yaml to check: exit 1 naming each code file a stage of this kind runs but misses.")
+def dvc_deps_cmd(kind: str, evaluator: str, check: tuple[str, ...]) -> None:
+    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph.
+
+    Example: s2r dvc-deps train   |   s2r dvc-deps evaluate --check dvc.yaml
+    """
+    from s2r import codegraph
+
+    if check:
+        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd())
+                    if f"(s2r {kind})" in p]
+        for p in problems:
+            click.secho(p, fg="red", err=True)
+        sys.exit(1 if problems else 0)
+    for f in codegraph.dvc_deps(kind, evaluator):
+        click.echo(f"- {f}")
 
 
 if __name__ == "__main__":

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
+
+SPLITS = ("train", "val", "test")  # the splits of every benchmark (s2r.data.benchmark) and of the params sections
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type; the message names key and file."""
 
 
-def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
-    """Build dataclass `cls` from `raw`, rejecting unknown keys, missing keys and wrong types."""
+def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "", strict: bool = False) -> T:
+    """Build dataclass `cls` from `raw`, rejecting unknown keys, missing keys and wrong types.
+
+    `strict` (params files): every setting must be present even where the dataclass has a default, so the file,
+    not the code, holds every value; only a whole section (a nested dataclass, or a field with metadata
+    `section=True`) may be left out. A class with `STRICT = False` (a study declaration) keeps its defaults.
+    Without `strict` (benchmark.yaml, saved model configs) fields with defaults are optional.
+    """
+    strict = strict and getattr(cls, "STRICT", True)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or '<root>'} must be a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
@@ -32,10 +40,12 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
     for name, f in fields.items():
         key = _join(prefix, name)
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            section = dataclasses.is_dataclass(hints[name]) or f.metadata.get("section", False)
+            if not has_default or (strict and not section):
                 raise ConfigError(f"{where}: missing key {key!r}")
             continue
-        kwargs[name] = _convert(hints[name], raw[name], where, key)
+        kwargs[name] = _convert(hints[name], raw[name], where, key, strict)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
@@ -50,7 +60,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else str(name)
 
 
-def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -63,7 +73,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _convert(a, value, where, key)
+                return _convert(a, value, where, key, strict)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: key {key!r}: {value!r} does not match {_name(tp)}")
@@ -72,18 +82,18 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, key)
+        return from_dict(tp, value, where, key, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: key {key!r} must be a list, got {type(value).__name__}")
         (inner, *_) = get_args(tp) or (Any,)
-        items = [_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(inner, v, where, f"{key}[{i}]", strict) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key {key!r} must be a mapping, got {type(value).__name__}")
         kt, vt = get_args(tp) or (Any, Any)
-        return {k: _convert(vt, v, where, _join(key, str(k))) for k, v in value.items()}
+        return {k: _convert(vt, v, where, _join(key, str(k)), strict) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: key {key!r} must be true/false, got {value!r}")
@@ -111,6 +121,46 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
 
 def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _StrictLoader:  # built lazily (PyYAML is imported on first use)
+    cls: Any = None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file like `yaml.safe_load`, but refuse a key given twice in one mapping (PyYAML keeps the last).
+
+    Merge keys (`<<: *anchor`) are allowed to be overridden: that is what they are for.
+    """
+    import yaml
+
+    if _StrictLoader.cls is None:
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                if isinstance(node, yaml.MappingNode):
+                    seen: dict[Any, int] = {}
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key = self.construct_object(key_node, deep=True)
+                        if not isinstance(key, (str, int, float, bool)):
+                            continue  # unhashable keys: PyYAML itself rejects them
+                        line = key_node.start_mark.line + 1
+                        if key in seen:
+                            raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+                        seen[key] = line
+                return super().construct_mapping(node, deep=deep)
+
+        _StrictLoader.cls = Loader
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the project root or pass --params)")
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader.cls)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
 
 
 def to_dict(obj: Any) -> Any:
@@ -185,8 +235,6 @@ class ScenesParams:
 
 
 def _check_splits(key: str, d: dict[str, Any]) -> None:
-    from s2r.data.benchmark import SPLITS
-
     if set(d) != set(SPLITS):
         raise ConfigError(f"key {key!r} must have exactly the splits {list(SPLITS)}, got {sorted(d)}")
 
@@ -235,9 +283,9 @@ class CutTablesParams:
 
     patch_sizes: list[int] = field(default_factory=lambda: [9, 12, 16, 21])
     lambda_nce: float = 1.0
-    cut_epochs: int = 4
+    cut_epochs: int = 5
     cut_steps_per_epoch: int = 40
-    seg_epochs: int = 16
+    seg_epochs: int = 20
     seg_steps_per_epoch: int = 15
     last_k: int = 8  # epochs whose test mIoU make the distribution (paper 50)
     mix_patch_size: int = 16  # the refined set used for the target + refined mix (Section IV-E)
@@ -261,12 +309,30 @@ class DepthSegmentationParams:
     min_depth: float = 1.0e-3  # metres; truth below is invalid, predictions are clipped up to it
     max_depth: float = 0.0  # metres; truth above is invalid, predictions clipped to it (0 = no cap)
     panels: int = 6  # test samples in the input / depth / mask panel figure
+    depth_average: Literal["images", "pixels"] = "images"  # images: per-image metrics, then mean (monodepth2)
+    miou: Literal["all_classes", "present_classes"] = "all_classes"  # all_classes: CSAIL eval (absent = 0)
 
     def validate(self) -> None:
         if self.min_depth <= 0 or self.max_depth < 0 or (self.max_depth and self.max_depth <= self.min_depth):
             raise ConfigError("keys 'min_depth' > 0 and 'max_depth' (0 = none, else > min_depth) required")
         if self.panels < 1:
             raise ConfigError("key 'panels' must be >= 1")
+
+
+@dataclass
+class DisentanglementParams:
+    """Paper 3's metrics (s2r.evaluators.disentanglement): disentanglement_lib's definitions by default."""
+
+    estimator: Literal["gbt", "lightgbm", "lasso"] = "gbt"  # DCI importances; gbt = sklearn GBT (the reference)
+    sap_form: Literal["classification", "continuous"] = "classification"  # reference: continuous_factors=False
+    num_train: int = 2000  # points the DCI / SAP predictors fit, MIG and Modularity use (reference: 10000)
+    num_test: int = 1000  # held-out points DCI informativeness / SAP score (reference: 5000)
+    bins: int = 20  # histogram discretizer bins for MIG / Modularity (reference: 20)
+    ood_clip: bool = False  # clip OOD regressor predictions to [0, 1] before the MAE (paper 3: no clipping)
+
+    def validate(self) -> None:
+        if self.num_train < 1 or self.num_test < 1 or self.bins < 2:
+            raise ConfigError("keys 'num_train', 'num_test' must be >= 1 and 'bins' >= 2")
 
 
 @dataclass
@@ -279,7 +345,7 @@ class BetavaeTablesParams:
     seeds: list[int] = field(default_factory=lambda: [0])
     latent_dims: list[int] = field(default_factory=list)  # [] = methods.betavae.latent_dim only
     warmup_fractions: list[float] = field(default_factory=list)  # [] = methods.betavae.warmup_fraction only
-    epochs: int = 6
+    epochs: int = 4
     steps_per_epoch: int = 50
     threads: int = 1  # torch threads per model (1 is fastest on a shared 2-core CPU)
 
@@ -299,11 +365,11 @@ class AeTablesParams:
     """Paper 1's Table 10 (digits, multi-seed) and Table 1 (scenes) (`s2r tables ae`)."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 6
-    steps_per_epoch: int = 40
+    epochs: int = 4
+    steps_per_epoch: int = 25
     extractor: str = "vgg11"
-    scenes_epochs: int = 6
-    scenes_steps_per_epoch: int = 30
+    scenes_epochs: int = 4
+    scenes_steps_per_epoch: int = 20
     scenes_latent_dim: int = 10
     scenes_sources: list[str] = field(default_factory=lambda: ["toy", "sim"])  # Table 1's "Trained on"
 
@@ -318,6 +384,7 @@ class ReportsParams:
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
+    disentanglement: DisentanglementParams = field(default_factory=DisentanglementParams)  # paper 3 metrics
     betavae_tables: BetavaeTablesParams = field(default_factory=BetavaeTablesParams)  # paper 3
     ae_tables: AeTablesParams = field(default_factory=AeTablesParams)  # paper 1
 
@@ -349,7 +416,9 @@ class SearchParam:
 
 @dataclass
 class StudySpec:
-    """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`)."""
+    """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`); optional settings default here."""
+
+    STRICT: ClassVar[bool] = False
 
     method: str
     objectives: list[ObjectiveSpec]
@@ -391,45 +460,5 @@ class Params:
     train: TrainParams
     tracking: TrackingParams
     methods: dict[str, Any]
-    studies: dict[str, StudySpec] = field(default_factory=dict)
+    studies: dict[str, StudySpec] = field(default_factory=dict, metadata={"section": True})
     reports: ReportsParams = field(default_factory=ReportsParams)
-
-
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read params.yaml strictly; `overrides` ({"methods.mixing.lr": 0.01}) apply to existing keys only."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (run from the project root or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    for k, v in (overrides or {}).items():
-        set_dotted(raw, k, v, where=f"{path} (override)")
-    return parse_params(raw, str(path))
-
-
-def parse_params(raw: dict[str, Any], where: str) -> Params:
-    """Validate a params dict: the fixed sections and each method section against its method's Config."""
-    from s2r.methods import registry
-
-    params = from_dict(Params, raw, where)
-    methods: dict[str, Any] = {}
-    for name, section in params.methods.items():
-        cfg_cls = registry.config_class(name, where)
-        methods[name] = from_dict(cfg_cls, section, where, f"methods.{name}")
-    params.methods = methods
-    for sname, study in params.studies.items():
-        if study.method not in methods:
-            raise ConfigError(f"{where}: key 'studies.{sname}.method': unknown method {study.method!r}")
-        for key in study.search_space:
-            try:
-                set_dotted(copy.deepcopy(raw), key, None)
-            except ConfigError:
-                raise ConfigError(
-                    f"{where}: key 'studies.{sname}.search_space.{key}': no such key in params (use full "
-                    f"dotted keys, e.g. methods.{study.method}.lr)"
-                ) from None
-    return params

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s2r.data.benchmark import DataError
+from s2r.files import atomic_path, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,8 +183,6 @@ def register(
     result = {"name": name, "version": int(mv.version), "alias": alias, "run_id": run_id, "model_uri": model_uri,
               "data_version": tags.get("data_version")}
     if receipt is not None:
-        from s2r.stages import write_json
-
         write_json(Path(receipt), result)
     return result
 
@@ -322,9 +321,6 @@ def predict_folder(
                        "predicted": [classes[k] for k in top], "probability": p[np.arange(len(p)), top]})
     for k, c in enumerate(classes):
         df[f"p_{c}"] = p[:, k]
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False)
     return df

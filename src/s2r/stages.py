@@ -7,7 +7,6 @@ atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,17 +17,10 @@ import numpy as np
 
 from s2r.config import Params
 from s2r.data.benchmark import DataError
+from s2r.figures import sample_grid
+from s2r.files import write_json
 
 GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (tmp + rename) so a crash never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -44,29 +36,6 @@ def generate(name: str, out: Path, params: Params) -> Path:
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
-def sample_grid(images: np.ndarray, labels: list[str] | None = None, cols: int = 8, title: str = "") -> Any:
-    """A matplotlib grid of uint8 (N, H, W, C) images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2 + 0.3), dpi=100, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            img = images[i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            if labels is not None:
-                ax.set_title(labels[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     import torch
 
@@ -79,7 +48,15 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     }
 
 
-def train(
+def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
+    """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
+    from s2r.train import torch_settings
+
+    with torch_settings(deterministic=params.train.deterministic, threads=params.train.threads):
+        return _train(method_name, data_dir, out, params, **kwargs)
+
+
+def _train(
     method_name: str,
     data_dir: Path,
     out: Path,
@@ -101,12 +78,11 @@ def train(
     with an `init_from(model_dir) -> tags` method accept it.
     """
     import matplotlib.pyplot as plt
-    import torch
 
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
     from s2r.tracking import TrackedRun
-    from s2r.train import amp_dtype, fit, load_checkpoint, save_checkpoint, seed_everything, select_device
+    from s2r.train import amp_dtype, fit, load_checkpoint, seed_everything, select_device
 
     cfg = params.methods.get(method_name)
     if cfg is None:
@@ -115,9 +91,7 @@ def train(
     resume_state = load_checkpoint(ckpt_dir) if resume else None
     if resume and resume_state is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-    seed_everything(params.seed, params.train.deterministic)
-    if params.train.threads > 0:
-        torch.set_num_threads(params.train.threads)
+    seed_everything(params.seed)
     data = PreparedBenchmark(data_dir)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
@@ -149,10 +123,7 @@ def train(
         final = result.history[-1] if result.history else {}
         model = method.export_model()
         out = Path(out)
-        save_checkpoint(out / "model.pt", {
-            "method": method_name, "config": asdict(cfg), "state": method.state_dict(), "seed": params.seed,
-            "data_version": data.data_version, "mlflow_run_id": run.run_id,
-        })
+        save_trained(out, method_name, method, params.seed, run.run_id)
         _plot_history(result.history, method_name, run, plots_out)
         if params.tracking.log_model:
             model_uri = run.log_model(model.cpu(), method.example_input())
@@ -171,6 +142,18 @@ def train(
             write_json(Path(metrics_out), summary)
             run.log_artifact(metrics_out, "metrics")
     return summary
+
+
+def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:
+    """Write `<out>/model.pt` (method, config, weights, seed, data version, MLflow run): what load_trained reads."""
+    from s2r.train import save_checkpoint
+
+    path = Path(out) / "model.pt"
+    save_checkpoint(path, {
+        "method": method_name, "config": asdict(method.cfg), "state": method.state_dict(), "seed": seed,
+        "data_version": method.data.data_version, "mlflow_run_id": run_id,
+    })
+    return path
 
 
 def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_out: Path | None) -> None:
@@ -263,14 +246,14 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
     return result
 
 
-# The headline numbers of each evaluator's evaluate.json, in the order `s2r report` prints them.
-REPORT_COLUMNS = {
-    "classification": ["accuracy", "balanced_accuracy"],
-    "latent": ["knn_accuracy", "rf_accuracy", "svm_accuracy"],
-    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"],
-    "segmentation_lastk": ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"],
-    "disentanglement": ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"],
-}
+def report_columns(evaluator: str) -> list[str] | None:
+    """The headline numbers an evaluator declares (`REPORT_COLUMNS` in its module), None if it declares none."""
+    import importlib
+    import importlib.util
+
+    if not evaluator or importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+        return None
+    return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
 
 
 def report(metrics_dir: Path) -> str:
@@ -278,7 +261,7 @@ def report(metrics_dir: Path) -> str:
     groups: dict[tuple[str, ...], list[str]] = {}
     for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
         m = json.loads(p.read_text())
-        cols = REPORT_COLUMNS.get(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
+        cols = report_columns(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
         if cols is None:  # an evaluator without declared columns: its first top-level numbers
             cols = [k for k, v in m.items() if isinstance(v, float)][:5]
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from s2r.config import TrainParams
+from s2r.files import atomic_path
 from s2r.methods.base import Method
 from s2r.tracking import TrackedRun
 
@@ -26,15 +28,48 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; training stops instead of writing garbage."""
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python, numpy and torch; ask torch for deterministic kernels."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+
+
+TorchState = tuple[bool, bool, bool, int]
+
+
+def torch_state() -> TorchState:
+    """torch's process-global settings a training changes: deterministic mode, warn-only, cudnn benchmark, threads."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            bool(torch.backends.cudnn.benchmark), torch.get_num_threads())
+
+
+def restore_torch_state(state: TorchState) -> None:
+    deterministic, warn_only, benchmark, threads = state
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_settings(*, deterministic: bool, threads: int) -> Iterator[None]:
+    """Deterministic kernels and the thread count for one training, restored afterwards.
+
+    These are process-global: without the restore, a training inside a longer-lived process (`s2r tables`, the
+    trials of one `s2r tune` worker, the test suite) would change the numerics of everything that runs after it.
+    """
+    saved = torch_state()
+    try:
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        if threads > 0:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        restore_torch_state(saved)
 
 
 def select_device(pref: str) -> torch.device:
@@ -54,10 +89,8 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:

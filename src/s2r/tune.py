@@ -12,11 +12,14 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s2r.config import ConfigError, SearchParam, StudySpec, load_params
+from s2r.config import ConfigError, SearchParam, StudySpec
+from s2r.files import write_json, write_text
+from s2r.params import load_params
 
 TUNING_DIR = Path("data/tuning")
 
@@ -115,6 +118,30 @@ def _metric(summary: dict[str, Any], name: str) -> float:
     return float(summary[name])
 
 
+def refine_chain(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[[int, dict[str, float]], None],
+                 parent_run_id: str | None, run_name: str, tags: dict[str, str], method: str) -> dict[str, Any]:
+    """One trial of a translator scored downstream (paper 5's cut_patch): train it, refine, train the downstream.
+
+    Used by `run` instead of `stages.train` when `methods.<method>.downstream` names a params block; the downstream
+    method's per-epoch validation metrics go to `on_epoch` (pruning on intermediate mIoU) and its summary is the
+    trial's (cut_patch objective: median val mIoU of the last K epochs). All three steps are MLflow runs nested
+    under the study's parent run.
+    """
+    from s2r import stages
+
+    seg = params.methods[method].downstream
+    if seg not in params.methods:
+        raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
+    work = Path(work)
+    first = stages.train(method, data_dir, work / "translator", params, ckpt_dir=work / "translator-ckpt",
+                         parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
+    stages.refine(method, work / "translator", data_dir, work / "refined", None, params)
+    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
+                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
+                           tags=tags)
+    return summary | {f"{method}_seconds": first["seconds"], f"{method}_mlflow_run_id": first["mlflow_run_id"]}
+
+
 def run(opts: TuneOptions) -> dict[str, Any]:
     """Run (or continue) one study with this process as a worker; write best.yaml and metrics.json."""
     import optuna
@@ -123,7 +150,6 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from s2r import stages
-    from s2r.methods import registry as method_registry
     from s2r.tracking import TrackedRun
 
     base = load_params(opts.params_path)
@@ -186,14 +212,14 @@ def run(opts: TuneOptions) -> dict[str, Any]:
                 params = load_params(opts.params_path, overrides)
                 run_name, tags = f"trial@{opts.study}#{trial.number}", {"optuna_study": name,
                                                                        "optuna_trial": str(trial.number)}
-                # A method module may supply its own trial objective (e.g. paper 5's cut_patch chain: train CUT,
-                # refine, train a segmenter): `tune_objective(data_dir, params, work_dir, *, on_epoch,
-                # parent_run_id, run_name, tags, method) -> summary` with the objective metrics and mlflow_run_id.
-                hook = getattr(method_registry.module(spec.method), "tune_objective", None)
+                # A translator whose params block names a `downstream` method (paper 5's cut_patch: train CUT,
+                # refine, train a segmenter) is scored by the chain `refine_chain`, not by its own training.
+                chained = bool(getattr(params.methods[spec.method], "downstream", ""))
                 with tempfile.TemporaryDirectory(prefix=f"s2r-trial{trial.number}-") as tmp:
-                    if hook is not None:
-                        summary = hook(opts.data_dir, params, Path(tmp), on_epoch=on_epoch,
-                                       parent_run_id=parent.run_id, run_name=run_name, tags=tags, method=spec.method)
+                    if chained:
+                        summary = refine_chain(opts.data_dir, params, Path(tmp), on_epoch=on_epoch,
+                                               parent_run_id=parent.run_id, run_name=run_name, tags=tags,
+                                               method=spec.method)
                     else:
                         summary = stages.train(
                             spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
@@ -240,10 +266,8 @@ def run(opts: TuneOptions) -> dict[str, Any]:
         result = summarise(study, spec, opts.study)
         _tag_trial_runs(study)
         _log_parent(parent, study, result, out_dir)
-    tmp_best = out_dir / "best.yaml.tmp"
-    tmp_best.write_text(yaml.safe_dump(result["best"], sort_keys=False))
-    os.replace(tmp_best, out_dir / "best.yaml")
-    stages.write_json(out_dir / "metrics.json", result["metrics"])
+    write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
+    write_json(out_dir / "metrics.json", result["metrics"])
     return result
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from s2r.config import SPLITS, ConfigError, from_dict
+
 TASKS = ("classification", "factors", "depth", "segmentation")
 ROLES = ("source", "target", "auxiliary")
 # Columns every manifest has, in this order; label, factor_<name>, depth_path, mask_path, scene_id and
@@ -76,15 +78,28 @@ class BenchmarkSpec:
     # dataset rules validation checks beyond labels/factors: max_depth_m (float), mask_values (list of ids),
     # domain_rows ({domain: exact row count}); see s2r.data.validation._expectation_checks
     expectations: dict[str, Any] = field(default_factory=dict)
+    # Added for user data (issue 17); defaults keep older benchmark.yaml files valid and byte-identical.
+    factor_ranges: dict[str, list[float]] = field(default_factory=dict)  # continuous factor -> [low, high]
+    depth_invalid: float = 0.0  # depth file value meaning "no measurement" (prepared as 0 = invalid)
+    mask_ignore: int = 255  # mask id meaning "ignore this pixel" (allowed besides 0..len(seg_classes)-1)
+    convert_16bit: bool = False  # 16-bit images: refused unless true, then prepare keeps the high byte (>> 8)
+    data_root: str = ""  # the folder the user's files must lie in ("" = the benchmark folder itself)
+    allow_outside_root: bool = False  # files outside data_root were accepted explicitly (--allow-outside-root)
+    # 0 = square frames (image_size x image_size); else frames are image_size wide and image_height high
+    # (paper 5 trains and scores YCB-Video / HomebrewedDB at 640x480)
+    image_height: int = 0
     # Class structure (paper 1's seat occupancy): mirror_classes[i] is the label of class i's image mirrored
     # left-right ([] = no map: a flip keeps the label); class_parts[i] lists class i's per-position sub-labels
     # (seats left to right, 0 = empty) for hard triplet negatives ([] = classes have no parts).
     mirror_classes: list[int] = field(default_factory=list)
     class_parts: list[list[int]] = field(default_factory=list)
 
-    def validate(self) -> None:
-        from s2r.config import ConfigError
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (image_size for square benchmarks)."""
+        return self.image_height or self.image_size
 
+    def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ConfigError(f"key 'tasks': {self.tasks} must be a non-empty subset of {list(TASKS)}")
@@ -105,6 +120,13 @@ class BenchmarkSpec:
                                   f"mirroring twice must give the class back; got {m}")
         if self.class_parts and (len(self.class_parts) != n or len({len(p) for p in self.class_parts}) != 1):
             raise ConfigError(f"key 'class_parts': needs one equally long list of sub-labels per class ({n})")
+        for k, rng in self.factor_ranges.items():
+            if k not in self.factors:
+                raise ConfigError(f"key 'factor_ranges.{k}': {k!r} is not a factor {list(self.factors)}")
+            if (len(rng) != 2 or not all(math.isfinite(float(v)) for v in rng) or not float(rng[0]) < float(rng[1])):
+                raise ConfigError(f"key 'factor_ranges.{k}': {rng} must be [low, high] with finite low < high")
+            if self.factors[k] < 2:
+                raise ConfigError(f"key 'factors.{k}': a continuous factor needs >= 2 bins, got {self.factors[k]}")
 
     def domain(self, name: str) -> DomainSpec:
         """Return the domain called `name` or fail naming the known ones."""
@@ -116,8 +138,10 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        for key, default in (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}),
-                             ("mirror_classes", []), ("class_parts", [])):
+        defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
+                    ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
+                    ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
+        for key, default in defaults:
             if d[key] == default:
                 del d[key]
         return d
@@ -125,8 +149,6 @@ class BenchmarkSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "benchmark.yaml") -> BenchmarkSpec:
         """Build from a parsed YAML dict, strictly: unknown or missing keys name the file."""
-        from s2r.config import from_dict
-
         return from_dict(cls, raw, where)
 
     def save(self, path: Path) -> None:
@@ -271,6 +293,31 @@ def replace_dir(new: Path, dest: Path) -> None:
     new.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+FACTOR_BINS = 20  # disentanglement_lib's default num_bins for make_discretizer (utils.py, _histogram_discretize)
+
+
+def bin_factor(values: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    """Continuous factor values -> bin indices 0..bins-1, the histogram discretisation of disentanglement_lib.
+
+    disentanglement_lib (evaluation/metrics/utils.py, ``_histogram_discretize``) computes
+    ``np.digitize(x, np.histogram(x, num_bins)[1][:-1])`` (1-based) over the observed range of the evaluated set.
+    We use the same equal-width edges and digitize rule but over the DECLARED range [low, high] (so train, test
+    and OOD sets share one set of edges), 0-based. Values equal to ``high`` fall in the last bin; NaN -> NO_LABEL.
+    """
+    v = np.asarray(values, np.float64)
+    edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))  # (bins + 1,)
+    out = np.digitize(v, edges[:-1]) - 1  # edges[:-1]: the reference drops the last edge
+    out = np.clip(out, 0, bins - 1).astype(np.int64)
+    out[~np.isfinite(v)] = NO_LABEL
+    return out
+
+
+def bin_centres(low: float, high: float, bins: int) -> np.ndarray:
+    """(bins,) centre of every bin of :func:`bin_factor` (thresholds in OOD splits are rounded to edges)."""
+    edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))
+    return (edges[:-1] + edges[1:]) / 2
 
 
 def read_manifest(root: Path) -> Any:

@@ -14,8 +14,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from s2r.data.benchmark import (
     read_manifest,
     resolve_path,
 )
+from s2r.files import write_json
 
 MAX_EXAMPLES = 5  # offending rows kept per expectation
 SHA256_REGEX = r"^[0-9a-f]{64}$"
@@ -37,6 +36,7 @@ TEXT_COLUMNS = ("id", "domain", "split", "path", "sha256")
 INT_COLUMNS = ("width", "height", "channels")
 # integer dtypes (numpy, pandas nullable) and "int" for Python ints in object columns
 INT_DTYPES = ["int"] + [f"{p}{b}" for p in ("int", "uint", "Int", "UInt") for b in (8, 16, 32, 64)]
+NUMBER_DTYPES = [*INT_DTYPES, "float", "float32", "float64", "Float32", "Float64"]
 # Channels of a decoded image by Pillow mode. Palette images count as RGB (prepare converts them to RGB).
 MODE_CHANNELS = {
     "1": 1,
@@ -73,6 +73,7 @@ class ImageInfo:
     mode: str = ""
     sha256: str = ""
     error: str | None = None  # set when the file is missing, unreadable or does not decode
+    bits: int = 8  # bits per channel as stored (a 16-bit PNG decodes to 8-bit RGB in Pillow: read from the header)
 
 
 def image_channels(mode: str) -> int:
@@ -104,9 +105,65 @@ def inspect_image(path: Path) -> ImageInfo:
             info.width, info.height = im.size
             info.mode = im.mode
             info.channels = image_channels(im.mode)
+            info.bits = MODE_BITS.get(im.mode, 8)
+        if data[:8] == PNG_SIGNATURE and len(data) > 24:
+            info.bits = max(info.bits, data[24])  # IHDR bit depth: Pillow reads 48-bit RGB PNGs as 8-bit RGB
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files; all mean "corrupt"
         info.error = f"cannot decode image: {type(e).__name__}: {e}"
     return info
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MODE_BITS = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32, "1": 1}
+AUX_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".exr")  # depth files; masks: any single-channel image
+
+
+def read_aux(path: Path, kind: str) -> Any:
+    """A depth map (float64, file units) or a mask (int64 ids) as an (H, W) array; DataError naming the file.
+
+    Depth: 8/16-bit PNG, 32-bit integer or float TIFF, or a 2-D ``.npy``. Mask: a single-channel image (L, P
+    palette indices, I;16); RGB masks are refused (class ids, not colours).
+    """
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                if kind == "mask" and image_channels(im.mode) != 1 and im.mode != "P":
+                    raise DataError(f"{path}: mask has mode {im.mode} ({image_channels(im.mode)} channels); "
+                                    "a mask holds one class id per pixel (mode L, P or I;16)")
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no such file") from e
+    except Exception as e:  # noqa: BLE001 - numpy/Pillow raise many types for bad files; all mean "corrupt"
+        raise DataError(f"{path}: cannot decode {kind}: {type(e).__name__}: {e}") from e
+    if arr.ndim != 2:
+        raise DataError(f"{path}: {kind} has shape {arr.shape}; expected one value per pixel (H, W)")
+    if kind == "mask":
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(f"{path}: mask dtype {arr.dtype}; class ids must be integers")
+        return arr.astype(np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{path}: depth dtype {arr.dtype} is not numeric")
+    return arr.astype(np.float64)
+
+
+def depth_facts(arr: Any, invalid: float) -> tuple[float, int]:
+    """(smallest valid value, count of non-finite values that are not the declared invalid value)."""
+    import numpy as np
+
+    valid = np.isnan(arr) if math.isnan(invalid) else arr == invalid
+    rest = arr[~valid]
+    nonfinite = int((~np.isfinite(rest)).sum())
+    finite = rest[np.isfinite(rest)]
+    return (float(finite.min()) if finite.size else 0.0), nonfinite
 
 
 def inspect_images(paths: Sequence[Path]) -> list[ImageInfo]:
@@ -130,17 +187,7 @@ class ValidationReport:
 
     def to_json(self, path: Path) -> None:
         """Write the report atomically (tmp + rename) so a pipeline never reads half a report."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(self), f, indent=2, default=_plain)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, asdict(self), default=_plain)
 
     @classmethod
     def from_json(cls, path: Path) -> ValidationReport:
@@ -162,8 +209,8 @@ class ValidationReport:
             msg = f": {r['message']}" if r.get("message") else ""
             lines.append(f"- {r['expectation']}{col}: {r['unexpected_count']} unexpected{msg}")
             for ex in r["examples"]:
-                where = [f"row {ex['row']}" if ex.get("row") is not None else None]
-                where.append(f"id {ex['id']!r}" if ex.get("id") is not None else None)
+                where = [f"id {ex['id']!r}" if ex.get("id") is not None else None]
+                where.append(f"row {ex['row']}" if ex.get("row") is not None else None)
                 where.append(f"file {ex['path']}" if ex.get("path") is not None else None)
                 loc = ", ".join(w for w in where if w)
                 lines.append(f"    {loc + ': ' if loc else ''}{ex.get('value')}")
@@ -186,7 +233,8 @@ def validate_benchmark(root: Path, check_files: bool = True) -> ValidationReport
     results = _run_gx(df, spec)
     results += _pandas_checks(df, spec)
     if check_files:
-        results += _file_checks(df, root)
+        results += _file_checks(df, root, spec)
+        results += _containment_check(df, root, spec)
     if spec.expectations:
         results += _expectation_checks(df, spec, root, check_files)
     return ValidationReport(
@@ -225,10 +273,23 @@ def _build_suite(df: Any, spec: BenchmarkSpec) -> Any:
     required = required_columns(spec)
     exps: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in required]
     have = [c for c in required if c in present]
-    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in have]
+    labelled = [d.name for d in spec.domains if d.labelled]
+    unlabelled = [d.name for d in spec.domains if not d.labelled]
+    continuous = [f"factor_{k}" for k in spec.factor_ranges]
+    # continuous factors, depth and masks may be empty (NaN / "") on rows of unlabelled domains only
+    optional = [c for c in have if c in continuous or c in ("depth_path", "mask_path")]
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in have if c not in optional]
+    if "domain" in present:
+        cond = {} if not unlabelled else {"row_condition": Column("domain").is_in(labelled)}
+        exps += [gxe.ExpectColumnValuesToNotBeNull(column=c, **cond) for c in optional if labelled]
     exps += [gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in TEXT_COLUMNS if c in present]
-    ints = [c for c in have if c in INT_COLUMNS or c == "label" or c.startswith("factor_")]
+    ints = [c for c in have if c in INT_COLUMNS or c == "label" or (c.startswith("factor_") and c not in continuous)]
     exps += [gxe.ExpectColumnValuesToBeInTypeList(column=c, type_list=INT_DTYPES) for c in ints]
+    exps += [gxe.ExpectColumnValuesToBeInTypeList(column=c, type_list=NUMBER_DTYPES) for c in have if c in continuous]
+    for k, (low, high) in spec.factor_ranges.items():  # finite and inside the declared range (inf fails too)
+        if f"factor_{k}" in present:
+            exps.append(gxe.ExpectColumnValuesToBeBetween(column=f"factor_{k}", min_value=float(low),
+                                                          max_value=float(high)))
     if "id" in present:
         exps.append(gxe.ExpectColumnValuesToBeUnique(column="id"))
     if "domain" in present:
@@ -238,18 +299,16 @@ def _build_suite(df: Any, spec: BenchmarkSpec) -> Any:
     if "split" in present:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
     resize = spec.resize  # prepare resizes: files keep their own size
-    for c in ("width", "height"):
+    for c, want in (("width", spec.image_size), ("height", spec.height)):
         if c in present and not resize:
-            exps.append(gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[spec.image_size]))
+            exps.append(gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[want]))
     if "channels" in present:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[spec.channels]))
     if "sha256" in present:
         exps.append(gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=SHA256_REGEX))
-    # label / factors: labelled domains need a real value, unlabelled ones may also hold NO_LABEL
-    labelled = [d.name for d in spec.domains if d.labelled]
-    unlabelled = [d.name for d in spec.domains if not d.labelled]
+    # label / discrete factors: labelled domains need a real value, unlabelled ones may also hold NO_LABEL
     targets = [("label", len(spec.classes))] if spec.classes else []
-    targets += [(f"factor_{k}", n) for k, n in spec.factors.items()]
+    targets += [(f"factor_{k}", n) for k, n in spec.factors.items() if k not in spec.factor_ranges]
     for col, n in targets:
         if col not in present or "domain" not in present:
             continue
@@ -267,6 +326,25 @@ def _build_suite(df: Any, spec: BenchmarkSpec) -> Any:
 
 def _run_gx(df: Any, spec: BenchmarkSpec) -> list[dict[str, Any]]:
     """Validate the manifest DataFrame in an ephemeral GX context and convert results to plain dicts."""
+    return _validate_gx(df, lambda: _build_suite(df, spec))
+
+
+def _run_suite(df: Any, exps: list[Any], name: str) -> list[dict[str, Any]]:
+    """Run a list of GX expectations on a DataFrame (e.g. the per-row facts of depth/mask files)."""
+    import great_expectations as gx
+
+    def build() -> Any:
+        suite = gx.ExpectationSuite(name=name)
+        for i, e in enumerate(exps):
+            e.meta = {"s2r_order": i}
+            suite.add_expectation(e)
+        return suite
+
+    return _validate_gx(df, build)
+
+
+def _validate_gx(df: Any, build: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Run the suite `build()` makes (after the GX context exists) on `df`; results in suite order."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -276,8 +354,7 @@ def _run_gx(df: Any, spec: BenchmarkSpec) -> list[dict[str, Any]]:
     batch = asset.add_batch_definition_whole_dataframe("manifest").get_batch(
         batch_parameters={"dataframe": df}
     )
-    suite = _build_suite(df, spec)
-    res = batch.validate(suite, result_format="COMPLETE")
+    res = batch.validate(build(), result_format="COMPLETE")
     # GX returns results in its own order; restore the suite's order (stable, readable reports)
     ordered = sorted(res.results, key=lambda r: (r.expectation_config.meta or {}).get("s2r_order", 1 << 30))
     return [_from_gx(r, df) for r in ordered]
@@ -308,6 +385,8 @@ def _from_gx(r: Any, df: Any) -> dict[str, Any]:
         vs = kwargs["value_set"]
         shown = vs if len(vs) <= 12 else [*vs[:5], "...", *vs[-3:]]
         message = f"values outside {shown}"
+    if cfg["type"] == "expect_column_values_to_be_between" and not r.success and not error:
+        message = f"values outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}] or not finite"
     examples = [_example(df, int(i), column) for i in idx[:MAX_EXAMPLES]]
     return _result(cfg["type"], column, kwargs, bool(r.success), count, examples, message)
 
@@ -383,11 +462,15 @@ def _disjoint_sha(df: Any, a: str, b: str) -> dict[str, Any]:
     )
 
 
-def _file_checks(df: Any, root: Path) -> list[dict[str, Any]]:
-    """Every referenced file exists, decodes, and has the size, channels and checksum its row claims."""
+def _file_checks(df: Any, root: Path, spec: BenchmarkSpec | None = None) -> list[dict[str, Any]]:
+    """Every referenced file exists, decodes, and has the size, channels, bit depth and checksum its row claims;
+    depth and mask files also have valid values (:func:`_aux_checks`)."""
     out: list[dict[str, Any]] = []
     for col in ("path", "depth_path", "mask_path"):
         if col not in df.columns:
+            continue
+        if col != "path" and spec is not None:
+            out += _aux_checks(df, root, spec, col)
             continue
         rows = [(int(i), v) for i, v in df[col].items() if isinstance(v, str) and v]
         infos = inspect_images([resolve_path(root, v) for _, v in rows])
@@ -411,6 +494,11 @@ def _file_checks(df: Any, root: Path) -> list[dict[str, Any]]:
                 if not _eq(info.channels, df.at[i, "channels"])
             ]
             out.append(_file_result("expect_file_channels_to_match_manifest", col, df, ch, lambda i, e: e))
+        if spec is not None:
+            deep = [(i, f"{info.bits}-bit per channel (mode {info.mode}); declare convert_16bit: true to keep the "
+                        "high byte, or convert the file to 8-bit") for i, info in ok
+                    if info.bits > 8 and not (spec.convert_16bit and info.bits == 16)]
+            out.append(_file_result("expect_file_bit_depth_8", col, df, deep, lambda i, e: e))
         if "sha256" in df.columns:
             sha = [
                 (i, f"file sha256 {info.sha256}, row says {df.at[i, 'sha256']}")
@@ -418,6 +506,82 @@ def _file_checks(df: Any, root: Path) -> list[dict[str, Any]]:
                 if info.sha256 and info.sha256 != df.at[i, "sha256"]
             ]
             out.append(_file_result("expect_file_sha256_to_match_manifest", col, df, sha, lambda i, e: e))
+    return out
+
+
+def _aux_checks(df: Any, root: Path, spec: BenchmarkSpec, col: str) -> list[dict[str, Any]]:
+    """Depth / mask files: decode, same size as the row's image, and values checked by a GX suite on a per-row
+    facts table (depth finite and >= 0 apart from the declared invalid value; mask ids in the declared set)."""
+    import great_expectations.expectations as gxe
+    import numpy as np
+    import pandas as pd
+
+    kind = "depth" if col == "depth_path" else "mask"
+    rows = [(int(i), v) for i, v in df[col].items() if isinstance(v, str) and v]
+    bad, size = [], []
+    facts = pd.DataFrame(index=df.index)
+    for c in ("id", "path"):
+        if c in df.columns:
+            facts[c] = df[c]
+    allowed = set(range(len(spec.seg_classes))) | {int(spec.mask_ignore)}
+    vals: dict[str, dict[int, Any]] = {"depth_min": {}, "depth_nonfinite": {}, "mask_ids_outside": {}}
+    for i, v in rows:
+        try:
+            arr = read_aux(resolve_path(root, v), kind)
+        except DataError as e:
+            bad.append((i, str(e)))
+            continue
+        h, w = arr.shape
+        if {"width", "height"} <= set(df.columns) and not (_eq(w, df.at[i, "width"]) and _eq(h, df.at[i, "height"])):
+            size.append((i, f"{kind} is {w}x{h}, its image is {df.at[i, 'width']}x{df.at[i, 'height']}"))
+        if kind == "depth":
+            vals["depth_min"][i], vals["depth_nonfinite"][i] = depth_facts(arr, float(spec.depth_invalid))
+        elif spec.seg_classes:
+            extra = sorted(set(np.unique(arr).tolist()) - allowed)
+            vals["mask_ids_outside"][i] = " ".join(map(str, extra[:8]))
+    out = [_file_result("expect_files_to_exist_and_decode", col, df, bad, lambda i, e: e),
+           _file_result("expect_file_size_to_match_manifest", col, df, size, lambda i, e: e)]
+    exps: list[Any] = []
+    if kind == "depth" and rows:
+        facts["depth_min"] = pd.Series(vals["depth_min"], dtype="float64")
+        facts["depth_nonfinite"] = pd.Series(vals["depth_nonfinite"], dtype="Int64")
+        exps = [gxe.ExpectColumnValuesToBeBetween(column="depth_min", min_value=0.0),
+                gxe.ExpectColumnValuesToBeInSet(column="depth_nonfinite", value_set=[0])]
+    elif kind == "mask" and rows and spec.seg_classes:
+        facts["mask_ids_outside"] = pd.Series(vals["mask_ids_outside"], dtype="object")
+        exps = [gxe.ExpectColumnValuesToBeInSet(column="mask_ids_outside", value_set=[""])]
+    if exps:
+        for r in _run_suite(facts, exps, f"s2r-{spec.name}-{kind}"):
+            r["message"] = (r["message"] or "") + (f" (invalid value {spec.depth_invalid} excepted)"
+                                                   if kind == "depth" else
+                                                   f" (allowed: 0..{len(spec.seg_classes) - 1} {spec.seg_classes} "
+                                                   f"and ignore {spec.mask_ignore})")
+            for ex in r["examples"]:
+                ex["path"] = _plain(df.at[ex["row"], col])
+            out.append(r)
+    return out
+
+
+def _containment_check(df: Any, root: Path, spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Every file (symlinks resolved) lies inside the dataset root, unless the benchmark allows it explicitly;
+    allowed files outside are still listed, so the report says which."""
+    base = Path(spec.data_root) if spec.data_root else Path(root)
+    base = base.resolve()
+    out = []
+    for col in ("path", "depth_path", "mask_path"):
+        if col not in df.columns:
+            continue
+        bad = []
+        for i, v in df[col].items():
+            if isinstance(v, str) and v:
+                real = resolve_path(root, v).resolve()
+                if not real.is_relative_to(base):
+                    bad.append((int(i), f"resolves to {real}, outside the dataset root {base}"))
+        r = _file_result("expect_files_inside_dataset_root", col, df, bad, lambda i, e: e)
+        if bad and spec.allow_outside_root:
+            r["success"] = True
+            r["message"] = f"{len(bad)} files in column {col!r} lie outside {base} (allowed: allow_outside_root)"
+        out.append(r)
     return out
 
 

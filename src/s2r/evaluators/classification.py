@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["accuracy", "balanced_accuracy"]
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) counts, rows = true class, columns = predicted class."""
@@ -71,7 +74,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate on classification")

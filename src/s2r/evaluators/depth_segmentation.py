@@ -1,13 +1,15 @@
 """Depth + semantic segmentation on the target domain's test split (paper 2's protocol, Table 1).
 
 For any method whose `predict(images)` returns {"depth": (N, H, W) metres, "mask": (N, H, W) class ids}: depth
-AbsRel, SqRel, RMSE, logRMSE, a1..a3 over valid pixels (s2r.evaluators.depth, optional median scaling) and
-segmentation mIoU, per-class IoU and pixel accuracy (s2r.evaluators.segmentation) over the classes both domains
-share. The class map is the benchmark description's `seg_classes` (one list for every domain: class id i means
-seg_classes[i] in sim and target alike); `reports.depth_segmentation.classes` restricts scoring to a subset (the
-paper scored 12 classes common to VKITTI, KITTI and CityScapes), pixels of other true classes are left out and
-predictions of other classes count as errors. Settings: `reports.depth_segmentation` in params.yaml.
-Sample panels (input / predicted depth / true depth / predicted mask / true mask) go to MLflow and plots_out.
+AbsRel, SqRel, RMSE, logRMSE, a1..a3 over valid pixels (s2r.evaluators.depth, optional median scaling; per image,
+then the mean, as monodepth2: `depth_average`) and segmentation mIoU, per-class IoU and pixel accuracy
+(s2r.evaluators.segmentation; mean over all scored classes, as the CSAIL eval paper 2 used: `miou`) over the
+classes both domains share. The class map is the benchmark description's `seg_classes` (one list for every
+domain: class id i means seg_classes[i] in sim and target alike); `reports.depth_segmentation.classes`
+restricts scoring to a subset (the paper scored 12 classes common to VKITTI, KITTI and CityScapes), pixels of
+other true classes are left out and predictions of other classes count as errors. Settings:
+`reports.depth_segmentation` in params.yaml. Sample panels (input / predicted depth / true depth / predicted
+mask / true mask) go to MLflow and plots_out.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from typing import Any
 import numpy as np
 
 from s2r.evaluators.depth import depth_metrics, valid_mask
-from s2r.evaluators.segmentation import confusion, metrics_from_confusion
+from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
+
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"]
 
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
 
-def subset_metrics(cm: np.ndarray, classes: list[str], keep: list[str]) -> dict[str, Any]:
+def subset_metrics(cm: np.ndarray, classes: list[str], keep: list[str], miou: str = "all_classes") -> dict[str, Any]:
     """mIoU / per-class IoU / pixel accuracy over the classes `keep` of a (K, K) confusion (rows = truth).
 
     Pixels whose truth is outside `keep` are left out; a prediction outside `keep` on a kept pixel is a false
-    negative of its true class. With keep = classes this equals metrics_from_confusion.
+    negative of its true class. With keep = classes this equals metrics_from_confusion; `miou` as there.
     """
     idx = [classes.index(c) for c in keep]
     cm = np.asarray(cm, np.float64)
@@ -38,7 +43,7 @@ def subset_metrics(cm: np.ndarray, classes: list[str], keep: list[str]) -> dict[
     union = tp + fn + fp
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
     return {
-        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "miou": mean_iou(iou, miou),
         "pixel_accuracy": float(tp.sum() / max(rows.sum(), 1)),
         "per_class_iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(keep, iou)},
         "pixels": int(rows.sum()),
@@ -108,7 +113,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import write_json
+    from s2r.files import write_json
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")
@@ -132,11 +137,12 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     depth_keys = ("abs_rel", "sq_rel", "rmse", "log_rmse", "a1", "a2", "a3")
     if has_d.any():
         dm = depth_metrics(pred["depth"][has_d], truth_d[has_d], min_depth=s.min_depth, max_depth=s.max_depth,
-                           median_scaling=s.median_scaling)
+                           median_scaling=s.median_scaling, average=s.depth_average)
     else:  # no valid depth anywhere in the split: depth metrics are absent (null), not an error
         dm = {k: None for k in depth_keys} | {"valid_pixels": 0}
     cm = confusion(truth_m[has_m], pred["mask"][has_m], len(classes), ignore_index=IGNORE)
-    sm = subset_metrics(cm, classes, keep) if keep != classes else metrics_from_confusion(cm, classes)
+    sm = (subset_metrics(cm, classes, keep, s.miou) if keep != classes
+          else metrics_from_confusion(cm, classes, s.miou))
     if not has_m.any():  # no labelled pixel: mIoU / accuracy are absent (null), not 0
         sm = {**sm, "miou": None, "pixel_accuracy": None}
     flat = {f"test_{k}": dm[k] for k in depth_keys} | {"test_miou": sm["miou"],
@@ -156,6 +162,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         **{k: dm[k] for k in depth_keys}, "miou": sm["miou"], "pixel_accuracy": sm["pixel_accuracy"],
         "per_class_iou": sm["per_class_iou"], "depth_valid_pixels": dm["valid_pixels"],
         "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
+        "depth_average": s.depth_average, "miou_convention": s.miou,
         "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
         "confusion_matrix": cm.tolist(),
+        **({"trained_tasks": list(method.trained_tasks())} if hasattr(method, "trained_tasks") else {}),
     }

@@ -1,27 +1,39 @@
 """Disentanglement metrics (paper 3, Section 3 / Fig. 3) and the evaluate stage of representation learners.
 
-Inputs everywhere: a representation `z` (N, d) (posterior means) and integer factor values `y` (N, F).
-Definitions follow the original papers, as implemented in disentanglement_lib (Locatello et al. 2019b):
+Every metric computes what disentanglement_lib (Locatello et al. 2019b; the code behind paper 3) computes, from
+sample-major arrays: codes z (N, d) (posterior means) and integer factor values y (N, F). The evaluator chooses
+the points and the train/test split (`reports.disentanglement`); the functions take them explicitly, as the
+reference does (disentanglement_lib samples `num_train` and `num_test` points per metric: 10,000 and 5,000 in its
+metric configs).
 
-- DCI (Eastwood & Williams 2018): an importance matrix R (d x F) from one predictor per factor; disentanglement
-  D = sum_i rho_i (1 - H_F(P_i.)), P_ij = R_ij / sum_k R_ik, rho_i = sum_j R_ij / sum R; completeness
-  C = mean_j (1 - H_d(P_.j)), P_ij = R_ij / sum_k R_kj; entropies in base F (resp. d). Informativeness = mean
-  test accuracy of the predictors. Estimator (`estimator`): "gbt" = LightGBM classifiers, R = total split gain
-  (disentanglement_lib uses sklearn gradient boosting with impurity importances; LightGBM's gain is the same
-  quantity, faster); "lasso" = sklearn Lasso on factors normalised to [0, 1], R = |coefficients| (the original
-  paper's choice), informativeness then = 1 - mean absolute error.
-- MIG (Chen et al. 2018): every latent discretised into `bins` = 20 equal-width bins over its range
-  (disentanglement_lib's default); MIG = mean_j (I(z_a; v_j) - I(z_b; v_j)) / H(v_j), a, b the two latents
-  with the largest mutual information with factor j.
-- SAP (Kumar et al. 2018): a score matrix S (d x F) and SAP = mean_j (top1_j - top2_j) over latents. Kumar et al.
-  define S_ij as the R^2 of a linear fit of factor j from latent i for continuous factors and as the accuracy of
-  a threshold classifier for categorical ones. Our factors are grid indices of mostly ordinal quantities
-  (position, size, rotation, hue angle), so the default is the R^2 form for all factors (`continuous=True`:
-  S_ij = corr(z_i, v_j)^2, ceiling 1); `continuous=False` is disentanglement_lib's classification form (linear SVM,
-  C = 0.01, balanced, on one latent; its ceiling is below 1 because the runner-up scores chance accuracy).
-- Modularity (Ridgeway & Mozer 2018): discretised MI matrix m (d x F); per latent theta_i = max_j m_ij,
-  delta_i = sum_{j != argmax} m_ij^2 / (theta_i^2 (F - 1)); modularity = mean_i (1 - delta_i), 0 for a latent
-  with theta_i = 0 (constant).
+- DCI (Eastwood & Williams 2018; disentanglement_lib `evaluation/metrics/dci.py`): an importance matrix R (d x F),
+  one classifier per factor fitted on the train points. Disentanglement D = sum_i rho_i (1 - H_F(P_i.)),
+  P_ij = R_ij / sum_k R_ik, rho_i = sum_j R_ij / sum R; completeness C = sum_j tau_j (1 - H_d(P_.j)),
+  P_ij = R_ij / sum_k R_kj, tau_j = sum_i R_ij / sum R (each factor weighted by its share of the total
+  importance, as `completeness()` in dci.py; a factor that gets no importance weighs nothing); entropies in base
+  F (resp. d) of R + 1e-11 (dci.py's offset), uniform weights when R is all zero. Informativeness = mean test
+  accuracy of the classifiers (`dci_informativeness`; train accuracy in `dci_informativeness_train`).
+  `estimator` chooses R:
+    "gbt" (default, the reference): sklearn `GradientBoostingClassifier()` with its defaults (100 trees of depth
+        3, learning rate 0.1) per factor, R[:, j] = |feature_importances_| (impurity importances, normalised per
+        factor); `random_state = seed` fixes sklearn's feature-order tie-breaking, which the reference leaves free.
+    "lightgbm" (NOT the paper's): LightGBM classifiers, R = total split gain (unnormalised). Faster, but not the
+        same quantity: on the same split D and C differ by up to ~0.17 and pure noise scores D ~0.04, not ~0.
+    "lasso" (NOT the paper's; Eastwood & Williams' own choice): sklearn Lasso on factors scaled to [0, 1],
+        R = |coefficients|, informativeness = 1 - mean absolute error.
+- SAP (Kumar et al. 2018; `sap_score.py`): a score matrix S (d x F), SAP = mean_j (top1_j - top2_j) over codes.
+  `continuous=False` (default; disentanglement_lib's metric config `sap_score.continuous_factors=False`):
+  S_ij = test accuracy of `LinearSVC(C=0.01, class_weight="balanced")` fitted on the raw code i (no
+  standardisation) to predict factor j; its ceiling is below 1 because the runner-up scores about chance.
+  `continuous=True` (NOT the paper's config): S_ij = cov(z_i, y_j)^2 / (var z_i var y_j) on the train points,
+  0 where var z_i <= 1e-12.
+- MIG (Chen et al. 2018; `mig.py`): codes discretised by disentanglement_lib's histogram discretizer (`bins` = 20
+  equal-width bins over each code's range, `np.digitize` on `np.histogram` edges); MIG = mean_j (I(z_a; v_j) -
+  I(z_b; v_j)) / H(v_j), a, b the two codes with the largest mutual information with factor j (sklearn
+  `mutual_info_score`, nats). Factors with one value (H = 0, a division by zero in the reference) are skipped.
+- Modularity (Ridgeway & Mozer 2018; `modularity_explicitness.py`): discretised MI matrix m (d x F); per code
+  delta_i = (sum_j m_ij^2 - max_j m_ij^2) / (max_j m_ij^2 (F - 1)); modularity = mean_i (1 - delta_i), 0 for a
+  code whose MI is all zero.
 - BetaVAE score (Higgins et al. 2017): a point = (factor k, mean over L pairs sharing the value of k of
   |z1 - z2|); a logistic regression predicts k; score = its accuracy on held-out points. Chance = 1/F.
 - FactorVAE score (Kim & Mnih 2018): latents scaled by their std over the data; latents with variance < 0.05
@@ -40,102 +52,135 @@ with fewer than 2 samples are never drawn.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
+
 METRIC_KEYS = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "sap", "modularity",
                "betavae_score", "factorvae_score")
+ESTIMATORS = ("gbt", "lightgbm", "lasso")
+SAP_FORMS = ("classification", "continuous")
 
 
-def _split(n: int, rng: np.random.Generator, test_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    perm = rng.permutation(n)
-    cut = max(1, int(round(n * (1 - test_fraction))))
-    return perm[:cut], perm[cut:]
+def split_points(n: int, num_train: int, num_test: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint random (train, test) indices into n points: `num_train` and `num_test` of them.
+
+    disentanglement_lib samples num_train and num_test fresh points from the generator; a labelled set has n. When
+    n < num_train + num_test both shrink in the same proportion (at least one point each)."""
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
+    if n < 2:
+        raise ValueError(f"need at least 2 points to split into train and test, got {n}")
+    if n < num_train + num_test:
+        n_tr = min(max(1, int(round(n * num_train / (num_train + num_test)))), n - 1)
+        num_train, num_test = n_tr, n - n_tr
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:num_train], perm[num_train : num_train + num_test]
 
 
-def _entropy(p: np.ndarray, base: float, axis: int) -> np.ndarray:
-    p = np.clip(p, 1e-12, 1.0)
+def _norm_entropy(p: np.ndarray, base: int, axis: int) -> np.ndarray:
+    """scipy.stats.entropy(p, base=base) along `axis`: p is normalised to sum 1 along it first."""
+    p = p / p.sum(axis, keepdims=True)
     return -(p * np.log(p)).sum(axis) / np.log(base)
 
 
 def dci_from_importance(r: np.ndarray) -> tuple[float, float]:
-    """(disentanglement, completeness) of an importance matrix R (d x F) (Eastwood & Williams 2018)."""
+    """(disentanglement, completeness) of an importance matrix R (codes x factors), as disentanglement_lib dci.py.
+
+    Completeness weights each factor by its share of the total importance (a factor with no importance counts
+    nothing); disentanglement weights each code likewise. Entropies of R + 1e-11 (the reference's offset)."""
     r = np.abs(np.asarray(r, np.float64))
+    if r.ndim != 2 or min(r.shape) < 1:
+        raise ValueError(f"importance matrix must be 2-D (codes x factors), got shape {r.shape}")
     d, f = r.shape
-    if r.sum() <= 0:
-        return 0.0, 0.0
-    p_code = r / np.maximum(r.sum(1, keepdims=True), 1e-12)
-    dis_per_code = 1.0 - _entropy(p_code, f, 1) if f > 1 else np.ones(d)
-    rho = r.sum(1) / r.sum()
-    dis = float((rho * dis_per_code).sum())
-    p_fac = r / np.maximum(r.sum(0, keepdims=True), 1e-12)
-    comp_per_factor = 1.0 - _entropy(p_fac, d, 0) if d > 1 else np.ones(f)
-    comp_per_factor = np.where(r.sum(0) > 0, comp_per_factor, 0.0)
-    return dis, float(comp_per_factor.mean())
+    per_code = 1.0 - _norm_entropy(r + 1e-11, f, 1) if f > 1 else np.ones(d)
+    per_factor = 1.0 - _norm_entropy(r + 1e-11, d, 0) if d > 1 else np.ones(f)
+    w = r if r.sum() > 0 else np.ones_like(r)
+    dis = float(np.sum(per_code * w.sum(1) / w.sum()))
+    comp = float(np.sum(per_factor * w.sum(0) / w.sum()))
+    return dis, comp
 
 
-def dci(z: np.ndarray, y: np.ndarray, estimator: str = "gbt", seed: int = 0) -> dict[str, float]:
-    """DCI disentanglement, completeness and informativeness (see the module docstring for the estimators)."""
-    z, y = np.asarray(z, np.float64), np.asarray(y)
-    rng = np.random.default_rng(seed)
-    tr, te = _split(len(z), rng)
-    r = np.zeros((z.shape[1], y.shape[1]))
-    info = []
-    for j in range(y.shape[1]):
+def importance_matrix(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
+                      estimator: str = "gbt", seed: int = 0) -> tuple[np.ndarray, float, float]:
+    """(R (codes x factors), train informativeness, test informativeness): one predictor per factor.
+
+    A factor with a single value in the train points gets a zero column and no informativeness term."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown DCI estimator {estimator!r}; use one of {ESTIMATORS}")
+    z_train, z_test = np.asarray(z_train, np.float64), np.asarray(z_test, np.float64)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    r = np.zeros((z_train.shape[1], y_train.shape[1]))
+    info_tr, info_te = [], []
+    for j in range(y_train.shape[1]):
+        if len(np.unique(y_train[:, j])) < 2:
+            continue
+        if estimator == "lasso":
+            from sklearn.linear_model import Lasso
+
+            lo = float(y_train[:, j].min())
+            span = max(float(y_train[:, j].max()) - lo, 1.0)
+            mu, sd = z_train.mean(0), np.maximum(z_train.std(0), 1e-8)
+            m = Lasso(alpha=0.01, random_state=seed).fit((z_train - mu) / sd, (y_train[:, j] - lo) / span)
+            r[:, j] = np.abs(m.coef_)
+            info_tr.append(1.0 - float(np.abs(m.predict((z_train - mu) / sd) - (y_train[:, j] - lo) / span).mean()))
+            info_te.append(1.0 - float(np.abs(m.predict((z_test - mu) / sd) - (y_test[:, j] - lo) / span).mean()))
+            continue
         if estimator == "gbt":
+            from sklearn.ensemble import GradientBoostingClassifier
+
+            m = GradientBoostingClassifier(random_state=seed)
+        else:
             from lightgbm import LGBMClassifier
 
-            if len(np.unique(y[tr, j])) < 2:
-                continue
             m = LGBMClassifier(n_estimators=50, learning_rate=0.1, num_leaves=15, min_child_samples=5,
                                importance_type="gain", n_jobs=1, deterministic=True, force_row_wise=True,
                                random_state=seed, verbose=-1)
-            m.fit(z[tr], y[tr, j])
-            r[:, j] = m.feature_importances_
-            info.append(float((m.predict(z[te]) == y[te, j]).mean()))
-        elif estimator == "lasso":
-            from sklearn.linear_model import Lasso
+        m.fit(z_train, y_train[:, j])
+        r[:, j] = np.abs(m.feature_importances_)
+        info_tr.append(float((m.predict(z_train) == y_train[:, j]).mean()))
+        info_te.append(float((m.predict(z_test) == y_test[:, j]).mean()))
+    return r, float(np.mean(info_tr)) if info_tr else 0.0, float(np.mean(info_te)) if info_te else 0.0
 
-            span = max(float(y[:, j].max() - y[:, j].min()), 1.0)
-            t = (y[:, j] - y[:, j].min()) / span
-            zs = (z - z[tr].mean(0)) / np.maximum(z[tr].std(0), 1e-8)
-            m = Lasso(alpha=0.01, random_state=seed).fit(zs[tr], t[tr])
-            r[:, j] = np.abs(m.coef_)
-            info.append(1.0 - float(np.abs(m.predict(zs[te]) - t[te]).mean()))
-        else:
-            raise ValueError(f"unknown DCI estimator {estimator!r}; use 'gbt' or 'lasso'")
+
+def dci(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray, estimator: str = "gbt",
+        seed: int = 0) -> dict[str, float]:
+    """DCI disentanglement, completeness and informativeness (train and test) (see the module docstring)."""
+    r, info_tr, info_te = importance_matrix(z_train, y_train, z_test, y_test, estimator, seed)
     d_score, c_score = dci_from_importance(r)
-    return {"dci_disentanglement": d_score, "dci_completeness": c_score,
-            "dci_informativeness": float(np.mean(info)) if info else 0.0}
+    return {"dci_disentanglement": d_score, "dci_completeness": c_score, "dci_informativeness": info_te,
+            "dci_informativeness_train": info_tr}
 
 
 def discretize(z: np.ndarray, bins: int = 20) -> np.ndarray:
-    """Every column into `bins` equal-width bins over its range (constant columns -> one bin)."""
+    """disentanglement_lib's histogram discretizer: per column, np.digitize on np.histogram's bin edges (1..bins)."""
     z = np.asarray(z, np.float64)
     out = np.zeros(z.shape, np.int64)
     for i in range(z.shape[1]):
-        lo, hi = z[:, i].min(), z[:, i].max()
-        if hi > lo:
-            out[:, i] = np.minimum(((z[:, i] - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+        out[:, i] = np.digitize(z[:, i], np.histogram(z[:, i], bins)[1][:-1])
     return out
 
 
 def mutual_info_matrix(zd: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(d, F) mutual information (nats) between discretised latents and factors."""
+    """(d, F) mutual information (nats) between discretised codes and factors (sklearn mutual_info_score)."""
     from sklearn.metrics import mutual_info_score
 
     return np.array([[mutual_info_score(y[:, j], zd[:, i]) for j in range(y.shape[1])] for i in range(zd.shape[1])])
 
 
 def mig(z: np.ndarray, y: np.ndarray, bins: int = 20) -> float:
-    """Mutual information gap (Chen et al. 2018), normalised by each factor's entropy."""
+    """Mutual information gap (Chen et al. 2018), normalised by each factor's entropy (disentanglement_lib mig.py)."""
     from sklearn.metrics import mutual_info_score
 
-    m = mutual_info_matrix(discretize(z, bins), y)
-    if m.shape[0] < 2:
+    y = np.asarray(y)
+    if np.asarray(z).shape[1] < 2:
         return 0.0
+    m = mutual_info_matrix(discretize(z, bins), y)
     gaps = []
     for j in range(y.shape[1]):
         h = mutual_info_score(y[:, j], y[:, j])
@@ -146,50 +191,48 @@ def mig(z: np.ndarray, y: np.ndarray, bins: int = 20) -> float:
     return float(np.mean(gaps)) if gaps else 0.0
 
 
-def sap(z: np.ndarray, y: np.ndarray, seed: int = 0, continuous: bool = True) -> float:
-    """Separated attribute predictability (Kumar et al. 2018): R^2 form (default) or classification form."""
+def sap(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
+        continuous: bool = False, seed: int = 0) -> float:
+    """Separated attribute predictability (Kumar et al. 2018) as disentanglement_lib sap_score.py computes it.
+
+    continuous=False: S_ij = test accuracy of LinearSVC(C=0.01, class_weight="balanced") on the raw code i;
+    continuous=True: S_ij = squared correlation of code i and factor j on the train points."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
-    z = np.asarray(z, np.float64)
-    d, f = z.shape[1], y.shape[1]
+    z_train, z_test = np.asarray(z_train, np.float64), np.asarray(z_test, np.float64)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    d, f = z_train.shape[1], y_train.shape[1]
     if d < 2:
         return 0.0
     s = np.zeros((d, f))
-    if continuous:
-        zc, yc = z - z.mean(0), np.asarray(y, np.float64) - np.mean(y, 0)
-        cov = zc.T @ yc / len(z)  # (d, F)
-        var = np.outer((zc**2).mean(0), (yc**2).mean(0))
-        s = np.where(var > 0, cov**2 / np.maximum(var, 1e-300), 0.0)
-        top = np.sort(s, axis=0)[::-1]
-        return float((top[0] - top[1]).mean())
-    rng = np.random.default_rng(seed)
-    tr, te = _split(len(z), rng)
     for i in range(d):
-        zi = z[:, i : i + 1]
-        if zi[tr].std() == 0:
-            continue  # a constant latent predicts nothing (score 0, as in disentanglement_lib)
-        zi = (zi - zi[tr].mean()) / zi[tr].std()
         for j in range(f):
-            if len(np.unique(y[tr, j])) < 2:
+            if continuous:
+                c = np.cov(z_train[:, i], y_train[:, j].astype(np.float64), ddof=1)
+                if c[0, 0] > 1e-12 and c[1, 1] > 0:
+                    s[i, j] = c[0, 1] ** 2 / (c[0, 0] * c[1, 1])
                 continue
-            clf = LinearSVC(C=0.01, class_weight="balanced", random_state=seed).fit(zi[tr], y[tr, j])
-            s[i, j] = float((clf.predict(zi[te]) == y[te, j]).mean())
-    top = np.sort(s, axis=0)[::-1]
-    return float((top[0] - top[1]).mean())
+            if len(np.unique(y_train[:, j])) < 2:
+                continue  # a one-valued factor cannot train a classifier (and carries no signal)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf = LinearSVC(C=0.01, class_weight="balanced", random_state=seed)
+                clf.fit(z_train[:, i : i + 1], y_train[:, j])
+            s[i, j] = float(np.mean(clf.predict(z_test[:, i : i + 1]) == y_test[:, j]))
+    top = np.sort(s, axis=0)
+    return float(np.mean(top[-1] - top[-2]))
 
 
 def modularity(z: np.ndarray, y: np.ndarray, bins: int = 20) -> float:
-    """Modularity (Ridgeway & Mozer 2018) on the discretised mutual information matrix."""
-    m = mutual_info_matrix(discretize(z, bins), y)
-    f = m.shape[1]
+    """Modularity (Ridgeway & Mozer 2018) on the discretised mutual information matrix (modularity_explicitness.py)."""
+    m2 = np.square(mutual_info_matrix(discretize(z, bins), np.asarray(y)))
+    f = m2.shape[1]
     if f < 2:
         return 1.0
-    theta = m.max(1)
-    template = np.zeros_like(m)
-    template[np.arange(len(m)), m.argmax(1)] = theta
-    delta = ((m - template) ** 2).sum(1) / np.maximum(theta**2 * (f - 1), 1e-12)
-    mod = np.where(theta > 0, 1.0 - delta, 0.0)
-    return float(mod.mean())
+    top = m2.max(1)
+    delta = (m2.sum(1) - top) / np.where(top > 0, top * (f - 1.0), 1.0)
+    return float(np.where(top > 0, 1.0 - delta, 0.0).mean())
 
 
 def _conditional_groups(y: np.ndarray, min_size: int = 2) -> list[list[np.ndarray]]:
@@ -268,18 +311,53 @@ def factorvae_score(z: np.ndarray, y: np.ndarray, n_train: int = 500, n_eval: in
     return float(correct / max(eval_votes.sum(), 1))
 
 
-def all_metrics(z: np.ndarray, y: np.ndarray, estimator: str = "gbt", bins: int = 20, seed: int = 0
+def all_metrics(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray,
+                estimator: str = "gbt", sap_form: str = "classification", bins: int = 20, seed: int = 0
                 ) -> dict[str, float]:
-    """Every disentanglement metric of the paper's Fig. 3 on one representation."""
-    keep = [j for j in range(y.shape[1]) if len(np.unique(y[:, j])) > 1]  # constant factors carry no signal
-    y = np.asarray(y)[:, keep]
-    out = dci(z, y, estimator, seed)
-    out["mig"] = mig(z, y, bins)
-    out["sap"] = sap(z, y, seed)
-    out["modularity"] = modularity(z, y, bins)
-    out["betavae_score"] = betavae_score(z, y, seed=seed)
-    out["factorvae_score"] = factorvae_score(z, y, seed=seed)
+    """Every disentanglement metric of the paper's Fig. 3 on one representation, given the evaluator's split.
+
+    As disentanglement_lib: DCI and SAP fit on the train points and score the test points; MIG and Modularity use
+    the train points; the BetaVAE / FactorVAE scores draw their own samples from all points. Factors with one
+    value over all points carry no signal and are dropped."""
+    if sap_form not in SAP_FORMS:
+        raise ValueError(f"unknown SAP form {sap_form!r}; use one of {SAP_FORMS}")
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    y_all = np.concatenate([y_train, y_test])
+    keep = [j for j in range(y_all.shape[1]) if len(np.unique(y_all[:, j])) > 1]
+    y_train, y_test, y_all = y_train[:, keep], y_test[:, keep], y_all[:, keep]
+    z_all = np.concatenate([np.asarray(z_train, np.float64), np.asarray(z_test, np.float64)])
+    out = dci(z_train, y_train, z_test, y_test, estimator, seed)
+    out["mig"] = mig(z_train, y_train, bins)
+    out["sap"] = sap(z_train, y_train, z_test, y_test, continuous=sap_form == "continuous", seed=seed)
+    out["modularity"] = modularity(z_train, y_train, bins)
+    out["betavae_score"] = betavae_score(z_all, y_all, seed=seed)
+    out["factorvae_score"] = factorvae_score(z_all, y_all, seed=seed)
     return out
+
+
+def downstream_gbt_error(z: np.ndarray, y: np.ndarray, n_train: int = 10_000, n_test: int = 5_000, seed: int = 0
+                         ) -> dict[str, float]:
+    """Fig. 3 right's "GBT10000": test error of gradient-boosted classifiers (one per factor) trained on n_train
+    labelled points (disentanglement_lib downstream_task: 1 - mean over factors of the test accuracy,
+    num_test 5,000). Points are disjoint random subsets of the labelled set (no generator here); on a smaller set
+    the train size shrinks (reported as `gbt_train_size`) and a fifth of the set, at most n_test, is the test set."""
+    from lightgbm import LGBMClassifier
+
+    z, y = np.asarray(z, np.float64), np.asarray(y)
+    keep = [j for j in range(y.shape[1]) if len(np.unique(y[:, j])) > 1]
+    idx = np.random.default_rng(seed).permutation(len(z))
+    n_te = max(1, min(n_test, len(z) // 5))
+    te, tr = idx[:n_te], idx[n_te : n_te + min(n_train, len(z) - n_te)]
+    acc = []
+    for j in keep:
+        if len(np.unique(y[tr, j])) < 2:
+            acc.append(float((y[te, j] == y[tr[0], j]).mean()))  # one class seen: the classifier predicts it
+            continue
+        m = LGBMClassifier(n_estimators=50, learning_rate=0.1, num_leaves=15, min_child_samples=5, n_jobs=1,
+                           deterministic=True, force_row_wise=True, random_state=seed, verbose=-1)
+        m.fit(z[tr], y[tr, j])
+        acc.append(float((m.predict(z[te]) == y[te, j]).mean()))
+    return {"gbt10000_error": 1.0 - float(np.mean(acc)) if acc else 0.0, "gbt_train_size": int(len(tr))}
 
 
 def factor_max_abs_corr(y: np.ndarray) -> float:
@@ -360,7 +438,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
 
     from s2r.data.benchmark import DataError
     from s2r.evaluators import ood_transfer
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "encode" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to score disentanglement on")
@@ -377,14 +455,20 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     tgt_set = None
     if tgt in sets and tgt != src:
         tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1])
+    cfg = params.reports.disentanglement
+    z_ind, f_ind = z_src[ind], facs[ind]
+    tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
     with threadpool_limits(1):  # one BLAS/OpenMP thread: small fits on a shared 2-core machine run faster
         t0 = time.perf_counter()
-        metrics = all_metrics(z_src[ind], facs[ind], seed=method.seed)
+        metrics = all_metrics(z_ind[tr], f_ind[tr], z_ind[te], f_ind[te], estimator=cfg.estimator,
+                              sap_form=cfg.sap_form, bins=cfg.bins, seed=method.seed)
+        metrics |= downstream_gbt_error(z_ind, f_ind, seed=method.seed)  # Fig. 3 right's GBT10000
         t_metrics = time.perf_counter() - t0
         t0 = time.perf_counter()
         transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
                                                method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
-                                               tgt_set, seed=method.seed)
+                                               tgt_set, seed=method.seed, clip=cfg.ood_clip,
+                                               order=list(getattr(method.cfg, "ood_order", [])))
         t_transfer = time.perf_counter() - t0
     elbo = method.elbo_terms(imgs[ind][:512])
     result: dict[str, Any] = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],
@@ -392,6 +476,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
                               "factor_max_abs_corr": factor_max_abs_corr(facs[ind]),
                               "n_in_distribution": int(ind.sum()), "n_ood_values": int((~ind).sum()),
                               "n_target": int(len(tgt_set[0])) if tgt_set else 0,
+                              "metric_points_train": int(len(tr)), "metric_points_test": int(len(te)),
+                              "dci_estimator": cfg.estimator, "sap_form": cfg.sap_form, "ood_clip": cfg.ood_clip,
                               "seconds_encode": round(t_encode, 2), "seconds_metrics": round(t_metrics, 2),
                               "seconds_transfer": round(t_transfer, 2), "per_factor": transfer["per_factor"]}
     run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)

@@ -21,6 +21,9 @@ import numpy as np
 
 from s2r.data.benchmark import NO_LABEL
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
+
 
 def knn_default_k(n_train: int) -> int:
     """k = floor(sqrt(N)), N = training latents incl. flips (Section 4.7: N = 13,356 gives 115, not round's 116)."""
@@ -106,7 +109,7 @@ def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.n
 
 def source_training_latents(method: Any) -> tuple[np.ndarray, np.ndarray]:
     """Source train latents and labels the classifiers are fitted on (one per scene, + flips if allowed)."""
-    from s2r.methods.ae import one_per_scene
+    from s2r.data.prepared import one_per_scene
 
     data = method.data
     source = getattr(method, "source", data.spec.source)
@@ -166,7 +169,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
 
     from s2r.data.benchmark import DataError
-    from s2r.stages import sample_grid
+    from s2r.figures import sample_grid
 
     if "encode" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to evaluate in latent space")

@@ -1,9 +1,14 @@
 """Semantic segmentation metrics: per-class IoU, mIoU and pixel accuracy from one confusion matrix.
 
 Shared by every method that predicts masks (twin-VAE heads, paper 2; the downstream segmenter, paper 5).
-Convention (documented choice): a class absent from both the prediction and the truth of the evaluated
-set has an undefined IoU (0/0); it is reported as None and left out of the mean, so mIoU averages the
-classes that occur. Pixels whose truth is `ignore_index` are left out of every count.
+Counts are accumulated over the whole evaluated set (one confusion matrix), IoU_c = TP / (TP + FP + FN).
+The mean over classes (`miou`):
+  "all_classes" (default; CSAIL semantic-segmentation-pytorch `eval.py`, the code paper 2 scored with:
+      `iou = intersection_sum / (union_sum + 1e-10); iou.mean()`): the mean over all K classes, a class absent
+      from both the prediction and the truth of the set counting 0;
+  "present_classes" (NOT paper 2's): the mean over the classes with a non-empty union (absent ones left out).
+Either way `per_class_iou` reports an absent class as None (undefined, 0/0). Pixels whose truth is
+`ignore_index` are left out of every count; pixel accuracy = correct / labelled pixels of the set.
 """
 
 from __future__ import annotations
@@ -26,14 +31,27 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, ignore_i
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """IoU_c = TP / (TP + FP + FN); mIoU over classes present in truth or prediction; pixel accuracy."""
+MIOU_MODES = ("all_classes", "present_classes")
+
+
+def mean_iou(iou: np.ndarray, miou: str = "all_classes") -> float:
+    """Mean of per-class IoUs (NaN = class absent from truth and prediction) under the `miou` convention."""
+    if miou not in MIOU_MODES:
+        raise ValueError(f"unknown mIoU convention {miou!r}; use one of {MIOU_MODES}")
+    iou = np.asarray(iou, np.float64)
+    if miou == "all_classes":
+        return float(np.nan_to_num(iou, nan=0.0).mean()) if iou.size else float("nan")
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def metrics_from_confusion(cm: np.ndarray, classes: list[str], miou: str = "all_classes") -> dict[str, Any]:
+    """IoU_c = TP / (TP + FP + FN); mIoU under the `miou` convention (module docstring); pixel accuracy."""
     cm = np.asarray(cm, np.float64)
     tp = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - tp
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
     return {
-        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "miou": mean_iou(iou, miou),
         "pixel_accuracy": float(tp.sum() / max(cm.sum(), 1)),
         "per_class_iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou)},
         "pixels": int(cm.sum()),
@@ -41,7 +59,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]
 
 
 def segmentation_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
-                         ignore_index: int | None = None) -> dict[str, Any]:
+                         ignore_index: int | None = None, miou: str = "all_classes") -> dict[str, Any]:
     """mIoU, pixel accuracy, per-class IoU and the confusion matrix of integer masks."""
     cm = confusion(y_true, y_pred, len(classes), ignore_index)
-    return {**metrics_from_confusion(cm, classes), "confusion_matrix": cm.tolist()}
+    return {**metrics_from_confusion(cm, classes, miou), "confusion_matrix": cm.tolist()}

@@ -6,7 +6,12 @@
 - Analysis (Section IV-F): adaptive-average-pooled features of one segmenter layer (`tsne_layer`) for
   synthetic, refined synthetic and target test images (the same scenes in every domain), with the classes in
   `tsne_mask_classes` zeroed as the paper masks out backgrounds, embedded with t-SNE; one line joins one
-  synthetic/refined/target triple. Also the distance of the synthetic and refined feature means to the
+  synthetic/refined/target triple. Pairing: a refined image is its synthetic image translated (same id); a
+  target image pairs with them only where the benchmark has scene pairs (the same `scene_id` in both domains,
+  e.g. the embedded `scenes` benchmark): then the sets are the first n shared scenes and the red line joins a
+  true triple. Benchmarks without such pairs (YCB-Video, BOP: real frames unrelated to the renders) get
+  unpaired sets (the first n images of each domain), no synthetic-target line, and the plot title and the
+  `tsne_paired` metric (0) say so. Also the distance of the synthetic and refined feature means to the
   target mean (feature-space alignment, a number to go with the picture). The paper embeds features of a
   RefineNet trained on real images; here it is the evaluated segmenter (train one with `train_data: target`
   for the paper's setting).
@@ -21,6 +26,9 @@ import numpy as np
 
 from s2r.evaluators.segmentation import segmentation_metrics
 
+# the headline numbers of evaluate.json, in the order `s2r report` prints them
+REPORT_COLUMNS = ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"]
+
 
 def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
     """Final-model test metrics, last-K distribution (box/violin), per-class IoU and the t-SNE analysis."""
@@ -30,11 +38,12 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.methods.segmenter import lastk_summary
+    from s2r.methods.segmenter import MIOU, lastk_summary
 
     cfg = method.cfg
     test = method.test
-    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes)
+    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
+                                 miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
     done = int(method.epochs_done)
     hist = method.miou_history[:done].numpy()
     per_class = method.class_history[:done].numpy()
@@ -107,6 +116,37 @@ def _plot_per_class(final: dict[str, float | None], median: dict[str, float | No
     return fig
 
 
+def tsne_rows(parts: dict[str, Any], n: int) -> tuple[dict[str, np.ndarray], bool]:
+    """Row indices per domain for the t-SNE sets and whether the target rows pair with the synthetic ones.
+
+    Refined rows are their synthetic images' rows (matched by id). The target pairs by `scene_id` where both
+    domains share scenes (>= 0): the first n shared scenes, one image each; otherwise the first n of each."""
+    syn, tgt = parts.get("synthetic"), parts.get("target")
+    if syn is not None and tgt is not None:
+        s_ids, t_ids = np.asarray(syn.scene_ids), np.asarray(tgt.scene_ids)
+        shared = np.intersect1d(s_ids[s_ids >= 0], t_ids[t_ids >= 0])[:n]
+        if len(shared):
+            rows = {"synthetic": np.array([np.flatnonzero(s_ids == sc)[0] for sc in shared]),
+                    "target": np.array([np.flatnonzero(t_ids == sc)[0] for sc in shared])}
+            if "refined" in parts:
+                rows["refined"] = _same_ids(parts["refined"], syn, rows["synthetic"])
+            return rows, True
+    m = min(n, *(len(p.ids) for p in parts.values()))
+    rows = {k: np.arange(m) for k in parts}
+    if syn is not None and "refined" in parts:
+        rows["refined"] = _same_ids(parts["refined"], syn, rows["synthetic"])
+    return rows, False
+
+
+def _same_ids(refined: Any, syn: Any, syn_rows: np.ndarray) -> np.ndarray:
+    """Rows of `refined` holding the translations of syn's rows `syn_rows` (same sample id; else same row)."""
+    pos = {str(i): r for r, i in enumerate(np.asarray(refined.ids))}
+    ids = np.asarray(syn.ids)[syn_rows]
+    if all(str(i) in pos for i in ids):
+        return np.array([pos[str(i)] for i in ids])
+    return syn_rows
+
+
 def tsne_analysis(method: Any, n: int = 100) -> tuple[Any, dict[str, float]] | None:
     """Section IV-F: t-SNE of pooled segmenter features for synthetic / refined / target test triples."""
     import matplotlib.pyplot as plt
@@ -118,13 +158,15 @@ def tsne_analysis(method: Any, n: int = 100) -> tuple[Any, dict[str, float]] | N
     if len(present) < 2:
         return None
     parts = {k: data.get(d, "test") for k, d in present.items()}
-    m = min(n, *(len(p) for p in parts.values()))
+    rows, paired = tsne_rows(parts, n)
+    m = len(next(iter(rows.values())))
     drop = [method.classes.index(c) for c in cfg.tsne_mask_classes if c in method.classes]
     feats = {}
     for k, p in parts.items():
-        imgs = np.array(p.images[:m])
+        idx = rows[k]
+        imgs = np.array(p.images[idx])
         if drop and p.masks is not None:
-            imgs[np.isin(np.asarray(p.masks[:m]), drop)] = 0  # mask out backgrounds (paper: Stillleben masks)
+            imgs[np.isin(np.asarray(p.masks[idx]), drop)] = 0  # mask out backgrounds (paper: Stillleben masks)
         feats[k] = method.features(imgs, cfg.tsne_layer)
     allf = np.concatenate(list(feats.values()))
     emb = TSNE(n_components=2, perplexity=float(min(30, max(2, len(allf) // 4))), random_state=0,
@@ -135,13 +177,15 @@ def tsne_analysis(method: Any, n: int = 100) -> tuple[Any, dict[str, float]] | N
     for i, k in enumerate(feats):
         pts[k] = emb[i * m : (i + 1) * m]
         ax.scatter(pts[k][:, 0], pts[k][:, 1], s=8, c=colours[k], label=f"{k} ({present[k]})")
-    if len(pts) == 3:  # one corresponding synthetic-refined-target triple (the paper's red line)
-        tri = np.stack([pts["synthetic"][0], pts["refined"][0], pts["target"][0]])
+    line = [k for k in ("synthetic", "refined", "target") if k in pts and (k != "target" or paired)]
+    if len(line) >= 2:  # one corresponding triple (the paper's red line); target only where scenes pair
+        tri = np.stack([pts[k][0] for k in line])
         ax.plot(tri[:, 0], tri[:, 1], c="red", lw=1)
     ax.legend(fontsize=7)
-    ax.set_title(f"t-SNE of pooled '{cfg.tsne_layer}' features", fontsize=9)
+    note = "paired by scene" if paired else "target UNPAIRED (no shared scenes)"
+    ax.set_title(f"t-SNE of pooled '{cfg.tsne_layer}' features, {note}", fontsize=8)
     fig.tight_layout()
-    stats: dict[str, float] = {}
+    stats: dict[str, float] = {"tsne_paired": float(paired), "tsne_images": float(m)}
     if "target" in feats:
         mu = feats["target"].mean(0)
         scale = float(np.linalg.norm(feats["target"].std(0))) or 1.0

@@ -47,10 +47,11 @@ from torch import nn
 
 from s2r.config import ConfigError
 from s2r.data.benchmark import NO_LABEL, DataError
-from s2r.data.prepared import PreparedBenchmark, PreparedSplit
+from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Config:
     extractor_weights: str = "none"  # none (random init, logged) | imagenet (torchvision cache) | path to a file
     extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
     extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
-    feature_cache_dir: str = ""  # "" = cache extractor outputs in memory only
+    feature_cache_dir: str = "data/cache/ae_features"  # "" = cache extractor outputs in memory only
     sampling: Literal["vanilla", "I", "II"] = "vanilla"
     triplet: bool = False
     triplet_margin: float = 0.2  # Eq. 4
@@ -474,18 +475,10 @@ class TargetSampler:
         return out
 
 
-def one_per_scene(split: PreparedSplit) -> np.ndarray:
-    """Indices of the first image of every scene (all images where the split has no scene ids)."""
-    s = np.asarray(split.scene_ids)
-    if (s < 0).any():
-        return np.arange(len(s))
-    _, first = np.unique(s, return_index=True)
-    return np.sort(first)
-
-
 # ------------------------------------------------------------------------------------------------ method
 
 
+@register(Config)
 class Method(BaseMethod):
     """Autoencoder family of paper 1 (AE / VAE / beta-VAE / FactorVAE, E-, I-, II-, T- variants)."""
 

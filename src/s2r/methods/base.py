@@ -16,11 +16,19 @@ from s2r.data.prepared import PreparedBenchmark
 
 
 def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, C) array -> float (B, C, H, W) in [0, 1] on `device` (decode-free hot path)."""
+    """uint8 (B, H, W, C) array -> float (B, C, H, W) in [0, 1] on `device` (decode-free hot path).
+
+    The result is NCHW-contiguous on purpose. A plain `permute(0, 3, 1, 2)` of an HWC array has channels_last
+    strides, so every convolution would run oneDNN's NHWC kernels; on CPUs without AVX-512 (oneDNN's AVX2 code
+    path, torch 2.14.1 / oneDNN 3.12) the weight gradient of a 1x1 stride-2 NHWC convolution is
+    nondeterministic and can corrupt the heap ("malloc(): unaligned tcache chunk detected", SIGABRT/SIGSEGV
+    inside autograd backward). See `tests/test_determinism.py`; channels_last stays a GPU-only choice.
+    """
     t = torch.from_numpy(np.array(images, copy=True)) if not images.flags.writeable else torch.from_numpy(images)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
-    return t.permute(0, 3, 1, 2).float().div_(255.0)  # (B, H, W, C) -> (B, C, H, W)
+    # (B, H, W, C) -> (B, C, H, W), copied into fresh NCHW strides (also for C = 1, where strides are ambiguous)
+    return t.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 class IndexPool:

@@ -30,21 +30,28 @@ fraction of the image, factor = noise_upsample * size / 128, at least 1).
 Architecture (appendix A, Fig. 8, Tables 2-4): encoder = conv 5x5 stride 2, then pairs of residual blocks
 (two 3x3 convolutions with leaky ReLU and a learnable scalar gate initialised to 0: ReZero, Bachlechner et al.
 2020, so every block is the identity at init), average pooling (stride 2) between the pairs, 1x1 convolutions
-where the width changes, flatten, LayerNorm, and two fully connected heads (mean, log-variance; the log-variance
-head has a custom init: weights scaled by `logvar_weight_scale`, bias `logvar_bias_init`). The decoder mirrors it:
-FC, reshape, residual pairs with bilinear upsampling and 1x1 channel changes, and a final 5x5 stride-2 transposed
-convolution to Bernoulli logits. The paper's widths per pair are [64, 128, 128, 256, 256] at 128 px; the CPU
-default is smaller (params.yaml).
+where the width changes, flatten, a hidden fully connected layer of `fc_width` units, LayerNorm, and two fully
+connected heads (mean, log-variance; the log-variance head has a custom init: weights scaled by
+`logvar_weight_scale`, bias `logvar_bias_init`). The decoder mirrors it: FC(fc_width), FC, reshape, residual pairs
+with bilinear upsampling and 1x1 channel changes, and a final 5x5 stride-2 transposed convolution to Bernoulli
+logits. The paper's widths per pair are [64, 128, 128, 256, 256] at 128 px with a 512-unit hidden FC (the recipe):
+16.41 M parameters at d = 10 (Section 3: "approximately 16.3M"; without the hidden FC it would be 12.3 M); the
+CPU default is smaller (params.yaml).
 
 Data: the encoder trains on the source domain's images whose `ood_factor` value is not in `ood_holdout` (the
-paper trains the VAEs on 8 of its 12 cube colours; the 4 held out are the OOD2-A test colours). Pairs for weak
+paper trains the VAEs on 8 of its 12 cube colours; the 4 held out are the OOD2-A test colours). A held-out value
+outside the factor's range is an error; `ood_order` gives the order of the factor's values along which the
+evaluator's OOD1-B / OOD1-C split (extrapolation / interpolation: hue order), [] = index order. Pairs for weak
 supervision come from one of two places (`pairs`):
 - `render`: the embedded `scenes` benchmark's renderer draws `render_pairs` factor pairs that differ in exactly k
   factors (`s2r.data.scenes.sample_pair`, holdout values excluded) and renders both images in the source domain;
   the pool is cached under `cache_dir` keyed by everything that decides its pixels, so models share it. In render
   mode the unsupervised model trains on the same 2 x render_pairs images, so both supervisions see the same data.
 - `match`: pairs of rows of the prepared train split whose factor vectors differ in exactly k entries (a user's
-  factor-labelled dataset, e.g. `s2r data import-manifest` with factor_<name> columns). If no two rows differ in
+  factor-labelled dataset, e.g. `s2r data import-manifest` with factor_<name> columns). Continuous factors
+  (``factor_ranges``) are compared after prepare's binning (``factors.npy`` holds bin indices: equal-width bins over
+  the declared range, disentanglement_lib's histogram discretisation, `s2r.data.benchmark.bin_factor`), so "differ in
+  k factors" means "fall in different bins of k factors". If no two rows differ in
   exactly k factors, the pairs at the smallest available Hamming distance are used with a warning and the
   distance is reported as `pair_distance` in the train metrics; if all rows are identical it is an error.
 `auto` = `render` for the embedded scenes benchmark, `match` otherwise.
@@ -71,6 +78,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 
 @dataclass
@@ -87,6 +95,8 @@ class Config:
     cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
     ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
     ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
+    ood_threshold: float | None = None  # instead of ood_holdout: hold out values >= it (continuous: bin centres)
+    ood_order: list[int] = field(default_factory=list)  # OOD1-B/C order of the factor's values; [] = index order
     match_pairs: int = 200_000  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
     eval_images: int = 0  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
     input_noise: bool = False
@@ -95,6 +105,7 @@ class Config:
     noise_upsample: int = 16  # at 128 px; scaled with the resolution
     image_size: int = 32  # model resolution (images are area-downsampled); 0 = the benchmark's
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # channels per residual pair
+    fc_width: int = 128  # hidden FC of encoder and decoder (Tables 3-4; paper 512); 0 = none (FC heads only)
     logvar_weight_scale: float = 0.1
     logvar_bias_init: float = -1.0
     leaky_slope: float = 0.02
@@ -118,6 +129,8 @@ class Config:
             raise ConfigError(f"{p}.batch_size' >= 2, epochs/steps_per_epoch/render_pairs >= 1")
         if not self.widths or any(w < 1 for w in self.widths):
             raise ConfigError(f"{p}.widths' must be a non-empty list of positive channel counts")
+        if self.fc_width < 0:
+            raise ConfigError(f"{p}.fc_width' must be >= 0 (0 = no hidden FC layer), got {self.fc_width}")
         if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
             raise ConfigError(f"{p}.lr_milestones' are fractions of training in (0, 1)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
@@ -160,10 +173,11 @@ def final_spatial(image_size: int, n_pairs: int) -> int:
 
 
 class Encoder(nn.Module):
-    """Table 3: conv5x5/2, residual pairs with avg-pool and 1x1 width changes, flatten, LayerNorm, FC heads."""
+    """Table 3: conv5x5/2, residual pairs with avg-pool and 1x1 width changes, flatten, LeakyReLU, FC(fc_width),
+    LeakyReLU, LayerNorm, two FC heads (the "2 fully-connected layers" of Section 3; fc_width 0: no hidden FC)."""
 
     def __init__(self, channels: int, size: int, widths: list[int], latent: int, slope: float,
-                 logvar_weight_scale: float, logvar_bias_init: float) -> None:
+                 logvar_weight_scale: float, logvar_bias_init: float, fc_width: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 5, stride=2, padding=2)]
         prev = widths[0]
@@ -178,29 +192,36 @@ class Encoder(nn.Module):
         s = final_spatial(size, len(widths))
         self.flat = prev * s * s
         self.slope = slope
-        self.norm = nn.LayerNorm(self.flat)  # "LayerNorm before the posterior parameterisation"
-        self.mean = nn.Linear(self.flat, latent)
-        self.logvar = nn.Linear(self.flat, latent)
+        self.hidden = nn.Linear(self.flat, fc_width) if fc_width else None
+        feat = fc_width or self.flat
+        self.norm = nn.LayerNorm(feat)  # "LayerNorm before the posterior parameterisation"
+        self.mean = nn.Linear(feat, latent)
+        self.logvar = nn.Linear(feat, latent)
         with torch.no_grad():  # custom init of the log-variance layer (Table 3)
             self.logvar.weight.mul_(logvar_weight_scale)
             self.logvar.bias.fill_(logvar_bias_init)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> mean (B, d), log-variance (B, d)."""
-        h = self.body(x).flatten(1)  # (B, C, h, w) -> (B, C*h*w)
-        h = self.norm(F.leaky_relu(h, self.slope))
+        h = F.leaky_relu(self.body(x).flatten(1), self.slope)  # (B, C, h, w) -> (B, C*h*w)
+        if self.hidden is not None:
+            h = F.leaky_relu(self.hidden(h), self.slope)
+        h = self.norm(h)
         return self.mean(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    """Table 4: FC, reshape, residual pairs with bilinear upsampling and 1x1 width changes, conv5x5 to logits."""
+    """Table 4: FC(fc_width), LeakyReLU, FC, reshape, residual pairs with bilinear upsampling and 1x1 width
+    changes, conv5x5 to logits (fc_width 0: one FC from z)."""
 
-    def __init__(self, channels: int, size: int, widths: list[int], latent: int, slope: float) -> None:
+    def __init__(self, channels: int, size: int, widths: list[int], latent: int, slope: float,
+                 fc_width: int = 0) -> None:
         super().__init__()
         ws = list(reversed(widths))
         self.s = final_spatial(size, len(widths))
         self.c0 = ws[0]
-        self.fc = nn.Linear(latent, ws[0] * self.s * self.s)
+        self.hidden = nn.Linear(latent, fc_width) if fc_width else None
+        self.fc = nn.Linear(fc_width or latent, ws[0] * self.s * self.s)
         layers: list[nn.Module] = []
         prev = ws[0]
         for i, w in enumerate(ws):
@@ -216,6 +237,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, d) -> Bernoulli logits (B, C, H, W)."""
+        if self.hidden is not None:
+            z = F.leaky_relu(self.hidden(z), self.slope)
         h = self.fc(z).view(-1, self.c0, self.s, self.s)  # (B, C*s*s) -> (B, C, s, s)
         return self.out(F.leaky_relu(self.body(h), self.slope))
 
@@ -229,8 +252,8 @@ class VAE(nn.Module):
             raise ConfigError(f"key 'methods.betavae.widths': {len(cfg.widths)} residual pairs need an image size "
                               f"divisible by {2 ** len(cfg.widths)}, got {size}")
         self.encoder = Encoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope, cfg.logvar_weight_scale,
-                               cfg.logvar_bias_init)
-        self.decoder = Decoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope)
+                               cfg.logvar_bias_init, cfg.fc_width)
+        self.decoder = Decoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope, cfg.fc_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[0]
@@ -417,6 +440,21 @@ def render_pair_pool(n: int, k: int, domain: str, image_size: int, hues: int, si
     return imgs, facs, facs[:, 0, 0]
 
 
+def check_ood_values(cfg: Config, size: int, where: str) -> None:
+    """`ood_holdout` values must exist (0..size-1) and `ood_order` must list every value once (or be empty)."""
+    bad = [v for v in cfg.ood_holdout if not 0 <= v < size]
+    if bad:
+        raise ConfigError(f"key 'methods.betavae.ood_holdout': value(s) {bad} outside factor {cfg.ood_factor!r} of "
+                          f"{where}, which has {size} values (0..{size - 1})")
+    if len(set(cfg.ood_holdout)) >= size:
+        raise ConfigError(f"key 'methods.betavae.ood_holdout': {cfg.ood_holdout} holds out every value of factor "
+                          f"{cfg.ood_factor!r} ({size} values): nothing left to train on")
+    if cfg.ood_order and sorted(cfg.ood_order) != list(range(size)):
+        raise ConfigError(f"key 'methods.betavae.ood_order': {cfg.ood_order} must list every value of factor "
+                          f"{cfg.ood_factor!r} of {where} exactly once (0..{size - 1}), or be [] for index order")
+
+
+@register(Config)
 class Method(BaseMethod):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
@@ -435,7 +473,11 @@ class Method(BaseMethod):
         if cfg.ood_factor and cfg.ood_factor not in self.factor_names:
             raise ConfigError(f"key 'methods.betavae.ood_factor': {cfg.ood_factor!r} is not a factor of "
                               f"{data.root} ({self.factor_names}); use \"\" for none")
+        if cfg.ood_factor:
+            check_ood_values(cfg, self.factor_sizes[cfg.ood_factor], str(data.root))
         self.holdout = {cfg.ood_factor: sorted(cfg.ood_holdout)} if cfg.ood_factor and cfg.ood_holdout else {}
+        if cfg.ood_factor:
+            self.holdout = self._threshold_holdout(cfg, spec) or self.holdout
         self.size = cfg.image_size or spec.image_size
         self.channels = spec.channels
         self.batch_size = cfg.batch_size
@@ -478,6 +520,36 @@ class Method(BaseMethod):
         self.val_images = np.asarray(val.images[vi])
 
     # -- data ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _threshold_holdout(cfg: Config, spec: Any) -> dict[str, list[int]]:
+        """OOD split by a threshold: held-out values are those >= `ood_threshold`.
+
+        A continuous factor (``factor_ranges`` in benchmark.yaml) is binned by prepare
+        (:func:`s2r.data.benchmark.bin_factor`); its held-out bins are those whose centre is >= the threshold, so the
+        effective threshold is the nearest bin edge. A continuous OOD factor needs the threshold (value sets of
+        bins are refused: they depend on the bin count).
+        """
+        from s2r.data.benchmark import bin_centres
+
+        name = cfg.ood_factor
+        if cfg.ood_threshold is None:
+            if name in spec.factor_ranges and cfg.ood_holdout:
+                raise ConfigError(f"key 'methods.betavae.ood_holdout': factor {name!r} is continuous; hold values out "
+                                  "with 'ood_threshold' (and ood_holdout: [])")
+            return {}
+        if cfg.ood_holdout:
+            raise ConfigError("keys 'methods.betavae.ood_holdout' / '.ood_threshold': give one of them, not both")
+        n = spec.factors[name]
+        if name in spec.factor_ranges:
+            values = bin_centres(*(float(v) for v in spec.factor_ranges[name]), n)
+        else:
+            values = np.arange(n, dtype=np.float64)
+        held = [int(b) for b in np.flatnonzero(values >= cfg.ood_threshold)]
+        if not held or len(held) == n:
+            raise ConfigError(f"key 'methods.betavae.ood_threshold': {cfg.ood_threshold} holds out {len(held)} of "
+                              f"the {n} values of {name!r}; choose one inside its range")
+        return {name: held}
+
     def in_distribution(self, factors: np.ndarray) -> np.ndarray:
         """Rows whose held-out factor value is one the encoder trains on."""
         keep = np.ones(len(factors), bool)

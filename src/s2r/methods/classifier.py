@@ -39,6 +39,7 @@ from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.ae import EXTRACTORS, IMAGENET_MEAN, IMAGENET_STD, cut_level3, load_torchvision_model
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Network(nn.Module):
         return self.rest(h)
 
 
+@register(Config)
 class Method(BaseMethod):
     """Scratch / Pre-trained classification baseline of paper 1 on the extractor's own network."""
 

@@ -4,22 +4,35 @@ Park et al. 2020 (CUT) as summarised in Section III-B, with the paper's patch-ba
 
   L = L_GAN(G, D, X, Y) + lambda_NCE * (L_PatchNCE(G, H, X) + L_PatchNCE(G, H, Y))          (Eq. 2)
 
-- G: the ResNet generator (encoder c7s1-w, d2w, d4w; residual blocks; decoder u2w, uw, c7s1-C; instance norm),
-  reused from `s2r.methods.cyclegan` (one implementation for both papers); D: the PatchGAN discriminator from
-  there too; L_GAN: least-squares GAN (CUT's default `gan_mode=lsgan`).
+The paper ran the official CUT code, which computes (models/cut_model.py, compute_G_loss / calculate_NCE_loss)
+
+  L = L_GAN + 0.5 * lambda_NCE * (L_PatchNCE(G, H, X) + L_PatchNCE(G, H, Y))
+
+so its lambda_NCE values (1, 2, 5, 7) mean this form: `nce_reduce: mean` (the default). `nce_reduce: sum` is
+Eq. 2 as printed (twice the NCE weight at the same lambda_NCE).
+
+- G: CUT's ResnetGenerator (c7s1-w, d2w, d4w; residual blocks; u2w, uw, c7s1-C), built by
+  `s2r.methods.cyclegan.Generator` (one implementation for both papers) with CUT's settings: instance norm
+  without affine parameters, xavier_normal(gain 0.02) init, and with `antialias: true` CUT's default blur-pool
+  down/up-sampling (Zhang 2019). D: CUT's basic PatchGAN (NLayerDiscriminator): `disc_channels[:-1]` stride-2
+  4x4 convs, a stride-1 4x4 conv of `disc_channels[-1]`, a stride-1 4x4 output conv; CUT's basic D is
+  [64, 128, 256, 512] (2,764,737 parameters, 70 px receptive field without blur-pooling). L_GAN: least-squares
+  GAN (CUT's default `gan_mode=lsgan`). `build_networks` pins CUT's parameter counts at CUT's widths.
 - PatchNCE (CUT Eq. 2-3): features of `nce_layers` of G's encoder for the source patch x and for G(x), each
   through a small MLP head H_l (Linear-ReLU-Linear, `nce_mlp_dim` = 256) and L2-normalised; at `num_patches`
   (256) random locations, the SAME locations in x and G(x); for each output patch the positive is the input
   feature at the same location and the negatives are the other sampled locations of the same image; logits =
   cosine similarity / `nce_temperature` (0.07), cross-entropy with the positive as the class. Averaged over
   patches and layers. The identity term L_PatchNCE(G, H, Y) applies the same loss to target images y and G(y).
-- Layers: CUT's `nce_layers=0,4,8,12,16` index its generator's nn.Sequential: the padded input, the two
-  downsampling convs, residual blocks 1 and 5. In our generator (cyclegan.Generator.net) the same layers are
-  indices 0, 4, 7, 10 and 14; with the CPU default of 3 residual blocks the last one is 12 (the third block).
+- Layers: CUT's `nce_layers=0,4,8,12,16` index its (anti-aliased) generator's nn.Sequential: the padded input,
+  the two downsampling convs (before their blur-pool), residual blocks 1 and 5. With `antialias: true` our
+  cyclegan.Generator.net has CUT's layout, so the indices are CUT's. Without blur-pooling (the CPU default,
+  where the stride-1 full-resolution convs make G about 1.7x slower) the same layers are 0, 4, 7, 10 and 14; with the
+  CPU default of 3 residual blocks the last one is 12 (the third block).
 - Heads are created in `__init__` (CUT creates them lazily on the first batch) so that the optimiser exists
   before any checkpoint is restored and resume is exact.
-- Eq. 2 sums the two PatchNCE terms; CUT's code averages them (0.5 * (X + Y)). `nce_reduce` picks: `sum`
-  (Eq. 2, default) or `mean` (CUT's code).
+- `nce_reduce`: `mean` (CUT's code, default: 0.5 * (X + Y) with the identity term, X alone without) or `sum`
+  (Eq. 2 as printed).
 
 Patch training (Section III-C): each step draws `batch_size` (paper 40) source and target images independently
 (unpaired) and crops one random `patch_size` x `patch_size` patch from each, without flips. CUT works on sizes
@@ -36,9 +49,8 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -52,8 +64,12 @@ from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
+from s2r.methods.registry import register
 
-ENCODER_START = 10  # index of the first residual block in cyclegan.Generator.net (0-9: c7s1-w, d2w, d4w)
+
+def encoder_start(antialias: bool) -> int:
+    """Index of the first residual block in cyclegan.Generator.net (0-9: c7s1-w, d2w, d4w; 0-11 anti-aliased)."""
+    return 12 if antialias else 10
 
 
 @dataclass
@@ -64,15 +80,16 @@ class Config:
     domain_b: str = ""  # real side; "" = the benchmark's target domain
     gen_width: int = 8  # CUT ngf 64
     gen_blocks: int = 3  # CUT 9 residual blocks
-    disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # CUT basic D: 64, 128, 256
+    disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # CUT basic D: 64, 128, 256 (s2), 512 (s1)
+    antialias: bool = False  # CUT's blur-pool down/up-sampling in G and D (CUT default; the recipe: true)
     nce_layers: list[int] = field(default_factory=lambda: [0, 4, 7, 10, 12])  # indices into Generator.net
-    nce_mlp_dim: int = 256  # CUT netF_nc
-    num_patches: int = 256  # CUT num_patches
+    nce_mlp_dim: int = 64  # CUT netF_nc 256 (CPU-sized)
+    num_patches: int = 64  # CUT num_patches 256 (CPU-sized)
     nce_temperature: float = 0.07  # CUT nce_T
     lambda_nce: float = 1.0  # Eq. 2 (paper 4 tried 1, 2, 5, 7)
     lambda_gan: float = 1.0
     nce_idt: bool = True  # identity PatchNCE on target images, L_PatchNCE(G, H, Y)
-    nce_reduce: Literal["sum", "mean"] = "sum"  # Eq. 2 sums the X and Y terms; CUT's code averages them
+    nce_reduce: Literal["sum", "mean"] = "mean"  # CUT's code (what the paper ran) averages X and Y; Eq. 2 sums
     patch_size: int = 16  # random crop side in px (0 = full image); paper 60-160 px at 640x480 ~ 8-21 px here
     flip: bool = False  # Section IV-A: no horizontal flips
     lr: float = 2e-4
@@ -80,20 +97,22 @@ class Config:
     beta2: float = 0.999
     decay_start: float = 0.5  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
     ema_decay: float = 0.0  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
-    batch_size: int = 40  # patches per domain per step (paper 40)
-    epochs: int = 4
-    steps_per_epoch: int = 25
+    batch_size: int = 16  # patches per domain per step (paper 40; CPU-sized)
+    epochs: int = 5
+    steps_per_epoch: int = 40
     downstream: str = "segmenter_refined"  # params block of the segmenter the cut_patch objective trains
 
     def validate(self) -> None:
         if self.gen_width < 1 or self.gen_blocks < 1:
             raise ConfigError("keys 'gen_width' and 'gen_blocks' must be >= 1")
-        if not self.disc_channels or any(c < 1 for c in self.disc_channels):
-            raise ConfigError(f"key 'disc_channels' must be non-empty positive widths, got {self.disc_channels}")
-        last = ENCODER_START + self.gen_blocks - 1
+        if len(self.disc_channels) < 2 or any(c < 1 for c in self.disc_channels):
+            raise ConfigError(f"key 'disc_channels' must be >= 2 positive widths (stride-2 layers, then CUT's "
+                              f"stride-1 layer), got {self.disc_channels}")
+        last = encoder_start(self.antialias) + self.gen_blocks - 1
         if not self.nce_layers or any(not 0 <= i <= last for i in self.nce_layers):
-            raise ConfigError(f"key 'nce_layers' must be non-empty indices of the encoder 0..{last} "
-                              f"(generator layers with gen_blocks={self.gen_blocks}), got {self.nce_layers}")
+            raise ConfigError(f"key 'nce_layers' must be non-empty indices of the encoder 0..{last} (generator "
+                              f"layers with gen_blocks={self.gen_blocks}, antialias={self.antialias}), "
+                              f"got {self.nce_layers}")
         if self.nce_mlp_dim < 1 or self.num_patches < 1:
             raise ConfigError("keys 'nce_mlp_dim' and 'num_patches' must be >= 1")
         if self.nce_temperature <= 0:
@@ -203,6 +222,24 @@ def to_multiple_of_4(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=(th, tw), mode="bicubic", align_corners=False).clamp_(-1, 1)
 
 
+def build_networks(cfg: Config, channels: int) -> tuple[Generator, Discriminator, PatchSampleHeads]:
+    """CUT's G (ResnetGenerator), D (NLayerDiscriminator) and F (PatchSampleF) as CUT builds them.
+
+    Instance norm without affine parameters, xavier_normal(gain 0.02) init, D = stride-2 layers then a stride-1
+    layer (`disc_channels[-1]`) and a stride-1 output conv; `antialias` adds CUT's blur-pooling to G and D.
+    At CUT's widths (ngf = ndf = 64, 9 blocks, netF_nc 256, nce_layers 0,4,8,12,16) the parameter counts are
+    CUT's: G 11,378,179, D 2,764,737, F 560,384 (tests/test_cut.py).
+    """
+    g = Generator(channels, cfg.gen_width, cfg.gen_blocks, antialias=cfg.antialias, affine=False, init="xavier")
+    d = Discriminator(channels, cfg.disc_channels, last_stride1=True, antialias=cfg.antialias, affine=False,
+                      init="xavier")
+    with torch.no_grad():  # channel count of every NCE layer, so the heads exist before the optimiser
+        probe = encode_layers(g, torch.zeros(1, channels, 8, 8), sorted(cfg.nce_layers))
+    by_layer = dict(zip(sorted(cfg.nce_layers), probe))
+    heads = PatchSampleHeads([int(by_layer[i].shape[1]) for i in cfg.nce_layers], cfg.nce_mlp_dim)
+    return g, d, heads
+
+
 class EMA(nn.Module):
     """Exponential moving average of a module's weights (copies buffers): avg <- d * avg + (1 - d) * current."""
 
@@ -241,6 +278,7 @@ class PatchBatch(NamedTuple):
     b: np.ndarray  # (B, p, p, C) uint8 target patches (independent images: unpaired)
 
 
+@register(Config)
 class Method(BaseMethod):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 
@@ -267,17 +305,12 @@ class Method(BaseMethod):
         self.train_size = round_to_4(cfg.patch_size) if 0 < cfg.patch_size < side else side
         if cfg.patch_size > side:
             raise ConfigError(f"methods.cut: key 'patch_size' ({cfg.patch_size}) is larger than the {side}px images")
-        if Discriminator.out_size(self.train_size, len(cfg.disc_channels)) < 1:
-            raise ConfigError(f"key 'disc_channels': {len(cfg.disc_channels)} stride-2 layers leave no patch for "
-                              f"{self.train_size}px training patches; use fewer layers or a larger patch_size")
+        if Discriminator.out_size(self.train_size, len(cfg.disc_channels) - 1, 1) < 1:
+            raise ConfigError(f"key 'disc_channels': {len(cfg.disc_channels) - 1} stride-2 layers leave no patch "
+                              f"for {self.train_size}px training patches; use fewer layers or a larger patch_size")
         self.batch_size = cfg.batch_size
         self.pool_a, self.pool_b = IndexPool(np.arange(len(self.a))), IndexPool(np.arange(len(self.b)))
-        self.g = Generator(channels, cfg.gen_width, cfg.gen_blocks)
-        self.d = Discriminator(channels, cfg.disc_channels)
-        with torch.no_grad():  # channel count of every NCE layer, so the heads exist before the optimiser
-            probe = encode_layers(self.g, torch.zeros(1, channels, 8, 8), sorted(cfg.nce_layers))
-        by_layer = dict(zip(sorted(cfg.nce_layers), probe))
-        self.heads = PatchSampleHeads([int(by_layer[i].shape[1]) for i in cfg.nce_layers], cfg.nce_mlp_dim)
+        self.g, self.d, self.heads = build_networks(cfg, channels)
         self.g_ema = EMA(self.g, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     def _val_split(self, domain: str) -> PreparedSplit:
@@ -419,30 +452,3 @@ class Method(BaseMethod):
         super().load_sampler_state(state)
         self.pool_a.load(state["pools"]["a"])
         self.pool_b.load(state["pools"]["b"])
-
-
-# -- the cut_patch objective (s2r tune) ------------------------------------------------------------------------
-def tune_objective(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[[int, dict[str, float]], None],
-                   parent_run_id: str | None, run_name: str, tags: dict[str, str], method: str = "cut"
-                   ) -> dict[str, Any]:
-    """The cut_patch chain for one trial: train CUT, refine the source domain, train the downstream segmenter.
-
-    Called by `s2r.tune` instead of `stages.train`; the segmenter's per-epoch validation metrics go to
-    `on_epoch` (pruning on intermediate mIoU) and its summary is the trial's (objective: median val mIoU of the
-    last K epochs). All three steps are MLflow runs nested under the study's parent run.
-    """
-    from s2r import stages
-
-    cfg = params.methods[method]
-    seg = cfg.downstream
-    if seg not in params.methods:
-        raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
-    work = Path(work)
-    cut_summary = stages.train(method, data_dir, work / "cut", params, ckpt_dir=work / "cut-ckpt",
-                               parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
-    stages.refine(method, work / "cut", data_dir, work / "refined", None, params)
-    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
-                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
-                           tags=tags)
-    return summary | {"cut_seconds": cut_summary["seconds"], "cut_mlflow_run_id": cut_summary["mlflow_run_id"]}
-

@@ -61,6 +61,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, limited_indices, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we use it as the standard deviation
 
@@ -81,7 +82,7 @@ class Config:
     lambda_identity: float = 0.0  # absolute weight of ||G_AB(b) - b|| + ||G_BA(a) - a|| (CycleGAN: 0.5 * 10)
     lambda_l1: float = 0.1  # L1 between original and refined image (appendix 7)
     lr_g: float = 2e-4
-    lr_d: float = 1e-5
+    lr_d: float = 2.0e-4  # paper 1e-5 (40,000 iterations); at 200 CPU iterations D then never learns
     beta1: float = 0.5
     beta2: float = 0.999
     g_steps_per_d: int = 5
@@ -127,19 +128,56 @@ class Config:
 
 
 # -- networks ------------------------------------------------------------------------------------------------
-def _norm(k: int) -> nn.Module:
-    """InstanceNorm with a scale and shift (the "scaling correction terms" appendix 6.2 initialises)."""
-    return nn.InstanceNorm2d(k, affine=True)
+def _norm(k: int, affine: bool = True) -> nn.Module:
+    """InstanceNorm; affine = with a scale and shift (the "scaling correction terms" appendix 6.2 initialises).
+
+    CUT's instance norm has no affine parameters (networks.get_norm_layer: affine=False).
+    """
+    return nn.InstanceNorm2d(k, affine=affine)
+
+
+def _blur_filter(size: int) -> torch.Tensor:
+    """CUT networks.get_filter: the normalised outer product of a binomial row ([1, 2, 1] or [1, 3, 3, 1])."""
+    rows = {3: [1.0, 2.0, 1.0], 4: [1.0, 3.0, 3.0, 1.0]}
+    a = torch.tensor(rows[size])
+    f = a[:, None] * a[None, :]
+    return f / f.sum()
+
+
+class BlurDownsample(nn.Module):
+    """Anti-aliased stride-2 downsampling (Zhang 2019; CUT networks.Downsample: reflect pad 1, 3x3 binomial)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filt", _blur_filter(3)[None, None].repeat(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, ceil(H / 2), ceil(W / 2))."""
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt.to(x.dtype), stride=2, groups=x.shape[1])
+
+
+class BlurUpsample(nn.Module):
+    """Anti-aliased x2 upsampling (CUT networks.Upsample: replicate pad 1, 4x4 binomial transposed conv x 4)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("filt", (_blur_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        y = F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), self.filt.to(x.dtype), stride=2, padding=2,
+                               groups=x.shape[1])
+        return y[:, :, 1:-1, 1:-1]  # CUT: [1:, 1:] then (even filter) [:-1, :-1]
 
 
 class ResidualBlock(nn.Module):
     """Rk: two 3x3 convs with reflection padding and InstanceNorm, plus the identity shortcut."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, affine: bool = True) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(k, k, 3), _norm(k), nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(k, k, 3), _norm(k),
+            nn.ReflectionPad2d(1), nn.Conv2d(k, k, 3), _norm(k, affine), nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), nn.Conv2d(k, k, 3), _norm(k, affine),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,21 +185,37 @@ class ResidualBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """ResNet generator c7s1-w, d2w, d4w, R4w x n, u2w, uw, c7s1-C (tanh); (B, C, H, W) in [-1, 1] both ways."""
+    """ResNet generator c7s1-w, d2w, d4w, R4w x n, u2w, uw, c7s1-C (tanh); (B, C, H, W) in [-1, 1] both ways.
 
-    def __init__(self, channels: int, width: int, blocks: int) -> None:
+    Defaults are CycleGAN's (appendix 6.1: strided convs, affine instance norm, N(0, 0.02) init). CUT's
+    ResnetGenerator is `antialias=True, affine=False, init="xavier"`: each downsampler is a stride-1 conv, norm,
+    ReLU and a blur-pool (BlurDownsample), each upsampler a BlurUpsample followed by a stride-1 conv, norm, ReLU,
+    so `net` has the same layer indices as CUT's `model` (its nce_layers 0, 4, 8, 12, 16 mean the same layers).
+    """
+
+    def __init__(self, channels: int, width: int, blocks: int, *, antialias: bool = False, affine: bool = True,
+                 init: str = "normal") -> None:
         super().__init__()
         w1, w2, w4 = width, 2 * width, 4 * width
-        self.net = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(channels, w1, 7), _norm(w1), nn.ReLU(inplace=True),  # c7s1-w
-            nn.Conv2d(w1, w2, 3, 2, 1), _norm(w2), nn.ReLU(inplace=True),  # d2w
-            nn.Conv2d(w2, w4, 3, 2, 1), _norm(w4), nn.ReLU(inplace=True),  # d4w
-            *[ResidualBlock(w4) for _ in range(blocks)],  # R4w x blocks
-            nn.ConvTranspose2d(w4, w2, 3, 2, 1, output_padding=1), _norm(w2), nn.ReLU(inplace=True),  # u2w
-            nn.ConvTranspose2d(w2, w1, 3, 2, 1, output_padding=1), _norm(w1), nn.ReLU(inplace=True),  # uw
-            nn.ReflectionPad2d(3), nn.Conv2d(w1, channels, 7), nn.Tanh(),  # c7s1-C
-        )
-        init_weights(self)
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(channels, w1, 7), _norm(w1, affine),
+                                   nn.ReLU(inplace=True)]  # c7s1-w
+        for cin, cout in ((w1, w2), (w2, w4)):  # d2w, d4w
+            if antialias:
+                layers += [nn.Conv2d(cin, cout, 3, 1, 1), _norm(cout, affine), nn.ReLU(inplace=True),
+                           BlurDownsample(cout)]
+            else:
+                layers += [nn.Conv2d(cin, cout, 3, 2, 1), _norm(cout, affine), nn.ReLU(inplace=True)]
+        layers += [ResidualBlock(w4, affine) for _ in range(blocks)]  # R4w x blocks
+        for cin, cout in ((w4, w2), (w2, w1)):  # u2w, uw
+            if antialias:
+                layers += [BlurUpsample(cin), nn.Conv2d(cin, cout, 3, 1, 1), _norm(cout, affine), nn.ReLU(inplace=True)]
+            else:
+                layers += [nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1), _norm(cout, affine),
+                           nn.ReLU(inplace=True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w1, channels, 7), nn.Tanh()]  # c7s1-C
+        self.net = nn.Sequential(*layers)
+        self.first_block = 12 if antialias else 10  # index of the first residual block in `net`
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Any H, W: pad (replicate) to a multiple of 4 for the two stride-2 stages, crop back afterwards."""
@@ -173,40 +227,64 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """PatchGAN: Ck (4x4 conv stride 2, InstanceNorm except on the first, LeakyReLU 0.2) ..., 4x4 conv to 1."""
+    """PatchGAN: Ck (4x4 conv stride 2, InstanceNorm except on the first, LeakyReLU 0.2) ..., 4x4 conv to 1.
 
-    def __init__(self, channels: int, widths: list[int]) -> None:
+    Defaults are CycleGAN's appendix 6.1 layout (every Ck stride 2). `last_stride1=True` is pix2pix / CUT's
+    NLayerDiscriminator: the last width is a stride-1 Ck, so CUT's basic D (n_layers 3) is widths
+    [64, 128, 256, 512] (C64, C128, C256 stride 2, C512 stride 1, output conv stride 1: 70 px receptive field).
+    `antialias=True` (CUT's default) replaces each stride-2 conv by a stride-1 conv + LeakyReLU + BlurDownsample.
+    """
+
+    def __init__(self, channels: int, widths: list[int], *, last_stride1: bool = False, antialias: bool = False,
+                 affine: bool = True, init: str = "normal") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = channels
+        self.last_stride1 = last_stride1
         for i, k in enumerate(widths):
-            layers += [nn.Conv2d(cin, k, 4, 2, 1)] + ([] if i == 0 else [_norm(k)]) + [nn.LeakyReLU(0.2, True)]
+            norm = [] if i == 0 else [_norm(k, affine)]
+            if last_stride1 and i == len(widths) - 1:
+                layers += [nn.Conv2d(cin, k, 4, 1, 1), *norm, nn.LeakyReLU(0.2, True)]
+            elif antialias:
+                layers += [nn.Conv2d(cin, k, 4, 1, 1), *norm, nn.LeakyReLU(0.2, True), BlurDownsample(k)]
+            else:
+                layers += [nn.Conv2d(cin, k, 4, 2, 1), *norm, nn.LeakyReLU(0.2, True)]
             cin = k
         layers.append(nn.Conv2d(cin, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
-        init_weights(self)
+        self.n_strided = len(widths) - (1 if last_stride1 else 0)
+        init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, 1, h, w) patch scores."""
         return self.net(x)
 
     @staticmethod
-    def out_size(size: int, n_layers: int) -> int:
-        """Side of the patch map for a size x size input (each Ck halves, the last conv removes 1)."""
+    def out_size(size: int, n_layers: int, n_stride1: int = 0) -> int:
+        """Side of the patch map for a size x size input (each strided Ck halves, each stride-1 4x4 conv removes 1).
+
+        A blur-pooled Ck (stride-1 4x4 conv, then BlurDownsample) also maps s to s // 2.
+        """
         for _ in range(n_layers):
             size //= 2
-        return size - 1
+        return size - 1 - n_stride1
 
 
-def init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module, init: str = "normal") -> None:
     """Appendix 6.2: conv weights N(0, 0.02), norm scales N(1, 0.02), every other parameter 0.
 
     The paper says the norm scales are zero-mean; a scale near 0 would silence every normalised layer, so we
-    follow CycleGAN's code (mean 1) and read "zero mean" as describing the weights.
+    follow CycleGAN's code (mean 1) and read "zero mean" as describing the weights. `init="xavier"` is CUT's
+    (`--init_type xavier --init_gain 0.02`: conv weights xavier_normal with gain 0.02, biases 0).
     """
+    if init not in ("normal", "xavier"):
+        raise ConfigError(f"init must be 'normal' or 'xavier', got {init!r}")
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, INIT_STD)
+            if init == "xavier":
+                nn.init.xavier_normal_(m.weight, gain=INIT_STD)
+            else:
+                nn.init.normal_(m.weight, 0.0, INIT_STD)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.InstanceNorm2d) and m.affine:
@@ -338,6 +416,7 @@ class PairSampler:
 
 
 # -- method --------------------------------------------------------------------------------------------------
+@register(Config, aliases=("mrgan",))  # mrgan: MrGAN's later stages between refined domains (paper 4 Fig. 5B)
 class Method(BaseMethod):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 

@@ -37,13 +37,14 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, limited_indices, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 
 @dataclass
 class Config:
     """`methods.mixing` in params.yaml."""
 
-    real_fraction: float = 0.5  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
+    real_fraction: float = 0.125  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
     real_per_class: int = 10  # labelled real training images per class ("limited real"); -1 = all
     real_subset_seed: int = 0  # draws the labelled real subset (shared with the CycleGAN's; not the run seed)
     augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
@@ -52,8 +53,8 @@ class Config:
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks_per_stage: int = 3
     batch_size: int = 128
-    epochs: int = 10
-    steps_per_epoch: int = 40
+    epochs: int = 8
+    steps_per_epoch: int = 20
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -126,6 +127,7 @@ class SmallResNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
 
 
+@register(Config)
 class Method(BaseMethod):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 

@@ -1,52 +1,152 @@
-"""Method registry: a method's module name is its name everywhere (params.yaml, CLI, DVC, MLflow)."""
+"""Method registry: a method registers where it is defined; its module name is its name everywhere.
+
+Every module of `s2r.methods` (except `base` and this one) decorates its `Method` class with `@register(Config)`:
+
+    @register(Config, aliases=("mrgan",))
+    class Method(BaseMethod):
+        name = "cyclegan"; capabilities = frozenset({"translate"}); evaluator = ""
+
+The entry holds what the rest of s2r needs (Method and Config classes, capabilities, evaluator); the registry
+finds the modules by discovery over the `s2r.methods` package, so adding a method is one new module (plus its
+`params.yaml` block). `<method>_<suffix>` names another params block of `<method>` (e.g. `segmenter_refined`).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from s2r.config import ConfigError
 
-# name -> module path. Adding a method = one module (with `Config` and `Method`) + one line + a params block.
-METHODS: dict[str, str] = {
-    "mixing": "s2r.methods.mixing",
-    "cyclegan": "s2r.methods.cyclegan",
-    "mrgan": "s2r.methods.cyclegan",  # MrGAN's later stages: a CycleGAN between (refined) domains, paper 4 Fig. 5B
-    "cut": "s2r.methods.cut",  # paper 5: CUT on random patches (variants cut_<suffix>)
-    "segmenter": "s2r.methods.segmenter",  # paper 5: downstream segmentation (variants segmenter_<suffix>)
-    "twinvae": "s2r.methods.twinvae",  # paper 2: twin VAE (stage 1), twinvae_heads (stage 2), baselines
-    "betavae": "s2r.methods.betavae",  # paper 3: beta-VAE; Ada-GVAE = params block betavae_weak
-    "ae": "s2r.methods.ae",  # paper 1: (extractor) autoencoders, PIRL sampling I / II, triplet loss; ae_<variant>
-    "classifier": "s2r.methods.classifier",  # paper 1: Scratch / Pre-trained classification baselines
+# What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
+CAPABILITIES = {
+    "encode": "uint8 images (N, H, W, C) -> float latents (N, D)",
+    "translate": "uint8 images (N, H, W, C) -> uint8 images of the same shape",
+    "predict": "uint8 images (N, H, W, C) -> class probabilities (N, K) summing to 1, or per-pixel maps "
+               "(N, H, W) (integer masks, finite depth), or a dict of such arrays",
 }
+NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hold no method
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered method."""
+
+    name: str
+    module: str  # e.g. "s2r.methods.cut"
+    method: type[Any]
+    config: type[Any]
+    capabilities: frozenset[str]
+    evaluator: str  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
+    aliases: tuple[str, ...] = ()
+    block_capabilities: Callable[[Any], Iterable[str]] | None = None
+
+    def capabilities_for(self, cfg: Any) -> frozenset[str]:
+        """The capabilities one params block provides (a subset of the method's, e.g. twin-VAE stage 'vae' has no
+        heads to predict with); the method's own where it declares no `capabilities_for`."""
+        if self.block_capabilities is None:
+            return self.capabilities
+        caps = frozenset(self.block_capabilities(cfg))
+        if not caps <= self.capabilities:
+            raise ConfigError(f"{self.module}: capabilities_for gives {sorted(caps - self.capabilities)}, "
+                              f"not among the declared {sorted(self.capabilities)}")
+        return caps
+
+
+_ENTRIES: dict[str, Entry] = {}  # name and aliases -> entry
+_discovered = False
+
+
+def register(config: type[Any], *, aliases: tuple[str, ...] = (),
+             capabilities_for: Callable[[Any], Iterable[str]] | None = None) -> Any:
+    """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases.
+
+    `capabilities_for(cfg)`: where a params block provides only some of the class's capabilities.
+    """
+
+    def deco(cls: type[Any]) -> type[Any]:
+        module = cls.__module__
+        where = f"{module}.{cls.__name__}"
+        name = getattr(cls, "name", "")
+        if name != module.rsplit(".", 1)[-1]:
+            raise ConfigError(f"{where}: Method.name {name!r} must equal the module's name (one name everywhere)")
+        caps = frozenset(getattr(cls, "capabilities", frozenset()))
+        unknown = sorted(caps - set(CAPABILITIES))
+        if unknown:
+            raise ConfigError(f"{where}: unknown capabilities {unknown}; known: {list(CAPABILITIES)}")
+        missing = [c for c in sorted(caps) if not callable(getattr(cls, c, None))]
+        if missing:
+            raise ConfigError(f"{where}: declares capabilities {missing} but defines no such method")
+        evaluator = getattr(cls, "evaluator", "")
+        if evaluator and importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+            raise ConfigError(f"{where}: evaluator {evaluator!r} is not a module of s2r.evaluators")
+        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), capabilities_for)
+        for key in (name, *aliases):
+            old = _ENTRIES.get(key)
+            if old is not None and old.module != module:
+                raise ConfigError(f"{where}: method name {key!r} is already registered by {old.module}")
+            _ENTRIES[key] = entry
+        return cls
+
+    return deco
+
+
+def method_modules() -> list[str]:
+    """The modules of s2r.methods that hold a method (discovery: every module but base and registry)."""
+    import s2r.methods
+
+    return sorted(f"s2r.methods.{m.name}" for m in pkgutil.iter_modules(s2r.methods.__path__)
+                  if m.name not in NOT_METHODS and not m.name.startswith("_"))
+
+
+def discover(force: bool = False) -> dict[str, Entry]:
+    """Import every method module once (they register themselves); returns name/alias -> entry."""
+    global _discovered
+    if force or not _discovered:
+        for mod in method_modules():
+            importlib.import_module(mod)
+        _discovered = True
+    return _ENTRIES
+
+
+def entries() -> dict[str, Entry]:
+    """Registered methods by name (aliases left out)."""
+    return {k: e for k, e in discover().items() if k == e.name}
 
 
 def names() -> list[str]:
-    return sorted(METHODS)
+    """Every name a params block can start with: the registered names and their aliases."""
+    return sorted(discover())
+
+
+def entry(name: str, where: str = "params.yaml") -> Entry:
+    """The entry of `name`; `<method>_<suffix>` (e.g. `mrgan_stage3`) is another params block of `<method>`."""
+    found = discover().get(name) or (discover().get(name.split("_", 1)[0]) if "_" in name else None)
+    if found is None:
+        raise ConfigError(f"{where}: key 'methods.{name}': unknown method; known: {names()} (or <method>_<suffix>)")
+    return found
 
 
 def resolve(name: str) -> str | None:
-    """Module path of `name`; `<method>_<suffix>` (e.g. `mrgan_stage3`) is another instance of `<method>`."""
-    if name in METHODS:
-        return METHODS[name]
-    base = name.split("_", 1)[0]
-    return METHODS.get(base) if "_" in name else None
+    """Module path of `name`, or None when no registered method has that name."""
+    try:
+        return entry(name).module
+    except ConfigError:
+        return None
 
 
 def module(name: str) -> ModuleType:
-    """Import the method's module, failing with the known names."""
-    path = resolve(name)
-    if path is None:
-        raise ConfigError(f"unknown method {name!r}; known: {names()} (or <method>_<suffix>)")
-    return importlib.import_module(path)
+    return importlib.import_module(entry(name).module)
 
 
 def config_class(name: str, where: str = "params.yaml") -> type[Any]:
-    if resolve(name) is None:
-        raise ConfigError(f"{where}: key 'methods.{name}': unknown method; known: {names()} (or <method>_<suffix>)")
-    return module(name).Config  # type: ignore[no-any-return]
+    return entry(name, where).config
 
 
 def method_class(name: str) -> type[Any]:
-    return module(name).Method  # type: ignore[no-any-return]
+    return entry(name).method

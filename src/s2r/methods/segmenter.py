@@ -38,8 +38,10 @@ from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.cut import EMA
+from s2r.methods.registry import register
 
 TRAIN_DATA = ("synthetic", "refined", "target", "target+synthetic", "target+refined")
+MIOU = "present_classes"  # paper 5's mIoU convention (s2r.evaluators.segmentation), see Method.score
 
 
 @dataclass
@@ -50,10 +52,10 @@ class Config:
     refiner: str = "cut"  # the refined domain is <synthetic>_<refiner> (written by `s2r refine <refiner>`)
     synthetic_domain: str = ""  # "" = the benchmark's source (or, in a refined benchmark, what was refined)
     target_fraction: float = 0.5  # (d): probability that a minibatch is drawn from the target set
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
     batch_size: int = 16
-    epochs: int = 10
-    steps_per_epoch: int = 25
+    epochs: int = 15
+    steps_per_epoch: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # > 0: evaluate an EMA of the weights (paper Section IV-C: 0.995)
@@ -129,6 +131,7 @@ class SegBatch(NamedTuple):
     masks: np.ndarray  # (B, H, W) uint8 class ids of seg_classes
 
 
+@register(Config)
 class Method(BaseMethod):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 
@@ -194,7 +197,7 @@ class Method(BaseMethod):
         y = torch.from_numpy(np.asarray(batch.masks, np.int64)).to(self.device)
         with self.autocast():
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), y)  # pixel-wise cross-entropy
+        loss = F.cross_entropy(logits.float(), y, ignore_index=255)  # pixel-wise CE; 255 = no class (benchmarks)
         self.optimize(loss, "net")
         if self.ema is not None:
             self.ema.update(self.net)
@@ -236,7 +239,8 @@ class Method(BaseMethod):
         """mIoU / per-class IoU / pixel accuracy on (the first eval_images of) a split."""
         n = self.cfg.eval_images or len(part)
         cm = confusion(np.asarray(part.masks[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
-        return metrics_from_confusion(cm, self.classes)
+        # paper 5 (Sec. IV-A): "mean IoU ... over all classes present in the dataset": absent classes left out
+        return metrics_from_confusion(cm, self.classes, miou=MIOU)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -29,9 +29,14 @@ Architecture (appendix Table 2, widths/depth from params; the paper's 256 px val
   decoder  shared: ConvTranspose2D + BatchNorm || Conv2D + IN + Unpacking | mid residual blocks |
            (P - 1) x [Conv2D + IN + Unpacking] | ConvTranspose2D k7 + tanh (no tanh for segmentation logits)
 P packing layers divide the resolution by 2^P (paper P = 6: 256 px -> 4x4). The table lists one shared layer
-each side; the text says "the last three weights of each encoder are shared": the shared encoder holds the
-table's conv (+ BN) and the mu / logvar convolutions (three weight tensors). Auxiliary heads have their own
-copy of the "shared decoder" layer (table note (*)). Activations are ReLU unless stated (table caption).
+each side; the text says "the last three weights of each encoder are shared, and the first three weights of each
+decoder": the shared encoder holds the table's conv (+ BN) and the mu / logvar convolutions (three weight
+tensors); the shared decoder holds layer 11's transposed conv (+ BN) and layer 12 (Conv2D + IN + Unpacking: its
+2D conv and the unpacking's 3D conv), three weight tensors (`shared_decoder_weights: 3`; 1 = Table 2's layer 11
+only). Auxiliary heads have their own copy of these "shared decoder" layers (table note (*)). The segmentation
+head has one output per benchmark class: VKITTI's 15 categories with the driving adapters' `classes: vkitti`
+(Table 2 note (**): 15 x 256 x 256), of which the evaluator scores the 12 shared ones
+(`reports.depth_segmentation.classes`). Activations are ReLU unless stated (table caption).
 Packing (Guizilini et al. 2020): space-to-depth (r = 2), a 3D convolution with `pack_d` filters over the folded
 channels, reshape, then a 2D convolution; unpacking mirrors it (2D conv, 3D conv, depth-to-space).
 
@@ -48,8 +53,10 @@ Losses (documented choices where the paper is ambiguous):
   - Eq. 8/9 cycle terms: mean absolute error.
   - Depth targets are scaled to the tanh range: d_n = 2 d / depth_max - 1 (0 m -> -1); MSE over valid pixels
     (depth > 0). Segmentation: mean pixel-wise cross-entropy, 255 = ignore.
-  - The reparameterisation trick runs in every training forward pass (Section 3); inference (predict, encode,
-    translate) uses the posterior mean unless `inference_sample: true`, so evaluations are deterministic.
+  - The reparameterisation trick runs in every forward pass (Section 3: "done during all forward passes"):
+    inference (predict, encode, translate) samples z too (`inference_sample: true`, default) from a generator
+    seeded by the model's seed (repeatable evaluations); `inference_sample: false` uses the posterior mean.
+    Exported models (MLflow) use the mean (deterministic deployment).
   - In stage 2 x'_R = G_R(z_S) is treated as an input (no gradient into G_R through it); with
     `train_vae_in_heads: true` (default, as Eq. 11-14 are losses of the encoders) the encoders and decoders keep
     training with the stage-2 losses, otherwise only the heads train.
@@ -73,10 +80,11 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
 # Config keys that fix the network's shape: stage 2 must match stage 1 on these.
-ARCH_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", "pack_d")
+ARCH_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", "pack_d", "shared_decoder_weights")
 
 
 @dataclass
@@ -86,11 +94,12 @@ class Config:
     stage: Literal["vae", "heads", "supervised"] = "vae"
     supervised_domain: Literal["source", "target"] = "source"  # stage supervised: whose labels (lower/upper bound)
     # architecture (appendix Table 2); paper: 64, [76, 88, 100, 128, 200, 250], 2, 300 at 256 px
-    stem_channels: int = 16
-    pack_channels: list[int] = field(default_factory=lambda: [24, 32, 48, 64])
+    stem_channels: int = 8
+    pack_channels: list[int] = field(default_factory=lambda: [16, 24, 32])
     mid_blocks: int = 2
-    latent_channels: int = 64
-    pack_d: int = 8  # 3D-conv filters of packing / unpacking (PackNet's d)
+    latent_channels: int = 32
+    pack_d: int = 4  # 3D-conv filters of packing / unpacking (PackNet's d)
+    shared_decoder_weights: int = 3  # "the first three weights of each decoder are shared" (Section 3.2); 1 = Table 2
     init_std: float = 0.02  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
     # stage 1 weights (Eq. 10; the paper sums with weight 1)
     w_kl: float = 1.0  # Eq. 2-3 (KL + Gaussian NLL)
@@ -105,20 +114,23 @@ class Config:
     w_seg: float = 1.0  # Eq. 18-19
     train_vae_in_heads: bool = True  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
     depth_max: float = 4.0  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
-    inference_sample: bool = False  # sample z at inference too (else the posterior mean: deterministic)
-    lr: float = 1.0e-4
+    inference_sample: bool = True  # Section 3: z is sampled in every forward pass; false = the posterior mean
+    lr: float = 1.0e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    batch_size: int = 16
+    batch_size: int = 8
     epochs: int = 4
-    steps_per_epoch: int = 25
-    val_images: int = 64  # validation subset per domain (per-epoch monitoring)
+    steps_per_epoch: int = 20
+    val_images: int = 32  # validation subset per domain (per-epoch monitoring)
 
     def validate(self) -> None:
         if self.stem_channels < 1 or not self.pack_channels or any(c < 1 for c in self.pack_channels):
             raise ConfigError("keys 'stem_channels' and 'pack_channels' must be positive (pack_channels non-empty)")
         if self.mid_blocks < 0 or self.latent_channels < 1 or self.pack_d < 1:
             raise ConfigError("keys 'mid_blocks' >= 0, 'latent_channels' >= 1 and 'pack_d' >= 1 required")
+        if self.shared_decoder_weights not in (1, 3):
+            raise ConfigError(f"key 'shared_decoder_weights' must be 3 (Section 3.2: layer 11 + layer 12) or 1 "
+                              f"(Table 2: layer 11 only), got {self.shared_decoder_weights}")
         outs = [self.stem_channels, *self.pack_channels[:-1]]  # unpacking outputs
         bad = [c for c in outs if (4 * c) % self.pack_d]
         if bad:
@@ -245,11 +257,18 @@ class Encoder(nn.Module):
 
 
 class SharedDecoder(nn.Module):
-    """Table 2 layer 11: ConvTranspose2D + BatchNorm (+ ReLU), latent -> last packing width."""
+    """Table 2 layer 11: ConvTranspose2D + BatchNorm (+ ReLU), latent -> last packing width; with
+    `shared_decoder_weights: 3` also layer 12 (Conv2D + InstanceNorm + Unpacking: two more weight tensors)."""
 
-    def __init__(self, latent: int, cout: int) -> None:
+    def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.ConvTranspose2d(latent, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        cout = cfg.pack_channels[-1]
+        layers: list[nn.Module] = [nn.ConvTranspose2d(cfg.latent_channels, cout, 3, 1, 1), nn.BatchNorm2d(cout),
+                                   nn.ReLU(inplace=True)]
+        if cfg.shared_decoder_weights == 3:
+            chans = [cfg.stem_channels, *cfg.pack_channels][::-1]
+            layers.append(Unpacking(chans[0], chans[1], cfg.pack_d))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -263,7 +282,8 @@ class PrivateDecoder(nn.Module):
         chans = [cfg.stem_channels, *cfg.pack_channels][::-1]  # e.g. [250, 200, 128, 100, 88, 76, 64]
         layers: list[nn.Module] = []
         for i in range(len(cfg.pack_channels)):
-            layers.append(Unpacking(chans[i], chans[i + 1], cfg.pack_d))
+            if i > 0 or cfg.shared_decoder_weights == 1:  # layer 12 belongs to the shared decoder otherwise
+                layers.append(Unpacking(chans[i], chans[i + 1], cfg.pack_d))
             if i == 0:
                 layers += [ResBlock(chans[1]) for _ in range(cfg.mid_blocks)]
         layers.append(nn.ConvTranspose2d(cfg.stem_channels, out_ch, 7, 1, 3))
@@ -294,7 +314,7 @@ class TwinVAE(nn.Module):
     def __init__(self, channels: int, cfg: Config) -> None:
         super().__init__()
         shared_enc = SharedEncoder(cfg.pack_channels[-1], cfg.latent_channels)
-        shared_dec = SharedDecoder(cfg.latent_channels, cfg.pack_channels[-1])
+        shared_dec = SharedDecoder(cfg)
         self.enc_r = Encoder(PrivateEncoder(channels, cfg), shared_enc)
         self.enc_s = Encoder(PrivateEncoder(channels, cfg), shared_enc)
         self.dec_r = Decoder(shared_dec, PrivateDecoder(channels, cfg, tanh=True))
@@ -307,10 +327,8 @@ class Heads(nn.Module):
 
     def __init__(self, num_classes: int, cfg: Config) -> None:
         super().__init__()
-        self.depth = Decoder(SharedDecoder(cfg.latent_channels, cfg.pack_channels[-1]),
-                             PrivateDecoder(1, cfg, tanh=True))
-        self.seg = Decoder(SharedDecoder(cfg.latent_channels, cfg.pack_channels[-1]),
-                           PrivateDecoder(num_classes, cfg, tanh=False))
+        self.depth = Decoder(SharedDecoder(cfg), PrivateDecoder(1, cfg, tanh=True))
+        self.seg = Decoder(SharedDecoder(cfg), PrivateDecoder(num_classes, cfg, tanh=False))
         gaussian_init(self, cfg.init_std)
 
 
@@ -377,7 +395,10 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 # -- exported models -----------------------------------------------------------------------------------------
 class Translator(nn.Module):
-    """Exported stage-1 model: sim -> real cross-decoding G_R(E_S(x)), [0, 1] images in and out (posterior mean)."""
+    """Exported stage-1 model: sim -> real cross-decoding G_R(E_S(x)), [0, 1] images in and out.
+
+    Exported models use the posterior mean whatever `inference_sample` says: a deterministic, traceable model for
+    deployment (the evaluate stage samples as the paper does)."""
 
     def __init__(self, twin: TwinVAE) -> None:
         super().__init__()
@@ -411,6 +432,8 @@ class TwinBatch(NamedTuple):
     real: np.ndarray  # (B, H, W, C) uint8 unpaired real images, drawn independently ((0, ...) when supervised)
 
 
+@register(Config, capabilities_for=lambda cfg: {"vae": {"encode", "translate"}, "supervised": {"encode", "predict"},
+                                                "heads": {"encode", "translate", "predict"}}[cfg.stage])
 class Method(BaseMethod):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
@@ -461,6 +484,12 @@ class Method(BaseMethod):
             self.heads = Heads(len(self.seg_classes), cfg)
         self.initialised = cfg.stage != "heads"  # stage 2 needs stage 1's weights (init_from)
         self.init_info: dict[str, str] = {}
+
+    def trained_tasks(self) -> list[str]:
+        """The tasks whose heads this model trained (stage vae: none; a zero loss weight leaves a head untrained)."""
+        if self.cfg.stage == "vae":
+            return []
+        return [t for t, w in (("depth", self.cfg.w_depth), ("segmentation", self.cfg.w_seg)) if w > 0]
 
     def _val(self, domain: str) -> PreparedSplit:
         return self.data.get(domain, "val" if self.data.has(domain, "val") else "train")
@@ -635,14 +664,19 @@ class Method(BaseMethod):
 
     @torch.no_grad()
     def _batched(self, images: np.ndarray, fn: Any, batch_size: int) -> list[torch.Tensor]:
+        """fn over batches in eval mode; with `inference_sample` the posterior samples come from a generator
+        seeded by the model's seed, so the same call gives the same output and the global RNG is untouched."""
         was = self.training
         self.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            out = []
-            for i in range(0, len(images), batch_size):
-                with self.autocast():
-                    out.append(fn(self._t(images[i : i + batch_size])).float().cpu())
-            return out
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                out = []
+                for i in range(0, len(images), batch_size):
+                    with self.autocast():
+                        out.append(fn(self._t(images[i : i + batch_size])).float().cpu())
+                return out
         finally:
             self.train(was)
 
@@ -669,12 +703,18 @@ class Method(BaseMethod):
         y = ((torch.cat(ys) + 1) / 2).clamp(0, 1)
         return (y * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, C, H, W) -> (N, H, W, C)
 
-    def predict(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Real (target) images -> {"depth": (N, H, W) float32 metres, "mask": (N, H, W) int64 class ids}."""
+    def predict(self, images: np.ndarray, batch_size: int = 64, domain: str = "real") -> dict[str, np.ndarray]:
+        """Images of `domain` -> {"depth": (N, H, W) float32 metres, "mask": (N, H, W) int64 class ids}.
+
+        domain "real" (the evaluated target images) reads them with E_R, "sim" with E_S (the twin's sim encoder;
+        a baseline has one encoder for both)."""
         if self.heads is None:
             raise DataError(f"method {self.name!r} (stage 'vae') has no depth/segmentation heads; train "
                             "twinvae_heads (stage 'heads') on it")
-        enc, h, dmax = self._predict_encoder(), self.heads, self.cfg.depth_max
+        if domain not in ("real", "sim"):
+            raise ValueError(f"domain must be 'real' or 'sim', got {domain!r}")
+        enc = self.twin.enc_s if domain == "sim" and self.twin is not None else self._predict_encoder()
+        h, dmax = self.heads, self.cfg.depth_max
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             z = self._latent(enc, x)
@@ -685,7 +725,10 @@ class Method(BaseMethod):
         return {"depth": out[:, 0].numpy().astype(np.float32), "mask": out[:, 1].numpy().astype(np.int64)}
 
     def validate(self) -> dict[str, float]:
-        """Per-epoch monitoring on fixed val subsets (never used to pick models for the tables)."""
+        """Per-epoch monitoring on fixed val subsets (never used to pick models for the tables).
+
+        Heads / baselines: `val_sim_*` = the sim encoder E_S on sim val images (the supervised path the heads are
+        trained on), `val_real_*` = the real encoder E_R on real val images (the evaluated path)."""
         n = self.cfg.val_images
         sv, rv = self.sim_val, self.real_val
         si, ri = _spread(len(sv), n), _spread(len(rv), n)
@@ -704,7 +747,7 @@ class Method(BaseMethod):
         for tag, part, idx in (("sim", sv, si), ("real", rv, ri)):
             if part.depth is None or part.masks is None:
                 continue
-            p = self.predict(part.images[idx])
+            p = self.predict(part.images[idx], domain=tag)
             truth_d, truth_m = np.asarray(part.depth[idx]), np.asarray(part.masks[idx])
             if valid_mask(truth_d).any():  # sparse / absent labels (KITTI depth frames have no mask and vice versa)
                 out[f"val_{tag}_abs_rel"] = depth_metrics(p["depth"], truth_d)["abs_rel"]

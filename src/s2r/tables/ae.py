@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
+from s2r.params import load_params
 from s2r.tables import fmt_percent, markdown
 
 # row name -> overrides of methods.ae (paper Table 10)
@@ -87,7 +88,7 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     """Run Table 10 (digits, all seeds) and/or Table 1 (scenes, first seed); write md/CSV/JSON, log to MLflow."""
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     if digits is None and scenes is None:

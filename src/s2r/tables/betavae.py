@@ -1,12 +1,17 @@
 """Paper 3's correlation study (Figures 3-6) on our data: a grid of beta-VAE / Ada-GVAE models.
 
 Every model of the grid beta x supervision x input noise x seed (`reports.betavae_tables`) is trained (a nested
-MLflow run), then scored by the disentanglement evaluator (metrics, ELBO, reconstruction loss, OOD transfer
-scores, traversals; another nested run). Across all models we compute Spearman rank correlations between every
-disentanglement metric / ELBO / reconstruction loss / presence of input noise / weak supervision and every
-transfer score (Fig. 3 right, 4 right, 5 right, 6 top), write them as a heatmap PNG and JSON, and write the
-per-model transfer table (markdown + CSV). Two findings of the paper are checked and written to metrics.json:
-weak supervision raises DCI / MIG (Fig. 3 left) and input noise lowers the OOD2 transfer error (Fig. 6).
+MLflow run), then scored by the disentanglement evaluator (metrics, ELBO, reconstruction loss, GBT10000 test
+error, OOD transfer scores, traversals; another nested run). Across all models we compute Spearman rank
+correlations between every disentanglement metric / ELBO / reconstruction loss / presence of input noise / weak
+supervision and every transfer score (Fig. 4 right, 5 right, 6 top), write them as a heatmap PNG and JSON, and
+write the per-model transfer table (markdown + CSV) and the per-factor transfer errors (per_factor.csv: one row
+per model x scenario x regressor x factor; per_factor.md: their mean by input noise, the decomposition of
+Fig. 15). Fig. 3 right is its own output (`fig3_right.json` / `.png`): Spearman correlations of ELBO,
+reconstruction loss and the GBT10000 test error with every disentanglement metric, computed separately over the
+unsupervised models (the paper's upper block) and the weakly supervised ones (lower block). Two findings of the
+paper are checked and written to metrics.json: weak supervision raises DCI / MIG (Fig. 3 left) and input noise
+lowers the OOD2 transfer error (Fig. 6).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
 from s2r.evaluators.disentanglement import METRIC_KEYS
+from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
 ROW_KEYS = (*METRIC_KEYS, "elbo", "recon", "input_noise", "weak_supervision")
+FIG3_ROWS = ("elbo", "recon", "gbt10000_error")  # Fig. 3 right: unsupervised scores vs disentanglement metrics
 TRANSFER_PREFIXES = ("ood1a", "ood1b", "ood1c", "ood2a", "ood2b")
 
 
@@ -42,7 +49,6 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
                     params={"model": name}, parent_run_id=parent_run_id,
                     tags={"stage": "tables", "method": "betavae", "train_run_id": saved["mlflow_run_id"]}) as run:
         res = disentanglement.evaluate(method, run, plots_out, params)
-    res.pop("per_factor", None)
     return res | {"train_seconds": float(summary["seconds"]), "val_elbo": float(summary["val_elbo"])}
 
 
@@ -64,6 +70,18 @@ def spearman_table(runs: Any, rows: list[str], cols: list[str]) -> dict[str, dic
     return out
 
 
+def fig3_right(runs: Any) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Fig. 3 right: per supervision ("unsupervised" upper, "weak" lower), Spearman rho of ELBO, reconstruction
+    loss and GBT10000 test error (rows) with each disentanglement metric (columns), across that group's models."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for sup in ("unsupervised", "weak"):
+        sub = runs[runs["supervision"] == sup]
+        if len(sub):
+            out[sup] = spearman_table(sub, [r for r in FIG3_ROWS if r in sub.columns],
+                                      [m for m in METRIC_KEYS if m in sub.columns])
+    return out
+
+
 def findings(runs: Any) -> dict[str, Any]:
     """The paper's two claims checked on our models: weak > unsupervised on DCI/MIG; noise lowers OOD2 error."""
     out: dict[str, Any] = {}
@@ -82,6 +100,35 @@ def findings(runs: Any) -> dict[str, Any]:
     return out
 
 
+def per_factor_table(per_factor: Any) -> Any:
+    """Fig. 15's decomposition: mean per-factor MAE over models, one row per scenario x regressor x factor,
+    one column per input-noise setting ("noise=0", "noise=1")."""
+    import pandas as pd
+
+    if per_factor.empty:
+        return pd.DataFrame(columns=["scenario", "regressor", "factor"])
+    t = per_factor.pivot_table(index=["scenario", "regressor", "factor"], columns="input_noise", values="mae",
+                               aggfunc="mean")
+    t.columns = [f"noise={int(c)}" for c in t.columns]
+    t = t.reset_index()
+    for c in t.columns[3:]:
+        t[c] = t[c].map(lambda v: f"{v:.4f}")
+    return t
+
+
+def _draw_heatmap(ax: Any, corr: dict[str, dict[str, float | None]], title: str) -> None:
+    rows = list(corr)
+    cols = list(next(iter(corr.values()))) if corr else []
+    m = np.array([[np.nan if corr[r][c] is None else corr[r][c] for c in cols] for r in rows], float)
+    ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title(title, fontsize=8)
+
+
 def plot_heatmap(corr: dict[str, dict[str, float | None]], title: str) -> Any:
     import matplotlib
 
@@ -90,15 +137,22 @@ def plot_heatmap(corr: dict[str, dict[str, float | None]], title: str) -> Any:
 
     rows = list(corr)
     cols = list(next(iter(corr.values()))) if corr else []
-    m = np.array([[np.nan if corr[r][c] is None else corr[r][c] for c in cols] for r in rows], float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.4 * len(rows)), dpi=120)
-    ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
-    ax.set_title(title, fontsize=8)
+    _draw_heatmap(ax, corr, title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fig3_right(f3: dict[str, dict[str, dict[str, float | None]]]) -> Any:
+    """Fig. 3 right: one heatmap per supervision, unsupervised above, weakly supervised below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(max(len(f3), 1), 1, figsize=(7, 2.6 * max(len(f3), 1)), dpi=120, squeeze=False)
+    for ax, (sup, corr) in zip(axes[:, 0], f3.items()):
+        _draw_heatmap(ax, corr, f"Fig. 3 right, {sup} models: Spearman rank correlation")
     fig.tight_layout()
     return fig
 
@@ -143,7 +197,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     overrides = dict(overrides or {})
@@ -152,6 +206,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     out.mkdir(parents=True, exist_ok=True)
     grid = model_grid(cfg)
     rows: list[dict[str, Any]] = []
+    factor_rows: list[dict[str, Any]] = []  # per-factor transfer errors (paper 3 Fig. 15)
     logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir), "overrides": overrides}
     with TrackedRun("tables@betavae", experiment=base.tracking.experiment, params=logged,
                     tags={"stage": "tables", "method": "betavae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
@@ -169,6 +224,10 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
             rows.append({"model": slug, "beta": beta, "supervision": sup, "input_noise": int(noise), "seed": seed,
                          **dims, **warm, "weak_supervision": int(sup == "weak"),
                          **{k: v for k, v in res.items() if isinstance(v, (int, float))}})
+            factor_rows += [{"model": slug, "input_noise": int(noise), "weak_supervision": int(sup == "weak"),
+                             "scenario": sc, "regressor": kind, "factor": f, "mae": v}
+                            for sc, regs in res.get("per_factor", {}).items() for kind, fs in regs.items()
+                            for f, v in fs.items()]
         runs = pd.DataFrame(rows)
         runs.to_csv(out / "runs.csv", index=False)
         transfer_cols = [c for c in runs.columns if c.startswith(TRANSFER_PREFIXES)]
@@ -181,6 +240,13 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
         fig.savefig(out / "spearman.png", bbox_inches="tight")
         parent.log_figure(fig, "tables/spearman.png")
         plt.close(fig)
+        f3 = fig3_right(runs)
+        write_json(out / "fig3_right.json", {"n_models": {k: int((runs["supervision"] == k).sum()) for k in f3},
+                                             "spearman": f3})
+        fig3 = plot_fig3_right(f3)
+        fig3.savefig(out / "fig3_right.png", bbox_inches="tight")
+        parent.log_figure(fig3, "tables/fig3_right.png")
+        plt.close(fig3)
         table = runs[["model", "beta", "supervision", "input_noise", "seed", "dci_disentanglement", "mig", "elbo",
                       *transfer_cols]].copy()
         table.to_csv(out / "transfer.csv", index=False)
@@ -189,12 +255,18 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
             fmt[c] = fmt[c].map(lambda v: f"{v:.4g}")
         (out / "transfer.md").write_text(_markdown(fmt, "OOD transfer scores (mean absolute error over factors, "
                                                         "normalised to [0, 1]; lower is better)"))
+        per_factor = pd.DataFrame(factor_rows, columns=["model", "input_noise", "weak_supervision", "scenario",
+                                                        "regressor", "factor", "mae"])
+        per_factor.to_csv(out / "per_factor.csv", index=False)
+        (out / "per_factor.md").write_text(_markdown(per_factor_table(per_factor), (
+            "Per-factor transfer error (Fig. 15): mean absolute error per factor, mean over models, by input noise")))
         metrics = {"n_models": len(runs), **found,
                    "train_seconds_mean": float(runs["train_seconds"].mean()),
                    "evaluate_seconds_mean": float((runs["seconds_encode"] + runs["seconds_metrics"]
                                                    + runs["seconds_transfer"]).mean())}
         write_json(out / "metrics.json", metrics)
         parent.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
-        for name in ("runs.csv", "transfer.csv", "transfer.md", "spearman.json", "metrics.json"):
+        for name in ("runs.csv", "transfer.csv", "transfer.md", "per_factor.csv", "per_factor.md", "spearman.json",
+                     "fig3_right.json", "metrics.json"):
             parent.log_artifact(out / name, "tables")
     return {"runs": runs, "spearman": corr, "metrics": metrics}

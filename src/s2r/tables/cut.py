@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import load_params
+from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
 PAPER_HEIGHT = 480  # YCB-Video frames the paper's patch sizes refer to (640x480)
@@ -48,7 +48,7 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
 
     from s2r import stages
     from s2r.evaluators.segmentation_lastk import plot_distributions
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path, sets)

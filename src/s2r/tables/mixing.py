@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params, load_params
+from s2r.config import Params
+from s2r.params import load_params
 from s2r.tables import fmt_percent as _fmt
 from s2r.tables import markdown as _markdown
 
@@ -83,7 +84,7 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r.stages import write_json
+    from s2r.files import write_json
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path)

@@ -52,7 +52,7 @@ SOURCES: dict[str, Source] = {
     "kitti": Source(driving.KITTI_INFO, driving.build_kitti, driving.kitti_fixture),
     "vkitti2": Source(driving.VKITTI_INFO, driving.build_vkitti2, driving.vkitti2_fixture),
     "ycb_video": Source(objects.YCB_INFO, objects.build_ycb, objects.ycb_fixture),
-    "bop": Source(objects.BOP_INFO, objects.build_bop, objects.bop_fixture),
+    "bop": Source(objects.BOP_INFO, objects.build_bop, lambda r: objects.bop_fixture(r, test_split=True)),
     "cifar_da": Source(misc.CIFAR_DA_INFO, misc.build_cifar_da, misc.cifar_da_fixture),
     "trifinger": Source(misc.TRIFINGER_INFO, misc.build_trifinger, misc.trifinger_fixture),
 }

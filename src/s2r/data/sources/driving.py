@@ -7,6 +7,12 @@ order); every other class is 255 (ignored). Choices, documented in docs/datasets
 - KITTI's semantic labels use the Cityscapes label ids, which have no "van" (vans are labelled car), so
   id 11 never occurs in KITTI masks. VKITTI 2's "Tree" and "Vegetation" both map to vegetation (Cityscapes
   labels trees as vegetation); "Misc" and "Undefined" are ignored.
+- Option ``classes``: ``shared`` (default: the 12 shared ids above) or ``vkitti``, paper 2's protocol: the
+  network predicts VKITTI's 15 categories (14 classes + Undefined; Table 2 note (**): 15 output channels) and only
+  the 12 shared ones are scored (`reports.depth_segmentation.classes`). The class list is then the 12 shared
+  classes (ids 0..11, unchanged) followed by tree (12), misc (13), undefined (14); VKITTI 2's Tree, Misc and
+  Undefined get those ids instead of vegetation / ignore. KITTI (Cityscapes ids) uses the same 15-class list,
+  where ids 12..14 never occur (Cityscapes labels trees as vegetation). Set it on both adapters of a merge.
 - Depth is stored at KITTI's own scale (uint16 PNG, 256 per metre, 0 = no measurement). KITTI's sparse
   LiDAR depth is resized by moving valid points only (no interpolation with empty pixels); VKITTI 2's dense
   depth (centimetres, 655.35 m = sky) is clipped to ``max_depth`` (80 m, the usual KITTI evaluation cap).
@@ -54,6 +60,20 @@ VKITTI_COLORS = {"Terrain": (210, 0, 200), "Sky": (90, 200, 255), "Tree": (0, 19
                  "Misc": (80, 80, 80), "Truck": (160, 60, 60), "Car": (255, 127, 80), "Van": (0, 139, 139),
                  "Undefined": (0, 0, 0)}
 MASK_VALUES = list(range(len(SHARED_CLASSES))) + [IGNORE]
+# `classes: vkitti` (paper 2 trains on VKITTI's 15 categories and scores the 12 shared ones)
+VKITTI_CLASSES = [*SHARED_CLASSES, "tree", "misc", "undefined"]
+VKITTI_TO_FULL = {**VKITTI_TO_SHARED, "Tree": 12, "Misc": 13, "Undefined": 14}
+CLASS_SETS = {"shared": SHARED_CLASSES, "vkitti": VKITTI_CLASSES}
+CLASSES_OPTION = ("'shared' (the 12 shared classes) or 'vkitti' (paper 2: VKITTI's 15 categories, the 12 shared "
+                  "first) [shared]")
+
+
+def class_set(options: dict[str, Any]) -> str:
+    """The `classes` option, checked: which label set the masks use."""
+    name = option(options, "classes", "shared", str)
+    if name not in CLASS_SETS:
+        raise DataError(f"option 'classes': {name!r} must be one of {sorted(CLASS_SETS)}")
+    return name
 
 KITTI_INFO = SourceInfo(
     name="kitti", title="KITTI (depth + semantics, real)", url="https://www.cvlibs.net/datasets/kitti/ (raw data, "
@@ -67,7 +87,7 @@ data_semantics/training/semantic/<id>_10.png        Cityscapes label ids
     options={"image_size": "square size (paper 2: 256) [256]", "crop": "'none' (resize, paper 2) or 'center' [none]",
              "val_fraction": "share of annotated-train drives for val [0.1]", "frame_step": "keep every k-th depth "
              "frame [1]", "semantics_split": "'test' (paper 2 evaluates on the 200 images) or 'hash' [test]",
-             "seed": "split hash seed [0]", "domain": "domain name [kitti]"},
+             "seed": "split hash seed [0]", "domain": "domain name [kitti]", "classes": CLASSES_OPTION},
 )
 VKITTI_INFO = SourceInfo(
     name="vkitti2", title="Virtual KITTI 2 (sim)", url="https://europe.naverlabs.com/research/computer-vision/"
@@ -80,7 +100,7 @@ vkitti_2.0.3_textgt/<Scene>/<variation>/colors.txt    (optional; published colou
     options={"image_size": "square size [256]", "crop": "'none' or 'center' [none]", "max_depth": "clip metres [80]",
              "fractions": "train/val/test of (scene, frame) [0.8/0.1/0.1]", "variations": "list [all found]",
              "camera": "[Camera_0]", "frame_step": "keep every k-th frame [1]", "seed": "[0]",
-             "domain": "domain name [vkitti2]"},
+             "domain": "domain name [vkitti2]", "classes": CLASSES_OPTION},
 )
 
 
@@ -92,8 +112,10 @@ def cityscapes_to_shared(ids: np.ndarray) -> np.ndarray:
     return lut[ids.astype(np.uint8)]
 
 
-def read_colors(path: Path | None) -> dict[tuple[int, int, int], int]:
-    """colour -> shared class id from a VKITTI 2 colors.txt (or the published colours)."""
+def read_colors(path: Path | None, mapping: dict[str, int] | None = None) -> dict[tuple[int, int, int], int]:
+    """colour -> class id (`mapping`: VKITTI_TO_SHARED or VKITTI_TO_FULL) from a VKITTI 2 colors.txt (or the
+    published colours)."""
+    mapping = mapping or VKITTI_TO_SHARED
     table = dict(VKITTI_COLORS)
     if path is not None and path.is_file():
         for n, line in enumerate(path.read_text().splitlines()[1:], 2):
@@ -105,9 +127,9 @@ def read_colors(path: Path | None) -> dict[tuple[int, int, int], int]:
             table[parts[0]] = tuple(int(p) for p in parts[1:])  # type: ignore[assignment]
     out = {}
     for cat, rgb in table.items():
-        if cat not in VKITTI_TO_SHARED:
+        if cat not in mapping:
             raise DataError(f"{path}: unknown VKITTI 2 category {cat!r}")
-        out[tuple(rgb)] = VKITTI_TO_SHARED[cat]
+        out[tuple(rgb)] = mapping[cat]
     return out
 
 
@@ -147,6 +169,7 @@ def build_kitti(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
     sem_split = option(options, "semantics_split", "test", str)
     seed = int(option(options, "seed", 0, int))
     domain = option(options, "domain", "kitti", str)
+    classes = CLASS_SETS[class_set(options)]
     depth_frames = _kitti_frames(src, step) if (src / "data_depth_annotated").is_dir() else []
     sem_dir = src / "data_semantics" / "training"
     sem = sorted((sem_dir / "semantic").glob("*.png")) if sem_dir.is_dir() else []
@@ -172,7 +195,7 @@ def build_kitti(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
         name=name, tasks=["depth", "segmentation"], source=domain, target=domain, image_size=size, channels=3,
         domains=[DomainSpec(domain, "target", "KITTI real frames (sparse LiDAR depth / semantic subset)",
                             labelled=True)],
-        seg_classes=list(SHARED_CLASSES), has_depth=True, has_mask=True, depth_scale=KITTI_DEPTH_SCALE,
+        seg_classes=list(classes), has_depth=True, has_mask=True, depth_scale=KITTI_DEPTH_SCALE,
         dataset="kitti", description=f"KITTI from {src}: {len(depth_frames)} depth frames, {len(sem)} semantic",
         expectations={"max_depth_m": 120.0, "mask_values": MASK_VALUES},
     )
@@ -213,6 +236,9 @@ def build_vkitti2(src: Path, out: Path, name: str, options: dict[str, Any]) -> P
     step = int(option(options, "frame_step", 1, int))
     seed = int(option(options, "seed", 0, int))
     domain = option(options, "domain", "vkitti2", str)
+    label_set = class_set(options)
+    classes = CLASS_SETS[label_set]
+    mapping = VKITTI_TO_FULL if label_set == "vkitti" else VKITTI_TO_SHARED
     rgb_root = src / "vkitti_2.0.3_rgb"
     rgbs = sorted(rgb_root.glob(f"*/*/frames/rgb/{cam}/rgb_*.jpg"))
     if not rgbs:
@@ -245,16 +271,17 @@ def build_vkitti2(src: Path, out: Path, name: str, options: dict[str, Any]) -> P
         name=name, tasks=["depth", "segmentation"], source=domain, target=domain, image_size=size, channels=3,
         domains=[DomainSpec(domain, "source", "Virtual KITTI 2 renderings (dense depth, class segmentation)",
                             labelled=True)],
-        seg_classes=list(SHARED_CLASSES), has_depth=True, has_mask=True, depth_scale=KITTI_DEPTH_SCALE,
+        seg_classes=list(classes), has_depth=True, has_mask=True, depth_scale=KITTI_DEPTH_SCALE,
         dataset="vkitti2", description=f"Virtual KITTI 2 from {src}: {cam}, variations {variations}",
-        expectations={"max_depth_m": max_depth, "mask_values": MASK_VALUES},
+        expectations={"max_depth_m": max_depth, "mask_values": list(range(len(classes))) + [IGNORE]},
     )
     colour_cache: dict[tuple[str, str], dict[tuple[int, int, int], int]] = {}
 
     def samples() -> Iterator[Sample]:
         for sid, split, p, d, m, scene, var, scene_id in records:
             if (scene, var) not in colour_cache:
-                colour_cache[(scene, var)] = read_colors(src / "vkitti_2.0.3_textgt" / scene / var / "colors.txt")
+                colour_cache[(scene, var)] = read_colors(src / "vkitti_2.0.3_textgt" / scene / var / "colors.txt",
+                                                         mapping)
             raw = read_image(d)
             if raw.dtype != np.uint16:
                 raise DataError(f"{d}: depth PNG is {raw.dtype}; VKITTI 2 depth is uint16 centimetres")

@@ -21,7 +21,13 @@ Declaration (``<your folder>/benchmark.yaml``; docs/datasets/generic.md)::
         splits: {train: 0.6, val: 0.2, test: 0.2}   # when the layout has no {split}: a stable hash per file
         labelled: false            # labels of this domain must not be used for training
       extra:
-        manifest: extra.csv        # columns path[, split][, label][, factor_<name>...] (paths relative to it)
+        manifest: extra.csv        # columns path[, split][, label][, factor_<name>...][, depth_path, mask_path]
+
+    Optional data keys (the same as ``s2r data import-* --declaration``): factor_ranges ({factor: [low, high]}:
+    continuous factors), depth_scale (file value per metre), depth_invalid (file value of "no depth", .nan ok),
+    mask_classes (mask id i = name i), mask_ignore (255), convert_16bit (accept 16-bit images), and
+    allow_outside_root / skip_bad_files (the CLI flags). A layout domain finds depth / masks with templates
+    ``depth: "depth/{split}/{stem}.png"`` (``{split}``, ``{class}``, ``{stem}``, ``{name}``; relative to its path).
 
 Files stay where they are (absolute paths in the manifest, like ``s2r data import-folder``).
 """
@@ -39,8 +45,10 @@ from s2r.data.benchmark import NO_LABEL, SPLITS, BenchmarkSpec, DataError, read_
 from s2r.data.sources.common import assign_splits, check_fractions
 
 DECLARATION_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
-                    "domains", "description"}
-DOMAIN_KEYS = {"path", "layout", "splits", "labelled", "manifest", "seed"}
+                    "domains", "description", "factor_ranges", "depth_scale", "depth_invalid", "mask_classes",
+                    "mask_ignore", "convert_16bit", "allow_outside_root", "skip_bad_files"}
+DOMAIN_KEYS = {"path", "layout", "splits", "labelled", "manifest", "seed", "depth", "mask"}
+TASKS = ("classification", "factors", "depth", "segmentation")
 
 
 def load_declaration(path: Path) -> dict[str, Any]:
@@ -61,8 +69,8 @@ def load_declaration(path: Path) -> dict[str, Any]:
     for k in ("task", "source", "target", "domains"):
         if k not in raw:
             raise DataError(f"{path}: missing key {k!r}")
-    if raw["task"] not in ("classification", "factors"):
-        raise DataError(f"{path}: key 'task': {raw['task']!r} must be 'classification' or 'factors'")
+    if raw["task"] not in TASKS:
+        raise DataError(f"{path}: key 'task': {raw['task']!r} must be one of {list(TASKS)}")
     if not isinstance(raw["domains"], dict) or not raw["domains"]:
         raise DataError(f"{path}: key 'domains' must map domain names to their files")
     for d, spec in raw["domains"].items():
@@ -91,6 +99,9 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     decl_file = src / "benchmark.yaml" if src.is_dir() else src
     decl = load_declaration(decl_file)
     base = decl_file.parent
+    data_keys = {k: decl[k] for k in adapters.DECLARED_KEYS if k in decl}
+    declared = adapters.declared_from_dict(data_keys, str(decl_file))
+    ranges = declared.factor_ranges
     cmap: dict[str, Any] = dict(decl.get("class_map") or {})
     records: list[_Record] = []
     raw_labels: list[str | None] = []
@@ -103,7 +114,11 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
             glob, rx = _layout_regex(str(ds["layout"]))
             if not root.is_dir():
                 raise DataError(f"{decl_file}: domains.{d}.path {root} is not a folder")
-            found = sorted(p for p in root.glob(glob) if p.is_file() and not p.name.startswith("."))
+            matched = sorted(p for p in root.glob(glob) if not p.name.startswith("."))
+            bad = [(p, adapters._entry_problem(p)) for p in matched if p.is_symlink() and not p.exists()
+                   or p.is_dir() and p.suffix.lower() in adapters.IMAGE_SUFFIXES]
+            adapters._bad_entries([(p, str(why)) for p, why in bad], bool(decl.get("skip_bad_files", False)))
+            found = [p for p in matched if p.is_file()]
             if not found:
                 raise DataError(f"{decl_file}: domains.{d}: no files match {root}/{ds['layout']}")
             hashed = assign_splits([f"{d}:{f.relative_to(root).as_posix()}" for f in found], fractions,
@@ -119,7 +134,13 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
                 cls = gd.get("cls")
                 if cls is not None and cls in cmap and cmap[cls] is None:
                     continue
-                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)), f"file {f}"))
+                aux = {}
+                for kind in ("depth", "mask"):
+                    if kind in ds:  # e.g. depth: "depth/{split}/{stem}.png" (relative to the domain's path)
+                        aux[kind] = Path(os.path.abspath(root / str(ds[kind]).format(
+                            split=gd.get("split") or "", stem=f.stem, name=f.name, **{"class": cls or ""})))
+                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)), f"file {f}",
+                                       **aux))
                 raw_labels.append(cmap.get(cls, cls) if cls is not None else None)
         else:
             man = base / str(ds["manifest"])
@@ -129,24 +150,39 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
             hashed = assign_splits([f"{d}:{x}" for x in df["path"]], fractions, int(ds.get("seed", 0)))
             for i, r in df.iterrows():
                 f = resolve_path(man.parent, str(r["path"]))
+                at = f"{man} id {str(r['id'])!r} (row {i})" if "id" in df.columns else f"{man} row {i}"
                 split = str(r["split"]) if "split" in df.columns else hashed[f"{d}:{r['path']}"]
                 if split not in SPLITS:
-                    raise DataError(f"{man}: row {i}: split {split!r} not in {list(SPLITS)}")
+                    raise DataError(f"{at}: split {split!r} not in {list(SPLITS)}")
                 lab = r.get("label") if "label" in df.columns else None
                 lab = None if lab is None or adapters._missing(lab) else str(lab)
                 if lab is not None and lab in cmap and cmap[lab] is None:
                     continue
-                fac = {}
+                fac: dict[str, Any] = {}
                 for k, n in factors.items():
                     col = f"factor_{k}"
                     if col not in df.columns:
                         raise DataError(f"{man}: missing column {col!r} (key 'factors' declares {k!r})")
                     v = r[col]
-                    fac[k] = NO_LABEL if adapters._missing(v) else int(v)
+                    if k in ranges:  # continuous: finite and inside the declared [low, high]
+                        fac[k] = None if adapters._missing(v) else _number(v, f"{at}: {col}")
+                        lo, hi = ranges[k]
+                        if fac[k] is not None and not float(lo) <= fac[k] <= float(hi):
+                            raise DataError(f"{at}: {col} = {v} outside the declared range [{lo}, {hi}]")
+                        continue
+                    if not adapters._missing(v) and not float(_number(v, f"{at}: {col}")).is_integer():
+                        raise DataError(f"{at}: {col} = {v} is not an integer; declare factor_ranges.{k} for a "
+                                        "continuous factor")
+                    fac[k] = NO_LABEL if adapters._missing(v) else int(float(v))
                     if fac[k] != NO_LABEL and not 0 <= fac[k] < n:
-                        raise DataError(f"{man}: row {i}: {col} = {v} outside 0..{n - 1}")
+                        raise DataError(f"{at}: {col} = {v} outside 0..{n - 1}")
+                aux = {}
+                for kind in ("depth", "mask"):
+                    col = f"{kind}_path"
+                    if col in df.columns and not adapters._missing(r[col]) and str(r[col]).strip():
+                        aux[kind] = Path(os.path.abspath(resolve_path(man.parent, str(r[col]))))
                 records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)),
-                                       f"{man} row {i} (file {f})", factors=fac))
+                                       f"{at} (file {f})", factors=fac, **aux))
                 raw_labels.append(cmap.get(lab, lab) if lab is not None else None)
     classes: list[str] = []
     if decl["task"] == "classification":
@@ -158,9 +194,21 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
             if str(lb) not in index:
                 raise DataError(f"{r.where}: class {lb!r} is not in classes {classes} (add it or map it in class_map)")
             r.label = index[str(lb)]
-    return _finish(records, out, name=name, source=decl["source"], target=decl["target"], classes=classes,
-                   factors=factors, channels=decl.get("channels"), image_size=decl.get("image_size"),
-                   unlabelled=unlabelled, description=str(decl.get("description", f"declared in {decl_file}")))
+    declared.classes, declared.factors = classes, factors
+    return _finish(records, out, name=name, source=decl["source"], target=decl["target"], decl=declared,
+                   unlabelled=unlabelled, description=str(decl.get("description", f"declared in {decl_file}")),
+                   data_root=base, allow_outside_root=bool(decl.get("allow_outside_root", False)),
+                   skip_bad_files=bool(decl.get("skip_bad_files", False)))
+
+
+def _number(v: Any, where: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} = {v!r} is not a number") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise DataError(f"{where} = {v!r} is not finite")
+    return f
 
 
 def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
@@ -197,6 +245,9 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
         if v not in names:
             raise DataError(f"{key} {v!r} is not a domain of the merged benchmarks {names}")
     size = image_size or max(spec.image_size for _, spec, _ in loaded)
+    wide = [str(p) for p, spec, _ in loaded if spec.image_height]
+    if wide:
+        raise DataError(f"{wide[0]}: non-square frames (image_height) cannot be merged yet; build the parts square")
     frames = []
     offset = 0
     for p, _, df in loaded:
@@ -228,6 +279,8 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
             elif k == "max_depth_m":
                 exp[k] = max(exp.get(k, 0.0), float(v))
     resize = any(spec.image_size != size or spec.resize for _, spec, _ in loaded)
+    # the merged files live in the parts' roots: containment is checked against their common folder
+    roots = [os.path.abspath(spec.data_root or p) for p, spec, _ in loaded]
     merged = replace(
         first, name=name, source=source, target=target, image_size=size, resize=resize,
         tasks=sorted({t for _, spec, _ in loaded for t in spec.tasks}, key=("classification", "factors", "depth",
@@ -235,6 +288,8 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
         domains=[replace(d, role="source" if d.name == source else "target" if d.name == target else "auxiliary")
                  for d in domains],
         dataset="+".join(spec.dataset or spec.name for _, spec, _ in loaded), expectations=exp,
+        data_root=str(Path(os.path.commonpath(roots)).resolve()),
+        allow_outside_root=any(spec.allow_outside_root for _, spec, _ in loaded),
         description="merged: " + "; ".join(f"{spec.name} ({p})" for p, spec, _ in loaded),
     )
     merged.validate()

@@ -11,6 +11,9 @@ YCB-Video (https://rse-lab.cs.washington.edu/projects/posecnn/). Published layou
     YCB_Video_Dataset/image_sets/classes.txt                                      (21 object names)
 
 ``-label.png`` holds object ids 1..21 (0 background); depth is uint16 with factor_depth 10000 per metre.
+Option ``crop``: ``keep`` keeps the frames' aspect (``image_size`` wide: 640 -> 640x480, the resolution paper 5
+trains, infers and scores at; a non-square benchmark), ``center`` (default) crops the middle square, ``none``
+resizes to a square (distorts).
 Domains: ``real`` (data/; train.txt -> train, val.txt (or a hash of train) -> val, keyframe.txt -> test, the
 PoseCNN test keyframes) and, when present, ``synthetic`` (data_syn/, split by hash). Paper 5's synthetic
 images come from the Stillleben renderer, not from data_syn: render them into the same naming
@@ -23,8 +26,20 @@ BOP (https://bop.felk.cvut.cz/datasets/, e.g. HomebrewedDB ``hb``). Published la
 
 The semantic mask is the union of each instance's visible mask with its ``obj_id``. Domains: ``synthetic``
 = ``train_pbr`` (BOP's physically based renders) and ``real`` = the annotated real split (``val_primesense``
-for HomebrewedDB, option ``real_splits``), split by a hash of (scene, image). Frames (640x480) are centre
-cropped to a square and resized to ``image_size``, an assumption of this adapter: s2r benchmarks are square.
+for HomebrewedDB, option ``real_splits``). Splits of the real domain:
+
+- With an official test split (option ``test_split``, default ``test_primesense`` when that folder exists; paper
+  5: "the official test set is used to evaluate"): real/test = its images, restricted to the images listed in
+  ``test_targets`` (default ``test_targets_bop19.json`` when present: the BOP'19/20 test images); real/train and
+  real/val = the ``real_splits`` images, split BY SCENE (``val_fraction`` of the scenes, at least one, to val),
+  so neighbouring video frames never straddle splits. ``objects: test`` (the default then; paper 5: "the subset
+  S of HomebrewedDB objects which are present in the test images") keeps only the frames (real and synthetic)
+  that show an object of S, and marks every other object 255 (ignored).
+- Without one (``test_split: hash``): a hash of (scene, image) splits the real frames by ``fractions`` (a
+  user's own BOP-format data; neighbouring frames can land in different splits).
+
+Frames are centre cropped to a square and resized to ``image_size`` (``crop: center``), resized to a square
+(``none``), or kept at their aspect (``keep``: 640x480 at ``image_size`` 640, paper 5's resolution).
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from s2r.data.sources.common import (
     layout_error,
     option,
     read_image,
+    resize,
 )
 
 YCB_OBJECTS = ["002_master_chef_can", "003_cracker_box", "004_sugar_box", "005_tomato_soup_can", "006_mustard_bottle",
@@ -54,6 +70,8 @@ YCB_OBJECTS = ["002_master_chef_can", "003_cracker_box", "004_sugar_box", "005_t
                "036_wood_block", "037_scissors", "040_large_marker", "051_large_clamp", "052_extra_large_clamp",
                "061_foam_brick"]
 YCB_DEPTH_FACTOR = 10000.0
+CROP_OPTION = ("'keep' (the frame's aspect, image_size wide: 640x480 at 640, paper 5), 'center' (middle square) or "
+               "'none' (resize to a square) [center]")
 
 YCB_INFO = SourceInfo(
     name="ycb_video", title="YCB-Video", url="https://rse-lab.cs.washington.edu/projects/posecnn/ (YCB_Video_Dataset)",
@@ -62,7 +80,7 @@ data_syn/<frame:06d>-color.png, -label.png, -depth.png   (optional synthetic dom
 image_sets/train.txt, val.txt (optional), keyframe.txt   lines like 0000/000001
 image_sets/classes.txt                                   (optional; the 21 published names otherwise)""",
     papers=["cut-patch-refinement"], doc="ycb_video",
-    options={"image_size": "square size [256]", "crop": "'center' or 'none' [center]", "depth": "include depth [false]",
+    options={"image_size": "width (and height if square) [256]", "crop": CROP_OPTION, "depth": "include depth [false]",
              "synthetic_dir": "folder of <frame>-color/-label.png renders (e.g. Stillleben) [data_syn]",
              "val_fraction": "share of train frames for val when val.txt is absent [0.05]",
              "max_frames": "keep every k-th listed frame so at most this many per split [all]", "seed": "[0]"},
@@ -74,11 +92,36 @@ BOP_INFO = SourceInfo(
 train_pbr/<scene:06d>/rgb/<im:06d>.jpg, depth/, mask_visib/<im:06d>_<inst:06d>.png, scene_gt.json, scene_camera.json
 val_primesense/<scene:06d>/rgb/<im:06d>.png, depth/, mask_visib/, scene_gt.json, scene_camera.json""",
     papers=["cut-patch-refinement"], doc="bop",
-    options={"image_size": "square size [256]", "crop": "'center' or 'none' [center]", "depth": "include depth [false]",
+    options={"image_size": "width (and height if square) [256]", "crop": CROP_OPTION, "depth": "include depth [false]",
              "synthetic_splits": "[train_pbr]", "real_splits": "annotated real split folders [val_primesense, else "
-             "any other *_primesense/test with scene_gt.json]", "fractions": "real train/val/test [0.6/0.2/0.2]",
+             "any other *_primesense/test with scene_gt.json]",
+             "test_split": "official real test split folder, or 'hash' [test_primesense if present, else hash]",
+             "test_targets": "file listing the official test images [test_targets_bop19.json if present]",
+             "objects": "'test' (objects of the test images only) or 'all' [test with a test split, else all]",
+             "val_fraction": "share of real training scenes for val (with a test split) [0.1]",
+             "fractions": "real train/val/test with test_split hash [0.6/0.2/0.2]",
              "max_frames": "at most this many frames per domain (every k-th) [all]", "seed": "[0]"},
 )
+
+
+def fit_frame(arr: np.ndarray, size: int, crop: str, nearest: bool = False, height: int = 0) -> np.ndarray:
+    """crop 'keep': resize to size x height (the frame's aspect); otherwise a square (common.frame_to_square)."""
+    if crop == "keep":
+        return resize(arr, (size, height), nearest=nearest)
+    return frame_to_square(arr, size, crop, nearest=nearest)
+
+
+def frame_height(first: Path, size: int, crop: str) -> int:
+    """Benchmark image_height: 0 (square) unless crop 'keep', then size * h / w of the first frame (640 -> 480)."""
+    if crop not in ("keep", "center", "none"):
+        raise DataError(f"option 'crop': {crop!r} must be 'keep', 'center' or 'none'")
+    if crop != "keep":
+        return 0
+    from PIL import Image
+
+    with Image.open(first) as im:
+        w, h = im.size
+    return max(1, round(size * h / w))
 
 
 def _lines(path: Path) -> list[str]:
@@ -127,9 +170,10 @@ def build_ycb(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     records += [("synthetic", sp[p.name], p.parent / p.name[: -len("-color.png")]) for p in syn]
     domains = ["real"] + (["synthetic"] if syn else [])
     n_ids = len(classes) + 1
+    height = frame_height(Path(f"{records[0][2]}-color.png"), size, crop)
     spec = BenchmarkSpec(
         name=name, tasks=["segmentation"] + (["depth"] if with_depth else []),
-        source="synthetic" if syn else "real", target="real", image_size=size, channels=3,
+        source="synthetic" if syn else "real", target="real", image_size=size, channels=3, image_height=height,
         domains=[DomainSpec(d, "target" if d == "real" else "source",
                             "YCB-Video real frames" if d == "real" else f"synthetic renders from {syn_dir}")
                  for d in domains],
@@ -149,11 +193,11 @@ def build_ycb(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
             depth = None
             if with_depth:
                 d = read_image(Path(f"{stem}-depth.png")).astype(np.float32) / YCB_DEPTH_FACTOR
-                depth = frame_to_square(d, size, crop, nearest=True)
+                depth = fit_frame(d, size, crop, True, height)
             sid = f"{domain}-{stem.parent.name}-{stem.name}" if domain == "real" else f"syn-{stem.name}"
-            image = frame_to_square(read_image(color, "RGB"), size, crop)
+            image = fit_frame(read_image(color, "RGB"), size, crop, False, height)
             yield Sample(id=sid, domain=domain, split=split, image=image,
-                         mask=frame_to_square(label.astype(np.uint8), size, crop, nearest=True), depth=depth)
+                         mask=fit_frame(label.astype(np.uint8), size, crop, True, height), depth=depth)
 
     return write_benchmark(out, spec, samples())
 
@@ -197,8 +241,28 @@ def bop_mask(scene: Path, im: str, instances: list[dict[str, Any]], shape: tuple
     return mask
 
 
+def _bop_split_frames(src: Path, folders: list[str], domain: str) -> list[tuple[str, Path, str, Any, Any]]:
+    frames = []
+    for f in folders:
+        if not (src / f).is_dir():
+            raise layout_error(BOP_INFO, src, f"no split folder {f!r}")
+        frames += [(f, *fr) for fr in _bop_frames(src / f)]
+    if not frames:
+        raise layout_error(BOP_INFO, src, f"{domain} split folders {folders} hold no annotated images")
+    return frames
+
+
+def _test_targets(path: Path) -> set[tuple[int, int]]:
+    """(scene_id, im_id) of a BOP test_targets_bop19.json (a list of {scene_id, im_id, obj_id, inst_count})."""
+    try:
+        rows = json.loads(path.read_text())
+        return {(int(r["scene_id"]), int(r["im_id"])) for r in rows}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a BOP test targets list of {{scene_id, im_id, ...}}: {e}") from e
+
+
 def build_bop(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
-    """A BOP dataset (HomebrewedDB) -> synthetic (PBR) and real domains with object-id masks."""
+    """A BOP dataset (HomebrewedDB) -> synthetic (PBR) and real domains with object-id masks (see module doc)."""
     check_options(options, BOP_INFO.options, "bop")
     size = int(option(options, "image_size", 256, int))
     crop = option(options, "crop", "center", str)
@@ -207,54 +271,98 @@ def build_bop(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     max_frames = option(options, "max_frames", None, int)
     seed = int(option(options, "seed", 0, int))
     syn_splits = option(options, "synthetic_splits", ["train_pbr"], list)
+    test_split = option(options, "test_split", "test_primesense" if (src / "test_primesense").is_dir() else "hash",
+                        str)
     default_real = ["val_primesense"] if (src / "val_primesense").is_dir() else sorted(
-        d.name for d in src.iterdir() if d.is_dir() and d.name not in syn_splits and
+        d.name for d in src.iterdir() if d.is_dir() and d.name not in (*syn_splits, test_split) and
         any((s / "scene_gt.json").is_file() for s in d.iterdir() if s.is_dir())) if src.is_dir() else []
     real_splits = option(options, "real_splits", default_real, list)
-    groups = {"synthetic": syn_splits, "real": real_splits}
+    official = test_split != "hash"
+    objects = option(options, "objects", "test" if official else "all", str)
+    if objects not in ("test", "all"):
+        raise DataError(f"option 'objects': {objects!r} must be 'test' or 'all'")
+    if objects == "test" and not official:
+        raise DataError("option 'objects: test' needs an official test split (option 'test_split'), got 'hash'")
+    val_f = float(option(options, "val_fraction", 0.1, (int, float)))
+    syn = _thin(_bop_split_frames(src, syn_splits, "synthetic"), max_frames)
+    real = _thin(_bop_split_frames(src, real_splits, "real"), max_frames)
+    test: list[tuple[str, Path, str, Any, Any]] = []
+    if official:
+        test = _bop_split_frames(src, [test_split], "test")
+        tfile = src / option(options, "test_targets", "test_targets_bop19.json", str)
+        if "test_targets" in options and not tfile.is_file():
+            raise DataError(f"option 'test_targets': {tfile} not found")
+        if tfile.is_file():
+            targets = _test_targets(tfile)
+            test = [fr for fr in test if (int(fr[1].name), int(fr[2])) in targets]
+            if not test:
+                raise DataError(f"{tfile}: none of its images is in {src / test_split}")
+    subset = sorted({int(i["obj_id"]) for *_, gt, _ in test for i in gt}) if objects == "test" else None
+
+    def shows_subset(gt: list[dict[str, Any]]) -> bool:
+        return subset is None or any(int(i.get("obj_id", -1)) in subset for i in gt)
+
     records: list[tuple[str, str, Path, str, dict[str, Any], list[dict[str, Any]]]] = []
-    for domain, folders in groups.items():
-        frames = []
-        for f in folders:
-            if not (src / f).is_dir():
-                raise layout_error(BOP_INFO, src, f"no split folder {f!r}")
-            frames += [(f, *fr) for fr in _bop_frames(src / f)]
-        if not frames:
-            raise layout_error(BOP_INFO, src, f"{domain} split folders {folders} hold no annotated images")
-        frames = _thin(frames, max_frames)
-        sp = assign_splits([f"{fo}:{sc.name}:{im}" for fo, sc, im, _, _ in frames], fractions, seed)
-        for folder, scene, im, gt, cam in frames:
-            split = sp[f"{folder}:{scene.name}:{im}"]
-            records.append((domain, split, scene, im, cam, gt))
+    sp = assign_splits([f"{fo}:{sc.name}:{im}" for fo, sc, im, _, _ in syn], {"train": 0.8, "val": 0.1, "test": 0.1}
+                       if official else fractions, seed)
+    records += [("synthetic", sp[f"{fo}:{sc.name}:{im}"], sc, im, cam, gt) for fo, sc, im, gt, cam in syn
+                if shows_subset(gt)]
+    if official:
+        scenes = sorted({f"{fo}:{sc.name}" for fo, sc, im, gt, cam in real if shows_subset(gt)})
+        if len(scenes) < 2:
+            raise DataError(f"{src}: real splits {real_splits} have {len(scenes)} scene(s) showing the test objects; "
+                            "a scene-level train/val split needs at least 2")
+        n_val = max(1, round(val_f * len(scenes)))
+        order = sorted(scenes, key=lambda k: hashlib_key(k, seed))
+        val_scenes = set(order[:n_val])
+        records += [("real", "val" if f"{fo}:{sc.name}" in val_scenes else "train", sc, im, cam, gt)
+                    for fo, sc, im, gt, cam in real if shows_subset(gt)]
+        records += [("real", "test", sc, im, cam, gt) for fo, sc, im, gt, cam in test]
+    else:
+        sp = assign_splits([f"{fo}:{sc.name}:{im}" for fo, sc, im, _, _ in real], fractions, seed)
+        records += [("real", sp[f"{fo}:{sc.name}:{im}"], sc, im, cam, gt) for fo, sc, im, gt, cam in real]
     info_file = src / "models" / "models_info.json"
     if info_file.is_file():
         obj_ids = sorted(int(k) for k in json.loads(info_file.read_text()))
     else:
         obj_ids = sorted({int(i["obj_id"]) for *_, gt in records for i in gt})
+    keep_ids = subset if subset is not None else obj_ids
     n_classes = max(obj_ids) + 1
+    height = frame_height(_bop_rgb(records[0][2], records[0][3]), size, crop)
     spec = BenchmarkSpec(
         name=name, tasks=["segmentation"] + (["depth"] if with_depth else []), source="synthetic", target="real",
-        image_size=size, channels=3,
+        image_size=size, channels=3, image_height=height,
         domains=[DomainSpec("synthetic", "source", f"BOP {syn_splits} renders"),
-                 DomainSpec("real", "target", f"BOP {real_splits} real frames")],
-        seg_classes=["background"] + [f"obj_{k:06d}" if k in obj_ids else f"unused_{k}" for k in range(1, n_classes)],
+                 DomainSpec("real", "target", f"BOP {real_splits} real frames"
+                            + (f", test = {test_split}" if official else ""))],
+        seg_classes=["background"] + [f"obj_{k:06d}" if k in keep_ids else f"unused_{k}" for k in range(1, n_classes)],
         has_mask=True, has_depth=with_depth, depth_scale=1000.0, dataset="bop",
-        description=f"BOP dataset from {src}", expectations={"mask_values": [0, *obj_ids, 255]},
+        description=f"BOP dataset from {src}" + (f"; objects {subset} of the test images" if subset else ""),
+        expectations={"mask_values": [0, *keep_ids, 255]},
     )
 
     def samples() -> Iterator[Sample]:
         for domain, split, scene, im, cam, gt in records:
             rgb = read_image(_bop_rgb(scene, im), "RGB")
             mask = bop_mask(scene, im, gt, rgb.shape[:2])
+            if subset is not None:
+                mask[~np.isin(mask, [0, *subset])] = 255  # objects outside S: ignored, not background
             depth = None
             if with_depth:
                 raw = read_image(scene / "depth" / f"{int(im):06d}.png").astype(np.float32)
-                depth = frame_to_square(raw * float(cam.get("depth_scale", 1.0)) / 1000.0, size, crop, nearest=True)
+                depth = fit_frame(raw * float(cam.get("depth_scale", 1.0)) / 1000.0, size, crop, True, height)
             yield Sample(id=f"{domain}-{scene.parent.name}-{scene.name}-{int(im):06d}", domain=domain, split=split,
-                         image=frame_to_square(rgb, size, crop), mask=frame_to_square(mask, size, crop, nearest=True),
-                         depth=depth)
+                         image=fit_frame(rgb, size, crop, False, height),
+                         mask=fit_frame(mask, size, crop, True, height), depth=depth)
 
     return write_benchmark(out, spec, samples())
+
+
+def hashlib_key(key: str, seed: int) -> str:
+    """A stable pseudo-random order of keys (scene-level val draw)."""
+    import hashlib
+
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,15 +404,22 @@ def ycb_fixture(root: Path, w: int = 16, h: int = 12) -> Path:
     return root
 
 
-def bop_fixture(root: Path, w: int = 16, h: int = 12, n: int = 10) -> Path:
-    """train_pbr + val_primesense with scene_gt.json, scene_camera.json and visible instance masks."""
+def bop_fixture(root: Path, w: int = 16, h: int = 12, n: int = 10, test_split: bool = False) -> Path:
+    """train_pbr + val_primesense with scene_gt.json, scene_camera.json and visible instance masks.
+
+    test_split: also HomebrewedDB's layout for paper 5's protocol: a second val_primesense scene (even frames
+    show only object 2), test_primesense (scene 3, objects 1 and 3) and test_targets_bop19.json (its even
+    frames): the official test images, whose objects S = {1, 3}."""
     from PIL import Image
 
     k = 0
     (root / "models").mkdir(parents=True, exist_ok=True)
     (root / "models" / "models_info.json").write_text(json.dumps({str(i): {"diameter": 100.0} for i in (1, 2, 3)}))
-    for split, ext in (("train_pbr", "jpg"), ("val_primesense", "png")):
-        scene = root / split / "000001"
+    scenes = [("train_pbr", "000001", "jpg"), ("val_primesense", "000001", "png")]
+    if test_split:
+        scenes += [("val_primesense", "000002", "png"), ("test_primesense", "000003", "png")]
+    for split, scene_name, ext in scenes:
+        scene = root / split / scene_name
         for sub in ("rgb", "depth", "mask_visib"):
             (scene / sub).mkdir(parents=True, exist_ok=True)
         gt, cam = {}, {}
@@ -313,12 +428,16 @@ def bop_fixture(root: Path, w: int = 16, h: int = 12, n: int = 10) -> Path:
             img = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(img).save(scene / "rgb" / f"{im:06d}.{ext}", **({"quality": 95} if ext == "jpg" else {}))
             Image.fromarray(np.full((h, w), 5000, np.uint16)).save(scene / "depth" / f"{im:06d}.png")
-            gt[str(im)] = [{"obj_id": 1 + im % 3}, {"obj_id": 3}]
+            objs = {"000002": [2] if im % 2 == 0 else [1, 2], "000003": [1, 3]}.get(scene_name, [1 + im % 3, 3])
+            gt[str(im)] = [{"obj_id": o} for o in objs]
             cam[str(im)] = {"depth_scale": 0.1}
-            for inst, box in enumerate(((0, 6, 0, 6), (4, 10, 4, 12))):
+            for inst, box in list(enumerate(((0, 6, 0, 6), (4, 10, 4, 12))))[: len(objs)]:
                 m = np.zeros((h, w), np.uint8)
                 m[box[0] : box[1], box[2] : box[3]] = 255
                 Image.fromarray(m).save(scene / "mask_visib" / f"{im:06d}_{inst:06d}.png")
         (scene / "scene_gt.json").write_text(json.dumps(gt))
         (scene / "scene_camera.json").write_text(json.dumps(cam))
+    if test_split:
+        targets = [{"scene_id": 3, "im_id": im, "obj_id": 1, "inst_count": 1} for im in range(0, n, 2)]
+        (root / "test_targets_bop19.json").write_text(json.dumps(targets))
     return root
