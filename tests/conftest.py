@@ -171,7 +171,8 @@ def tiny_params_dict() -> dict:
     )
     for gan in ("cyclegan", "mrgan"):
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
-                                   steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1)
+                                   steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1,
+                                   real_per_class=2)
     # paper 5: CUT on patches of 16 px scenes, tiny segmenters, tiny tables
     raw["methods"]["cut"].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], nce_layers=[0, 4, 7, 10],
                                  nce_mlp_dim=8, num_patches=16, patch_size=9, batch_size=4, epochs=2,

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from s2r.data.prepared import PreparedBenchmark
+from conftest import paired_samples, paired_spec
+from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample, write_benchmark
+from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.evaluators import latent
 from s2r.methods import ae
 
@@ -206,9 +208,9 @@ def test_extractor_cuts_match_the_paper() -> None:
 # ----------------------------------------------------------------------------------------------- evaluator
 
 
-def test_knn_default_k_is_sqrt_n() -> None:
-    assert latent.knn_default_k(13356) == 116  # paper: sqrt(13,356) = 115.6 (they used 115)
-    assert latent.knn_default_k(100) == 10 and latent.knn_default_k(1) == 1
+def test_knn_default_k_is_floor_sqrt_n() -> None:
+    assert latent.knn_default_k(13356) == 115  # Section 4.7: k = sqrt(N) = 115 for N = 13,356 (115.57, floored)
+    assert latent.knn_default_k(100) == 10 and latent.knn_default_k(99) == 9 and latent.knn_default_k(1) == 1
 
 
 def test_classifiers_on_separable_latents_score_one() -> None:
@@ -216,7 +218,7 @@ def test_classifiers_on_separable_latents_score_one() -> None:
     y = np.repeat(np.arange(3), 30)
     z = np.eye(3)[y] * 10 + rng.normal(0, 0.1, (90, 3))
     s = latent.classifier_scores(z[::2], y[::2], z[1::2], y[1::2], trees=10)
-    assert s["knn_k"] == 7 and s["knn_accuracy"] == 1.0 and s["rf_accuracy"] == 1.0 and s["svm_accuracy"] == 1.0
+    assert s["knn_k"] == 6 and s["knn_accuracy"] == 1.0 and s["rf_accuracy"] == 1.0 and s["svm_accuracy"] == 1.0
     shuffled = latent.classifier_scores(z[::2], rng.permutation(y[::2]), z[1::2], y[1::2], trees=10)
     assert shuffled["knn_accuracy"] < 0.8
 
@@ -340,3 +342,102 @@ def test_tsne_plot_with_too_few_latents_is_labelled_not_an_error() -> None:
     assert "too few for t-SNE" in fig.axes[0].texts[0].get_text()
     fig = plot_tsne(np.random.default_rng(0).normal(size=(6, 4)), np.ones((3, 4)), ("a", "b"), "t")
     assert len(fig.axes[0].collections) == 2  # source and target scatter
+
+
+# ----------------------------------------------------------------------------------------------- seat structure
+
+
+def _seat_bench(tmp: Path, seats: int = 2) -> Path:
+    """A 2-seat interior-like benchmark (16 classes): each seat's class draws a bar on its side of the image."""
+    from s2r.data.sources.interior import seat_class_names, seat_mirror, seat_parts
+
+    spec = BenchmarkSpec(
+        name="seats", tasks=["classification"],
+        domains=[DomainSpec("syn", "source", "synthetic"), DomainSpec("real", "target", "real")],
+        source="syn", target="real", image_size=8, channels=1, classes=seat_class_names(seats),
+        mirror_classes=seat_mirror(seats), class_parts=seat_parts(seats),
+    )
+    rng = np.random.default_rng(0)
+    out, sid = [], 0
+    for domain in ("syn", "real"):
+        for split in ("train", "val", "test"):
+            for c, parts in enumerate(spec.class_parts):
+                for _ in range(2):
+                    img = rng.integers(0, 30, (8, 8)).astype(np.uint8)
+                    img[:, :4] += np.uint8(50 * parts[0])
+                    img[:, 4:] += np.uint8(50 * parts[1])
+                    out.append(Sample(f"{domain}-{split}-{sid}", domain, split, img, c, scene_id=sid, variation=0))
+                    sid += 1
+    return prepare(write_benchmark(tmp / "bench", spec, out, progress=False), tmp / "prepared", progress=False)
+
+
+def test_seat_mirror_map_swaps_left_and_right(tmp_path: Path) -> None:
+    from s2r.data.sources.interior import joint_label, seat_mirror, seat_parts
+
+    m2, m3 = seat_mirror(2), seat_mirror(3)
+    assert m2[joint_label([1, 3])] == joint_label([3, 1]) and m2[joint_label([2, 2])] == joint_label([2, 2])
+    assert m3[joint_label([0, 2, 3])] == joint_label([3, 2, 0]) and all(m3[m3[i]] == i for i in range(64))
+    assert seat_parts(3)[joint_label([1, 0, 2])] == [1, 0, 2]
+    with pytest.raises(Exception, match="mirror_classes"):
+        replace(paired_spec(), mirror_classes=[1, 2, 0]).validate()  # not an involution
+
+
+def test_hflip_mirrors_labels_and_flips_a_triplet_as_a_whole(tmp_path: Path) -> None:
+    data = PreparedBenchmark(_seat_bench(tmp_path))
+    m = ae.Method(_cfg(hflip=True, triplet=True, batch_size=8), data, seed=0)
+    m.setup(torch.device("cpu"), None, 2)
+    raw = m.train_split.labels
+    mirror = np.asarray(data.spec.mirror_classes)
+    seen_flip = False
+    it = m.batches()
+    for _ in range(5):
+        _, labels, idx = next(it)
+        flip = idx["flip"].reshape(3, 8)
+        assert (flip == flip[0]).all()  # anchor, positive and negative share their flip
+        expect = np.where(idx["flip"], mirror[raw[idx["input"]]], raw[idx["input"]])
+        assert np.array_equal(labels, expect)
+        a, p = labels[:8], labels[8:16]
+        assert np.array_equal(a, p)  # a positive keeps its anchor's class after the flip
+        seen_flip |= bool(flip.any())
+    assert seen_flip
+
+
+def test_flipped_training_latents_carry_mirrored_labels(tmp_path: Path) -> None:
+    data = PreparedBenchmark(_seat_bench(tmp_path))
+    m = ae.Method(_cfg(hflip=True), data, seed=0)
+    m.setup(torch.device("cpu"), None, 2)
+    z, y = latent.source_training_latents(m)
+    n = len(y) // 2
+    assert np.array_equal(y[n:], np.asarray(data.spec.mirror_classes)[y[:n]]) and not np.array_equal(y[n:], y[:n])
+    assert latent.knn_default_k(len(z)) == math.isqrt(len(z))
+    assert 0.0 <= m.validate()["val_knn_accuracy"] <= 1.0  # per-epoch KNN fits the flipped latents too
+
+
+def test_hard_triplet_negatives_differ_in_one_seat_and_are_never_empty(tmp_path: Path) -> None:
+    data = PreparedBenchmark(_seat_bench(tmp_path))
+    parts = np.asarray(data.spec.class_parts)
+    m = ae.Method(_cfg(triplet=True, triplet_negatives="one_part", triplet_exclude_empty=True, batch_size=16),
+                  data, seed=0)
+    m.setup(torch.device("cpu"), None, 2)
+    labels = m.train_split.labels
+    it = m.batches()
+    for _ in range(10):
+        _, _, idx = next(it)
+        a, n = labels[idx["input"][:16]], labels[idx["input"][32:]]
+        diff = (parts[a] != parts[n]).sum(1)
+        one_away_non_empty = [(parts[[c]] != parts).sum(1) == 1 for c in a]
+        has_hard = np.array([(o & (parts != 0).any(1)).any() for o in one_away_non_empty])
+        assert (diff[has_hard] == 1).all() and (parts[n] != 0).any(1).all()
+    easy = ae.Method(_cfg(triplet=True, batch_size=16), data, seed=0)
+    easy.setup(torch.device("cpu"), None, 2)
+    _, _, idx = next(easy.batches())
+    diff = (parts[labels[idx["input"][:16]]] != parts[labels[idx["input"][32:]]]).sum(1)
+    assert (diff >= 1).all() and (diff == 2).any()  # "any other class" also picks two-seat differences
+    with pytest.raises(Exception, match="class_parts"):
+        ae.Method(_cfg(triplet=True, triplet_negatives="one_part"), PreparedBenchmark(_paired_or_tiny(tmp_path)), 0)
+
+
+def _paired_or_tiny(tmp: Path) -> Path:
+    spec = paired_spec()
+    return prepare(write_benchmark(tmp / "plain", spec, paired_samples(spec), progress=False), tmp / "plain_p",
+                   progress=False)

@@ -1,4 +1,4 @@
-"""CycleGAN / MrGAN refiner: architecture, loss known values, label-aligned pairs, pretraining phases, resume."""
+"""CycleGAN / MrGAN refiner: architecture, loss known values, label-aligned pairs, label budget, pretraining, resume."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from s2r.train import fit, load_checkpoint
 
 TRAIN = TrainParams(device="cpu", checkpoint_every=2, progress=False)
 TINY = dict(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2, steps_per_epoch=3,
-            pretrain_g_steps=0, pretrain_d_steps=0)
+            pretrain_g_steps=0, pretrain_d_steps=0, real_per_class=-1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -138,7 +138,7 @@ def test_step_finite_and_every_parameter_gets_gradient(tiny_prepared: Path) -> N
     m = make(tiny_prepared, lambda_identity=5.0)
     losses = m.train_step(next(m.batches()))
     assert {"loss_g", "loss_d", "loss_cycle", "loss_gan_g", "loss_l1", "loss_identity"} <= set(losses)
-    assert all(np.isfinite(v) for v in losses.values()) and losses["phase"] == 2.0
+    assert all(np.isfinite(v) for v in losses.values())
     assert losses["loss_d"] > 0 and losses["loss_cycle"] > 0 and losses["loss_identity"] > 0
     for net in (m.g_ab, m.g_ba, m.d_a, m.d_b):
         bad = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -156,29 +156,56 @@ def test_different_seed_different_loss(tiny_prepared: Path) -> None:
     assert losses(0) != losses(1)  # same seed, same losses: tests/test_contract.py
 
 
-def test_pretraining_phases(tiny_prepared: Path) -> None:
-    """Appendix 6.2: G alone with L1(original, refined), then D alone, then both."""
-    m = make(tiny_prepared, pretrain_g_steps=2, pretrain_d_steps=2)
-    it = m.batches()
+def test_aligned_pairs_use_only_the_classifiers_labelled_real_images(tiny_prepared: Path) -> None:
+    """Aligned pairs read real labels: only the mixing classifier's real_per_class images (same subset seed)."""
+    from s2r.methods.mixing import Config as MixConfig
+    from s2r.methods.mixing import Method as Mixing
 
+    m = make(tiny_prepared, batch_size=7, real_per_class=2, real_subset_seed=1)
+    clf = Mixing(MixConfig(widths=[4], blocks_per_stage=1, real_per_class=2, real_subset_seed=1),
+                 PreparedBenchmark(tiny_prepared), seed=3)
+    assert np.array_equal(m.b_labelled, clf.real_idx) and len(m.b_labelled) == 2 * 3
+    budget = {m.b.images[i].tobytes() for i in clf.real_idx}
+    it = m.batches()
+    seen = set()
+    for _ in range(20):
+        batch = next(it)
+        assert np.array_equal(batch.a_labels, batch.b_labels)
+        seen.update(x.tobytes() for x in batch.b)
+    assert seen == budget  # every labelled image, and nothing beyond the budget
+    m.pretrain()  # pretraining batches come from the same sampler
+    free = make(tiny_prepared, batch_size=7, real_per_class=2, label_aligned=False)
+    assert free.b_labelled is None  # unaligned: labels unused, every (unlabelled) real image is used
+    it = free.batches()
+    assert len({x.tobytes() for _ in range(20) for x in next(it).b}) == len(free.b)
+
+
+def test_pretraining_runs_before_and_outside_the_adversarial_iterations(tiny_prepared: Path, tmp_path: Path) -> None:
+    """Appendix 6.2: G alone with L1(original, refined), then D alone; the 40k (here 6) iterations are adversarial."""
     def snap(*nets: nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for n in nets for p in n.parameters()]
 
     def changed(before: list[torch.Tensor], *nets: nn.Module) -> bool:
         return any(not torch.equal(a, p) for a, p in zip(before, (p for n in nets for p in n.parameters())))
 
-    gens, discs = (m.g_ab, m.g_ba), (m.d_a, m.d_b)
-    for phase, expect_g, expect_d in [(0.0, True, False), (0.0, True, False), (1.0, False, True),
-                                      (1.0, False, True), (2.0, True, True)]:
+    for g_steps, d_steps, expect_g, expect_d in [(2, 0, True, False), (0, 2, False, True)]:
+        m = make(tiny_prepared, pretrain_g_steps=g_steps, pretrain_d_steps=d_steps)
+        gens, discs = (m.g_ab, m.g_ba), (m.d_a, m.d_b)
         g0, d0 = snap(*gens), snap(*discs)
-        out = m.train_step(next(it))
-        assert out["phase"] == phase
-        assert changed(g0, *gens) == expect_g and changed(d0, *discs) == expect_d, phase
-        if phase == 0.0:
-            assert out["loss_l1"] > 0 and out["loss_d"] == 0.0
-        if phase == 1.0:
-            assert out["loss_d"] > 0 and out["loss_cycle"] == 0.0
-    assert m.step_count == 5
+        out = m.pretrain()
+        assert changed(g0, *gens) == expect_g and changed(d0, *discs) == expect_d
+        assert set(out) == ({"pretrain_l1"} if g_steps else {"pretrain_loss_d"}) and all(v > 0 for v in out.values())
+        assert m.optimizers["g"].param_groups[0]["lr"] == 2e-4 and m.step_count == 0  # no schedule step
+
+    m = make(tiny_prepared, pretrain_g_steps=3, pretrain_d_steps=2, decay_start=0.5)
+    calls = {"g": 0, "d": 0}
+    for k, opt in m.optimizers.items():
+        opt.register_step_post_hook(lambda *_a, k=k: calls.__setitem__(k, calls[k] + 1))
+    out = fit(m, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path)
+    assert out.steps == 6 and m.step_count == 6 and m.pretrained
+    assert calls == {"g": 3 + 6 * m.cfg.g_steps_per_d, "d": 2 + 6}  # pretraining on top of the 6 iterations
+    assert out.history[0]["lr"] == pytest.approx(2e-4) and out.history[1]["lr"] == 0.0  # decay over the 6 only
+    assert out.history[0]["pretrain_l1"] > 0 and out.history[0]["pretrain_loss_d"] > 0
 
 
 def test_discriminator_targets_smoothed_and_flipped(tiny_prepared: Path) -> None:
@@ -247,7 +274,7 @@ def test_lr_decays_linearly_to_zero(tiny_prepared: Path, tmp_path: Path) -> None
 
 
 def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -> None:
-    """Resume lands mid-pretraining with the same step counter, pools and noise: identical weights."""
+    """Resume lands after pretraining with the same step counter, pools and noise: identical weights."""
     kw = dict(pretrain_g_steps=2, pretrain_d_steps=2, pool_size=2, g_steps_per_d=2)
     full = make(tiny_prepared, **kw)
     ref = fit(full, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "a")
@@ -266,6 +293,7 @@ def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -
             ckpt_dir=tmp_path / "b", on_epoch=stop_after_first)
     state = load_checkpoint(tmp_path / "b")
     assert state is not None and state["step"] == 3 and state["method"]["gan"]["step"] == 3
+    assert state["method"]["gan"]["pretrained"]
     assert state["method"]["gan"]["pool_a"].shape == (2, 1, 8, 8)
     resumed = make(tiny_prepared, **kw)
     out = fit(resumed, train=TRAIN, epochs=2, steps_per_epoch=3, ckpt_dir=tmp_path / "b", resume_state=state)
@@ -282,8 +310,8 @@ def test_config_errors_name_keys(tiny_prepared: Path) -> None:
         from_dict(Config, {"d_label_flip_prob": 1.5}, "params.yaml", "methods.mrgan")
     with pytest.raises(ConfigError, match="real_label_range"):
         Config(real_label_range=[1.2, 0.7]).validate()
-    with pytest.raises(ConfigError, match="pretrain_g_steps"):
-        Config(pretrain_g_steps=10, pretrain_d_steps=0, epochs=1, steps_per_epoch=10).validate()
+    with pytest.raises(ConfigError, match="real_per_class"):
+        Config(real_per_class=0).validate()
     with pytest.raises(ConfigError, match="disc_channels"):
         make(tiny_prepared, disc_channels=[4, 8, 16, 32])  # 8 px images leave no patch after 4 halvings
     with pytest.raises(DataError, match="'nowhere'.*prepared domains"):

@@ -122,3 +122,21 @@ def test_cuda_bf16_autocast_step(tiny_prepared: Path, tmp_path: Path) -> None:
     out = fit(m, train=TrainParams(device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
               ckpt_dir=tmp_path)
     assert next(m.parameters()).is_cuda and all(np.isfinite(h["train_loss"]) for h in out.history)
+
+
+def test_real_only_uses_the_papers_real_only_schedule(tiny_prepared: Path) -> None:
+    """Appendix 3.2: mixed runs decay at epochs 221/348 of 500, real-only runs at 89/139 of 500."""
+    mixed = make(tiny_prepared, real_fraction=0.5)
+    real_only = make(tiny_prepared, real_fraction=1.0)
+    total = 500
+    for m, expect in ((mixed, [221, 348]), (real_only, [89, 139])):
+        sched = m.configure_schedulers(total)["net"]
+        assert sorted(sched.milestones) == expect
+
+
+def test_labelled_real_subset_is_independent_of_the_run_seed(tiny_prepared: Path) -> None:
+    """Every classifier seed (and the CycleGAN, same real_subset_seed) sees the same labelled real images."""
+    a, b = make(tiny_prepared, seed=0), make(tiny_prepared, seed=5)
+    assert np.array_equal(a.real_idx, b.real_idx)
+    c = make(tiny_prepared, seed=0, real_subset_seed=3)
+    assert not np.array_equal(a.real_idx, c.real_idx)

@@ -64,6 +64,14 @@ def test_fixture_override_must_name_existing_keys(tmp_path: Path) -> None:
         recipes.load("nope", REPO)
 
 
+def test_fixture_wildcard_overrides_every_block_that_has_the_key() -> None:
+    raw = {"methods": {"a": {"epochs": 5, "x": 1}, "b": {"epochs": 7}, "c": {"y": 2}}}
+    out = recipes.overridden(raw, {"methods.*.epochs": 1, "methods.*.x": 3}, "fixture.yaml")
+    assert out == {"methods": {"a": {"epochs": 1, "x": 3}, "b": {"epochs": 1}, "c": {"y": 2}}}
+    with pytest.raises(ConfigError, match="matches no existing key"):
+        recipes.overridden(raw, {"methods.*.nope": 1}, "fixture.yaml")
+
+
 def test_paper4_recipe_uses_existing_cli_and_paper_scale() -> None:
     rec = recipes.load("mixing-ratio-mrgan", REPO)
     p = rec["params"]["methods"]
@@ -73,6 +81,25 @@ def test_paper4_recipe_uses_existing_cli_and_paper_scale() -> None:
     for cmd in ("s2r data add", "s2r data validate", "s2r data prepare", "s2r train", "s2r refine",
                 "s2r tables mixing"):
         assert cmd in cmds
+    # appendix 3.2: real-only runs decay at epochs 89 / 139 of 500, mixed runs at 221 / 348
+    assert [round(f * 500) for f in p["mixing"]["real_only_lr_milestones"]] == [89, 139]
+    assert [round(f * 500) for f in p["mixing"]["lr_milestones"]] == [221, 348]
+    # the GANs read exactly the classifier's labelled real images
+    for gan in ("cyclegan", "mrgan", "mrgan_r_rs", "mrgan_rr_s"):
+        assert (p[gan]["real_per_class"], p[gan]["real_subset_seed"]) == (
+            p["mixing"]["real_per_class"], p["mixing"]["real_subset_seed"]), gan
+        assert (p[gan]["pretrain_g_steps"], p[gan]["pretrain_d_steps"]) == (1000, 500)  # on top of the 40,000
+    # Fig. 5B's three stage-2 mappings (Fig. 7): RR-RS, R-RS, RR-S
+    assert [(p[k]["domain_a"], p[k]["domain_b"]) for k in ("mrgan", "mrgan_r_rs", "mrgan_rr_s")] == [
+        ("synthetic_cyclegan", "real_cyclegan"), ("synthetic_cyclegan", "real"), ("synthetic", "real_cyclegan")]
+    stages = rec["dvc"]["stages"]
+    assert set(stages["train"]["foreach"]) == {"cyclegan", "mrgan", "mrgan_r_rs", "mrgan_rr_s"}
+    assert cmds.count("--stage2") == 3 and "--synthetic data/prepared/cifar_da9 --out" in stages["tables_da9"]["cmd"]
+    # CIFAR-DA4 (Table 3) and CIFAR-DA9 (Table 2) at the paper's real sizes, in the recipe and in its stand-in
+    for rc in (rec["recipe"], recipes.load("mixing-ratio-mrgan", REPO, fixture=True)["recipe"]):
+        assert {k: v["variant"] for k, v in rc["sources"].items()} == {"cifar_da4": "da4", "cifar_da9": "da9"}
+        for v in rc["sources"].values():
+            assert (v["real_train"], v["real_val"], v["real_test"], v["val_from"]) == (500, 50, 50, "test")
 
 
 def _expanded_commands(rec: dict) -> list[str]:
@@ -159,23 +186,41 @@ def test_paper1_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
     assert p.train.device == "cuda"
     interior = {"ae_e": ("vanilla", False), "ae_i_e": ("I", False), "ae_ii_e": ("II", False),
                 "ae_e_tae": ("vanilla", True), "ae_i_e_tae": ("I", True), "ae_ii_e_tae": ("II", True)}
-    mpi3d = {"ae_mpi3d": "none", "ae_mpi3d_e": "vgg11", "ae_mpi3d_e_toy": "vgg11"}
-    assert set(p.methods) == set(interior) | set(mpi3d)
+    sviro = {"ae_e_sviro": ("vanilla", False), "ae_ii_e_sviro": ("II", False), "ae_e_tae_sviro": ("vanilla", True),
+             "ae_ii_e_tae_sviro": ("II", True)}
+    # Table 1: {toy, realistic} x {AE, VAE, beta-VAE 4 / 8, FactorVAE 10 / 50, E-AE}
+    table1 = {"ae_mpi3d": ("ae", 1.0, 10.0, "ssim", "none"), "ae_mpi3d_vae": ("vae", 1.0, 10.0, "bce", "none"),
+              "ae_mpi3d_betavae4": ("vae", 4.0, 10.0, "bce", "none"), "ae_mpi3d_betavae8": ("vae", 8.0, 10.0, "bce",
+                                                                                              "none"),
+              "ae_mpi3d_factorvae10": ("factorvae", 1.0, 10.0, "bce", "none"),
+              "ae_mpi3d_factorvae50": ("factorvae", 1.0, 50.0, "bce", "none"),
+              "ae_mpi3d_e": ("ae", 1.0, 10.0, "ssim", "vgg11")}
+    mpi3d = {**table1, **{f"{k}_toy": v for k, v in table1.items()}}
+    baselines = {"classifier_vgg11": False, "classifier_vgg11_scratch": True, "classifier_vgg11_sviro": False}
+    assert set(p.methods) == set(interior) | set(sviro) | set(mpi3d) | set(baselines)
     for name, m in p.methods.items():
+        assert (m.lr, m.weight_decay, m.batch_size) == (1e-4, 1e-5, 64)  # A.2, autoencoders and classifiers alike
+        if name in baselines:
+            assert registry.resolve(name) == "s2r.methods.classifier", name
+            assert m.train_extractor == baselines[name] and m.hflip and m.extractor == "vgg11"
+            assert m.extractor_weights == ("none" if m.train_extractor else "imagenet") and m.epochs == 250
+            continue
         assert registry.resolve(name) == "s2r.methods.ae", name
-        assert (m.lr, m.weight_decay, m.batch_size, m.recon_loss, m.alpha, m.beta) == (1e-4, 1e-5, 64, "ssim", 1, 1)
+        assert (m.alpha, m.beta) == (1, 1) and m.recon_loss == ("bce" if m.model != "ae" else "ssim"), name
         assert m.triplet_margin == 0.2 and m.triplet_swap and m.knn_k == 0
         if m.extractor != "none":
             assert m.extractor_weights == "imagenet" and m.extractor_input_size == 224, name
-    for name, (sampling, triplet) in interior.items():
+    for name, (sampling, triplet) in {**interior, **sviro}.items():
         m = p.methods[name]
         assert (m.sampling, m.triplet, m.extractor, m.latent_dim, m.decoder_fc_channels, m.epochs) == (
             sampling, triplet, "vgg11", 64, 256, 250), name  # Table 7: FC 4096 = 256 x 4 x 4
-    for name, ext in mpi3d.items():
+        # A.2: flips (labels mirrored), negatives one seat away, no all-empty negatives
+        assert m.hflip and m.triplet_negatives == "one_part" and m.triplet_exclude_empty, name
+    for name, (model, beta_kl, gamma, loss, ext) in mpi3d.items():
         m = p.methods[name]
-        assert (m.extractor, m.latent_dim, m.decoder_fc_channels, m.epochs, m.sampling) == (ext, 10, 64, 100,
-                                                                                          "vanilla"), name
-    assert p.methods["ae_mpi3d_e_toy"].source_domain == "toy" and p.methods["ae_mpi3d_e"].source_domain == "realistic"
+        assert (m.model, m.beta_kl, m.gamma_tc, m.recon_loss, m.extractor) == (model, beta_kl, gamma, loss, ext), name
+        assert (m.latent_dim, m.decoder_fc_channels, m.epochs, m.sampling) == (10, 64, 100, "vanilla"), name
+        assert m.source_domain == ("toy" if name.endswith("_toy") else "realistic"), name
     srcs = rec["recipe"]["sources"]
     assert all(s["options"]["image_size"] == 64 for s in srcs.values())  # the Table 4 / 6 / 7 decoders end at 64
     assert srcs["ticam"]["options"]["flips"] and srcs["sviro_illumination_lr"]["options"]["seats"] == "outer"
@@ -183,9 +228,12 @@ def test_paper1_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
     assert all(m["extractor_weights"] == "none" for m in fixture.values())  # no ImageNet weights in a stand-in
     cmds = _expanded_commands(rec)
     joined = " ".join(cmds)
-    for name in interior:
+    for name in [*interior, "classifier_vgg11", "classifier_vgg11_scratch"]:
         assert f"s2r train {name} --data data/prepared/kodiaq_ticam " in joined, name
         assert f"s2r evaluate {name} --model data/models/kodiaq_ticam/{name} " in joined, name
+    for name in [*sviro, "classifier_vgg11_sviro"]:
+        assert f"s2r train {name} --data data/prepared/sviro " in joined, name
+        assert f"s2r evaluate {name} --model data/models/sviro/{name} " in joined, name
     for name in mpi3d:
         assert f"s2r train {name} --data data/prepared/mpi3d_large " in joined, name
         assert f"s2r evaluate {name} --model data/models/mpi3d_large/{name} " in joined, name

@@ -23,6 +23,8 @@ from s2r.data.sources.common import assign_splits, verify_checksums
 from s2r.data.sources.generic import merge
 from s2r.data.validation import validate_benchmark
 
+REPO = Path(__file__).resolve().parents[1]
+
 GRID = {"object_color": 2, "object_shape": 2, "object_size": 2, "camera_height": 1, "background_color": 1,
         "horizontal_axis": 2, "vertical_axis": 2}
 
@@ -104,6 +106,8 @@ def test_sviro_labels_64_classes_and_removed_images(tmp_path: Path) -> None:
     row = df[df["id"] == "tesla-tesla_train_imageID_5_GT_1_4_3"].iloc[0]
     assert row["label"] == 1 * 16 + 0 * 4 + 3
     assert set(df["split"]) == {"train", "val", "test"}  # train_only (A.1.2): test comes from train too
+    # benchmark.yaml carries the seat structure: mirrored = left and right swapped; parts = seats left to right
+    assert spec.mirror_classes[1 * 16 + 0 * 4 + 3] == 3 * 16 + 0 * 4 + 1 and spec.class_parts[19] == [1, 0, 3]
     outer = _add("sviro", raw, tmp_path / "o", options={"seats": "outer", "image_size": 16})
     so, do = load_benchmark(outer)
     assert so.classes == interior.seat_class_names(2)
@@ -159,7 +163,7 @@ def test_ticam_preprocessing_flips_and_counts(tmp_path: Path) -> None:
         left, right = interior.ticam_seat_class(parts[8]), interior.ticam_seat_class(parts[2])
         assert r["label"] == interior.joint_label([left, right])
         flip = df[df["id"] == f"{r['id']}-flip"].iloc[0]
-        assert flip["label"] == interior.joint_label([right, left])
+        assert flip["label"] == interior.joint_label([right, left]) == spec.mirror_classes[r["label"]]
         assert np.array_equal(_img(out, flip["path"]), _img(out, r["path"])[:, ::-1])
     # A.1.5 by hand for one frame: equalise, crop (120, 300, 106, 300), resize
     f = sorted((raw / "train" / "IR").glob("*.png"))[0]
@@ -320,10 +324,42 @@ def test_cifar_da_classes_and_real_counts(tmp_path: Path) -> None:
     assert len(real) == 4 * 8 and (df["domain"] == "synthetic").sum() == 4 * 12
     spec9, df9 = load_benchmark(_add("cifar_da", raw, tmp_path / "c", options={**opts, "variant": "da9"}))
     assert spec9.classes == misc.DA9 and (df9["domain"] == "real").sum() == 9 * 8
+    # val_from test (default): val and test are disjoint test-pickle images; val_from train: from the train pickle
+    ids = {s: set(real[real["split"] == s]["sha256"]) for s in ("train", "val", "test")}
+    assert not (ids["val"] & ids["test"]) and not (ids["train"] & ids["val"])
+    _, dft = load_benchmark(_add("cifar_da", raw, tmp_path / "e", options={**opts, "val_from": "train"}))
+    rt = dft[dft["domain"] == "real"]
+    assert set(rt[rt["split"] == "test"]["sha256"]) <= ids["val"] | ids["test"]  # test pickle's first images
     with open(raw / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"nodata": 1}, f)
     with pytest.raises(DataError, match="test_batch"):
         _add("cifar_da", raw, tmp_path / "d", options=opts)
+
+
+def test_cifar_da_fixture_has_cifar100s_real_counts(tmp_path: Path) -> None:
+    """CIFAR-100 holds 500 train / 100 test images per class: 500 + 50 from the train pickle cannot fit."""
+    raw = misc.cifar_da_fixture(tmp_path / "raw")
+    c100 = misc._unpickle(raw / "cifar-100-python" / "train")
+    assert np.bincount(c100[b"fine_labels"]).max() == 500
+    with pytest.raises(DataError, match="500 train / 100 test images of class 'bicycle'; need 550 / 50"):
+        _add("cifar_da", raw, tmp_path / "b", options={"val_from": "train"})
+    with pytest.raises(DataError, match="option 'val_from'"):
+        _add("cifar_da", raw, tmp_path / "c", options={"val_from": "both"})
+
+
+@pytest.mark.slow
+def test_cifar_da_builds_at_the_recipes_real_sizes_from_a_real_count_standin(tmp_path: Path) -> None:
+    """The recipe's own options (500 / 50 / 50 per class) on a stand-in with CIFAR's real per-class counts."""
+    from s2r import recipes
+
+    rec = recipes.load("mixing-ratio-mrgan", REPO)
+    for name, opts in rec["recipe"]["sources"].items():
+        raw = misc.cifar_da_fixture(tmp_path / "raw")
+        _, df = load_benchmark(_add("cifar_da", raw, tmp_path / name, options={**opts, "image_size": 8}))
+        real = df[df["domain"] == "real"]
+        classes = misc.DA4 if opts["variant"] == "da4" else misc.DA9
+        assert real.groupby("split").size().to_dict() == {s: len(classes) * n for s, n in
+                                                          (("train", 500), ("val", 50), ("test", 50))}
 
 
 def test_trifinger_manifest_factors_and_errors(tmp_path: Path) -> None:

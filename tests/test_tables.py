@@ -10,7 +10,7 @@ import pytest
 
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
-from s2r.tables.mixing import _ratio, _ratio_table, _table
+from s2r.tables.mixing import TABLE3, _ratio, _ratio_table, _table, table_cells
 
 
 def test_derive_adds_domains_keeps_labels_and_versions(tiny_prepared: Path, tmp_path: Path) -> None:
@@ -56,3 +56,15 @@ def test_ratio_is_chosen_on_validation_not_test() -> None:
     runs["augment"] = False
     t2 = _ratio_table(runs)
     assert t2["mean"].round(3).tolist() == [0.75, 0.925]
+
+
+def test_mixing_cells_table2_only_and_fig7_stage2_mappings() -> None:
+    """CIFAR-DA9 runs Table 2 alone; Fig. 7 adds one refined-synthetic-only cell per stage-2 mapping."""
+    full = table_cells([0.125, 0.5], True, [])
+    assert [c[0] for c in full[:7]] == TABLE3 and len(full) == len(set(map(str, full))) == 9  # shared cells once
+    assert ("Real only", "synthetic", [1.0], True) in full
+    assert ("Real + Synthetic", "synthetic", [0.125, 0.5], True) in full
+    t2 = table_cells([0.125, 0.5], False, [])
+    assert {c[1] for c in t2} == {"synthetic"} and {c[0] for c in t2} == {"Real + Synthetic", "Real only"}
+    fig7 = table_cells([0.5], False, ["RR-RS", "R-RS", "RR-S"])[-3:]
+    assert fig7 == [(f"Stage 2 {k}", k, [0.0], False) for k in ("RR-RS", "R-RS", "RR-S")]

@@ -415,24 +415,39 @@ def tables() -> None:
 @tables.command("mixing")
 @click.option("--synthetic", "syn", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark with the original synthetic domain.")
-@click.option("--cyclegan", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Prepared benchmark refined by CycleGAN (s2r refine cyclegan).")
-@click.option("--mrgan", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--cyclegan", type=click.Path(exists=True, file_okay=False),
+              help="Prepared benchmark refined by CycleGAN (s2r refine cyclegan); with --mrgan: Table 3.")
+@click.option("--mrgan", type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark refined by MrGAN's last stage (s2r refine mrgan).")
+@click.option("--stage2", multiple=True, metavar="LABEL=PATH",
+              help="Fig. 7: a benchmark refined by one MrGAN stage-2 mapping (repeat: RR-RS, R-RS, RR-S).")
 @click.option("--out", default="data/tables/mixing", show_default=True, type=click.Path(file_okay=False))
 @PARAMS_OPT
-def tables_mixing_cmd(syn: str, cyclegan: str, mrgan: str, out: str, params_path: str) -> None:
-    """Paper 4's Tables 3 and 2 (mean ± std over seeds, ratio cross-validated on real val) as files + MLflow.
+def tables_mixing_cmd(syn: str, cyclegan: str | None, mrgan: str | None, stage2: tuple[str, ...], out: str,
+                      params_path: str) -> None:
+    """Paper 4's Tables 3 and 2 and Fig. 7 (mean ± std over seeds, ratio cross-validated on real val).
+
+    Without --cyclegan / --mrgan only Table 2 is run (e.g. on CIFAR-DA9).
 
     Example: s2r tables mixing --synthetic data/prepared/digits --cyclegan data/prepared/digits-cyclegan
     --mrgan data/prepared/digits-mrgan
     """
     from s2r.tables.mixing import mixing_tables
 
-    res = mixing_tables({"synthetic": Path(syn), "cyclegan": Path(cyclegan), "mrgan": Path(mrgan)}, Path(out),
-                        Path(params_path))
-    click.echo((Path(out) / "table3.md").read_text())
-    click.echo((Path(out) / "table2.md").read_text())
+    maps: dict[str, Path] = {}
+    for item in stage2:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_dir():
+            raise click.BadParameter(f"{item!r}: expected LABEL=PATH with an existing folder", param_hint="--stage2")
+        maps[label] = Path(path)
+    datasets = {"synthetic": Path(syn)} | {k: Path(v) for k, v in (("cyclegan", cyclegan), ("mrgan", mrgan)) if v}
+    try:
+        res = mixing_tables(datasets, Path(out), Path(params_path), maps)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    for name in ("table3", "table2", "fig7"):
+        if name in res:
+            click.echo((Path(out) / f"{name}.md").read_text())
     click.echo(f"{res['metrics']['n_runs']} classifier runs; files in {out}")
 
 

@@ -6,7 +6,9 @@ A recipe folder holds:
     recipe.yaml    DVC template variables: where each download lives (``raw``) and the adapter options of
                    each benchmark (``sources.<benchmark>``, read by `s2r data add --options`)
     params.yaml    (recipes with method stages) a complete s2r params file at the paper's scale
-    fixture.yaml   overrides for the stand-in run: ``recipe:`` and ``params:`` map dotted keys to values
+    fixture.yaml   overrides for the stand-in run: ``recipe:`` and ``params:`` map dotted keys to values; a ``*``
+                   segment matches every entry at that level that has the rest of the key
+                   (``methods.*.epochs: 2`` shrinks every method block)
     README.md      the paper's reported numbers to compare with
 
 :func:`standin` builds a scratch DVC project where the same ``dvc.yaml`` runs on tiny stand-ins of the
@@ -50,11 +52,39 @@ def _yaml(path: Path) -> Any:
 
 
 def overridden(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """A copy of `raw` with dotted-key overrides applied (keys must already exist: no silent typos)."""
+    """A copy of `raw` with dotted-key overrides applied (keys must already exist: no silent typos).
+
+    A `*` segment applies the override to every entry at that level holding the rest of the key; it must
+    match at least one.
+    """
     out = copy.deepcopy(raw)
     for k, v in (overrides or {}).items():
-        set_dotted(out, k, v, where)
+        keys = expand_wildcards(out, k)
+        if not keys:
+            raise ConfigError(f"{where}: key {k!r} matches no existing key")
+        for key in keys:
+            set_dotted(out, key, v, where)
     return out
+
+
+def expand_wildcards(raw: dict[str, Any], key: str) -> list[str]:
+    """The existing dotted keys a key with `*` segments stands for (the key itself when it has none)."""
+    if "*" not in key.split("."):
+        return [key]
+    found: list[str] = []
+
+    def walk(node: Any, parts: list[str], prefix: list[str]) -> None:
+        if not parts:
+            found.append(".".join(prefix))
+            return
+        if not isinstance(node, dict):
+            return
+        head, rest = parts[0], parts[1:]
+        for name in (sorted(node) if head == "*" else [head] if head in node else []):
+            walk(node[name], rest, [*prefix, name])
+
+    walk(raw, key.split("."), [])
+    return found
 
 
 def load(paper: str, repo: Path = Path("."), fixture: bool = False) -> dict[str, Any]:

@@ -365,6 +365,7 @@ def fit(
         return done % every == 0 or done == total
 
     pin = method.device.type == "cuda"
+    method.before_training()  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
     source: Prefetcher | _Serial = (
         Prefetcher(method.batches(), start, total, is_checkpoint, train.prefetch, pin) if train.prefetch > 0
         else _Serial(method.batches()))

@@ -88,6 +88,11 @@ class BenchmarkSpec:
     # 0 = square frames (image_size x image_size); else frames are image_size wide and image_height high
     # (paper 5 trains and scores YCB-Video / HomebrewedDB at 640x480)
     image_height: int = 0
+    # Class structure (paper 1's seat occupancy): mirror_classes[i] is the label of class i's image mirrored
+    # left-right ([] = no map: a flip keeps the label); class_parts[i] lists class i's per-position sub-labels
+    # (seats left to right, 0 = empty) for hard triplet negatives ([] = classes have no parts).
+    mirror_classes: list[int] = field(default_factory=list)
+    class_parts: list[list[int]] = field(default_factory=list)
 
     @property
     def height(self) -> int:
@@ -107,6 +112,14 @@ class BenchmarkSpec:
                 raise ConfigError(f"key 'domains': domain {d.name!r} has role {d.role!r}, not one of {list(ROLES)}")
         if "classification" in self.tasks and not self.classes:
             raise ConfigError("key 'classes': a classification benchmark needs class names")
+        n = len(self.classes)
+        if self.mirror_classes:
+            m = self.mirror_classes
+            if len(m) != n or any(not 0 <= c < n for c in m) or any(m[c] != i for i, c in enumerate(m)):
+                raise ConfigError(f"key 'mirror_classes': must map each of the {n} classes to a class index, and "
+                                  f"mirroring twice must give the class back; got {m}")
+        if self.class_parts and (len(self.class_parts) != n or len({len(p) for p in self.class_parts}) != 1):
+            raise ConfigError(f"key 'class_parts': needs one equally long list of sub-labels per class ({n})")
         for k, rng in self.factor_ranges.items():
             if k not in self.factors:
                 raise ConfigError(f"key 'factor_ranges.{k}': {k!r} is not a factor {list(self.factors)}")
@@ -127,7 +140,7 @@ class BenchmarkSpec:
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
         defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
                     ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
-                    ("allow_outside_root", False), ("image_height", 0))
+                    ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
         for key, default in defaults:
             if d[key] == default:
                 del d[key]

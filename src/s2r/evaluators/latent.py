@@ -1,9 +1,9 @@
 """Latent-space evaluation of `encode` methods on the target domain (paper 1, Section 4.7, Tables 1 and 10).
 
-- Classifiers in the latent space: KNN (k = sqrt(N), Section 4.7), random forest and linear SVM (Table 3),
-  fitted on the source domain's training latents (one image per scene, as Section 4.7; plus horizontally
-  flipped images where the method's `hflip` says the benchmark is mirror invariant - digits is not), scored
-  on the target domain's test latents.
+- Classifiers in the latent space: KNN (k = floor(sqrt(N)), Section 4.7), random forest and linear SVM
+  (Table 3), fitted on the source domain's training latents (one image per scene, as Section 4.7; plus the
+  horizontally flipped images where the method's `hflip` is on, labelled through the benchmark's
+  `mirror_classes`: a mirrored interior swaps its left and right seats), scored on the target test latents.
 - Reconstruction (methods that also `reconstruct`): L1 and SSIM of the target test reconstructions against
   the input ("Real" in Table 1) and against the paired synthetic counterpart of the same scene ("Synth.";
   only where the benchmark pairs scenes across domains, else reported as not applicable). LPIPS needs the
@@ -26,8 +26,8 @@ REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
 
 
 def knn_default_k(n_train: int) -> int:
-    """k = sqrt(N), N = number of training latents (paper Section 4.7: N = 13,356 gives k = 115)."""
-    return max(1, int(round(math.sqrt(n_train))))
+    """k = floor(sqrt(N)), N = training latents incl. flips (Section 4.7: N = 13,356 gives 115, not round's 116)."""
+    return max(1, math.isqrt(n_train))
 
 
 def classifier_scores(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test: np.ndarray, *,
@@ -119,9 +119,10 @@ def source_training_latents(method: Any) -> tuple[np.ndarray, np.ndarray]:
     keep = keep[src.labels[keep] != NO_LABEL]
     z = _encode(method, source, "train")[keep]
     y = src.labels[keep]
-    if getattr(cfg, "hflip", False):  # mirror-invariant benchmarks: flipped training latents too (Section 4.7)
+    if getattr(cfg, "hflip", False):  # flipped training latents too (Section 4.7), labels through the mirror map
+        mirror = data.spec.mirror_classes
         z = np.concatenate([z, _encode(method, source, "train", flipped=True)[keep]])
-        y = np.concatenate([y, y])
+        y = np.concatenate([y, np.asarray(mirror, np.int64)[y] if mirror else y])
     return z, y
 
 

@@ -16,8 +16,14 @@ One module, every variant of the paper as a configuration (params blocks `ae`, `
   Eq. 1), `I` (partially impossible: another variation of the same scene, Eq. 2), `II` (impossible class
   instance: a variation of another scene of the same class, Eq. 3).
 - triplet (`triplet`): Eq. 4 (margin 0.2, PyTorch's `swap`), anchor / positive (another scene, same class) /
-  negative (another class), each with its own sampled target, total loss Eq. 5:
-  alpha * L_T + beta * (L_r(anchor) + L_r(positive) + L_r(negative)).
+  negative, each with its own sampled target, total loss Eq. 5:
+  alpha * L_T + beta * (L_r(anchor) + L_r(positive) + L_r(negative)). Negatives (`triplet_negatives`): `any`
+  other class, or `one_part` (appendix A.2: "a scenery which differs in a single seat position", from the
+  benchmark's `class_parts`); `triplet_exclude_empty` never picks an all-empty scene as a negative (A.2: "we
+  did not allow sceneries with empty seats only", read as a rule on the negative it follows).
+- flips (`hflip`, the paper's only augmentation): the image and its target are mirrored together, and the
+  label follows the benchmark's `mirror_classes` (left and right seats swap); a triplet is flipped as a
+  whole (anchor, positive and negative share the flip), so the classes it relates stay consistent.
 - reconstruction loss (`recon_loss`): SSIM (pytorch-msssim, as the paper), BCE or MSE.
 
 Names follow the paper: prefix I- / II- for the sampling, E- for an extractor, T for the triplet loss
@@ -85,6 +91,8 @@ class Config:
     conv_channels: list[int] | None = None  # Table 4 encoder convs; None = [32, 32, 64, 64] cut to the size
     decoder_fc_channels: int = 64  # decoder FC -> (channels, 4, 4): 64 (Tables 4 / 6), 256 (Table 7)
     hflip: bool = False  # the paper's only augmentation; off for digits (a mirrored digit is another glyph)
+    triplet_negatives: Literal["any", "one_part"] = "any"  # one_part: differs in one seat (A.2; class_parts)
+    triplet_exclude_empty: bool = False  # A.2: no all-empty scene as a negative (needs class_parts)
     source_domain: str = ""  # "" = the benchmark's source domain (scenes Table 1 also trains on `toy`)
     batch_size: int = 32
     epochs: int = 5
@@ -92,7 +100,7 @@ class Config:
     lr: float = 1.0e-3  # paper 1e-4 over ~19k steps; CPU runs are ~100x shorter
     weight_decay: float = 1.0e-5
     lr_disc: float = 1.0e-4  # FactorVAE discriminator (Kim & Mnih 2018: Adam 1e-4, betas 0.5, 0.9)
-    knn_k: int = 0  # latent KNN: 0 = sqrt(N) (paper Section 4.7, Jirina et al. 2011)
+    knn_k: int = 0  # latent KNN: 0 = floor(sqrt(N)) (paper Section 4.7: N = 13,356 -> 115)
     rf_trees: int = 100
     svm_c: float = 1.0
     fit_one_per_scene: bool = True  # paper 4.7: classifiers see a single image per scene
@@ -114,6 +122,9 @@ class Config:
             raise ConfigError(f"key '{k}.ssim_win_size' must be odd and >= 3")
         if self.knn_k < 0 or self.rf_trees < 1 or self.svm_c <= 0:
             raise ConfigError(f"keys '{k}.knn_k' >= 0 (0 = sqrt(N)), rf_trees >= 1, svm_c > 0")
+        if self.triplet_negatives not in ("any", "one_part"):
+            raise ConfigError(f"key '{k}.triplet_negatives' must be 'any' or 'one_part', "
+                              f"got {self.triplet_negatives!r}")
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -262,7 +273,16 @@ def expected_weights_file(name: str) -> Path:
 
 
 def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
-    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says.
+    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says."""
+    cut = cut_level3(name, load_torchvision_model(name, weights, seed))
+    cut.eval()
+    for p in cut.parameters():
+        p.requires_grad_(False)
+    return cut
+
+
+def load_torchvision_model(name: str, weights: str, seed: int = 0) -> nn.Module:
+    """The whole torchvision model `name` with `extractor_weights` (shared with the classification baselines).
 
     `imagenet` goes through torchvision's own weights API, which reads the torchvision cache layout
     ($TORCH_HOME/hub/checkpoints/<file>) before trying to download; offline, a missing file is an error naming
@@ -302,16 +322,16 @@ def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
         except RuntimeError as e:
             raise ConfigError(f"methods.ae.extractor_weights: {path} is not a {name} state dict: {e}") from e
         log.info("extractor %s: weights from %s", name, path)
+    return model
+
+
+def cut_level3(name: str, model: nn.Module) -> nn.Module:
+    """The layers of a torchvision model up to the paper's layer "level -3" (appendix A.2.1), sharing its modules."""
     if name == "vgg11":
-        cut: nn.Module = model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
-    elif name == "resnet50":
-        cut = nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
-    else:
-        cut = model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
-    cut.eval()
-    for p in cut.parameters():
-        p.requires_grad_(False)
-    return cut
+        return model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
+    if name == "resnet50":
+        return nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
+    return model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
 
 
 class FrozenExtractor(nn.Module):
@@ -357,8 +377,14 @@ class EncoderModule(nn.Module):
 class TargetSampler:
     """Picks reconstruction targets (Eq. 1-3) and triplet partners (appendix A.2) within one split."""
 
-    def __init__(self, split: PreparedSplit, sampling: str, where: str) -> None:
+    def __init__(self, split: PreparedSplit, sampling: str, where: str, class_parts: list[list[int]] | None = None,
+                 negatives: str = "any", exclude_empty: bool = False) -> None:
         self.sampling = sampling
+        self.negative_rule, self.exclude_empty = negatives, exclude_empty
+        if (negatives != "any" or exclude_empty) and not class_parts:
+            raise DataError(f"{where}: triplet_negatives 'one_part' / triplet_exclude_empty need the benchmark's "
+                            "class_parts (benchmark.yaml; the SVIRO / TICaM adapters write them)")
+        self.parts = np.asarray(class_parts) if class_parts else None  # (K, positions)
         self.labels = np.asarray(split.labels)
         self.scenes = np.asarray(split.scene_ids)
         n = len(self.labels)
@@ -417,14 +443,33 @@ class TargetSampler:
         """Appendix A.2: a different scene of the same class."""
         return np.array([self._other_scene_same_class(int(i), rng) for i in idx], np.int64)
 
+    def negative_classes(self, c: int) -> np.ndarray:
+        """Classes a negative of an anchor of class `c` may have (appendix A.2), among those in the split."""
+        others = self.classes[self.classes != c]
+        if self.parts is None:
+            return others
+        if self.exclude_empty:
+            others = others[(self.parts[others] != 0).any(1)]  # no scene with every seat empty
+        if self.negative_rule == "one_part":
+            hard = others[(self.parts[others] != self.parts[c]).sum(1) == 1]  # exactly one seat differs
+            if len(hard):
+                return hard
+        return others  # no class one seat away in this split: any other allowed class
+
     def negatives(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Appendix A.2: a scene of another class (digits: any other digit)."""
+        """Appendix A.2: a scene of another class (`one_part`: one seat differs; no all-empty scene if asked)."""
         if len(self.classes) < 2:
             raise DataError("triplet loss needs at least two classes in the source domain")
         out = np.empty_like(idx)
+        cache: dict[int, np.ndarray] = {}
         for k, i in enumerate(idx):
             c = int(self.labels[i])
-            others = self.classes[self.classes != c]
+            if c not in cache:
+                cache[c] = self.negative_classes(c)
+                if len(cache[c]) == 0:
+                    raise DataError(f"class {c}: no class is allowed as its triplet negative "
+                                    "(triplet_exclude_empty leaves none)")
+            others = cache[c]
             pool = self.by_class[int(others[rng.integers(len(others))])]
             out[k] = pool[rng.integers(len(pool))]
         return out
@@ -454,7 +499,9 @@ class Method(BaseMethod):
         if cfg.triplet or cfg.sampling == "II":
             if (self.train_split.labels == NO_LABEL).any():
                 raise DataError(f"{where}: triplet loss and sampling II need class labels")
-        self.sampler = TargetSampler(self.train_split, cfg.sampling, where)
+        self.sampler = TargetSampler(self.train_split, cfg.sampling, where, spec.class_parts, cfg.triplet_negatives,
+                                     cfg.triplet_exclude_empty)
+        self.mirror = np.asarray(spec.mirror_classes, np.int64) if spec.mirror_classes else None
         self.pool = IndexPool(np.arange(len(self.train_split)))
         self.batch_size = cfg.batch_size
         self.is_vae = cfg.model in ("vae", "factorvae")
@@ -544,9 +591,14 @@ class Method(BaseMethod):
                 groups += [self.sampler.positives(a, self.rng), self.sampler.negatives(a, self.rng)]
             idx = np.concatenate(groups)
             tgt = self.sampler.targets(idx, self.rng)
-            flip = self.rng.random(len(idx)) < 0.5 if self.cfg.hflip else np.zeros(len(idx), bool)
+            flip_a = self.rng.random(len(a)) < 0.5 if self.cfg.hflip else np.zeros(len(a), bool)
+            flip = np.tile(flip_a, len(groups))  # a triplet is mirrored as a whole: its classes stay related
             images = self._read(self.train_split, idx)
-            yield images, self.train_split.labels[idx], {"input": idx, "target": tgt, "flip": flip}
+            labels = self.train_split.labels[idx].copy()
+            if self.mirror is not None and flip.any():
+                ok = flip & (labels >= 0)
+                labels[ok] = self.mirror[labels[ok]]  # a mirrored interior swaps its left and right seats
+            yield images, labels, {"input": idx, "target": tgt, "flip": flip}
 
     def _inputs(self, images: np.ndarray, idx: np.ndarray, flip: np.ndarray) -> torch.Tensor:
         """Encoder inputs: cached extractor features (E- models) or the images."""
@@ -672,7 +724,7 @@ class Method(BaseMethod):
         return self.decode(self.encode(images))
 
     def validate(self) -> dict[str, float]:
-        """KNN (k = sqrt(N)) accuracy on the target domain's val split: the study objective (never test)."""
+        """KNN (k = floor(sqrt(N))) accuracy on the target domain's val split: the study objective (never test)."""
         from sklearn.neighbors import KNeighborsClassifier
 
         if not self.data.has(self.target, "val"):
@@ -685,6 +737,11 @@ class Method(BaseMethod):
         z_src = self.encode_split(self.source, "train")[keep]
         z_val = self.encode_split(self.target, "val")
         y_src = src.labels[keep]
+        if self.cfg.hflip:  # as the evaluator (Section 4.7): + flipped latents, labels through the mirror map
+            z_src = np.concatenate([z_src, self.encode_split(self.source, "train", flipped=True)[keep]])
+            mirrored = np.where(y_src >= 0, self.mirror[np.maximum(y_src, 0)], y_src) if self.mirror is not None \
+                else y_src
+            y_src = np.concatenate([y_src, mirrored])
         labelled = (y_src != NO_LABEL)
         if labelled.sum() < 2 or (val.labels == NO_LABEL).all():
             return {}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 
 
@@ -84,6 +85,23 @@ class IndexPool:
         self.order, self.pos = np.asarray(s["order"], np.int64), int(s["pos"])
 
 
+def limited_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Pick `per_class` samples of every class (all if -1), sorted, reproducibly from `rng`.
+
+    The classifier and the label-aligned CycleGAN call it with the same labels and `default_rng(real_subset_seed)`,
+    so both get the same images (refined benchmarks keep the real domain's order and labels).
+    """
+    if per_class == -1:
+        return np.arange(len(labels))
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise DataError(f"class {c} has only {len(idx)} real training images; real_per_class={per_class}")
+        chosen.append(rng.choice(idx, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
 class Method(nn.Module):
     """Base class: owns networks, optimisers, schedulers and the batch sampler of one method.
 
@@ -141,6 +159,11 @@ class Method(nn.Module):
     def batches(self) -> Iterator[Any]:
         """An endless iterator of training batches (drawn with self.rng)."""
         raise NotImplementedError
+
+    def before_training(self) -> None:
+        """Work the loop runs once before it draws the first batch (e.g. GAN pretraining on its own batches).
+
+        It may use the sampler (self.rng): the loop calls it before the prefetch thread starts drawing."""
 
     def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
         raise NotImplementedError

@@ -27,13 +27,17 @@ Label flips: the paper says "randomly flip the labels (source vs target domain) 
 Taken literally that inverts the discriminators' objective 90% of the time, so we read it as keeping each
 label with probability 0.9, i.e. flipping it with probability `d_label_flip_prob` = 0.1 (per image).
 
-Pretraining (appendix 6.2): the first `pretrain_g_steps` steps update only the generators with
-L1(original, refined); the next `pretrain_d_steps` steps update only the discriminators with the adversarial
-loss; then normal training. These steps are part of `epochs * steps_per_epoch` (the step counter is
-checkpointed, so resume lands in the same phase), and the lr schedule counts them too.
+Pretraining (appendix 6.2): before the first adversarial iteration, `pretrain_g_steps` iterations update only
+the generators with L1(original, refined), then `pretrain_d_steps` iterations update only the discriminators
+with the adversarial loss. They run inside the first training step, on top of `epochs * steps_per_epoch`: the
+paper's 40,000 iterations (and the lr schedule, decay after 20,000) count adversarial iterations only.
 
 Label-aligned pairs (appendix 5): with `label_aligned` and labels in both domains, position i of a batch holds
-an A image and a B image of the same class; otherwise A and B batches are drawn independently.
+an A image and a B image of the same class; otherwise A and B batches are drawn independently. Aligned pairs
+use B's labels, so B (the real side) is limited to the labelled budget: `real_per_class` images per class drawn
+with `real_subset_seed`, the same images the mixed-minibatch classifier uses (`methods.mixing`, same keys). The
+paper labels every real training image (500 per class), so its recipe sets -1; unaligned training
+(`label_aligned: false`) uses every real image, since it reads no labels.
 
 Discriminators see fakes through a history pool (Shrivastava et al. 2017, CycleGAN: 50 images, each incoming
 fake swapped for a stored one with probability 0.5); the pool contents are part of the checkpoint.
@@ -55,7 +59,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -69,6 +73,8 @@ class Config:
     domain_a: str = ""  # synthetic side; "" = the benchmark's source domain
     domain_b: str = ""  # real side; "" = the benchmark's target domain
     label_aligned: bool = True  # appendix 5: pair A and B images of the same class (when both have labels)
+    real_per_class: int = 10  # labelled B images per class that aligned pairs may use (= methods.mixing's); -1 = all
+    real_subset_seed: int = 0  # draws them (= methods.mixing.real_subset_seed: the same images)
     gen_width: int = 8  # width of c7s1-k (paper 32); d/R/u layers use 2x and 4x
     gen_blocks: int = 3  # residual blocks Rk (paper 9)
     disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # Ck layers (paper [64, 128] or 64..512)
@@ -84,12 +90,12 @@ class Config:
     real_label_range: list[float] = field(default_factory=lambda: [0.7, 1.2])
     fake_label_range: list[float] = field(default_factory=lambda: [0.0, 0.3])
     pool_size: int = 50  # history of fakes per discriminator; 0 = none
-    pretrain_g_steps: int = 20  # paper 1000 of 40000 steps
+    pretrain_g_steps: int = 20  # paper 1000, before (not within) the adversarial iterations
     pretrain_d_steps: int = 10  # paper 500
     batch_size: int = 16  # paper 32 (appendix 6) / 144 (appendix 7)
     epochs: int = 5
     steps_per_epoch: int = 40  # a step = 1 D update + g_steps_per_d G updates (paper: 40000 iterations)
-    decay_start: float = 0.5  # fraction of all steps (pretraining included) after which lr decays linearly to 0
+    decay_start: float = 0.5  # fraction of the adversarial steps after which lr decays linearly to 0
 
     def validate(self) -> None:
         if self.gen_width < 1 or self.gen_blocks < 0:
@@ -113,14 +119,10 @@ class Config:
                 raise ConfigError(f"key {key!r} must be [low, high] with low <= high, got {r}")
         if self.pool_size < 0 or self.pretrain_g_steps < 0 or self.pretrain_d_steps < 0:
             raise ConfigError("keys 'pool_size', 'pretrain_g_steps' and 'pretrain_d_steps' must be >= 0")
+        if self.real_per_class == 0 or self.real_per_class < -1:
+            raise ConfigError(f"key 'real_per_class' must be > 0, or -1 for all, got {self.real_per_class}")
         if self.batch_size < 1 or self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("keys 'batch_size', 'epochs' and 'steps_per_epoch' must be >= 1")
-        if self.pretrain_g_steps + self.pretrain_d_steps >= self.epochs * self.steps_per_epoch:
-            raise ConfigError(
-                f"keys 'pretrain_g_steps' + 'pretrain_d_steps' ({self.pretrain_g_steps} + {self.pretrain_d_steps}) "
-                f"must be < 'epochs' * 'steps_per_epoch' ({self.epochs * self.steps_per_epoch}): pretraining "
-                "counts towards the total and would leave no adversarial training"
-            )
         if not 0.0 <= self.decay_start <= 1.0:
             raise ConfigError(f"key 'decay_start' must be in [0, 1], got {self.decay_start}")
 
@@ -376,15 +378,18 @@ class PairSampler:
     of classes absent from B are left out.
     """
 
-    def __init__(self, a_labels: np.ndarray, b_labels: np.ndarray, aligned: bool) -> None:
+    def __init__(self, a_labels: np.ndarray, b_labels: np.ndarray, aligned: bool,
+                 b_subset: np.ndarray | None = None) -> None:
+        """`b_subset`: the B indices whose labels aligned pairs may use (the labelled budget); None = all."""
         self.aligned = aligned
         self.a_labels = a_labels
         if aligned:
-            shared = np.intersect1d(np.unique(a_labels), np.unique(b_labels))
+            b_idx = np.arange(len(b_labels)) if b_subset is None else np.asarray(b_subset, np.int64)
+            shared = np.intersect1d(np.unique(a_labels), np.unique(b_labels[b_idx]))
             if len(shared) == 0:
                 raise DataError("label-aligned CycleGAN: the two domains share no class; set label_aligned: false")
             self.a_pool = IndexPool(np.flatnonzero(np.isin(a_labels, shared)))
-            self.b_pools = {int(c): IndexPool(np.flatnonzero(b_labels == c)) for c in shared}
+            self.b_pools = {int(c): IndexPool(b_idx[b_labels[b_idx] == c]) for c in shared}
         else:
             self.a_pool = IndexPool(np.arange(len(a_labels)))
             self.b_pools = {-1: IndexPool(np.arange(len(b_labels)))}
@@ -440,7 +445,10 @@ class Method(BaseMethod):
             )
         usable = self._labels_usable(self.domain_a, self.a) and self._labels_usable(self.domain_b, self.b)
         self.aligned = bool(cfg.label_aligned and usable)  # else independent A and B batches
-        self.sampler = PairSampler(self.a.labels, self.b.labels, self.aligned)
+        # aligned pairs read B's labels: only the labelled budget (the classifier's images, appendix 5 + Section 3.3)
+        subset_rng = np.random.default_rng(cfg.real_subset_seed)
+        self.b_labelled = limited_indices(self.b.labels, cfg.real_per_class, subset_rng) if self.aligned else None
+        self.sampler = PairSampler(self.a.labels, self.b.labels, self.aligned, self.b_labelled)
         self.batch_size = cfg.batch_size  # samples per step = (A, B) pairs
         self.g_ab = Generator(channels, cfg.gen_width, cfg.gen_blocks)
         self.g_ba = Generator(channels, cfg.gen_width, cfg.gen_blocks)
@@ -449,7 +457,9 @@ class Method(BaseMethod):
         self.pool_a, self.pool_b = ImagePool(cfg.pool_size), ImagePool(cfg.pool_size)
         # Label smoothing/flips and pool swaps; separate from self.rng so they never shift the batch sampler.
         self.noise_rng = np.random.default_rng([seed, 0xC7C1E])
-        self.step_count = 0  # training steps done (decides the pretraining phase); checkpointed
+        self.step_count = 0  # adversarial iterations done; checkpointed
+        self.pretrained = cfg.pretrain_g_steps + cfg.pretrain_d_steps == 0  # pretraining done; checkpointed
+        self.pretrain_losses: dict[str, float] = {}  # last pretraining losses, reported by validate()
 
     def _val_split(self, domain: str) -> PreparedSplit:
         return self.data.get(domain, "val" if self.data.has(domain, "val") else "train")
@@ -470,7 +480,7 @@ class Method(BaseMethod):
                 "d": torch.optim.Adam(d_params, lr=c.lr_d, betas=betas)}
 
     def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
-        """Constant lr, then linear decay to 0 at the last step (appendix 6.2); steps count pretraining."""
+        """Constant lr, then linear decay to 0 at the last step (appendix 6.2); adversarial steps only."""
         start = int(round(self.cfg.decay_start * total_steps))
 
         def factor(step: int) -> float:
@@ -481,7 +491,7 @@ class Method(BaseMethod):
         return {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
 
     def step_schedulers(self) -> None:
-        with warnings.catch_warnings():  # D's scheduler steps during G pretraining, before D's first update
+        with warnings.catch_warnings():  # an AMP step skipped on inf gradients leaves an optimiser unstepped
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             super().step_schedulers()
 
@@ -490,15 +500,6 @@ class Method(BaseMethod):
         while True:
             ai, bi = self.sampler.draw(self.cfg.batch_size, self.rng)
             yield CycleBatch(self.a.images[ai], self.a.labels[ai], self.b.images[bi], self.b.labels[bi])
-
-    def phase(self, step: int | None = None) -> str:
-        """'pretrain_g', 'pretrain_d' or 'gan' for a 0-based step (default: the next one)."""
-        s = self.step_count if step is None else step
-        if s < self.cfg.pretrain_g_steps:
-            return "pretrain_g"
-        if s < self.cfg.pretrain_g_steps + self.cfg.pretrain_d_steps:
-            return "pretrain_d"
-        return "gan"
 
     def _targets(self, n: int, real: bool) -> torch.Tensor:
         """(n, 1, 1, 1) discriminator targets, one per image, broadcast over its patch scores."""
@@ -556,34 +557,56 @@ class Method(BaseMethod):
         for p in [*self.d_a.parameters(), *self.d_b.parameters()]:
             p.requires_grad_(flag)
 
-    def train_step(self, batch: CycleBatch) -> dict[str, torch.Tensor | float]:
-        """One iteration: G pretraining, D pretraining, or 1 D update + g_steps_per_d G updates on the batch."""
+    def pretrain(self) -> dict[str, float]:
+        """Appendix 6.2: pretrain_g_steps G-only L1 iterations, then pretrain_d_steps D-only adversarial ones.
+
+        Runs before the first adversarial iteration, on batches from the same sampler, without stepping the lr
+        schedule (the paper's 40,000 iterations and their decay are adversarial iterations).
+        """
+        out: dict[str, float] = {}
+        for phase, n in (("g", self.cfg.pretrain_g_steps), ("d", self.cfg.pretrain_d_steps)):
+            for _ in range(n):
+                ai, bi = self.sampler.draw(self.cfg.batch_size, self.rng)
+                a = to_float(self.a.images[ai], self.device) * 2 - 1  # [0, 1] -> [-1, 1]
+                b = to_float(self.b.images[bi], self.device) * 2 - 1
+                if phase == "g":
+                    loss = self.pretrain_generator_loss(a, b)
+                    self.optimize(loss, "g")
+                    out["pretrain_l1"] = float(loss.detach())
+                else:
+                    d = self.discriminator_loss(a, b)
+                    self.optimize(d["loss_d"], "d")
+                    out["pretrain_loss_d"] = float(d["loss_d"].detach())
+        self.pretrained = True
+        self.pretrain_losses = out
+        return out
+
+    def before_training(self) -> None:
+        """Pretraining draws its own batches: done before the loop's prefetch thread draws from the sampler."""
+        if not self.pretrained:
+            self.pretrain()
+
+    def train_step(self, batch: CycleBatch) -> dict[str, torch.Tensor]:
+        """One adversarial iteration: 1 D update + g_steps_per_d G updates on the batch (pretraining first, when
+        the step is called outside the training loop)."""
+        if not self.pretrained:
+            self.pretrain()
         a = to_float(batch.a, self.device) * 2 - 1  # [0, 1] -> [-1, 1]
         b = to_float(batch.b, self.device) * 2 - 1
-        phase = self.phase()
-        out = dict.fromkeys(("loss_g", "loss_d", "loss_gan_g", "loss_cycle", "loss_l1", "loss_identity",
-                             "d_real", "d_fake"), 0.0)
-        if phase == "pretrain_g":
-            loss = self.pretrain_generator_loss(a, b)
-            self.optimize(loss, "g")
-            out["loss_g"] = out["loss_l1"] = loss.detach()
-        else:
-            d = self.discriminator_loss(a, b)
-            self.optimize(d["loss_d"], "d")
-            out.update({k: v.detach() for k, v in d.items()})
-        if phase == "gan":
-            self._set_d_trainable(False)
-            sums: dict[str, torch.Tensor] = {}  # float64 on the device (no sync per G update)
-            for _ in range(self.cfg.g_steps_per_d):
-                g = self.generator_loss(a, b)
-                self.optimize(g["loss_g"], "g")
-                for k, v in g.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-            self._set_d_trainable(True)
-            out.update({k: v / self.cfg.g_steps_per_d for k, v in sums.items()})  # mean over the G updates
+        d = self.discriminator_loss(a, b)
+        self.optimize(d["loss_d"], "d")
+        out: dict[str, torch.Tensor] = {k: v.detach() for k, v in d.items()}
+        self._set_d_trainable(False)
+        sums: dict[str, torch.Tensor] = {}  # float64 on the device (no sync per G update)
+        for _ in range(self.cfg.g_steps_per_d):
+            g = self.generator_loss(a, b)
+            self.optimize(g["loss_g"], "g")
+            for k, v in g.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+        self._set_d_trainable(True)
+        out.update({k: v / self.cfg.g_steps_per_d for k, v in sums.items()})  # mean over the G updates
         self.step_schedulers()
         self.step_count += 1
-        out["phase"] = {"pretrain_g": 0.0, "pretrain_d": 1.0, "gan": 2.0}[phase]
         return out
 
     # -- use -----------------------------------------------------------------------------------------------
@@ -625,6 +648,7 @@ class Method(BaseMethod):
             "val_l1_b2a": float((fake_a - xb).abs().mean()),
             "val_gap_original": _stat_gap(xa, xb),
             "val_gap_refined": _stat_gap(fake_b, xb),
+            **self.pretrain_losses,
         }
 
     def example_input(self) -> np.ndarray:
@@ -643,9 +667,11 @@ class Method(BaseMethod):
         self.sampler.load(state["pairs"])
 
     def train_state(self) -> dict[str, Any]:
-        """Adds the step counter (pretraining phase), noise rng and fake-image pools to the base state."""
+        """Adds the step counter, pretraining flag, noise rng and fake-image pools to the base state."""
         return super().train_state() | {"gan": {
             "step": self.step_count,
+            "pretrained": self.pretrained,
+            "pretrain_losses": dict(self.pretrain_losses),
             "noise_rng": copy.deepcopy(self.noise_rng.bit_generator.state),
             "pool_a": self.pool_a.state(),
             "pool_b": self.pool_b.state(),
@@ -655,6 +681,8 @@ class Method(BaseMethod):
         super().load_train_state(state)
         gan = state["gan"]
         self.step_count = int(gan["step"])
+        self.pretrained = bool(gan["pretrained"])
+        self.pretrain_losses = dict(gan["pretrain_losses"])
         self.noise_rng.bit_generator.state = copy.deepcopy(gan["noise_rng"])
         self.pool_a.load(gan["pool_a"], self.device)
         self.pool_b.load(gan["pool_b"], self.device)

@@ -9,7 +9,13 @@ Network (appendix 3.1): C16-3-1-1, B16-3-1, B32-3-2, B64-3-2, AvgPooling, K-way 
 Bk-r-s = r residual blocks without bottleneck (He et al. 2016), the first with stride s; BN + ReLU after
 every convolution; Glorot initialisation (appendix 3.2). Training (appendix 3.2): SGD, learning rate 0.1,
 weight decay 1e-4, batch 128, learning rate divided by 10 at epochs 221 and 348 of 500 (our milestones are
-fractions of the run, 221/500 = 0.442 and 348/500 = 0.696, so short CPU runs keep the schedule's shape).
+fractions of the run, 221/500 = 0.442 and 348/500 = 0.696, so short CPU runs keep the schedule's shape). Real-only
+runs (`real_fraction: 1`) use the paper's real-only schedule instead, epochs 89 and 139 of 500
+(`real_only_lr_milestones`: 0.178, 0.278; appendix 3.2 and Section 3.3).
+
+The limited labelled real set (`real_per_class` images per class) is drawn once from `real_subset_seed`, not from
+the run seed: every classifier seed and the label-aligned CycleGAN / MrGAN (`methods.cyclegan.real_per_class`,
+same subset seed) use the same labelled real images, so no stage sees more real labels than the budget.
 The paper's main text says ADAM while its appendix says SGD; SGD is the default, `optimizer: adam` the option.
 2D augmentation = random crop (zero padding) + random horizontal flip; flips are off for digits by
 default (`aug_hflip`), since a mirrored digit is not the same digit (the paper's objects are mirror-safe).
@@ -29,7 +35,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -40,6 +46,7 @@ class Config:
 
     real_fraction: float = 0.125  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
     real_per_class: int = 10  # labelled real training images per class ("limited real"); -1 = all
+    real_subset_seed: int = 0  # draws the labelled real subset (shared with the CycleGAN's; not the run seed)
     augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
     aug_crop_padding: int = 4
     aug_hflip: bool = False
@@ -53,6 +60,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_milestones: list[float] = field(default_factory=lambda: [0.442, 0.696])
+    real_only_lr_milestones: list[float] = field(default_factory=lambda: [0.178, 0.278])  # 89/500, 139/500
     lr_gamma: float = 0.1
 
     def validate(self) -> None:
@@ -64,8 +72,13 @@ class Config:
             raise ConfigError("keys 'methods.mixing.batch_size/epochs/steps_per_epoch' must be >= 1")
         if len(self.widths) < 1 or self.blocks_per_stage < 1:
             raise ConfigError("key 'methods.mixing.widths' must be non-empty and blocks_per_stage >= 1")
-        if any(not 0.0 < m < 1.0 for m in self.lr_milestones):
-            raise ConfigError("key 'methods.mixing.lr_milestones' are fractions of training in (0, 1)")
+        for key in ("lr_milestones", "real_only_lr_milestones"):
+            if any(not 0.0 < m < 1.0 for m in getattr(self, key)):
+                raise ConfigError(f"key 'methods.mixing.{key}' are fractions of training in (0, 1)")
+
+    def milestones(self) -> list[float]:
+        """The lr milestones of this run: the real-only schedule when every image is real (appendix 3.2)."""
+        return self.real_only_lr_milestones if self.real_fraction >= 1.0 else self.lr_milestones
 
 
 class BasicBlock(nn.Module):
@@ -114,19 +127,6 @@ class SmallResNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
 
 
-def limited_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    """Pick `per_class` samples of every class (all if -1), sorted, reproducibly from `rng`."""
-    if per_class == -1:
-        return np.arange(len(labels))
-    chosen = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise DataError(f"class {c} has only {len(idx)} real training images; real_per_class={per_class}")
-        chosen.append(rng.choice(idx, size=per_class, replace=False))
-    return np.sort(np.concatenate(chosen))
-
-
 @register(Config)
 class Method(BaseMethod):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
@@ -147,7 +147,8 @@ class Method(BaseMethod):
         self.batch_size = cfg.batch_size
         self.n_real = int(round(cfg.real_fraction * cfg.batch_size))
         self.n_syn = cfg.batch_size - self.n_real
-        self.real_idx = limited_indices(self.real.labels, cfg.real_per_class, np.random.default_rng(seed))
+        self.real_idx = limited_indices(self.real.labels, cfg.real_per_class,
+                                        np.random.default_rng(cfg.real_subset_seed))
         self.pools = {"real": IndexPool(self.real_idx), "syn": IndexPool(np.arange(len(self.syn)))}
         self.net = SmallResNet(spec.channels, len(self.classes), cfg.widths, cfg.blocks_per_stage)
 
@@ -162,7 +163,7 @@ class Method(BaseMethod):
         return {"net": opt}
 
     def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
-        milestones = sorted({max(1, int(round(m * total_steps))) for m in self.cfg.lr_milestones})
+        milestones = sorted({max(1, int(round(m * total_steps))) for m in self.cfg.milestones()})
         return {"net": torch.optim.lr_scheduler.MultiStepLR(self.optimizers["net"], milestones, self.cfg.lr_gamma)}
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

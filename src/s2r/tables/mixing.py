@@ -1,4 +1,10 @@
-"""Paper 4's comparison tables on our data: Table 3 (synthetic / refined / real mixes) and Table 2 (ratio x aug).
+"""Paper 4's comparison tables on our data: Table 3 (synthetic / refined / real mixes), Table 2 (ratio x aug) and
+Fig. 7 (the three MrGAN stage-2 mappings, Fig. 5B: RR-RS, R-RS, RR-S, each trained on its refined synthetic
+images only and tested on its target: refined real for RR-RS / RR-S, original real for R-RS).
+
+Table 3 needs the CycleGAN- and MrGAN-refined benchmarks; without them (the CIFAR-DA9 run of Table 2) only Table 2
+is computed. "Real only" rows train with the paper's real-only lr schedule (`methods.mixing.real_only_lr_milestones`,
+epochs 89 / 139 of 500) because their real_fraction is 1.
 
 Every cell is the real-test accuracy of the mixed-minibatch classifier, mean +- std over seeds. For settings
 that mix real with (refined) synthetic images the mixing ratio is cross-validated per seed on the real
@@ -36,8 +42,42 @@ def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_n
             "train_seconds": float(summary["seconds"]), "tracking_share": float(summary["tracking_share"])}
 
 
-def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path) -> dict[str, Any]:
-    """Run every cell of Tables 3 and 2; write markdown/CSV/JSON + a plot, log them on a `tables@mixing` run."""
+TABLE3 = ["Synthetic only", "Refined by MrGAN", "Refined by CycleGAN", "Real + Synthetic", "Real + Refined by MrGAN",
+          "Real + Refined by CycleGAN", "Real only"]
+
+
+def table_cells(ratios: list[float], table3: bool, stage2: list[str]) -> list[tuple[str, str, list[float], bool]]:
+    """(setting, dataset key, candidate real fractions, augment) of every cell: Table 3 (if asked), Table 2, Fig. 7."""
+    cells: list[tuple[str, str, list[float], bool]] = []
+    if table3:
+        cells += [
+            ("Synthetic only", "synthetic", [0.0], False),
+            ("Refined by MrGAN", "mrgan", [0.0], False),
+            ("Refined by CycleGAN", "cyclegan", [0.0], False),
+            ("Real + Synthetic", "synthetic", ratios, False),
+            ("Real + Refined by MrGAN", "mrgan", ratios, False),
+            ("Real + Refined by CycleGAN", "cyclegan", ratios, False),
+            ("Real only", "synthetic", [1.0], False),
+        ]
+    cells += [("Real + Synthetic", "synthetic", ratios, False), ("Real only", "synthetic", [1.0], False),
+              ("Real + Synthetic", "synthetic", ratios, True), ("Real only", "synthetic", [1.0], True)]
+    cells += [(f"Stage 2 {k}", k, [0.0], False) for k in stage2]  # Fig. 7: refined synthetic only
+    out, seen = [], set()
+    for c in cells:  # Table 3 and Table 2 share their no-augmentation cells
+        key = (c[0], c[1], tuple(c[2]), c[3])
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
+                  stage2: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Run every cell of Tables 3 and 2 (and Fig. 7); write markdown/CSV/JSON + a plot, log on a `tables@mixing` run.
+
+    `datasets`: `synthetic` (required), `cyclegan` and `mrgan` (both, for Table 3). `stage2`: label -> benchmark
+    refined by one MrGAN stage-2 mapping (Fig. 7), e.g. {"RR-RS": ..., "R-RS": ..., "RR-S": ...}.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,30 +90,28 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path) -> di
     base = load_params(params_path)
     cfg = base.reports.mixing_tables
     ratios = list(cfg.ratios)
-    # (setting, dataset key, candidate real fractions, augment)
-    cells: list[tuple[str, str, list[float], bool]] = [
-        ("Synthetic only", "synthetic", [0.0], False),
-        ("Refined by MrGAN", "mrgan", [0.0], False),
-        ("Refined by CycleGAN", "cyclegan", [0.0], False),
-        ("Real + Synthetic", "synthetic", ratios, False),
-        ("Real + Refined by MrGAN", "mrgan", ratios, False),
-        ("Real + Refined by CycleGAN", "cyclegan", ratios, False),
-        ("Real only", "synthetic", [1.0], False),
-    ]
-    cells += [("Real + Synthetic", "synthetic", ratios, True), ("Real only", "synthetic", [1.0], True)]
-    missing = sorted({k for _, k, _, _ in cells} - set(datasets))
-    if missing:
-        raise FileNotFoundError(f"mixing tables need prepared datasets for {missing}")
+    stage2 = dict(stage2 or {})
+    if "synthetic" not in datasets:
+        raise FileNotFoundError("mixing tables need the prepared benchmark with the original synthetic domain")
+    half = sorted({"cyclegan", "mrgan"} & set(datasets))
+    if len(half) == 1:
+        raise FileNotFoundError(f"Table 3 needs both the CycleGAN and MrGAN refined benchmarks; got only {half}")
+    table3_on = len(half) == 2
+    clash = sorted(set(stage2) & {"synthetic", "cyclegan", "mrgan"})
+    if clash:
+        raise ValueError(f"stage-2 labels {clash} clash with the Table 3 dataset keys")
+    datasets = {**datasets, **stage2}
+    cells = table_cells(ratios, table3_on, list(stage2))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}
+    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}  # by dataset path: RR-RS is Table 3's MrGAN
     logged = {"reports": {"mixing_tables": asdict(cfg)}, "datasets": {k: str(v) for k, v in datasets.items()}}
     with TrackedRun("tables@mixing", experiment=base.tracking.experiment, params=logged,
                     tags={"stage": "tables", "method": "mixing"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         for setting, key, fractions, aug in cells:
             for seed in cfg.seeds:
                 for f in fractions:
-                    ident = (key, f, aug, seed)
+                    ident = (str(datasets[key]), f, aug, seed)
                     if ident not in done:
                         p = load_params(params_path, {
                             "seed": seed, "methods.mixing.real_fraction": f, "methods.mixing.augment": aug,
@@ -86,23 +124,45 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path) -> di
                                  "real_fraction": f, **done[ident]})
         runs = pd.DataFrame(rows)
         runs.to_csv(out / "runs.csv", index=False)
-        table3 = _table(runs[~runs["augment"]], [c[0] for c in cells[:7]])
+        names = ["table2.md", "table2.csv"]
+        summary: dict[str, float] = {}
+        result: dict[str, Any] = {}
+        if table3_on:
+            table3 = _table(runs[~runs["augment"]], TABLE3)
+            (out / "table3.md").write_text(_markdown(table3, "Table 3 format: real-test accuracy, no 2D augmentation"))
+            table3.to_csv(out / "table3.csv", index=False)
+            names += ["table3.md", "table3.csv"]
+            summary |= {f"table3.{r['setting']}": r["mean"] for r in table3.to_dict("records")}
+            result["table3"] = table3
+        if stage2:
+            fig7 = _table(runs, [f"Stage 2 {k}" for k in stage2])
+            (out / "fig7.md").write_text(_markdown(
+                fig7, "Fig. 7 format: real-test accuracy of each MrGAN stage-2 mapping (refined synthetic only)"))
+            fig7.to_csv(out / "fig7.csv", index=False)
+            names += ["fig7.md", "fig7.csv"]
+            summary |= {f"fig7.{r['setting'][len('Stage 2 '):]}": r["mean"] for r in fig7.to_dict("records")}
+            result["fig7"] = fig7
         table2 = _ratio_table(runs[runs["setting"].isin(["Real + Synthetic", "Real only"])])
-        (out / "table3.md").write_text(_markdown(table3, "Table 3 format: real-test accuracy, no 2D augmentation"))
         (out / "table2.md").write_text(_markdown(table2, "Table 2 format: real-test accuracy vs mixing ratio"))
-        table3.to_csv(out / "table3.csv", index=False)
         table2.to_csv(out / "table2.csv", index=False)
+        for r in table2.to_dict("records"):
+            aug = " aug" if r["augmentation"].startswith("with") else ""
+            summary[f"table2.{r['setting']} {r['mixing_ratio']}{aug}"] = r["mean"]
         fig = _plot_ratio(runs)
         fig.savefig(out / "table2.png", bbox_inches="tight")
         parent.log_figure(fig, "tables/table2.png")
         plt.close(fig)
-        summary = {r["setting"]: r["mean"] for r in table3.to_dict("records")}
-        metrics = {"n_runs": len(done), **{f"table3.{k}": v for k, v in summary.items()}}
+        metrics = {"n_runs": len(done), **summary}
         write_json(out / "metrics.json", metrics)
-        parent.log_metrics({k.replace("+", "plus").replace(" ", "_"): v for k, v in metrics.items()}, step=0)
-        for name in ("table3.md", "table2.md", "table3.csv", "table2.csv", "runs.csv", "metrics.json"):
+        parent.log_metrics({_metric_key(k): v for k, v in metrics.items()}, step=0)
+        for name in (*names, "runs.csv", "metrics.json"):
             parent.log_artifact(out / name, "tables")
-    return {"table3": table3, "table2": table2, "metrics": metrics}
+    return {**result, "table2": table2, "metrics": metrics}
+
+
+def _metric_key(k: str) -> str:
+    """An MLflow-safe metric name (letters, digits, _ - . / and spaces are allowed; ':' and '+' are not)."""
+    return k.replace("+", "plus").replace(":", "to").replace(" ", "_")
 
 
 def _table(runs: Any, order: list[str]) -> Any:

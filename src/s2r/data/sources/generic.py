@@ -231,7 +231,8 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
         loaded.append((Path(p), spec, read_manifest(Path(p))))
     first = loaded[0][1]
     for p, spec, _ in loaded[1:]:
-        for key in ("classes", "seg_classes", "factors", "channels", "has_depth", "has_mask", "depth_scale"):
+        for key in ("classes", "seg_classes", "factors", "channels", "has_depth", "has_mask", "depth_scale",
+                    "mirror_classes", "class_parts"):
             if getattr(spec, key) != getattr(first, key):
                 raise DataError(f"{p}: {key} = {getattr(spec, key)!r} differs from {loaded[0][0]}'s "
                                 f"{getattr(first, key)!r}; merged benchmarks must share them")

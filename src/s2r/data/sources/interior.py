@@ -98,6 +98,19 @@ def seat_class_names(n_seats: int) -> list[str]:
     return names
 
 
+def seat_parts(n_seats: int) -> list[list[int]]:
+    """Per class, its seat classes left to right (benchmark.yaml `class_parts`; 0 = empty)."""
+    parts: list[list[int]] = [[]]
+    for _ in range(n_seats):
+        parts = [p + [s] for p in parts for s in range(len(SEAT_CLASSES))]
+    return parts
+
+
+def seat_mirror(n_seats: int) -> list[int]:
+    """benchmark.yaml `mirror_classes`: a left-right mirrored interior swaps the seats (left <-> right)."""
+    return [joint_label(p[::-1]) for p in seat_parts(n_seats)]
+
+
 def joint_label(seats: list[int]) -> int:
     """Per-seat classes (left to right) -> one class index in 0..4**n-1."""
     out = 0
@@ -214,6 +227,7 @@ def build_sviro(src: Path, out: Path, name: str, options: dict[str, Any], illumi
         domains=[DomainSpec(v, "source" if v == source else "target" if v == target else "auxiliary",
                             f"{info.title}: {v}", labelled=True) for v in vehicles],
         classes=seat_class_names(n_seats), dataset=info.name,
+        mirror_classes=seat_mirror(n_seats), class_parts=seat_parts(n_seats),
         description=f"{info.title} from {src}; {dropped} images with empty infant/child seats removed (A.1.2)",
     )
 
@@ -266,7 +280,7 @@ def build_ticam(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
     spec = BenchmarkSpec(
         name=name, tasks=["classification"], source=domain, target=domain, image_size=size, channels=1,
         domains=[DomainSpec(domain, "target", "TICaM real grey frames (A.1.5 pre-processing)", labelled=True)],
-        classes=seat_class_names(2), dataset="ticam",
+        classes=seat_class_names(2), dataset="ticam", mirror_classes=seat_mirror(2), class_parts=seat_parts(2),
         description=f"TICaM from {src}: equalize={eq}, crop={list(crop)}, size={size}, flips={flips}",
     )
 
@@ -277,7 +291,7 @@ def build_ticam(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
                          label=joint_label([left, right]), scene_id=k, variation=0)
             if flips:  # mirrored: the left seat becomes the right one
                 yield Sample(id=f"{split}-{f.stem}-flip", domain=domain, split=split,
-                             image=np.ascontiguousarray(img[:, ::-1]), label=joint_label([right, left]),
+                             image=np.ascontiguousarray(img[:, ::-1]), label=seat_mirror(2)[joint_label([left, right])],
                              scene_id=k, variation=1)
 
     return write_benchmark(out, spec, samples())

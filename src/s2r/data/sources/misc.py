@@ -6,9 +6,13 @@ synthetic renders (``train/<class>/*.png``) as the synthetic domain. Real images
 official Python pickles of CIFAR-10 and CIFAR-100. Class sources (an assumption where the paper is silent:
 "car" and "truck" are not CIFAR-100 classes): airplane/car/horse/truck <- CIFAR-10 airplane, automobile,
 horse, truck; bicycle/bus/motorcycle/train <- CIFAR-100 fine classes of those names; person <- CIFAR-100
-baby, boy, girl, man, woman. Per class (paper 4, Section 3.3): 500 real train and 50 real val images from
-the CIFAR train pickles, 50 real test images from the CIFAR test pickles. Synthetic images are resized to
-CIFAR's 32x32 and split by hash (their val/test splits exist only because every s2r domain has them).
+baby, boy, girl, man, woman. Per class (paper 4, Section 3.3): 500 real train, 50 val and 50 test images.
+CIFAR-100 has exactly 500 train and 100 test images per class, so 500 + 50 cannot both come from its train
+pickle: by default (`val_from: test`) train is the class's 500 train-pickle images and val / test are the first
+and second 50 of its test-pickle images (the paper does not say how it split; this is the only split that fits
+CIFAR-100's sizes without dropping training images). `val_from: train` takes val from the train pickle instead
+(fits CIFAR-10 classes only; with CIFAR-100 classes it needs `real_train` <= 450). Synthetic images are resized
+to CIFAR's 32x32 and split by hash (their val/test splits exist only because every s2r domain has them).
 
 TriFinger (paper 3, Dittadi et al. 2021). The paper describes 1M simulated and 1,809 real annotated images
 with 7 factors (Table 1: upper, middle, lower joint 30 values each, cube x and y 30, cube rotation 10, cube
@@ -58,6 +62,7 @@ cifar-100-python/train, test, meta""",
     papers=["mixing-ratio-mrgan"], doc="cifar_da",
     options={"variant": "'da4' or 'da9' [da4]", "real_train": "real train images per class [500]",
              "real_val": "[50]", "real_test": "[50]",
+             "val_from": "'test' (val = test pickle images before the test ones) or 'train' [test]",
              "synthetic_per_class": "at most this many renders per class [all]",
              "image_size": "[32]", "seed": "[0]"},
 )
@@ -101,6 +106,11 @@ def build_cifar_da(src: Path, out: Path, name: str, options: dict[str, Any]) -> 
         raise DataError(f"option 'variant': {variant!r} must be 'da4' or 'da9'")
     classes = DA4 if variant == "da4" else DA9
     n = {s: int(option(options, f"real_{s}", d, int)) for s, d in (("train", 500), ("val", 50), ("test", 50))}
+    val_from = option(options, "val_from", "test", str)
+    if val_from not in ("test", "train"):
+        raise DataError(f"option 'val_from': {val_from!r} must be 'test' or 'train'")
+    need = {"train": n["train"] + (n["val"] if val_from == "train" else 0),
+            "test": n["test"] + (n["val"] if val_from == "test" else 0)}
     syn_max = option(options, "synthetic_per_class", None, int)
     size = int(option(options, "image_size", 32, int))
     seed = int(option(options, "seed", 0, int))
@@ -129,9 +139,10 @@ def build_cifar_da(src: Path, out: Path, name: str, options: dict[str, Any]) -> 
             ids = [fine.index(x) for x in CIFAR100[c]]
             pools[c]["train"] = [im for im, y in zip(*tr100) if y in ids]
             pools[c]["test"] = [im for im, y in zip(*te100) if y in ids]
-        if len(pools[c]["train"]) < n["train"] + n["val"] or len(pools[c]["test"]) < n["test"]:
+        if len(pools[c]["train"]) < need["train"] or len(pools[c]["test"]) < need["test"]:
             raise DataError(f"{src}: CIFAR has {len(pools[c]['train'])} train / {len(pools[c]['test'])} test images "
-                            f"of class {c!r}; need {n['train'] + n['val']} / {n['test']}")
+                            f"of class {c!r}; need {need['train']} / {need['test']} (real_train {n['train']}, "
+                            f"real_val {n['val']} from the {val_from} pickle, real_test {n['test']})")
     syn: list[tuple[str, Path, int]] = []
     for k, c in enumerate(classes):
         folder = visda / VISDA_NAMES.get(c, c)
@@ -155,9 +166,13 @@ def build_cifar_da(src: Path, out: Path, name: str, options: dict[str, Any]) -> 
             yield Sample(id=f"syn-{classes[k]}-{p.stem}", domain="synthetic", split=split,
                          image=resize(read_image(p, "RGB"), size), label=k)
         for k, c in enumerate(classes):
-            train = pools[c]["train"]
-            parts = {"train": train[: n["train"]], "val": train[n["train"] : n["train"] + n["val"]],
-                     "test": pools[c]["test"][: n["test"]]}
+            train, test = pools[c]["train"], pools[c]["test"]
+            if val_from == "test":  # val = the first real_val test-pickle images, test = the next real_test
+                parts = {"train": train[: n["train"]], "val": test[: n["val"]],
+                         "test": test[n["val"] : n["val"] + n["test"]]}
+            else:
+                parts = {"train": train[: n["train"]], "val": train[n["train"] : n["train"] + n["val"]],
+                         "test": test[: n["test"]]}
             for split in SPLITS:
                 for j, im in enumerate(parts[split]):
                     yield Sample(id=f"real-{c}-{split}-{j}", domain="real", split=split, image=resize(im, size),
@@ -222,8 +237,18 @@ def build_trifinger(src: Path, out: Path, name: str, options: dict[str, Any]) ->
 # fixtures
 
 
-def cifar_da_fixture(root: Path, per_class: int = 8, renders: int = 12) -> Path:
-    """Tiny CIFAR-10/100 pickles (the official dict keys) and a VisDA train/<class>/ folder."""
+CIFAR10_COUNTS = (5000, 1000)  # real images per class in CIFAR-10's train / test pickles
+CIFAR100_COUNTS = (500, 100)  # ... and in CIFAR-100's (the binding sizes for CIFAR-DA)
+
+
+def cifar_da_fixture(root: Path, counts10: tuple[int, int] = CIFAR10_COUNTS,
+                     counts100: tuple[int, int] = CIFAR100_COUNTS, renders: int = 12) -> Path:
+    """CIFAR-10/100 pickles (the official dict keys) at the real per-class counts, and a VisDA train/<class>/ folder.
+
+    Only the classes CIFAR-DA reads get images (CIFAR-10: airplane, automobile, horse, truck; CIFAR-100: the nine
+    fine classes), each at the real dataset's per-class count, so a recipe that asks for more than the real data
+    holds fails on the stand-in as it would on the download. Images are noise.
+    """
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -237,17 +262,18 @@ def cifar_da_fixture(root: Path, per_class: int = 8, renders: int = 12) -> Path:
         with open(path, "wb") as f:
             pickle.dump({b"data": data, key: labels}, f)
 
-    for i in range(1, 6):
-        dump(c10 / f"data_batch_{i}", [k % 10 for k in range(10 * per_class // 5 + 10)], b"labels")
-    dump(c10 / "test_batch", [k % 10 for k in range(10 * per_class)], b"labels")
+    used10 = [CIFAR10_NAMES.index(x) for c in CIFAR10 for x in CIFAR10[c]]
+    for i in range(1, 6):  # the train images of each class spread over the five batches, as in the release
+        dump(c10 / f"data_batch_{i}", [y for y in used10 for _ in range(counts10[0] // 5)], b"labels")
+    dump(c10 / "test_batch", [y for y in used10 for _ in range(counts10[1])], b"labels")
     fine = [f"class{k}" for k in range(100)]
     for k, nm in enumerate(["bicycle", "bus", "motorcycle", "train", "baby", "boy", "girl", "man", "woman"]):
         fine[8 + k * 9] = nm
     with open(c100 / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [s.encode() for s in fine]}, f)
     wanted = [fine.index(x) for x in ["bicycle", "bus", "motorcycle", "train", "baby", "boy", "girl", "man", "woman"]]
-    dump(c100 / "train", [wanted[k % len(wanted)] for k in range(len(wanted) * per_class)], b"fine_labels")
-    dump(c100 / "test", [wanted[k % len(wanted)] for k in range(len(wanted) * per_class)], b"fine_labels")
+    dump(c100 / "train", [y for _ in range(counts100[0]) for y in wanted], b"fine_labels")
+    dump(c100 / "test", [y for _ in range(counts100[1]) for y in wanted], b"fine_labels")
     for c in DA9:
         d = root / "visda" / "train" / VISDA_NAMES.get(c, c)
         d.mkdir(parents=True, exist_ok=True)
