@@ -186,7 +186,7 @@ def _pg_start(team_dir: Path, host: str, port: int, password: str) -> None:
         _run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"]),
              f"starting PostgreSQL on {host}:{port} (port busy?)", log)
     deadline = time.monotonic() + 60
-    while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", str(pg), "-p", str(port), "-d", "postgres"]).returncode != 0:
+    while not _pg_ready(bindir, pg, port):
         if time.monotonic() > deadline:
             raise TeamError(f"PostgreSQL does not accept connections in {pg}\n{_tail(log)}")
         time.sleep(0.3)
@@ -202,6 +202,11 @@ def _pg_start(team_dir: Path, host: str, port: int, password: str) -> None:
     for db in (DB_MLFLOW, DB_OPTUNA):
         if sql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
             sql(f"CREATE DATABASE {db} OWNER {ROLE}")
+
+
+def _pg_ready(bindir: Path, socket_dir: Path, port: int) -> bool:
+    cmd = [str(bindir / "pg_isready"), "-q", "-h", str(socket_dir), "-p", str(port), "-d", "postgres"]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def _write_as_owner(path: Path, text: str) -> None:
@@ -376,8 +381,7 @@ def status(team_dir: Path) -> dict[str, Any]:
         return {"dir": str(team_dir), "up": False}
     local = f"http://{_url_host(state.host if state.host not in ('0.0.0.0', '::') else LOOPBACK)}:{state.mlflow_port}"
     bindir = pg_bindir()
-    pg_ok = bool(bindir) and subprocess.run(
-        [str(bindir / "pg_isready"), "-q", "-h", str(team_dir / "pg"), "-p", str(state.pg_port), "-d", "postgres"]).returncode == 0
+    pg_ok = bindir is not None and _pg_ready(bindir, team_dir / "pg", state.pg_port)
     ml_ok = _alive(state.mlflow_pid) and _healthy(local)
     return {"dir": str(team_dir), "up": pg_ok and ml_ok, "postgresql": pg_ok, "mlflow": ml_ok,
             "listening": f"{state.host} (ports {state.pg_port}, {state.mlflow_port})",
