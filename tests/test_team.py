@@ -1,8 +1,9 @@
 """The team setup end to end: `s2r team up` on 127.0.0.1, a DVC remote, two tuning workers in two working
 directories (as two machines), one killed mid-trial, `s2r team down`.
 
-Marked `postgres`: it needs PostgreSQL binaries (Debian package `postgresql`; `.ci/run` installs them through
-tests/services/postgres.sh) and starts its own throwaway cluster and MLflow server on free ports.
+The end-to-end test is marked `postgres`: it needs PostgreSQL binaries (Debian package `postgresql`; `.ci/run`
+installs them through tests/services/postgres.sh) and starts its own throwaway cluster and MLflow server on
+free ports.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import yaml
 
 from s2r import team
 
-pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.skipif(team.pg_bindir() is None and not os.environ.get("S2R_TEST_POSTGRES_URL"),
-                       reason="no PostgreSQL binaries (tests/services/postgres.sh installs them; .ci/run runs it)"),
-]
+requires_postgres = pytest.mark.skipif(
+    team.pg_bindir() is None and not os.environ.get("S2R_TEST_POSTGRES_URL"),
+    reason="no PostgreSQL binaries (tests/services/postgres.sh installs them; .ci/run runs it)")
 
 STUDY = "teamtest"
 N_TRIALS = 3
@@ -72,6 +71,8 @@ def _tail(p: Path, n: int = 40) -> str:
         return f"<{e}>"
 
 
+@pytest.mark.postgres
+@requires_postgres
 def test_team_two_machines_one_killed(tiny_prepared: Path, tiny_params_file: Path, tmp_path: Path) -> None:
     import mlflow
     import optuna
@@ -103,22 +104,11 @@ def test_team_two_machines_one_killed(tiny_prepared: Path, tiny_params_file: Pat
     up = [PY, "-m", "s2r.cli", "team", "up", "--dir", str(team_dir), "--pg-port", str(pg_port),
           "--mlflow-port", str(ml_port), "--mlflow-workers", "1"]
     workers: dict[str, subprocess.Popen] = {}
+    upp = None
     try:
-        # --- team up: both services on loopback only, the password in a private file --------------------------
-        r = subprocess.run(up, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, f"s2r team up failed\n{r.stdout}\n{r.stderr}\n{_tail(team_dir / 'mlflow.log')}"
-        printed = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line and line[0] != "#")
-        tracking, storage = printed["MLFLOW_TRACKING_URI"], printed["S2R_OPTUNA_STORAGE"]
-        assert tracking == f"http://127.0.0.1:{ml_port}"
-        password = (team_dir / "password").read_text().strip()
-        assert len(password) >= 24 and password in storage
-        for private in ("password", "team.json", "env"):
-            mode = (team_dir / private).stat().st_mode & 0o777
-            assert mode == 0o600, f"{private} has mode {oct(mode)}"
-        for port in (pg_port, ml_port):
-            assert team.listening_addresses(port) == ["127.0.0.1"], (
-                f"port {port} listens on {team.listening_addresses(port)}, expected loopback only")
-
+        # --- team up, in the background while DVC works ------------------------------------------------------
+        up_out = open(tmp_path / "team-up.out", "w+")
+        upp = subprocess.Popen(up, env=env, stdout=up_out, stderr=subprocess.STDOUT, text=True)
         # --- DVC: machine A prepares the data and pushes it; machine B pulls it (no regeneration) -------------
         remote = tmp_path / "dvc-remote"
         a, b = tmp_path / "machine-a", tmp_path / "machine-b"
@@ -138,6 +128,28 @@ def test_team_two_machines_one_killed(tiny_prepared: Path, tiny_params_file: Pat
         assert not (b / "data" / "prepared" / "tiny").exists()
         _dvc("pull", "-q", cwd=b, env=env)
         assert _same_tree(tiny_prepared, b / "data" / "prepared" / "tiny"), "dvc pull did not restore the data"
+
+        # --- team up done: both services on loopback only, the password in a private file --------------------
+        try:
+            rc_up = upp.wait(timeout=300)
+        finally:
+            if upp.poll() is None:
+                upp.kill()
+        up_out.seek(0)
+        up_text = up_out.read()
+        up_out.close()
+        assert rc_up == 0, f"s2r team up failed\n{up_text}\n{_tail(team_dir / 'mlflow.log')}"
+        printed = dict(line.split("=", 1) for line in up_text.splitlines() if "=" in line and line[0] != "#")
+        tracking, storage = printed["MLFLOW_TRACKING_URI"], printed["S2R_OPTUNA_STORAGE"]
+        assert tracking == f"http://127.0.0.1:{ml_port}"
+        password = (team_dir / "password").read_text().strip()
+        assert len(password) >= 24 and password in storage
+        for private in ("password", "team.json", "env"):
+            mode = (team_dir / private).stat().st_mode & 0o777
+            assert mode == 0o600, f"{private} has mode {oct(mode)}"
+        for port in (pg_port, ml_port):
+            assert team.listening_addresses(port) == ["127.0.0.1"], (
+                f"port {port} listens on {team.listening_addresses(port)}, expected loopback only")
 
         # --- two workers of one study, one per "machine"; A is killed in the middle of a trial -----------------
         name = f"s2r-teamtest-{uuid.uuid4().hex[:10]}"
@@ -247,6 +259,9 @@ def test_team_two_machines_one_killed(tiny_prepared: Path, tiny_params_file: Pat
         # the artifacts live on the server's disk (DIR/artifacts), nowhere in the workers' folders
         assert any((team_dir / "artifacts").rglob("best.yaml"))
     finally:
+        if upp is not None and upp.poll() is None:
+            upp.kill()
+            upp.wait(timeout=30)
         for p in workers.values():
             if p.poll() is None:
                 p.kill()
@@ -296,3 +311,43 @@ def test_worker_command_line_round_trips() -> None:
     assert {k: again[k] for k in ("study", "storage", "grace_period", "restart")} == {
         "study": "s", "storage": "postgresql+psycopg2://u@h/d", "grace_period": 7, "restart": False}
     assert json.dumps(again, default=str)
+
+
+def test_tune_workers_launches_processes_of_one_study(tmp_path: Path, tiny_prepared: Path,
+                                                      tiny_params_file: Path) -> None:
+    """`s2r tune --workers 2` (journal storage, one machine): two worker processes, one parent run, own seeds."""
+    import mlflow
+    import optuna
+
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    raw["studies"] = {"w": {
+        "method": "mixing", "objectives": [{"metric": "val_accuracy", "direction": "maximize"}],
+        "search_space": {"methods.mixing.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}},
+        "sampler": "random", "pruner": "none", "n_trials": 4, "seed": 0}}
+    tiny_params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    db = f"sqlite:///{tmp_path / 'ml.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | {"MLFLOW_TRACKING_URI": db}
+    out = tmp_path / "out"
+    r = subprocess.run([PY, "-m", "s2r.cli", "tune", "--study", "w", "--data", str(tiny_prepared), "--params",
+                        str(tiny_params_file), "--out", str(out), "--workers", "2"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    logs = "\n".join(f"--- {p.name}:\n{_tail(p)}" for p in sorted((out / "workers").glob("*.log")))
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{logs}"
+    assert "worker 0: pid" in r.stdout and "worker 1: pid" in r.stdout and "n_complete=" in r.stdout, r.stdout
+    for i in (0, 1):  # each worker ran the study to its end (worker 1 joined with --resume)
+        assert "n_complete=" in (out / "workers" / f"worker-{i}.log").read_text(), logs
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="w", storage=JournalStorage(JournalFileBackend(str(out / "journal.log"))))
+    ts = study.get_trials()
+    assert sum(t.state.name == "COMPLETE" for t in ts) >= 4, logs
+    drawn = [t.params["methods.mixing.lr"] for t in ts]
+    assert len(set(drawn)) == len(drawn), f"workers drew the same points (same sampler seed?): {drawn}"
+    mlflow.set_tracking_uri(db)
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.study = 'w' and tags.stage = 'tune'")
+    assert len(parents) == 1, f"{len(parents)} parent runs"
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.optuna_study = 'w'")
+    assert runs and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
