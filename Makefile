@@ -32,7 +32,7 @@ test-postgres: env
 	  trap 'bash tests/services/postgres.sh stop' EXIT; \
 	  out=$$(bash tests/services/postgres.sh); url=$$(printf '%s\n' "$$out" | tail -n 1); \
 	fi; \
-	S2R_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest -q -m postgres tests/test_tune_postgres.py
+	S2R_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest -q -m postgres tests/test_tune_postgres.py tests/test_team.py
 
 lint: env
 	$(BIN)/ruff check src tests

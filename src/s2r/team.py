@@ -239,6 +239,11 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _local_uri(host: str, port: int) -> str:
+    """The server's URL from this machine (a wildcard bind is reached over loopback)."""
+    return f"http://{_url_host(LOOPBACK if host in ('0.0.0.0', '::') else host)}:{port}"
+
+
 def _healthy(uri: str, timeout: float = 2.0) -> bool:
     import urllib.request
 
@@ -275,7 +280,7 @@ def _mlflow_start(team_dir: Path, host: str, port: int, backend: str, artifacts:
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=team_dir, start_new_session=True)
-    uri = f"http://{_url_host(host if host not in ('0.0.0.0', '::') else LOOPBACK)}:{port}"
+    uri = _local_uri(host, port)
     deadline = time.monotonic() + 180  # first start creates MLflow's tables in PostgreSQL
     while not _healthy(uri):
         if proc.poll() is not None:
@@ -332,9 +337,8 @@ def up(team_dir: Path, *, host: str = LOOPBACK, pg_port: int = 54330, mlflow_por
     if os.geteuid() == 0:
         os.chmod(team_dir, 0o711)  # postgres must traverse it to reach DIR/pg; nobody may list it
     old = TeamState.load(team_dir)
-    if old and _alive(old.mlflow_pid) and _healthy(old.mlflow_tracking_uri.replace(
-            _url_host(old.advertised_host), _url_host(old.host if old.host not in ("0.0.0.0", "::") else LOOPBACK))):
-        return old
+    if old and _alive(old.mlflow_pid) and _healthy(_local_uri(old.host, old.mlflow_port)):
+        return old  # already up: the same URLs
     password = _password(team_dir)
     _pg_start(team_dir, host, pg_port, password)
     art = artifacts or str(team_dir / "artifacts")
@@ -379,7 +383,7 @@ def status(team_dir: Path) -> dict[str, Any]:
     state = TeamState.load(team_dir)
     if state is None:
         return {"dir": str(team_dir), "up": False}
-    local = f"http://{_url_host(state.host if state.host not in ('0.0.0.0', '::') else LOOPBACK)}:{state.mlflow_port}"
+    local = _local_uri(state.host, state.mlflow_port)
     bindir = pg_bindir()
     pg_ok = bindir is not None and _pg_ready(bindir, team_dir / "pg", state.pg_port)
     ml_ok = _alive(state.mlflow_pid) and _healthy(local)
