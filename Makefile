@@ -24,7 +24,7 @@ run: env
 test: env
 	$(BIN)/python -m pytest -q
 
-# Only the PostgreSQL-storage tuning test, against a throwaway server (tests/services/postgres.sh; installs
+# Only the PostgreSQL tests (tuning storage; the team setup of tests/test_team.py starts its own server), against a throwaway server (tests/services/postgres.sh; installs
 # PostgreSQL from Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is.
 test-postgres: env
 	@set -e; url="$$S2R_TEST_POSTGRES_URL"; \
