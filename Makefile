@@ -24,8 +24,9 @@ run: env
 test: env
 	$(BIN)/python -m pytest -q
 
-# Only the PostgreSQL tests (tuning storage; the team setup of tests/test_team.py starts its own server), against a throwaway server (tests/services/postgres.sh; installs
-# PostgreSQL from Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is.
+# Only the PostgreSQL tests, against a throwaway server (tests/services/postgres.sh; installs PostgreSQL from
+# Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is. tests/test_team.py
+# starts its own cluster and MLflow server (s2r team up) with those binaries.
 test-postgres: env
 	@set -e; url="$$S2R_TEST_POSTGRES_URL"; \
 	if [ -z "$$url" ]; then \
