@@ -44,7 +44,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from conftest import tiny_params_dict, tiny_samples, tiny_spec
-
     from s2r.data.benchmark import write_benchmark
     from s2r.data.prepared import prepare
 
@@ -77,10 +76,13 @@ def main() -> None:
             for n in args.workers if rep % 2 == 0 else reversed(args.workers):
                 name = f"measure-w{n}-{uuid.uuid4().hex[:8]}"
                 t0 = time.perf_counter()
-                subprocess.run([*cli, "tune", "--study", "measure", "--data", str(prepared), "--storage",
-                                urls["S2R_OPTUNA_STORAGE"], "--study-name", name, "--workers", str(n)],
-                               cwd=work, env=env, check=True, capture_output=True)
+                r = subprocess.run([*cli, "tune", "--study", "measure", "--data", str(prepared), "--storage",
+                                    urls["S2R_OPTUNA_STORAGE"], "--study-name", name, "--workers", str(n)],
+                                   cwd=work, env=env, capture_output=True, text=True)
                 sec = time.perf_counter() - t0
+                if r.returncode != 0:
+                    logs = "".join(p.read_text()[-3000:] for p in (work / "data/tuning/measure/workers").glob("*"))
+                    sys.exit(f"s2r tune --workers {n} failed:\n{r.stdout}\n{r.stderr}\n{logs}")
                 res = {"workers": n, "trials": args.trials, "seconds": round(sec, 1), "repeat": rep,
                        "load_before": os.getloadavg()[0]}
                 print(json.dumps(res), flush=True)
