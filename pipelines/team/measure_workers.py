@@ -75,6 +75,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for n in args.workers if rep % 2 == 0 else reversed(args.workers):
                 name = f"measure-w{n}-{uuid.uuid4().hex[:8]}"
+                load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 r = subprocess.run([*cli, "tune", "--study", "measure", "--data", str(prepared), "--storage",
                                     urls["S2R_OPTUNA_STORAGE"], "--study-name", name, "--workers", str(n)],
@@ -83,17 +84,26 @@ def main() -> None:
                 if r.returncode != 0:
                     logs = "".join(p.read_text()[-3000:] for p in (work / "data/tuning/measure/workers").glob("*"))
                     sys.exit(f"s2r tune --workers {n} failed:\n{r.stdout}\n{r.stderr}\n{logs}")
-                res = {"workers": n, "trials": args.trials, "seconds": round(sec, 1), "repeat": rep,
-                       "load_before": os.getloadavg()[0]}
+                import optuna
+
+                trials = optuna.load_study(study_name=name, storage=urls["S2R_OPTUNA_STORAGE"]).get_trials()
+                done = [t for t in trials if t.datetime_complete is not None]
+                # the trial phase: first trial's start to last trial's end (no process start-up, no final plots)
+                span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+                res = {"workers": n, "trials": len(done), "seconds": round(sec, 1),
+                       "trial_phase_seconds": round(span.total_seconds(), 1), "repeat": rep,
+                       "load_before": round(load, 1)}
                 print(json.dumps(res), flush=True)
                 results.append(res)
     finally:
         subprocess.run([*cli, "team", "down", *team], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    best = {n: min(r["seconds"] for r in results if r["workers"] == n) for n in args.workers}
-    base = best[args.workers[0]]
-    print(json.dumps({"cores": len(os.sched_getaffinity(0)), "best_seconds": best,
-                      "speedup_vs_first": {n: round(base / s, 2) for n, s in best.items()}}))
+    summary: dict[str, object] = {"cores": len(os.sched_getaffinity(0))}
+    for key in ("seconds", "trial_phase_seconds"):
+        best = {n: min(r[key] for r in results if r["workers"] == n) for n in args.workers}
+        summary[f"best_{key}"] = best
+        summary[f"speedup_{key}"] = {n: round(best[args.workers[0]] / s, 2) for n, s in best.items()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
