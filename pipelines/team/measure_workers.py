@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="steps per epoch of one trial (2 epochs)")
     args = ap.parse_args()
 
+    import optuna
+
     from conftest import tiny_params_dict, tiny_samples, tiny_spec
     from s2r.data.benchmark import write_benchmark
     from s2r.data.prepared import prepare
@@ -84,8 +86,6 @@ def main() -> None:
                 if r.returncode != 0:
                     logs = "".join(p.read_text()[-3000:] for p in (work / "data/tuning/measure/workers").glob("*"))
                     sys.exit(f"s2r tune --workers {n} failed:\n{r.stdout}\n{r.stderr}\n{logs}")
-                import optuna
-
                 trials = optuna.load_study(study_name=name, storage=urls["S2R_OPTUNA_STORAGE"]).get_trials()
                 done = [t for t in trials if t.datetime_complete is not None]
                 # the trial phase: first trial's start to last trial's end (no process start-up, no final plots)
