@@ -327,6 +327,8 @@ def test_tune_workers_launches_processes_of_one_study(tmp_path: Path, tiny_prepa
     tiny_params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     db = f"sqlite:///{tmp_path / 'ml.db'}"
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"} | {"MLFLOW_TRACKING_URI": db}
+    src = str(Path(team.__file__).resolve().parents[1])  # this checkout's package, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([src, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     out = tmp_path / "out"
     r = subprocess.run([PY, "-m", "s2r.cli", "tune", "--study", "w", "--data", str(tiny_prepared), "--params",
                         str(tiny_params_file), "--out", str(out), "--workers", "2"], env=env, cwd=tmp_path,
