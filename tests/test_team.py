@@ -313,6 +313,7 @@ def test_worker_command_line_round_trips() -> None:
     assert json.dumps(again, default=str)
 
 
+@pytest.mark.slow  # three processes importing torch + MLflow: ~15 s on a quiet 2-core machine, ~50 s loaded
 def test_tune_workers_launches_processes_of_one_study(tmp_path: Path, tiny_prepared: Path,
                                                       tiny_params_file: Path) -> None:
     """`s2r tune --workers 2` (journal storage, one machine): two worker processes, one parent run, own seeds."""
