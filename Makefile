@@ -24,15 +24,16 @@ run: env
 test: env
 	$(BIN)/python -m pytest -q
 
-# Only the PostgreSQL-storage tuning test, against a throwaway server (tests/services/postgres.sh; installs
-# PostgreSQL from Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is.
+# Only the PostgreSQL tests, against a throwaway server (tests/services/postgres.sh; installs PostgreSQL from
+# Debian packages if needed), stopped afterwards. A set S2R_TEST_POSTGRES_URL is used as is. tests/test_team.py
+# starts its own cluster and MLflow server (s2r team up) with those binaries.
 test-postgres: env
 	@set -e; url="$$S2R_TEST_POSTGRES_URL"; \
 	if [ -z "$$url" ]; then \
 	  trap 'bash tests/services/postgres.sh stop' EXIT; \
 	  out=$$(bash tests/services/postgres.sh); url=$$(printf '%s\n' "$$out" | tail -n 1); \
 	fi; \
-	S2R_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest -q -m postgres tests/test_tune_postgres.py
+	S2R_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest -q -m postgres tests/test_tune_postgres.py tests/test_team.py
 
 lint: env
 	$(BIN)/ruff check src tests

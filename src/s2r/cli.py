@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from s2r import team
+
 PARAMS_OPT = click.option("--params", "params_path", default="params.yaml", show_default=True,
                           type=click.Path(dir_okay=False), help="The params file to read.")
 
@@ -683,6 +685,7 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
               help="Retries of a trial whose worker died (the retry keeps its parameters).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [data/tuning/STUDY].")
 @PARAMS_OPT
+@team.worker_options  # --workers / --gpus / --workers-per-gpu: launch worker processes (s2r/team.py)
 def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | None, study_name: str | None,
              resume: bool, restart: bool, heartbeat_interval: int, grace_period: int, max_retry: int,
              out_dir: str | None, params_path: str) -> None:
@@ -767,6 +770,9 @@ def dvc_deps_cmd(kind: str, evaluator: str, check: tuple[str, ...]) -> None:
         sys.exit(1 if problems else 0)
     for f in codegraph.dvc_deps(kind, evaluator):
         click.echo(f"- {f}")
+
+
+main.add_command(team.team_cli)  # s2r team up/down/status (s2r/team.py)
 
 
 if __name__ == "__main__":

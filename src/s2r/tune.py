@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class TuneOptions:
 def build_sampler(spec: StudySpec) -> Any:
     """The sampler named in the spec, seeded."""
     import optuna
+
+    # workers sharing a study must not draw the same points: worker k (`S2R_WORKER`, set by `s2r tune --workers`)
+    spec = replace(spec, seed=spec.seed + int(os.environ.get("S2R_WORKER", "0")))
 
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
