@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict, tiny_samples, tiny_spec
-from s2r.config import ScenesParams, TrainParams, parse_params
+from s2r.config import ScenesParams, TrainParams
 from s2r.data.benchmark import write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.methods import registry
+from s2r.params import parse_params
 from s2r.train import fit, load_checkpoint
 from standin_device import STANDIN, DeviceTensor, HostDeviceError, standin
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict
-from s2r.config import ConfigError, TrainParams, parse_params
+from s2r.config import ConfigError, TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import registry
+from s2r.params import parse_params
 from s2r.train import LossSums, NonFiniteLossError, apply_train_options, fit, load_checkpoint, pin_batch, torch_settings
 
 
@@ -245,7 +246,7 @@ def test_train_run_has_dataset_input_and_system_metrics(tiny_prepared: Path, tin
     import mlflow
 
     from s2r import stages
-    from s2r.config import load_params
+    from s2r.params import load_params
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     params = load_params(tiny_params_file, {"tracking.log_model": False, "tracking.log_every": 1})

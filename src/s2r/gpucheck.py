@@ -82,9 +82,10 @@ def patch_benchmark(root: Path, size: int, n: int = 48, seed: int = 0) -> Path:
 
 def cut_method(data: Path, patch: int, device: torch.device, amp: torch.dtype | None, batch: int = 40,
                **overrides: Any) -> Any:
-    from s2r.config import from_dict, load_params
+    from s2r.config import from_dict
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import cut
+    from s2r.params import load_params
 
     raw = vars(load_params(_params_path()).methods["cut"]) | CUT_DEFAULT_NETS | {"patch_size": patch,
                                                                                 "batch_size": batch} | overrides
@@ -187,7 +188,7 @@ def _params_path() -> str:
 def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda") -> Any:
     """params.yaml shrunk for the check: 2 epochs of `steps` steps, GAN pretraining and last-K windows that fit,
     small generated benchmarks, bf16 on CUDA, runs in experiment s2r-gpu-check."""
-    from s2r.config import load_params
+    from s2r.params import load_params
 
     base = load_params(_params_path())
     over: dict[str, Any] = {
