@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from s2r import health
 from s2r.config import Params
 from s2r.data.benchmark import DataError
 
@@ -147,6 +148,8 @@ def train(
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch)
         final = result.history[-1] if result.history else {}
+        verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
+        run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
         model = method.export_model()
         out = Path(out)
         save_checkpoint(out / "model.pt", {
@@ -165,7 +168,7 @@ def train(
             "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
             "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
             "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-            "mlflow_run_id": run.run_id,
+            "mlflow_run_id": run.run_id, **verdict,
         }
         if metrics_out:
             write_json(Path(metrics_out), summary)

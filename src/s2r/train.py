@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2r import health
 from s2r.config import TrainParams
 from s2r.methods.base import Method
 from s2r.tracking import TrackedRun
@@ -154,6 +155,7 @@ def fit(
             result.seconds_validate += time.perf_counter() - tv
             metrics = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | val
             metrics["lr"] = _first_lr(method)
+            metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
             result.history.append({"epoch": epoch, **metrics})
             sums = {}
             if run is not None:

@@ -608,6 +608,22 @@ class Method(BaseMethod):
         t = self.elbo_terms(self.val_images)
         return {f"val_{k}": v for k, v in t.items()} | {"val_loss": t["recon"] + self.cfg.beta * t["kl"]}
 
+    def health_signals(self) -> dict[str, float]:
+        """Posterior collapse (s2r.health.active_units): latent dims with mean KL > 0.01 nats on val images."""
+        from s2r import health
+
+        mu, lv = self.vae.encoder(self.to_input(self.val_images))
+        return health.active_units(mu.float().cpu(), lv.float().cpu())
+
+    def health_checks(self) -> list[Any]:
+        """Collapsed with fewer active latent dims than the benchmark has factors of variation (or latent dims)."""
+        from s2r import health
+
+        need = min(len(self.factor_names), self.cfg.latent_dim)
+        return [health.Check(health.PREFIX + "active_units", "<", need,
+                             "posterior collapse: {value:g} active latent dims (KL > 0.01 nats), fewer than the "
+                             f"{len(self.factor_names)} factors of variation")]
+
     # -- capabilities -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -713,6 +713,26 @@ class Method(BaseMethod):
                 out[f"val_{tag}_miou"] = sm["miou"]
         return out
 
+    def health_signals(self) -> dict[str, float]:
+        """s2r.health: single-class masks of the heads on real val images; stage vae: active latent channels."""
+        from s2r import health
+
+        rv = self.real_val
+        ri = _spread(len(rv), self.cfg.val_images)
+        if self.heads is None:
+            lat = self._predict_encoder()(self._t(rv.images[ri]))
+            return health.active_units(lat.mu.float().cpu(), lat.logvar.float().cpu())
+        truth = None if rv.masks is None else np.asarray(rv.masks[ri])
+        return health.class_usage(self.predict(rv.images[ri])["mask"], len(self.seg_classes), truth, IGNORE)
+
+    def health_checks(self) -> list[Any]:
+        from s2r import health
+
+        if self.heads is None:
+            return [health.Check(health.PREFIX + "active_units", "<", 1,
+                                 "posterior collapse: no active latent channel (KL > 0.01 nats) on real val")]
+        return [health.single_class_check("segmentation masks")]
+
     def example_input(self) -> np.ndarray:
         return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
 
