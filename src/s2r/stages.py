@@ -271,7 +271,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
 REPORT_COLUMNS = {
     "classification": ["accuracy", "balanced_accuracy"],
     "latent": ["knn_accuracy", "rf_accuracy", "svm_accuracy"],
-    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"],
+    "depth_segmentation": ["abs_rel", "rmse", "a1", "miou", "miou_majority_class", "pixel_accuracy"],
     "segmentation_lastk": ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"],
     "disentanglement": ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"],
 }
