@@ -99,7 +99,7 @@ class Config:
     logvar_bias_init: float = -1.0
     leaky_slope: float = 0.02
     batch_size: int = 32
-    epochs: int = 6
+    epochs: int = 30
     steps_per_epoch: int = 50
     lr: float = 1e-3  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
     lr_milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # 150k, 300k of 400k

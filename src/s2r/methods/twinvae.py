@@ -91,23 +91,23 @@ class Config:
     mid_blocks: int = 2
     latent_channels: int = 64
     pack_d: int = 8  # 3D-conv filters of packing / unpacking (PackNet's d)
-    init_std: float = 0.02  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
+    init_std: float = 0.1  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
     logvar_bias_init: float = 0.0  # initial bias of the log-variance conv (0: unit posterior noise at init)
     # stage 1 weights (Eq. 10; the paper sums with weight 1)
-    w_kl: float = 1.0  # Eq. 2-3 (KL + Gaussian NLL)
+    w_kl: float = 0.01  # Eq. 2-3 (KL + Gaussian NLL; paper 1)
     w_mse: float = 1.0  # Eq. 4-5
     w_mmd: float = 1.0  # Eq. 6-7
     w_cycle: float = 1.0  # Eq. 8-9
     mmd_sigma2_per_dim: float = 1.0  # kernel sigma^2 = this * latent dimension
     # stage 2 / baseline weights (Eq. 17 and 20)
-    w_kl2: float = 1.0  # Eq. 11-12
+    w_kl2: float = 0.01  # Eq. 11-12 (paper 1)
     w_mmd2: float = 1.0  # Eq. 13-14
     w_depth: float = 1.0  # Eq. 15-16
     w_seg: float = 1.0  # Eq. 18-19
     train_vae_in_heads: bool = True  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
     depth_max: float = 4.0  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
     inference_sample: bool = False  # sample z at inference too (else the posterior mean: deterministic)
-    seg_weighting: Literal["none", "median_frequency"] = "none"  # Eq. 18-19 plain CE, or class-balanced CE
+    seg_weighting: Literal["none", "median_frequency"] = "median_frequency"  # Eq. 18-19 plain CE, or class-balanced CE
     lr: float = 1.0e-4
     beta1: float = 0.9
     beta2: float = 0.999
