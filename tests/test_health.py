@@ -206,7 +206,8 @@ def test_verdicts_over_seeds_metrics_json_and_readme(tmp_path: Path) -> None:
     # a table pipeline's per-seed runs CSV feeds its claim
     t = tmp_path / "data" / "tables" / "ae"
     t.mkdir(parents=True)
-    (t / "table10_runs.csv").write_text("model,seed,knn\nAE,0,0.5\nAE,1,0.52\nII-E-TAE,0,0.4\nII-E-TAE,1,0.41\n")
+    (t / "table10_runs.csv").write_text("model,seed,knn_accuracy\nAE,0,0.5\nAE,1,0.52\n"
+                                        "II-E-TAE,0,0.4\nII-E-TAE,1,0.41\n")
     rows = {r["key"]: r for r in verdicts.verdicts(m, root=tmp_path)}
     assert rows["paper1.table10.ii_e_tae_vs_ae"]["verdict"] == "disagrees"
     js = verdicts.metrics_json(list(rows.values()))
