@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 run: env
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
-	$(BIN)/s2r report
+	$(BIN)/s2r report --readme README.md   # also rewrites README's generated results block (paper verdicts)
 
 test: env
 	$(BIN)/python -m pytest -q

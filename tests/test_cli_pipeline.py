@@ -49,8 +49,11 @@ def test_dvc_stages_call_cli_and_name_existing_params() -> None:
         assert do["cmd"].startswith("s2r "), name
         items = stage["foreach"] if isinstance(stage.get("foreach"), list) else list(stage.get("foreach", {"": 0}))
         for item in items:
+            fields = stage["foreach"][item] if isinstance(stage.get("foreach"), dict) else {}
             for p in do.get("params", []):
                 key = p.replace("${item}", str(item)).replace("${key}", str(item))
+                for f, v in (fields.items() if isinstance(fields, dict) else []):  # ${item.method} of dict items
+                    key = key.replace("${item." + f + "}", str(v))
                 assert key in keys, f"stage {name}: params key {key!r} not in params.yaml"
         assert "mlruns" not in str(do.get("outs", [])), name
 

@@ -186,8 +186,8 @@ def _dense_method(depth: np.ndarray, masks: np.ndarray, pred_depth: np.ndarray, 
 def _params(**kw: object):
     from types import SimpleNamespace
 
-    s = {"classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0, "panels": 2,
-         "depth_average": "images", "miou": "all_classes"} | kw
+    s = {"classes": [], "depth_classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0,
+         "panels": 2, "depth_average": "images", "miou": "all_classes"} | kw
     return SimpleNamespace(reports=SimpleNamespace(depth_segmentation=SimpleNamespace(**s)))
 
 
@@ -230,3 +230,24 @@ def test_evaluator_split_without_any_depth_or_mask(tmp_path) -> None:
     assert r["miou"] is None and r["pixel_accuracy"] is None and r["seg_pixels"] == 0
     assert r["abs_rel"] == pytest.approx(0.8)  # |1 - 5| / 5
     json.dumps(r, allow_nan=False)  # strict JSON (null, never NaN) for DVC metrics
+
+
+def test_evaluator_depth_on_object_pixels_and_majority_reference(tmp_path) -> None:
+    """depth_classes scores depth only on those classes' pixels; miou_majority_class is the mIoU of predicting the
+    most frequent true class everywhere (the reference a segmenter must beat). Known values."""
+    from s2r.data.benchmark import DataError
+    from s2r.evaluators.depth_segmentation import evaluate
+
+    depth = np.full((1, 2, 2), 10.0, np.float32)
+    depth[0, 1, 1] = 2.0
+    masks = np.array([[[0, 0], [0, 2]]], np.uint8)  # three road pixels, one car pixel
+    pred_depth = np.full((1, 2, 2), 10.0, np.float32)  # right on the road, 4 m off on the car
+    pred_mask = np.zeros((1, 2, 2), np.int64)
+    m = _dense_method(depth, masks, pred_depth, pred_mask)
+    assert evaluate(m, _Run(), None, _params())["abs_rel"] == pytest.approx((0 + 0 + 0 + 4.0) / 4)
+    r = evaluate(m, _Run(), None, _params(depth_classes=["car"]))
+    assert r["abs_rel"] == pytest.approx(4.0) and r["depth_valid_pixels"] == 1 and r["depth_classes"] == ["car"]
+    assert r["miou_majority_class"] == pytest.approx((3 / 4 + 0) / 2)  # road IoU 3/4, car 0; sky absent
+    assert r["miou"] == pytest.approx(r["miou_majority_class"])  # this prediction IS the majority predictor
+    with pytest.raises(DataError, match="depth_classes"):
+        evaluate(m, _Run(), None, _params(depth_classes=["boat"]))

@@ -547,14 +547,19 @@ def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path:
 
 @main.command("report")
 @click.option("--metrics-dir", default="data/metrics", show_default=True, type=click.Path(file_okay=False))
-def report_cmd(metrics_dir: str) -> None:
-    """Print the results table of every evaluated method.
+@click.option("--verdicts", "verdicts_out", type=click.Path(dir_okay=False),
+              help="Also write the paper verdicts as a metrics JSON (dvc metrics show).")
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False),
+              help="Rewrite the generated results block of this README (between the s2r:verdicts markers).")
+def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None) -> None:
+    """Print the results table of every evaluated method (COLLAPSED models marked) and the paper verdicts.
 
-    Example: s2r report
+    Example: s2r report --verdicts data/metrics/verdicts.json --readme README.md
     """
     from s2r import stages
 
-    click.echo(stages.report(Path(metrics_dir)))
+    click.echo(stages.report(Path(metrics_dir), verdicts_out=Path(verdicts_out) if verdicts_out else None,
+                             readme=Path(readme) if readme else None))
 
 
 @main.command("benchmark")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from s2r import health
 from s2r.config import Params
 from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
@@ -143,6 +144,8 @@ def _train(
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
                      log_every=params.tracking.log_every)
         final = result.history[-1] if result.history else {}
+        verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
+        run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
         model = method.export_model()
         out = Path(out)
         save_trained(out, method_name, method, params.seed, run.run_id)
@@ -158,7 +161,7 @@ def _train(
             "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
             "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
             "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-            "mlflow_run_id": run.run_id,
+            "mlflow_run_id": run.run_id, **verdict,
         }
         if metrics_out:
             write_json(Path(metrics_out), summary)
@@ -348,7 +351,8 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
         metrics = evaluator.evaluate(method, run, plots_out, params)
-        result = {"method": method_name, "evaluator": evaluator_name, "domain": data.spec.target, "split": "test",
+        result = {"method": method_name, "seed": saved["seed"], "evaluator": evaluator_name,
+                  "domain": data.spec.target, "split": "test",
                   **metrics,
                   "train_run_id": saved["mlflow_run_id"], "mlflow_run_id": run.run_id}
         write_json(Path(out), result)
@@ -366,16 +370,29 @@ def report_columns(evaluator: str) -> list[str] | None:
     return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
 
 
-def report(metrics_dir: Path) -> str:
-    """A short results table per evaluator of every evaluate.json under metrics_dir (missing values: n/a)."""
+def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | None = None) -> str:
+    """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
+
+    A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
+    COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
+    `readme`: rewrite its generated results block (s2r.verdicts).
+    """
+    from s2r import verdicts
+
     groups: dict[tuple[str, ...], list[str]] = {}
-    for p in sorted(Path(metrics_dir).glob("*/evaluate.json")):
+    for p in sorted(Path(metrics_dir).rglob("evaluate.json")):
         m = json.loads(p.read_text())
         cols = report_columns(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
         if cols is None:  # an evaluator without declared columns: its first top-level numbers
             cols = [k for k, v in m.items() if isinstance(v, float)][:5]
-        cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]
-        row = f"{p.parent.name:<20} {str(m.get('domain', '?')):<12} " + " ".join(f"{c:>14}" for c in cells)
+        train_path = p.parent / "train.json"
+        reasons = health.reasons_for(json.loads(train_path.read_text()) if train_path.is_file() else None, m)
+        name = str(p.parent.relative_to(metrics_dir))
+        if reasons:
+            row = f"{name:<20} {str(m.get('domain', '?')):<12} COLLAPSED: " + "; ".join(reasons)
+        else:
+            cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]
+            row = f"{name:<20} {str(m.get('domain', '?')):<12} " + " ".join(f"{c:>14}" for c in cells)
         groups.setdefault(tuple(cols), []).append(row)
     if not groups:
         return f"no results yet under {metrics_dir} (run `dvc repro`)"
@@ -383,6 +400,12 @@ def report(metrics_dir: Path) -> str:
     for cols, rows in groups.items():
         head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in cols)
         lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
+    rows_v = verdicts.verdicts(Path(metrics_dir))
+    lines += ["", "Paper verdicts (mean ± sample std over the seeds that ran; s2r.verdicts)", verdicts.text(rows_v)]
+    if verdicts_out:
+        write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
+    if readme:
+        verdicts.rewrite_readme(Path(readme), verdicts.markdown(rows_v))
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r import health
 from s2r.config import TrainParams
 from s2r.files import atomic_path
 from s2r.methods.base import Method
@@ -406,6 +407,7 @@ def fit(
                 result.seconds_validate += time.perf_counter() - tv
                 metrics = {f"train_{k}": v / max(n, 1) for k, v in train_sums.items()} | val
                 metrics["lr"] = _first_lr(method)
+                metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
                 result.history.append({"epoch": epoch, **metrics})
                 sums = LossSums()
                 if run is not None:

@@ -23,7 +23,7 @@ from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "pixel_accuracy"]
+REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "miou_majority_class", "pixel_accuracy"]
 
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
@@ -129,8 +129,14 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     if unknown:
         raise DataError(f"params.yaml: key 'reports.depth_segmentation.classes': {unknown} not in the benchmark's "
                         f"seg_classes {classes}")
+    unknown = [c for c in s.depth_classes if c not in classes]
+    if unknown:
+        raise DataError(f"params.yaml: key 'reports.depth_segmentation.depth_classes': {unknown} not in the "
+                        f"benchmark's seg_classes {classes}")
     pred = method.predict(test.images)
     truth_d, truth_m = np.asarray(test.depth), np.asarray(test.masks)
+    if s.depth_classes:  # depth scored where it varies between images (e.g. the objects), other pixels invalid
+        truth_d = np.where(np.isin(truth_m, [classes.index(c) for c in s.depth_classes]), truth_d, 0.0)
     # Images may carry only one of the labels (KITTI: sparse-LiDAR depth frames have an all-255 mask, the 200
     # semantic images all-0 depth): each metric uses the images that have its label, only their valid pixels.
     has_d, has_m = labelled_images(truth_d, truth_m, s.min_depth, s.max_depth)
@@ -143,8 +149,14 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     cm = confusion(truth_m[has_m], pred["mask"][has_m], len(classes), ignore_index=IGNORE)
     sm = (subset_metrics(cm, classes, keep, s.miou) if keep != classes
           else metrics_from_confusion(cm, classes, s.miou))
+    # the reference a segmenter must beat: the test split's majority class predicted on every pixel
+    majority = np.zeros_like(cm)
+    majority[:, int(np.argmax(cm.sum(1)))] = cm.sum(1)
+    sm_major = (subset_metrics(majority, classes, keep, s.miou) if keep != classes
+                else metrics_from_confusion(majority, classes, s.miou))
     if not has_m.any():  # no labelled pixel: mIoU / accuracy are absent (null), not 0
         sm = {**sm, "miou": None, "pixel_accuracy": None}
+        sm_major = {**sm_major, "miou": None}
     flat = {f"test_{k}": dm[k] for k in depth_keys} | {"test_miou": sm["miou"],
                                                        "test_pixel_accuracy": sm["pixel_accuracy"]}
     flat = {k: v for k, v in flat.items() if v is not None}
@@ -160,7 +172,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     plt.close(fig)
     return {
         **{k: dm[k] for k in depth_keys}, "miou": sm["miou"], "pixel_accuracy": sm["pixel_accuracy"],
-        "per_class_iou": sm["per_class_iou"], "depth_valid_pixels": dm["valid_pixels"],
+        "per_class_iou": sm["per_class_iou"], "miou_majority_class": sm_major["miou"],
+        "depth_classes": list(s.depth_classes), "depth_valid_pixels": dm["valid_pixels"],
         "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
         "depth_average": s.depth_average, "miou_convention": s.miou,
         "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),

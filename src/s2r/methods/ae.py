@@ -754,6 +754,19 @@ class Method(BaseMethod):
     def example_input(self) -> np.ndarray:
         return to_float(np.asarray(self.data.get(self.target, "val").images[:2]), torch.device("cpu")).numpy()
 
+    def health_signals(self) -> dict[str, float]:
+        """s2r.health: spread of the latent codes of real val images (a collapsed encoder maps all to one point)."""
+        if not self.data.has(self.target, "val"):
+            return {}
+        z = self.encode_split(self.target, "val")
+        return {"latent_std": float(np.asarray(z, np.float64).std(0).mean())}
+
+    def health_checks(self) -> list[Any]:
+        from s2r import health
+
+        return [health.Check(health.PREFIX + "latent_std", "<", 1e-4,
+                             "constant latent codes (mean per-dim std {value:.2g} on real val)")]
+
     def export_model(self) -> nn.Module:
         return EncoderModule(self.extractor, self.encoder, self.cfg.latent_dim)
 

@@ -171,6 +171,14 @@ class Method(nn.Module):
     def validate(self) -> dict[str, float]:
         return {}
 
+    def health_signals(self) -> dict[str, float]:
+        """Signals of this method's failure modes on validation data (s2r.health), computed once per epoch."""
+        return {}
+
+    def health_checks(self) -> list[Any]:
+        """The s2r.health.Check list whose failure marks a trained model COLLAPSED (plus frozen losses)."""
+        return []
+
     def example_input(self) -> np.ndarray:
         """A small input for MLflow's model signature."""
         raise NotImplementedError

@@ -110,7 +110,7 @@ class Config:
     logvar_bias_init: float = -1.0
     leaky_slope: float = 0.02
     batch_size: int = 32
-    epochs: int = 6
+    epochs: int = 30
     steps_per_epoch: int = 50
     lr: float = 1e-3  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
     lr_milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # 150k, 300k of 400k
@@ -679,6 +679,22 @@ class Method(BaseMethod):
         """val_elbo (the study objective), val_recon, val_kl on source-domain validation images."""
         t = self.elbo_terms(self.val_images)
         return {f"val_{k}": v for k, v in t.items()} | {"val_loss": t["recon"] + self.cfg.beta * t["kl"]}
+
+    def health_signals(self) -> dict[str, float]:
+        """Posterior collapse (s2r.health.active_units): latent dims with mean KL > 0.01 nats on val images."""
+        from s2r import health
+
+        mu, lv = self.vae.encoder(self.to_input(self.val_images))
+        return health.active_units(mu.float().cpu(), lv.float().cpu())
+
+    def health_checks(self) -> list[Any]:
+        """Collapsed with fewer active latent dims than the benchmark has factors of variation (or latent dims)."""
+        from s2r import health
+
+        need = min(len(self.factor_names), self.cfg.latent_dim)
+        return [health.Check(health.PREFIX + "active_units", "<", need,
+                             "posterior collapse: {value:g} active latent dims (KL > 0.01 nats), fewer than the "
+                             f"{len(self.factor_names)} factors of variation")]
 
     # -- capabilities -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -654,6 +654,12 @@ class Method(BaseMethod):
     def example_input(self) -> np.ndarray:
         return to_float(self.a_val.images[:2], torch.device("cpu")).numpy()
 
+    def health_checks(self) -> list[Any]:
+        """s2r.health: a discriminator that wins or loses outright (epoch means of D(real) and D(fake))."""
+        from s2r import health
+
+        return list(health.GAN_CHECKS)
+
     def export_model(self) -> nn.Module:
         """The A -> B refiner with [0, 1] images in and out."""
         return Refiner(self.g_ab)

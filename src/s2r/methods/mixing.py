@@ -221,6 +221,18 @@ class Method(BaseMethod):
         nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
         return {"val_accuracy": float((p.argmax(1) == y).mean()), "val_loss": nll}
 
+    def health_signals(self) -> dict[str, float]:
+        """s2r.health: classes predicted on the real validation split (a constant classifier uses one)."""
+        from s2r import health
+
+        return health.class_usage(self.predict(self.real_val.images).argmax(1), len(self.classes),
+                                  self.real_val.labels)
+
+    def health_checks(self) -> list[Any]:
+        from s2r import health
+
+        return [health.single_class_check("class predictions")]
+
     def example_input(self) -> np.ndarray:
         return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
 

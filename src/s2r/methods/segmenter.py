@@ -258,6 +258,19 @@ class Method(BaseMethod):
         return out | lastk_summary(hist[:, 0], self.cfg.last_k, "val_miou") | \
             lastk_summary(hist[:, 1], self.cfg.last_k, "test_miou")
 
+    def health_signals(self) -> dict[str, float]:
+        """s2r.health: classes predicted on (up to 64) target validation images."""
+        from s2r import health
+
+        n = min(self.cfg.eval_images or len(self.val), 64)
+        return health.class_usage(self.predict(np.asarray(self.val.images[:n])), len(self.classes),
+                                  np.asarray(self.val.masks[:n]), 255)
+
+    def health_checks(self) -> list[Any]:
+        from s2r import health
+
+        return [health.single_class_check("segmentation masks")]
+
     def example_input(self) -> np.ndarray:
         return to_float(self.val.images[:2], torch.device("cpu")).numpy()
 

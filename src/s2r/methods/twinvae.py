@@ -100,21 +100,23 @@ class Config:
     latent_channels: int = 32
     pack_d: int = 4  # 3D-conv filters of packing / unpacking (PackNet's d)
     shared_decoder_weights: int = 3  # "the first three weights of each decoder are shared" (Section 3.2); 1 = Table 2
-    init_std: float = 0.02  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
+    init_std: float = 0.1  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
+    logvar_bias_init: float = 0.0  # initial bias of the log-variance conv (0: unit posterior noise at init)
     # stage 1 weights (Eq. 10; the paper sums with weight 1)
-    w_kl: float = 1.0  # Eq. 2-3 (KL + Gaussian NLL)
+    w_kl: float = 0.01  # Eq. 2-3 (KL + Gaussian NLL; paper 1)
     w_mse: float = 1.0  # Eq. 4-5
     w_mmd: float = 1.0  # Eq. 6-7
     w_cycle: float = 1.0  # Eq. 8-9
     mmd_sigma2_per_dim: float = 1.0  # kernel sigma^2 = this * latent dimension
     # stage 2 / baseline weights (Eq. 17 and 20)
-    w_kl2: float = 1.0  # Eq. 11-12
+    w_kl2: float = 0.01  # Eq. 11-12 (paper 1)
     w_mmd2: float = 1.0  # Eq. 13-14
     w_depth: float = 1.0  # Eq. 15-16
     w_seg: float = 1.0  # Eq. 18-19
     train_vae_in_heads: bool = True  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
     depth_max: float = 4.0  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
     inference_sample: bool = True  # Section 3: z is sampled in every forward pass; false = the posterior mean
+    seg_weighting: Literal["none", "median_frequency"] = "median_frequency"  # Eq. 18-19 plain CE, or class-balanced CE
     lr: float = 1.0e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -320,6 +322,7 @@ class TwinVAE(nn.Module):
         self.dec_r = Decoder(shared_dec, PrivateDecoder(channels, cfg, tanh=True))
         self.dec_s = Decoder(shared_dec, PrivateDecoder(channels, cfg, tanh=True))
         gaussian_init(self, cfg.init_std)
+        init_logvar(shared_enc, cfg.logvar_bias_init)
 
 
 class Heads(nn.Module):
@@ -342,6 +345,14 @@ def gaussian_init(module: nn.Module, std: float) -> None:
         elif isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d)) and m.affine:
             nn.init.normal_(m.weight, 1.0, std)
             nn.init.zeros_(m.bias)
+
+
+def init_logvar(shared: SharedEncoder, bias: float) -> None:
+    """Start the posterior with variance exp(bias): with N(0, 0.02) weights mu is ~0.1 at init, and unit noise
+    (bias 0) would hide it from the decoders and heads for the first hundreds of steps (paper 3's custom
+    log-variance init, Table 3, does the same for its VAEs)."""
+    with torch.no_grad():
+        shared.logvar.bias.fill_(bias)
 
 
 # -- losses --------------------------------------------------------------------------------------------------
@@ -383,13 +394,29 @@ def depth_loss(pred_n: torch.Tensor, depth_m: torch.Tensor, depth_max: float) ->
     return (err * valid).sum() / valid.sum().clamp(min=1)
 
 
-def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def median_frequency_weights(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """Median frequency balancing (Eigen & Fergus 2015): w_c = median_c'(f_c') / f_c over the classes present in
+    the labelled training masks (f_c = pixel share of class c, 255 ignored); absent classes get weight 0."""
+    counts = np.zeros(num_classes, np.float64)
+    for i in range(0, len(masks), 256):  # chunks: memory-mapped masks stay out of RAM
+        m = np.asarray(masks[i : i + 256]).ravel()
+        counts += np.bincount(m[m != IGNORE].astype(np.int64), minlength=num_classes)[:num_classes]
+    freq = counts / max(counts.sum(), 1.0)
+    present = freq > 0
+    if not present.any():
+        return np.ones(num_classes, np.float32)
+    w = np.zeros(num_classes)
+    w[present] = np.median(freq[present]) / freq[present]
+    return w.astype(np.float32)
+
+
+def seg_loss(logits: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 18-19: pixel-wise cross-entropy of the K logits against class ids (mean over labelled pixels).
 
     A batch without any labelled pixel (e.g. KITTI depth frames, whose masks are all 255) gives 0, not NaN
     (F.cross_entropy's mean is 0/0 there), like depth_loss on a batch without valid depth.
     """
-    ce = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
+    ce = F.cross_entropy(logits.float(), masks, weight=weight, ignore_index=IGNORE, reduction="sum")
     return ce / (masks != IGNORE).sum().clamp(min=1)
 
 
@@ -477,12 +504,17 @@ class Method(BaseMethod):
             self.encoder = Encoder(PrivateEncoder(channels, cfg), SharedEncoder(cfg.pack_channels[-1],
                                                                                  cfg.latent_channels))
             gaussian_init(self.encoder, cfg.init_std)
+            init_logvar(self.encoder.shared, cfg.logvar_bias_init)
             self.pools["sup"] = IndexPool(np.arange(len(self.sup)))
         else:
             self.twin = TwinVAE(channels, cfg)
         if cfg.stage != "vae":
             self.heads = Heads(len(self.seg_classes), cfg)
         self.initialised = cfg.stage != "heads"  # stage 2 needs stage 1's weights (init_from)
+        self.seg_weight: torch.Tensor | None = None  # class weights of the CE (seg_weighting), from the train masks
+        if cfg.seg_weighting == "median_frequency" and cfg.stage != "vae":
+            labelled = self.sup if cfg.stage == "supervised" else self.sim
+            self.seg_weight = torch.from_numpy(median_frequency_weights(labelled.masks, len(self.seg_classes)))
         self.init_info: dict[str, str] = {}
 
     def trained_tasks(self) -> list[str]:
@@ -615,12 +647,17 @@ class Method(BaseMethod):
             "mmd_r2s": mmd(ls2.z, lr_.z, self.sigma2),  # Eq. 14
             "depth_s": depth_loss(d_s, depth, c.depth_max),  # Eq. 15: G_D(E_S(x_S))
             "depth_r": depth_loss(d_r2, depth, c.depth_max),  # Eq. 16: G_D(E_R(x'_R))
-            "seg_s": seg_loss(g_s, masks),  # Eq. 18
-            "seg_r": seg_loss(g_r2, masks),  # Eq. 19
+            "seg_s": seg_loss(g_s, masks, self._seg_weight()),  # Eq. 18
+            "seg_r": seg_loss(g_r2, masks, self._seg_weight()),  # Eq. 19
         }
         out["loss"] = (c.w_kl2 * (out["kl_r2d"] + out["kl_s2d"]) + c.w_mmd2 * (out["mmd_s2r"] + out["mmd_r2s"])
                        + c.w_depth * (out["depth_s"] + out["depth_r"]) + c.w_seg * (out["seg_s"] + out["seg_r"]))
         return out
+
+    def _seg_weight(self) -> torch.Tensor | None:
+        if self.seg_weight is not None and self.seg_weight.device != self.device:
+            self.seg_weight = self.seg_weight.to(self.device)
+        return self.seg_weight
 
     def supervised_losses(self, x: torch.Tensor, depth: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Baselines: the same encoder (KL as Eq. 12, no decoder) and heads on one domain's labels."""
@@ -630,7 +667,7 @@ class Method(BaseMethod):
             lat = e(x)
             d, g = h.depth(lat.z), h.seg(lat.z)
         out = {"kl": kl_normal(lat.mu, lat.logvar), "depth": depth_loss(d, depth, c.depth_max),
-               "seg": seg_loss(g, masks)}
+               "seg": seg_loss(g, masks, self._seg_weight())}
         out["loss"] = c.w_kl2 * out["kl"] + c.w_depth * out["depth"] + c.w_seg * out["seg"]
         return out
 
@@ -755,6 +792,26 @@ class Method(BaseMethod):
                 sm = segmentation_metrics(truth_m, p["mask"], self.seg_classes, ignore_index=IGNORE)
                 out[f"val_{tag}_miou"] = sm["miou"]
         return out
+
+    def health_signals(self) -> dict[str, float]:
+        """s2r.health: single-class masks of the heads on real val images; stage vae: active latent channels."""
+        from s2r import health
+
+        rv = self.real_val
+        ri = _spread(len(rv), self.cfg.val_images)
+        if self.heads is None:
+            lat = self._predict_encoder()(self._t(rv.images[ri]))
+            return health.active_units(lat.mu.float().cpu(), lat.logvar.float().cpu())
+        truth = None if rv.masks is None else np.asarray(rv.masks[ri])
+        return health.class_usage(self.predict(rv.images[ri])["mask"], len(self.seg_classes), truth, IGNORE)
+
+    def health_checks(self) -> list[Any]:
+        from s2r import health
+
+        if self.heads is None:
+            return [health.Check(health.PREFIX + "active_units", "<", 1,
+                                 "posterior collapse: no active latent channel (KL > 0.01 nats) on real val")]
+        return [health.single_class_check("segmentation masks")]
 
     def example_input(self) -> np.ndarray:
         return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
