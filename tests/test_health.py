@@ -13,7 +13,7 @@ import yaml
 
 from conftest import tiny_params_dict
 from s2r import health, verdicts
-from s2r.config import load_params
+from s2r.params import load_params
 
 
 @pytest.fixture(scope="module")
