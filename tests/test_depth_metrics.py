@@ -247,7 +247,8 @@ def test_evaluator_depth_on_object_pixels_and_majority_reference(tmp_path) -> No
     assert evaluate(m, _Run(), None, _params())["abs_rel"] == pytest.approx((0 + 0 + 0 + 4.0) / 4)
     r = evaluate(m, _Run(), None, _params(depth_classes=["car"]))
     assert r["abs_rel"] == pytest.approx(4.0) and r["depth_valid_pixels"] == 1 and r["depth_classes"] == ["car"]
-    assert r["miou_majority_class"] == pytest.approx((3 / 4 + 0) / 2)  # road IoU 3/4, car 0; sky absent
+    # road IoU 3/4, car 0, sky absent: 0 as well under the default all_classes convention (CSAIL eval)
+    assert r["miou_majority_class"] == pytest.approx((3 / 4 + 0 + 0) / 3)
     assert r["miou"] == pytest.approx(r["miou_majority_class"])  # this prediction IS the majority predictor
     with pytest.raises(DataError, match="depth_classes"):
         evaluate(m, _Run(), None, _params(depth_classes=["boat"]))

@@ -43,6 +43,7 @@ def train_params(**kw: Any) -> TrainParams:
 
 def float_loop(m: Any, epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
     """The loop before issue 19: every loss turned into a Python float (a GPU sync) each step."""
+    m.before_training()  # as fit does: work that draws its own batches (GAN pretraining) comes first
     it, history = m.batches(), []
     m.train()
     for _ in range(epochs):
@@ -62,7 +63,7 @@ def float_loop(m: Any, epochs: int, steps_per_epoch: int) -> list[dict[str, floa
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_device_sums_equal_the_per_step_float_loop(name: str, prefetch: int, tiny_prepared: Path,
                                                    tmp_path: Path) -> None:
-    """Bit-identical per-epoch train_* means (cyclegan mixes tensors with Python numbers and phases)."""
+    """Bit-identical per-epoch train_* means (cyclegan: G updates averaged on the device, pretraining first)."""
     ref = float_loop(make(name, tiny_prepared), 2, 3)
     out = fit(make(name, tiny_prepared), train=train_params(prefetch=prefetch), epochs=2, steps_per_epoch=3,
               ckpt_dir=tmp_path)
@@ -255,7 +256,9 @@ def test_train_run_has_dataset_input_and_system_metrics(tiny_prepared: Path, tin
     client = mlflow.MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])
     (inp,) = run.inputs.dataset_inputs
-    assert inp.dataset.digest == data.data_version[:36] and str(tiny_prepared.resolve()) in inp.dataset.source
+    # MLflow keeps one dataset per (name, digest) in an experiment: the source is the first folder that held this
+    # data version (another test's copy of the same tiny benchmark), so only its form is checked here
+    assert inp.dataset.digest == data.data_version[:36] and json.loads(inp.dataset.source)["uri"].endswith("prepared")
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     profile = json.loads(inp.dataset.profile)
     assert profile["data_version"] == data.data_version

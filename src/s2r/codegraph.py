@@ -22,12 +22,12 @@ PACKAGE = "s2r"
 
 # Layers, lowest first: a module may import its own layer or a lower one, never a higher one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("helpers", ("s2r.files", "s2r.figures", "s2r.config")),
+    ("helpers", ("s2r.files", "s2r.figures", "s2r.config", "s2r.health")),
     ("data", ("s2r.data", "s2r.tracking")),
     ("models", ("s2r.methods", "s2r.evaluators")),
-    ("running", ("s2r.params", "s2r.train", "s2r.stages")),
+    ("running", ("s2r.params", "s2r.train", "s2r.stages", "s2r.verdicts")),
     ("applications", ("s2r.tables", "s2r.tune", "s2r.team", "s2r.registry", "s2r.bench", "s2r.recipes",
-                      "s2r.codegraph")),
+                      "s2r.codegraph", "s2r.gpucheck")),
     ("cli", ("s2r.cli", "s2r.__main__")),
 ]
 REGISTRY = "s2r.methods.registry"

@@ -322,7 +322,7 @@ class DepthSegmentationParams:
     """Paper 2's evaluation (s2r.evaluators.depth_segmentation): depth metric settings and the scored classes."""
 
     classes: list[str] = field(default_factory=list)  # seg_classes to score ([] = all of the benchmark's)
-    depth_classes: list[str] = field(default_factory=list)  # depth scored on these classes' pixels ([] = all)
+    depth_classes: list[str] = field(default_factory=lambda: ["cube", "sphere", "cylinder", "cone"])  # [] = all pixels
     median_scaling: bool = False  # per-image median scaling of predicted depth (scale-ambiguous models)
     min_depth: float = 1.0e-3  # metres; truth below is invalid, predictions are clipped up to it
     max_depth: float = 0.0  # metres; truth above is invalid, predictions clipped to it (0 = no cap)

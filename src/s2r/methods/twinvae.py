@@ -121,7 +121,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.999
     batch_size: int = 8
-    epochs: int = 4
+    epochs: int = 6
     steps_per_epoch: int = 20
     val_images: int = 32  # validation subset per domain (per-epoch monitoring)
 
