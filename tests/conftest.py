@@ -53,15 +53,26 @@ def _no_leaked_torch_state() -> Iterator[None]:
         pytest.fail(f"the test left torch's process-global settings changed (before, after): {changed}")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread for the test (tiny convolutions; a shared 2-core CPU), restored afterwards."""
+def _one_torch_thread() -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny convolutions; a shared 2-core CPU), restored afterwards."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """The same for a whole module: `pytestmark = pytest.mark.usefixtures("one_thread_module")`. Tiny tensors gain
+    nothing from threads, and OpenMP spin-waits cost seconds per step on a busy 2-core machine."""
+    yield from _one_torch_thread()
 
 
 def tiny_spec(classes: int = 3, size: int = 8) -> BenchmarkSpec:

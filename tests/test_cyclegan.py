@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,7 @@ TINY = dict(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epoch
             pretrain_g_steps=0, pretrain_d_steps=0, real_per_class=-1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """8x8 tensors gain nothing from threads, and OpenMP spin-waits cost seconds per step on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make(prepared: Path, seed: int = 0, **kw) -> Method:

@@ -34,12 +34,7 @@ SLOW_DIGITS = ["ae_e_tae", "ae_vae"]  # the VGG extractor path takes ~30 s here:
 ON_SCENES = ["cut", "segmenter_synthetic", "twinvae", "twinvae_simonly", "betavae", "betavae_weak"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

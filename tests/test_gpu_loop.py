@@ -19,13 +19,7 @@ from s2r.methods import registry
 from s2r.params import parse_params
 from s2r.train import LossSums, NonFiniteLossError, apply_train_options, fit, load_checkpoint, pin_batch, torch_settings
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make(name: str, data: Path, steps: int = 6) -> Any:

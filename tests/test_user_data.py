@@ -4,7 +4,6 @@ folder of images + depth + masks through papers 2 (twin VAE) and 5 (CUT, segment
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,7 @@ from s2r.data.validation import validate_benchmark
 TINY = tiny_params_dict()["methods"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # -- continuous factors -------------------------------------------------------------------------------------------
