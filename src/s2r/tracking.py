@@ -519,10 +519,19 @@ class TrackedRun:
     def log_dataset(self, data: Any, context: str) -> None:
         """Record a prepared benchmark as an input of this run (context: training / evaluation / refine)."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         t = time.perf_counter()
-        mlflow.log_input(PreparedDataset(data).build(), context=context,
-                         tags={"data_version": data.data_version})
+        for attempt in range(3):
+            try:
+                mlflow.log_input(PreparedDataset(data).build(), context=context,
+                                 tags={"data_version": data.data_version})
+                break
+            except MlflowException as e:
+                # Workers of one study starting together insert the same (experiment, name, digest) dataset at
+                # once; the store keeps one and refuses the other: log again, it then links the existing one.
+                if "unique constraint" not in str(e).lower() or attempt == 2:
+                    raise
         self.log_seconds += time.perf_counter() - t
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
