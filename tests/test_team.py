@@ -26,6 +26,17 @@ import yaml
 
 from s2r import team
 
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri() -> object:
+    """These tests point mlflow at a team server or a private store; later tests must get the suite's store back
+    (a leaked URI of a stopped server makes every later MLflow call retry against it for minutes)."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
 # as tests/test_tune_postgres.py: runs where `.ci/run` / `make test-postgres` brought PostgreSQL up (which also
 # means its binaries are installed); this test starts a cluster of its own with them
 requires_postgres = pytest.mark.skipif(
