@@ -206,6 +206,10 @@ def tiny_params_dict() -> dict:
                                     feature_cache_dir="", ssim_win_size=3, rf_trees=5)
     raw["reports"]["ae_tables"].update(seeds=[0, 1], epochs=1, steps_per_epoch=2, scenes_epochs=1,
                                        scenes_steps_per_epoch=2, scenes_latent_dim=4, scenes_sources=["syn"])
+    # paper 1 baselines: the smallest of the three torchvision extractors (DenseNet-121, 8 M parameters; VGG-11's
+    # 4096-wide classifier would make every contract test of this block take a minute)
+    raw["methods"]["classifier"].update(extractor="densenet121", extractor_input_size=32, batch_size=4, epochs=1,
+                                        steps_per_epoch=2)
     return raw
 
 
