@@ -146,9 +146,7 @@ class Workers:
         self.file.unlink(missing_ok=True)
 
     def _beat(self) -> None:
-        tmp = self.file.with_name(self.file.name + ".tmp")
-        tmp.write_text(json.dumps(self.me | {"beat": round(time.time(), 1)}))
-        os.replace(tmp, self.file)
+        write_text(self.file, json.dumps(self.me | {"beat": round(time.time(), 1)}))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -49,6 +49,7 @@ from s2r.config import ConfigError
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
+from s2r.files import atomic_path
 from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
@@ -563,10 +564,8 @@ class Method(BaseMethod):
         feats = torch.cat(chunks)
         self._features[key] = feats
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(feats, tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                torch.save(feats, tmp)
         return feats
 
     # -- optimisation -----------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
+from s2r.files import atomic_path
 from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
@@ -570,10 +571,8 @@ class Method(BaseMethod):
                                               self.factor_sizes.get("hue", 12), self.factor_sizes, self.holdout,
                                               c.pool_seed, progress=True)
         if c.cache_dir:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, images=imgs, factors=facs, labels=labels)
-            tmp.replace(path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez keeps the name
+                np.savez(f, images=imgs, factors=facs, labels=labels)
         return imgs, facs, labels
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
