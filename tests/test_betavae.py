@@ -201,10 +201,26 @@ def test_train_steps_are_finite_and_deterministic(scenes_prepared: Path, supervi
     assert a[0]["beta"] < a[1]["beta"] <= 1.0  # linear warm-up
 
 
+def test_beta_is_scaled_to_the_paper_resolution(scenes_prepared: Path) -> None:
+    """beta_resolution 128: the KL weight per pixel of a 128 px image (x (size/128)^2); 0: beta as given."""
+    from s2r.data.prepared import PreparedBenchmark
+
+    assert bv.beta_scale(bv.Config(beta=4.0, image_size=32), 32) == pytest.approx(4.0 / 16)
+    assert bv.beta_scale(bv.Config(beta=4.0, beta_resolution=0), 32) == 4.0
+    assert bv.beta_scale(bv.Config(beta=4.0, beta_resolution=64), 64) == 4.0
+    m = bv.Method(small_cfg(beta=4.0, beta_resolution=32), PreparedBenchmark(scenes_prepared), 0)  # 16 px model
+    m.setup(torch.device("cpu"), None, 80)
+    m.step = 50  # past the warm-up
+    assert m.beta_now() == pytest.approx(1.0)
+    assert m.train_step(next(m.batches()))["beta"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="beta_resolution"):
+        bv.Config(beta_resolution=-1).validate()
+
+
 def test_schedule_warmup_and_halvings(scenes_prepared: Path) -> None:
     from s2r.data.prepared import PreparedBenchmark
 
-    m = bv.Method(small_cfg(beta=4.0, lr=1e-3), PreparedBenchmark(scenes_prepared), 0)
+    m = bv.Method(small_cfg(beta=4.0, lr=1e-3, beta_resolution=0), PreparedBenchmark(scenes_prepared), 0)
     m.setup(torch.device("cpu"), None, 80)
     m.step = 5
     assert m.beta_now() == pytest.approx(4.0 * 5 / 10)  # 0.125 of 80 steps

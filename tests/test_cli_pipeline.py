@@ -21,7 +21,7 @@ def test_help_lists_every_command_with_example() -> None:
         ["data", "generate"], ["data", "validate"], ["data", "prepare"], ["data", "import-folder"],
         ["data", "import-manifest"], ["train"], ["evaluate"], ["refine"], ["tune"],
         ["registry", "register"], ["registry", "list"], ["registry", "promote"], ["registry", "predict"],
-        ["report"], ["benchmark"], ["ui"],
+        ["report"], ["benchmark"], ["ui"], ["parallel"],
         ["tables"],
         ["tables", "mixing"],
         ["data", "add"], ["data", "sources"], ["data", "merge"], ["data", "fixture"], ["recipe"], ["recipe", "standin"],

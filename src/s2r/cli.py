@@ -707,6 +707,28 @@ def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | Non
     click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
 
 
+@main.command("parallel")
+@click.argument("commands", nargs=-1, required=True)
+@click.option("--jobs", "-j", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Commands run at once; 0 = one per CPU core (at most the number of commands).")
+def parallel_cmd(commands: tuple[str, ...], jobs: int) -> None:
+    """Run COMMANDS (each one quoted command line) side by side, the CPU cores split between them.
+
+    Each gets OMP_NUM_THREADS = cores // jobs; they start in the order given as slots free up (longest first);
+    output lines are prefixed [i]; the first failure stops the others and fails naming its command.
+
+    Example: s2r parallel "s2r train betavae --set seed=1 --data data/prepared/scenes --out data/models/b1"
+    "s2r train betavae_weak --set seed=1 --data data/prepared/scenes --out data/models/w1"
+    """
+    from s2r.parallel import ParallelError, run
+
+    try:
+        seconds = run(commands, jobs)
+    except ParallelError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"s2r parallel: {len(seconds)} commands done ({', '.join(f'{s:.0f} s' for s in seconds)})")
+
+
 @main.command("ui")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

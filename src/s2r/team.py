@@ -498,10 +498,9 @@ def cli_args(command: click.Command, params: dict[str, Any], skip: tuple[str, ..
 
 
 def worker_env(slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    t = str(slot.threads)
-    env |= {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "S2R_WORKER": str(slot.index),
-            "PYTHONUNBUFFERED": "1"}
+    from s2r.parallel import thread_env
+
+    env = thread_env(slot.threads, base) | {"S2R_WORKER": str(slot.index)}
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu
     return env

@@ -88,6 +88,7 @@ class Config:
 
     supervision: Literal["unsupervised", "weak"] = "unsupervised"
     beta: float = 1.0
+    beta_resolution: int = 128  # beta is the paper's value at this image size; 0 = beta as given (see beta_scale)
     latent_dim: int = 10
     k: int = 1  # factors that differ within a weakly supervised pair (paper: k = 1)
     pairs: Literal["auto", "render", "match"] = "auto"
@@ -111,7 +112,7 @@ class Config:
     logvar_bias_init: float = -1.0
     leaky_slope: float = 0.02
     batch_size: int = 32
-    epochs: int = 30
+    epochs: int = 10
     steps_per_epoch: int = 50
     lr: float = 1e-3  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
     lr_milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # 150k, 300k of 400k
@@ -124,6 +125,8 @@ class Config:
         p = "key 'methods.betavae"
         if self.beta < 0:
             raise ConfigError(f"{p}.beta' must be >= 0, got {self.beta}")
+        if self.beta_resolution < 0:
+            raise ConfigError(f"{p}.beta_resolution' must be >= 0 (0 = beta as given), got {self.beta_resolution}")
         if self.latent_dim < 1 or self.k < 1:
             raise ConfigError(f"{p}.latent_dim' and '.k' must be >= 1")
         if self.batch_size < 2 or self.epochs < 1 or self.steps_per_epoch < 1 or self.render_pairs < 1:
@@ -294,6 +297,19 @@ def ada_gvae_aggregate(mu1: torch.Tensor, lv1: torch.Tensor, mu2: torch.Tensor, 
     lv_avg = torch.log(0.5 * (lv1.exp() + lv2.exp()))
     return (torch.where(mask, mu_avg, mu1), torch.where(mask, lv_avg, lv1),
             torch.where(mask, mu_avg, mu2), torch.where(mask, lv_avg, lv2), mask)
+
+
+def beta_scale(cfg: Config, size: int) -> float:
+    """The KL weight the loss uses: beta x (size / beta_resolution)^2, or beta when beta_resolution is 0.
+
+    The paper's betas (1 ... 16) weigh the KL of a 128 px image, whose Bernoulli likelihood sums 16x more
+    subpixels than a 32 px one. The same beta at 32 px is therefore a 16x stronger bottleneck per pixel, and the
+    CPU demo's models collapsed onto 4-5 latent dims. Scaling beta with the number of pixels keeps the paper's
+    balance of KL against reconstruction: the normalised beta of Higgins et al. (2017, beta_norm = beta M / N).
+    """
+    if cfg.beta_resolution == 0:
+        return cfg.beta
+    return cfg.beta * (size / cfg.beta_resolution) ** 2
 
 
 def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -612,9 +628,9 @@ class Method(BaseMethod):
         return {"vae": torch.optim.lr_scheduler.MultiStepLR(self.optimizers["vae"], ms, self.cfg.lr_gamma)}
 
     def beta_now(self) -> float:
-        """Linear deterministic KL warm-up over the first warmup_fraction of the run."""
+        """Linear deterministic KL warm-up over the first warmup_fraction of the run, to beta_scale(cfg, size)."""
         warm = self.cfg.warmup_fraction * getattr(self, "total_steps", 1)
-        return self.cfg.beta * (1.0 if warm <= 0 else min(1.0, self.step / warm))
+        return beta_scale(self.cfg, self.size) * (1.0 if warm <= 0 else min(1.0, self.step / warm))
 
     def noisy(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -677,7 +693,8 @@ class Method(BaseMethod):
     def validate(self) -> dict[str, float]:
         """val_elbo (the study objective), val_recon, val_kl on source-domain validation images."""
         t = self.elbo_terms(self.val_images)
-        return {f"val_{k}": v for k, v in t.items()} | {"val_loss": t["recon"] + self.cfg.beta * t["kl"]}
+        loss = t["recon"] + beta_scale(self.cfg, self.size) * t["kl"]
+        return {f"val_{k}": v for k, v in t.items()} | {"val_loss": loss}
 
     def health_signals(self) -> dict[str, float]:
         """Posterior collapse (s2r.health.active_units): latent dims with mean KL > 0.01 nats on val images."""

@@ -1,0 +1,69 @@
+"""`s2r parallel`: commands side by side with the cores split, the first failure stops the rest."""
+
+from __future__ import annotations
+
+import io
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from s2r import parallel
+from s2r.cli import main
+
+
+def py(code: str) -> str:
+    return shlex.join([sys.executable, "-c", code])
+
+
+def test_commands_run_side_by_side_with_the_threads_split(tmp_path: Path) -> None:
+    """Each command waits for the other's file: they can only both finish when they run at the same time."""
+    wait_for = ("import os, pathlib, sys, time\n"
+                "d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).write_text(os.environ['OMP_NUM_THREADS'])\n"
+                "end = time.time() + 60\n"
+                "while not (d / sys.argv[3]).exists():\n"
+                "    assert time.time() < end, 'the other command never ran'\n"
+                "    time.sleep(0.05)\n"
+                "print('progress 50%\\rprogress 100%')\n")
+    cmds = [shlex.join([sys.executable, "-c", wait_for, str(tmp_path), a, b]) for a, b in (("a", "b"), ("b", "a"))]
+    out = io.StringIO()
+    seconds = parallel.run(cmds, jobs=2, out=out)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    threads = str(max(1, parallel.cores() // 2))
+    assert (tmp_path / "a").read_text() == threads and (tmp_path / "b").read_text() == threads
+    text = out.getvalue()
+    progress = sorted(line for line in text.splitlines() if " progress" in line and "$" not in line)
+    assert progress == ["[0] progress 100%", "[1] progress 100%"]  # of a bar's \r updates, the last
+    assert "[0] exit 0" in text and "[1] exit 0" in text
+
+
+def test_jobs_bound_how_many_run_at_once(tmp_path: Path) -> None:
+    """jobs=1: commands run one after the other, in the order given, each with every core's threads."""
+    log = tmp_path / "log"
+    step = ("import os, sys, time; f = open(sys.argv[1], 'a'); f.write(sys.argv[2] + ' start\\n'); f.flush(); "
+            "time.sleep(0.2); f.write(sys.argv[2] + ' end ' + os.environ['OMP_NUM_THREADS'] + '\\n')")
+    cmds = [shlex.join([sys.executable, "-c", step, str(log), n]) for n in ("x", "y", "z")]
+    parallel.run(cmds, jobs=1, out=io.StringIO())
+    t = str(parallel.cores())
+    assert log.read_text().split("\n")[:-1] == ["x start", f"x end {t}", "y start", f"y end {t}", "z start",
+                                                  f"z end {t}"]
+
+
+def test_the_first_failure_stops_the_others_and_is_named(tmp_path: Path) -> None:
+    survivor = tmp_path / "finished"
+    slow = shlex.join([sys.executable, "-c", f"import time; time.sleep(30); open({str(survivor)!r}, 'w')"])
+    failing = py("import time, sys; time.sleep(0.3); sys.exit(3)")
+    t0 = time.monotonic()
+    with pytest.raises(parallel.ParallelError, match=r"command \[1\] failed with exit status 3: .*sys.exit\(3\)"):
+        parallel.run([slow, failing, py("print('never started')")], jobs=2, out=io.StringIO())
+    assert time.monotonic() - t0 < 20  # the slow one was stopped, not waited for
+    assert not survivor.exists()
+
+
+def test_cli_reports_a_missing_program_by_name() -> None:
+    res = CliRunner().invoke(main, ["parallel", "no-such-program-s2r --flag", py("print(1)")])
+    assert res.exit_code == 1
+    assert "command [0] could not start: 'no-such-program-s2r --flag'" in res.output
