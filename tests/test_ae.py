@@ -140,8 +140,9 @@ def test_every_variant_trains_with_finite_losses_and_grads(name: str, paired: Pa
     assert all(math.isfinite(v) for v in losses.values()) and "recon" in losses
     if VARIANTS[name].get("triplet"):
         assert "triplet" in losses
+    fixed = {n for n, _ in m.encoder.named_buffers(prefix="encoder")}  # the summariser's input statistics
     for k, v in m.state_dict().items():  # every trainable tensor moved (a gradient reached it)
-        if v.dtype.is_floating_point:
+        if v.dtype.is_floating_point and k not in fixed:
             assert not torch.equal(v, before[k]), f"{name}: {k} got no update"
     if m.extractor is not None:
         assert all(p.grad is None and not p.requires_grad for p in m.extractor.parameters())
@@ -172,6 +173,31 @@ def test_frozen_extractor_cache_is_used(paired: Path, tmp_path: Path, monkeypatc
     m2 = ae.Method(cfg, PreparedBenchmark(paired), seed=1)
     monkeypatch.setattr(m2, "extract", lambda *a, **k: pytest.fail("recomputed cached features"))
     assert torch.equal(m2.features("syn", "train"), f)
+
+
+def test_summariser_inputs_are_standardised_from_the_training_features(paired: Path, tmp_path: Path) -> None:
+    """feature_standardise: zero mean / unit std per channel on the training features, kept in the model file;
+    off: the raw features (identity), as the paper feeds ImageNet features."""
+    from s2r import stages
+
+    m = ae.Method(_cfg(extractor="vgg11"), PreparedBenchmark(paired), seed=0)
+    m.setup(torch.device("cpu"), None, 2)
+    m.before_training()
+    f = m.features("syn", "train").float()
+    h = (f - m.encoder.in_mean) / m.encoder.in_std
+    assert h.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    live = f.std(dim=(0, 2, 3)) > 1e-6  # a random VGG-11 has dead (constant) channels: they stay 0
+    assert live.sum() > 0 and (h.std(dim=(0, 2, 3))[live] - 1).abs().max() < 1e-3
+    assert float(f.std()) < 0.2  # the random VGG-11's features are small: the reason for the option
+    raw = ae.Method(_cfg(extractor="vgg11", feature_standardise=False), PreparedBenchmark(paired), seed=0)
+    raw.setup(torch.device("cpu"), None, 2)
+    raw.before_training()
+    assert torch.equal(raw.encoder.in_mean, torch.zeros_like(raw.encoder.in_mean))
+    assert torch.equal(raw.encoder.in_std, torch.ones_like(raw.encoder.in_std))
+    stages.save_trained(tmp_path / "model", "ae", m, 0, "run")  # the statistics travel with the model
+    loaded = ae.Method(_cfg(extractor="vgg11"), PreparedBenchmark(paired), seed=0)
+    loaded.load_state_dict(torch.load(tmp_path / "model" / "model.pt", weights_only=False)["state"])
+    assert torch.equal(loaded.encoder.in_std, m.encoder.in_std)
 
 
 def test_imagenet_weights_load_from_the_torchvision_cache_layout(tmp_path: Path,

@@ -80,6 +80,8 @@ class Config:
     extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
     extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
     feature_cache_dir: str = "data/cache/ae_features"  # "" = cache extractor outputs in memory only
+    feature_standardise: bool = True  # summariser inputs: (features - mean) / std per channel, fixed from the
+    # source training features (a fixed affine its first conv could absorb); false = the paper's raw features
     sampling: Literal["vanilla", "I", "II"] = "vanilla"
     triplet: bool = False
     triplet_margin: float = 0.2  # Eq. 4
@@ -210,16 +212,33 @@ class ConvEncoder(nn.Module):
 
 
 class Summariser(nn.Module):
-    """Tables 6-7: avg-pool (to 7x7), conv 4x4 -> 256x4x4 + ReLU, FC 256 + ReLU, FC latent (x2 for a VAE)."""
+    """Tables 6-7: avg-pool (to 7x7), conv 4x4 -> 256x4x4 + ReLU, FC 256 + ReLU, FC latent (x2 for a VAE).
+
+    `in_mean` / `in_std` (buffers, saved with the model) standardise the features per channel when
+    `feature_standardise` is on (Method.before_training sets them once); identity otherwise. The offline default
+    extractor is a randomly initialised VGG-11 whose level -3 features are small (0.06 +- 0.03 on digits): the
+    conv's pre-activations were then so small that Adam's first bias updates switched every ReLU off (seed 1 of
+    II-E-TAE: 0 of 4,096 conv units alive, constant latent codes, marked COLLAPSED by s2r.health).
+    """
 
     def __init__(self, in_channels: int, out_dim: int) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_channels, 256, 4, 1, 0), nn.ReLU(inplace=True))
         self.mlp = nn.Sequential(nn.Linear(256 * 16, 256), nn.ReLU(inplace=True), nn.Linear(256, out_dim))
+        self.register_buffer("in_mean", torch.zeros(1, in_channels, 1, 1))
+        self.register_buffer("in_std", torch.ones(1, in_channels, 1, 1))
+
+    @torch.no_grad()
+    def standardise_with(self, features: torch.Tensor) -> None:
+        """Fix in_mean / in_std to the per-channel statistics of (N, C, 7, 7) features."""
+        f = features.float()
+        self.in_mean.copy_(f.mean(dim=(0, 2, 3)).view_as(self.in_mean))
+        self.in_std.copy_(f.std(dim=(0, 2, 3)).clamp_min(1e-6).view_as(self.in_std))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C, 7, 7) pooled extractor features -> (B, out_dim)."""
-        return self.mlp(self.conv(pooled).flatten(1))  # (B, 256, 4, 4) -> (B, 4096)
+        h = (pooled - self.in_mean) / self.in_std
+        return self.mlp(self.conv(h).flatten(1))  # (B, 256, 4, 4) -> (B, 4096)
 
 
 class Decoder(nn.Module):
@@ -567,6 +586,12 @@ class Method(BaseMethod):
             with atomic_path(path) as tmp:
                 torch.save(feats, tmp)
         return feats
+
+    def before_training(self) -> None:
+        """E- models with feature_standardise: fix the summariser's input statistics from the training features."""
+        if self.extractor is not None and self.cfg.feature_standardise:
+            assert isinstance(self.encoder, Summariser)
+            self.encoder.standardise_with(self.features(self.source, "train"))
 
     # -- optimisation -----------------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:
