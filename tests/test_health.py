@@ -221,3 +221,14 @@ def test_verdicts_over_seeds_metrics_json_and_readme(tmp_path: Path) -> None:
     (tmp_path / "bad.md").write_text("no markers")
     with pytest.raises(ValueError, match="markers|needs exactly one"):
         verdicts.rewrite_readme(tmp_path / "bad.md", "x")
+
+
+def test_every_paper_has_a_verdict_on_models_the_default_pipeline_trains() -> None:
+    """One report section per paper; every claim side names a params block that dvc.yaml trains and evaluates."""
+    papers = {c.paper.split(" (")[0] for c in verdicts.CLAIMS}
+    assert papers == {f"Paper {i}" for i in range(1, 6)}
+    dvc = (Path(__file__).parents[1] / "dvc.yaml").read_text()
+    for c in verdicts.CLAIMS:
+        for side in (c.a, c.b):
+            if side.method:
+                assert f"s2r evaluate {side.method} " in dvc or f"      {side.method}: " in dvc, (c.key, side.method)
