@@ -151,16 +151,20 @@ def paired_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    progress=False)
 
 
-@pytest.fixture(scope="session")
-def scenes16_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: toy, sim, pseudo_real; depth, masks."""
+def prepared_scenes(root: Path, train: int, val: int, test: int) -> Path:
+    """The embedded scenes benchmark at 16 px (toy, sim, pseudo_real; depth, masks), written and prepared."""
     from s2r.config import ScenesParams
     from s2r.data import scenes
     from s2r.data.prepared import prepare
 
-    root = tmp_path_factory.mktemp("scenes16")
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
+    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": train, "val": val, "test": test}), 0)
     return prepare(write_benchmark(root / "bench", spec, samples, progress=False), root / "prepared", progress=False)
+
+
+@pytest.fixture(scope="session")
+def scenes16_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded scenes benchmark at 16 px, 4/2/2 samples per split: toy, sim, pseudo_real; depth, masks."""
+    return prepared_scenes(tmp_path_factory.mktemp("scenes16"), 4, 2, 2)
 
 
 def tiny_params_dict() -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_params_dict
+from conftest import prepared_scenes, tiny_params_dict
 from s2r.config import ConfigError, from_dict
 from s2r.data.benchmark import DataError
 from s2r.methods import betavae as bv
@@ -21,15 +21,7 @@ from s2r.params import load_params
 @pytest.fixture(scope="module")
 def scenes_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny embedded scenes benchmark (16 px), generated and prepared once for the module."""
-    from s2r.config import ScenesParams
-    from s2r.data import scenes
-    from s2r.data.benchmark import write_benchmark
-    from s2r.data.prepared import prepare
-
-    root = tmp_path_factory.mktemp("scenes")
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 48, "val": 12, "test": 12}), 0)
-    bench = write_benchmark(root / "bench", spec, samples, progress=False)
-    return prepare(bench, root / "prepared", progress=False)
+    return prepared_scenes(tmp_path_factory.mktemp("scenes"), 48, 12, 12)
 
 
 @pytest.fixture(scope="module")

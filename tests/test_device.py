@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict, tiny_samples, tiny_spec
-from s2r.config import ScenesParams, TrainParams
+from s2r.config import TrainParams
 from s2r.data.benchmark import write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.methods import registry
@@ -38,16 +38,12 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def benchmarks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from s2r.data import scenes
-
+def benchmarks(tmp_path_factory: pytest.TempPathFactory, scenes16_prepared: Path) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("device")
     spec = tiny_spec()
     digits = prepare(write_benchmark(tmp / "tiny", spec, tiny_samples(spec), progress=False), tmp / "tiny_p",
                      progress=False)
-    sspec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": 4, "val": 2, "test": 2}), 0)
-    sc = prepare(write_benchmark(tmp / "sc", sspec, samples, progress=False), tmp / "sc_p", progress=False)
-    return {"digits": digits, "scenes": sc}
+    return {"digits": digits, "scenes": scenes16_prepared}
 
 
 def build(name: str, data: Path, device: torch.device, steps: int):
