@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import service_missing
+
 URL = os.environ.get("S2R_TEST_POSTGRES_URL", "")
 
-pytestmark = [
-    pytest.mark.postgres,
-    pytest.mark.skipif(
-        not URL,
-        reason="S2R_TEST_POSTGRES_URL is not set: start a server with tests/services/postgres.sh and export its "
-               "URL (make test-postgres does both)",
-    ),
-]
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(autouse=True)
+def _postgres() -> None:
+    if not URL:
+        service_missing("S2R_TEST_POSTGRES_URL is not set: start a server with tests/services/postgres.sh and export "
+                        "its URL (make test-postgres does both)")
 
 STUDY = "pgtest"
 N_TRIALS = 6
@@ -172,9 +174,10 @@ def test_tune_two_workers_one_killed(tiny_prepared: Path, tiny_params_file: Path
 
     name = _unique("s2r-pgtest")
     cmd = [sys.executable, "-m", "s2r.cli", "tune", "--study", STUDY, "--data", str(tiny_prepared),
-           "--params", str(tiny_params_file), "--storage", URL, "--resume", "--n-trials", str(N_TRIALS),
+           "--params", str(tiny_params_file), "--resume", "--n-trials", str(N_TRIALS),
            "--heartbeat-interval", str(HEARTBEAT), "--grace-period", str(GRACE), "--study-name", name]
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "S2R_TEST_POSTGRES_URL")}
+    env["S2R_OPTUNA_STORAGE"] = URL  # by environment, as the README says: argv shows in `ps`
     env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1"}
     workers = Workers(cmd, env, cwd=tmp_path)  # cwd: data/tuning/ and mlruns/ land in tmp_path

@@ -68,10 +68,12 @@ def main() -> None:
     env |= {"PYTHONPATH": str(REPO / "src"), "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "s2r.cli"]
     team = ["--dir", str(work / "team")]
-    up = subprocess.run([*cli, "team", "up", *team, "--pg-port", str(free_port()), "--mlflow-port", str(free_port()),
-                         "--mlflow-workers", "1"], env=env, capture_output=True, text=True, check=True)
-    urls = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line and not line.startswith("#"))
-    env["MLFLOW_TRACKING_URI"] = urls["MLFLOW_TRACKING_URI"]
+    subprocess.run([*cli, "team", "up", *team, "--pg-port", str(free_port()), "--mlflow-port", str(free_port()),
+                    "--mlflow-workers", "1"], env=env, capture_output=True, text=True, check=True)
+    from s2r.team import read_env
+
+    urls = read_env(work / "team" / "env")  # the URLs (and the storage password) as workers get them
+    env |= urls
     results = []
     try:
         for rep in range(args.repeats):
@@ -79,8 +81,8 @@ def main() -> None:
                 name = f"measure-w{n}-{uuid.uuid4().hex[:8]}"
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
-                r = subprocess.run([*cli, "tune", "--study", "measure", "--data", str(prepared), "--storage",
-                                    urls["S2R_OPTUNA_STORAGE"], "--study-name", name, "--workers", str(n)],
+                r = subprocess.run([*cli, "tune", "--study", "measure", "--data", str(prepared),
+                                    "--study-name", name, "--workers", str(n)],
                                    cwd=work, env=env, capture_output=True, text=True)
                 sec = time.perf_counter() - t0
                 if r.returncode != 0:

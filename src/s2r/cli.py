@@ -23,6 +23,9 @@ class S2RGroup(click.Group):
         from s2r.data.benchmark import DataError
 
         signal.signal(signal.SIGTERM, _sigterm)  # `kill`/dvc cancel -> KeyboardInterrupt -> run marked KILLED
+        from s2r.tracking import redact_process_output
+
+        redact_process_output()  # no password reaches the terminal, a worker log or a log file
         try:
             return super().invoke(ctx)
         except (ConfigError, DataError, FileNotFoundError) as e:
@@ -33,6 +36,11 @@ class S2RGroup(click.Group):
                 click.secho(f"error: {e}", fg="red", err=True)
                 sys.exit(3)
             raise
+
+
+def _from_argv(param: str) -> bool:
+    """Whether the current command's option `param` was typed on the command line (not taken from the environment)."""
+    return click.get_current_context().get_parameter_source(param) == click.core.ParameterSource.COMMANDLINE
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -678,7 +686,11 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark the trials train on.")
 @click.option("--n-trials", type=int, help="Finished trials wanted in total (default: the study's n_trials).")
-@click.option("--storage", help="RDB URL (postgresql+psycopg2://…) or journal file [data/tuning/STUDY/journal.log].")
+@click.option("--storage", envvar="S2R_OPTUNA_STORAGE", show_envvar=True,
+              help="RDB URL (postgresql+psycopg2://…) or journal file [data/tuning/STUDY/journal.log]. A URL with a "
+                   "password: give it by $S2R_OPTUNA_STORAGE or --storage-file, not here (argv shows in `ps`).")
+@click.option("--storage-file", type=click.Path(exists=True, dir_okay=False),
+              help="A file (mode 600) whose first line is the storage URL, instead of --storage.")
 @click.option("--study-name", help="Name of the study in the storage [STUDY].")
 @click.option("--resume", is_flag=True, help="Continue the stored study (or create it); other workers join this way.")
 @click.option("--restart", is_flag=True, help="Delete the stored study of that name and start over.")
@@ -691,14 +703,16 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder [data/tuning/STUDY].")
 @PARAMS_OPT
 @team.worker_options  # --workers / --gpus / --workers-per-gpu: launch worker processes (s2r/team.py)
-def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | None, study_name: str | None,
-             resume: bool, restart: bool, heartbeat_interval: int, grace_period: int, max_retry: int,
-             out_dir: str | None, params_path: str) -> None:
+def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | None, storage_file: str | None,
+             study_name: str | None, resume: bool, restart: bool, heartbeat_interval: int, grace_period: int,
+             max_retry: int, out_dir: str | None, params_path: str) -> None:
     """Run an Optuna study from params.yaml; every trial is a nested MLflow run; writes best.yaml.
 
     Example: s2r tune --study mixing_ratio --data data/prepared/digits --n-trials 10
     """
     from s2r import tune
+
+    storage = tune.storage_option(storage, storage_file, from_argv=_from_argv("storage"))
 
     res = tune.run(tune.TuneOptions(
         study=study, data_dir=Path(data_dir), params_path=Path(params_path), storage=storage, study_name=study_name,

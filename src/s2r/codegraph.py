@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("s2r.data", "s2r.tracking")),
     ("models", ("s2r.methods", "s2r.evaluators")),
     ("running", ("s2r.params", "s2r.train", "s2r.stages", "s2r.verdicts")),
-    ("applications", ("s2r.tables", "s2r.tune", "s2r.team", "s2r.registry", "s2r.bench", "s2r.recipes",
-                      "s2r.codegraph", "s2r.gpucheck")),
+    ("applications", ("s2r.tables", "s2r.tune", "s2r.team", "s2r.team_security", "s2r.registry", "s2r.bench",
+                      "s2r.recipes", "s2r.codegraph", "s2r.gpucheck")),
     ("cli", ("s2r.cli", "s2r.__main__")),
 ]
 REGISTRY = "s2r.methods.registry"

@@ -41,7 +41,7 @@ def _client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from s2r.tracking import reconcile_once, tracking_uri
+    from s2r.tracking import client, reconcile_once, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
@@ -49,7 +49,7 @@ def _client() -> MlflowClient:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     reconcile_once(uri)  # settle runs of dead processes (s2r.tracking)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client(tracking_uri=uri, registry_uri=uri)  # writes pass s2r's redaction
 
 
 def _not_found(e: Exception) -> bool:

@@ -15,6 +15,7 @@ is younger than S2R_STALE_SECONDS (default 900). Runs without such tags (other t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -366,9 +367,205 @@ class PreparedDataset:
 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are local files
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(Path(self.data.root).resolve()))
-        return _WithProfile(source=source, name=f"{self.data.spec.name}@{Path(self.data.root).name}",
+            source = resolve_dataset_source(REDACT.text(str(Path(self.data.root).resolve())))
+        return _WithProfile(source=source, name=REDACT.text(f"{self.data.spec.name}@{Path(self.data.root).name}"),
                             digest=self.data.data_version[:36])  # MLflow's digest limit: 36 characters
+
+
+# --- redaction: nothing secret leaves an s2r process through MLflow, its output or the files it writes ----------
+
+# names whose values are secrets: the last part of a param key, tag key, environment variable or `KEY=value` text
+SECRET_NAME = r"(?:password|passwd|secret|token|api_?key|access_?key(?:_?id)?|secret_?key|private_?key|account_?key)"
+_SECRET_KEY_RE = re.compile(rf"(?i)(?:^|[^a-z0-9]){SECRET_NAME}$")
+_URL_USERINFO_RE = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)(?P<pw>[^/?#\s]*)@")
+_KEY_VALUE_RE = re.compile(rf"(?i)(?P<key>\b[a-z0-9_.-]*{SECRET_NAME})(?P<sep>[\"']?\s*[:=]\s*[\"']?)"
+                           r"(?P<value>[^\s&;,'\"}\]]+)")
+MASK = "***"
+MIN_LITERAL = 8  # shorter values are not replaced wherever they appear (a password "s2r" would eat every "s2r")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key or environment variable name holds a secret (PASSWORD, TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
+    return bool(_SECRET_KEY_RE.search(name))
+
+
+class Redactor:
+    """The one redaction step: URL passwords, `password=`/`token=`/`secret=` values, secret-named keys, and the
+    literal values of secrets this process knows (secret-named environment variables, URL passwords seen)."""
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+        self._env_key: int | None = None
+        self._env_values: set[str] = set()
+
+    def add_secret(self, value: str | None) -> None:
+        """Replace this value wherever it appears from now on (e.g. a password read from a file)."""
+        from urllib.parse import quote, unquote
+
+        if value and len(value) >= MIN_LITERAL:
+            self._known |= {value, unquote(value), quote(value, safe="")}
+
+    def learn(self, text: str | None) -> None:
+        """Remember the passwords of the URLs in `text` (a storage URL read from a file or the command line)."""
+        self.text(text or "")
+
+    def _literals(self) -> set[str]:
+        key = hash(frozenset(os.environ.items()))
+        if key != self._env_key:  # the environment changed: re-read its secrets
+            found: set[str] = set()
+            for name, value in os.environ.items():
+                if is_secret_name(name) and len(value) >= MIN_LITERAL:
+                    found.add(value)
+                for m in _URL_USERINFO_RE.finditer(value):
+                    found.add(m["pw"])
+            self._env_key, self._env_values = key, {v for v in found if len(v) >= MIN_LITERAL}
+        return self._known | self._env_values
+
+    def text(self, text: str) -> str:
+        """`text` with every secret replaced by ***."""
+        if not text:
+            return text
+
+        def url(m: re.Match[str]) -> str:
+            self.add_secret(m["pw"])
+            return f"{m['head']}{MASK}@" if m["pw"] else m[0]
+
+        out = _URL_USERINFO_RE.sub(url, text)
+        out = _KEY_VALUE_RE.sub(lambda m: m[0] if m["value"] == MASK else f"{m['key']}{m['sep']}{MASK}", out)
+        for secret in sorted(self._literals(), key=len, reverse=True):
+            if secret in out:
+                out = out.replace(secret, MASK)
+        return out
+
+    def value(self, key: str, value: Any) -> Any:
+        """A param/tag/dict value: masked whole under a secret-named key, else redacted inside."""
+        if is_secret_name(str(key)) and value not in (None, ""):
+            return MASK
+        return self.obj(value)
+
+    def obj(self, data: Any) -> Any:
+        """Strings, dicts (by key), lists and MLflow Param/RunTag entities, redacted recursively."""
+        if isinstance(data, str):
+            return self.text(data)
+        if isinstance(data, dict):
+            return {k: self.value(k, v) for k, v in data.items()}
+        if isinstance(data, (list, tuple)):
+            return type(data)(self.obj(v) for v in data)
+        if type(data).__name__ in ("Param", "RunTag", "ExperimentTag"):
+            return type(data)(data.key, self.value(data.key, data.value))
+        return data
+
+    @contextlib.contextmanager
+    def file(self, path: str | Path) -> Iterator[Path]:
+        """Yield `path`, or a redacted copy of it (same name) when it is text that holds a secret."""
+        path = Path(path)
+        try:
+            text = path.read_text() if path.is_file() and path.stat().st_size < 50_000_000 else None
+        except (UnicodeDecodeError, OSError):
+            text = None  # binary (images, models): nothing to redact
+        clean = self.text(text) if text is not None else None
+        if clean is None or clean == text:
+            yield path
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="s2r-redacted-") as tmp:
+            copy = Path(tmp) / path.name
+            copy.write_text(clean)
+            yield copy
+
+    def write_text(self, path: str | Path, text: str) -> None:
+        """Atomic write of redacted text (tuning outputs such as best.yaml)."""
+        from s2r.files import write_text
+
+        write_text(path, self.text(text))
+
+
+REDACT = Redactor()
+
+
+class RedactingStream:
+    """A text stream whose writes pass through REDACT (the process's stdout/stderr: prints, progress, tracebacks)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self._stream.write(REDACT.text(s))
+        return len(s)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_process_output() -> None:
+    """Route this process's stdout, stderr and log records through REDACT (the `s2r` CLI does it at start)."""
+    import logging
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
+    make = logging.getLogRecordFactory()
+    if getattr(make, "s2r_redacting", False):
+        return
+
+    def redacting_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record: logging reports it later as usual
+            return record
+        clean = REDACT.text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return record
+
+    redacting_record.s2r_redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting_record)
+
+
+_WRITES = ("set_tag", "log_param", "log_batch", "set_experiment_tag", "create_run", "update_run", "log_dict",
+           "log_text", "create_registered_model", "create_model_version", "set_registered_model_tag",
+           "set_model_version_tag", "update_model_version", "update_registered_model")
+
+
+def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> Any:
+    """An MlflowClient whose writes (tags, params, dicts, texts, descriptions, artifacts) pass through REDACT."""
+    return _redacting_client_class()(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+@functools.cache
+def _redacting_client_class() -> type:
+    """MlflowClient with REDACT in front of every write method s2r may call (built once, mlflow imported late)."""
+    import mlflow
+
+    class RedactingClient(mlflow.MlflowClient):  # type: ignore[misc]
+        def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+            with REDACT.file(local_path) as clean:
+                super().log_artifact(run_id, str(clean), artifact_path)
+
+    for name in _WRITES:
+        setattr(RedactingClient, name, _redacting(getattr(mlflow.MlflowClient, name)))
+    return RedactingClient
+
+
+def _redacting(method: Any) -> Any:
+    """`method` with every argument but `self` passed through REDACT (keyword values under their key's name)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if method.__name__ in ("set_tag", "log_param", "set_experiment_tag") and len(args) >= 3:
+            args = (args[0], args[1], REDACT.value(args[1], args[2]), *args[3:])  # (run id, key, value)
+        return method(self, *REDACT.obj(args), **{k: REDACT.value(k, v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -437,10 +634,10 @@ class TrackedRun:
         if self.resume_id:
             before = run_status(self.resume_id)
             run = mlflow.start_run(run_id=self.resume_id, nested=nested, log_system_metrics=self.system_metrics)
-            mlflow.set_tags({"resumed": "true", "resumed_from_status": str(before), "host": me["host"],
-                             "pid": str(me["pid"]), _proc_key(me): json.dumps(me)} | self.tags)
+            mlflow.set_tags(REDACT.obj({"resumed": "true", "resumed_from_status": str(before), "host": me["host"],
+                                        "pid": str(me["pid"]), _proc_key(me): json.dumps(me)} | self.tags))
         else:
-            run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested,
+            run = mlflow.start_run(run_name=REDACT.text(self.name), tags=REDACT.obj(tags), nested=nested,
                                    log_system_metrics=self.system_metrics)
             self.log_params(self.params)
         self.run_id = run.info.run_id
@@ -468,7 +665,7 @@ class TrackedRun:
             else:
                 status = "FAILED"
                 if exc is not None:
-                    mlflow.set_tag("error", f"{exc_type.__name__}: {exc}"[:MAX_PARAM_LEN])
+                    mlflow.set_tag("error", REDACT.text(f"{exc_type.__name__}: {exc}")[:MAX_PARAM_LEN])
             mlflow.end_run(status=status)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -478,16 +675,16 @@ class TrackedRun:
 
         t = time.perf_counter()
         flat = flatten(params)
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat.items()]
-        client = mlflow.MlflowClient()
+        items = [Param(k, str(REDACT.value(k, str(v)))[:MAX_PARAM_LEN]) for k, v in flat.items()]
+        writer = client()
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            client.log_batch(self.run_id or mlflow.active_run().info.run_id, params=items[i : i + 100])
+            writer.log_batch(self.run_id or mlflow.active_run().info.run_id, params=items[i : i + 100])
         self.log_seconds += time.perf_counter() - t
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         import mlflow
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        mlflow.set_tags({k: REDACT.value(k, str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer metrics (sent by flush(), e.g. once per epoch)."""
@@ -513,7 +710,8 @@ class TrackedRun:
         import mlflow
 
         t = time.perf_counter()
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        with REDACT.file(path) as clean:
+            mlflow.log_artifact(str(clean), artifact_path=artifact_path)
         self.log_seconds += time.perf_counter() - t
 
     def log_dataset(self, data: Any, context: str) -> None:
@@ -537,7 +735,7 @@ class TrackedRun:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         import mlflow
 
-        mlflow.log_dict(data, name)
+        mlflow.log_dict(REDACT.obj(data), name)
 
     def log_figure(self, fig: Any, name: str) -> None:
         import mlflow

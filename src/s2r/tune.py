@@ -28,10 +28,26 @@ from pathlib import Path
 from typing import Any
 
 from s2r.config import ConfigError, SearchParam, StudySpec
-from s2r.files import write_json, write_text
+from s2r.files import write_text
 from s2r.params import load_params
 
 TUNING_DIR = Path("data/tuning")
+STORAGE_ENV = "S2R_OPTUNA_STORAGE"  # the storage URL by environment: a password on the command line shows in `ps`
+
+
+def storage_from_file(path: Path) -> str:
+    """The storage URL kept in a file (its first non-empty line; `s2r tune --storage-file`)."""
+    from s2r.tracking import REDACT
+
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ConfigError(f"--storage-file {path}: cannot read it: {e.strerror}") from None
+    if not lines:
+        raise ConfigError(f"--storage-file {path}: the file is empty (expected a storage URL)")
+    url = lines[0].removeprefix(f"{STORAGE_ENV}=").strip("'\"")
+    REDACT.learn(url)
+    return url
 
 
 @dataclass
@@ -50,6 +66,24 @@ class TuneOptions:
     grace_period: int = 30
     max_retry: int = 2
     out_dir: Path | None = None  # default data/tuning/<study>
+
+
+def storage_option(storage: str | None, storage_file: str | Path | None, *, from_argv: bool = False) -> str | None:
+    """The storage URL of `s2r tune`: --storage-file, else --storage / $S2R_OPTUNA_STORAGE; warns about argv."""
+    import click
+
+    from s2r.tracking import REDACT
+
+    if storage_file is not None:
+        if from_argv:
+            raise ConfigError("give --storage or --storage-file, not both")
+        return storage_from_file(Path(storage_file))
+    REDACT.learn(storage)
+    if from_argv and storage and REDACT.text(storage) != storage:
+        click.secho(f"warning: --storage carries a password on the command line, where `ps` shows it to every "
+                    f"user of this machine; give it by ${STORAGE_ENV} or --storage-file instead", fg="yellow",
+                    err=True)
+    return storage
 
 
 def build_sampler(spec: StudySpec) -> Any:
@@ -312,7 +346,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from s2r import stages
-    from s2r.tracking import TrackedRun, reconcile
+    from s2r.tracking import REDACT, TrackedRun, reconcile
 
     base = load_params(opts.params_path)
     if opts.study not in base.studies:
@@ -415,7 +449,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             except optuna.TrialPruned:
                 raise
             except Exception as e:  # recorded on the trial; the study goes on
-                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+                trial.set_user_attr("fail_reason", REDACT.text(f"{type(e).__name__}: {e}")[:2000])
                 raise
             trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
             for k in ("seconds", "tracking_seconds_total"):  # to measure the overhead around training
@@ -458,8 +492,8 @@ def run(opts: TuneOptions) -> dict[str, Any]:
         with workers.lock():  # workers finishing together would write the same tags and files at once
             _tag_trial_runs(study)
             _log_parent(parent, study, result, out_dir)
-            write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
-            write_json(out_dir / "metrics.json", result["metrics"])
+            REDACT.write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
+            REDACT.write_text(out_dir / "metrics.json", json.dumps(result["metrics"], indent=2) + "\n")
     return result
 
 
@@ -529,7 +563,9 @@ def _tag_trial_runs(study: Any) -> None:
     """Write each trial's final Optuna state onto its MLflow run (pruned/failed runs end before it is known)."""
     import mlflow
 
-    client = mlflow.MlflowClient()
+    from s2r import tracking
+
+    client = tracking.client()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.optuna_study = '{study.study_name}'")
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
