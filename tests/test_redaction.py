@@ -62,6 +62,9 @@ def _leaks_in_store() -> list[str]:
 def test_tracked_run_redacts_params_tags_dicts_artifacts_errors(tmp_path: Path, tiny_prepared: Path) -> None:
     import shutil
 
+    import numpy as np
+    import torch
+
     from s2r.data.prepared import PreparedBenchmark
 
     note = tmp_path / "config.yaml"
@@ -76,11 +79,15 @@ def test_tracked_run_redacts_params_tags_dicts_artifacts_errors(tmp_path: Path, 
         run.log_artifact(note, "config")
         run.log_dataset(PreparedBenchmark(secret_root), context="training")
         tracking.client().set_tag(run.run_id, "via_client", f"x://u:{PW}@h")
+        _, model_id = run.log_model(torch.nn.Linear(2, 1), np.zeros((1, 2), np.float32), "m", tags={"api_token": PW},
+                                    params={"storage": f"postgresql://s2r:{PW}@host/db"})
         raise RuntimeError(f"cannot connect to postgresql://s2r:{PW}@host/db")
     r = mlflow.MlflowClient().get_run(run.run_id)
     assert r.data.params == {"storage": "postgresql://s2r:***@host/db", "aws.secret_access_key": "***"}
     assert r.data.tags["api_token"] == "***" and r.data.tags["error"].endswith("postgresql://s2r:***@host/db")
     assert r.info.run_name == "tune@x?password=***"
+    model = mlflow.get_logged_model(model_id)
+    assert model.params["storage"] == "postgresql://s2r:***@host/db" and model.tags["api_token"] == "***"
     got = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, dst_path=str(tmp_path / "dl")))
     assert (got / "config" / "config.yaml").read_text() == "storage: postgresql://s2r:***@host/db\nseed: 1\n"
     assert yaml.safe_load((got / "dicts" / "resolved.yaml").read_text()) == {"db": {"password": "***"},
