@@ -584,6 +584,20 @@ def test_worker_command_line_round_trips() -> None:
     assert json.dumps(again, default=str)
 
 
+def test_workers_get_the_storage_url_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`s2r tune --workers N` with $S2R_OPTUNA_STORAGE: no worker's command line holds the URL (its password would
+    show in `ps`); each worker's environment does."""
+    from s2r.cli import tune_cmd
+
+    url = "postgresql+psycopg2://s2r:pw-0123456789abcdef@10.0.0.5:54330/s2r_optuna?sslmode=require"
+    monkeypatch.setenv("S2R_OPTUNA_STORAGE", url)
+    params = tune_cmd.make_context("tune", ["--study", "s", "--data", ".", "--workers", "2"]).params
+    argv, storage = team.worker_command(tune_cmd, params)
+    assert storage == url and not any("pw-0123456789abcdef" in a for a in argv) and "--storage" not in argv
+    slot = team.plan_workers(workers=2, gpus=None, cores=2)[1]
+    assert team.worker_env(slot, base={}, storage=storage)["S2R_OPTUNA_STORAGE"] == url
+
+
 @pytest.mark.slow  # three processes importing torch + MLflow: ~15 s on a quiet 2-core machine, ~50 s loaded
 def test_tune_workers_launches_processes_of_one_study(tmp_path: Path, tiny_prepared: Path,
                                                       tiny_params_file: Path) -> None:

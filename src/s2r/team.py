@@ -809,10 +809,7 @@ def launch(command: click.Command, params: dict[str, Any], plan: list[Slot], fir
             optuna.delete_study(study_name=name, storage=storage)
         except KeyError:
             pass
-    # the storage URL (maybe with a password) reaches the workers by environment: argv shows in `ps`
-    skip = (*LAUNCHER_OPTS, "restart", "storage")
-    base = [sys.executable, "-m", "s2r.cli", "tune", *cli_args(command, params, skip=skip)]
-    storage_url = None if params.get("storage_file") else params.get("storage")
+    base, storage_url = worker_command(command, params)
     logs = out_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[Slot, subprocess.Popen, Path]] = []
@@ -850,6 +847,13 @@ def launch(command: click.Command, params: dict[str, Any], plan: list[Slot], fir
     finally:
         signal.signal(signal.SIGTERM, old)
     return _workers_done(procs, codes, out_dir)
+
+
+def worker_command(command: click.Command, params: dict[str, Any]) -> tuple[list[str], str | None]:
+    """A worker's `s2r tune` command line, and the storage URL it gets by environment (argv shows in `ps`)."""
+    argv = [sys.executable, "-m", "s2r.cli", "tune", *cli_args(command, params, skip=(*LAUNCHER_OPTS, "restart",
+                                                                                       "storage"))]
+    return argv, None if params.get("storage_file") else params.get("storage")
 
 
 def _wait_for_parent_run(first: subprocess.Popen, log: Path, storage: Any, name: str, timeout: float) -> int:
