@@ -275,7 +275,7 @@ def test_latent_evaluator_end_to_end(paired: Path, tmp_path: Path) -> None:
     m = ae.Method(_cfg(), PreparedBenchmark(paired), seed=0)
     m.setup(torch.device("cpu"), None, 2)
     run = Run()
-    res = latent.evaluate(m, run, tmp_path / "plots", P())
+    res = latent.EVALUATOR.evaluate(m, run, tmp_path / "plots", P())
     assert res["n_train"] == 9 and res["knn_k"] == 3  # one image per scene: 9 scenes, k = sqrt(9)
     assert {"knn_accuracy", "rf_accuracy", "svm_accuracy", "recon_l1_real", "recon_ssim_synth"} <= set(res)
     assert res["paired"] == 9 and res["lpips_real"] is None and res["lpips_status"].startswith("unavailable")
@@ -294,7 +294,7 @@ def test_latent_evaluator_without_pairs_reports_not_applicable(tiny_prepared: Pa
         seed = 0
 
     with TrackedRun("test@latent", experiment="test-ae") as run:
-        res = latent.evaluate(m, run, None, P())
+        res = latent.EVALUATOR.evaluate(m, run, None, P())
     assert res["recon_l1_synth"] is None and res["paired_status"].startswith("not applicable")
 
 

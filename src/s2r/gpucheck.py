@@ -256,10 +256,10 @@ def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
                 raise _Interrupt
 
         try:
-            stages.train(name, data, out, params, ckpt_dir=ck, on_epoch=interrupt, init=init)
+            stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, on_epoch=interrupt, init=init), params)
         except _Interrupt:
             pass
-        summary = stages.train(name, data, out, params, ckpt_dir=ck, resume=True, init=init)
+        summary = stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, resume=True, init=init), params)
         cls = registry.method_class(name)
         evaluated = ""
         if cls.evaluator and name != "twinvae":

@@ -295,12 +295,13 @@ def refine_chain(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[
     if seg not in params.methods:
         raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
     work = Path(work)
-    first = stages.train(method, data_dir, work / "translator", params, ckpt_dir=work / "translator-ckpt",
-                         parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
+    first = stages.train(stages.TrainRequest(method, data_dir, work / "translator", ckpt_dir=work / "translator-ckpt",
+                                             parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}",
+                                             tags=tags), params)
     stages.refine(method, work / "translator", data_dir, work / "refined", None, params)
-    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
-                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
-                           tags=tags)
+    summary = stages.train(stages.TrainRequest(seg, work / "refined", work / "seg", ckpt_dir=work / "seg-ckpt",
+                                               on_epoch=on_epoch, parent_run_id=parent_run_id,
+                                               run_name=f"{run_name}/train@{seg}", tags=tags), params)
     return summary | {f"{method}_seconds": first["seconds"], f"{method}_mlflow_run_id": first["mlflow_run_id"]}
 
 
@@ -408,10 +409,10 @@ def run(opts: TuneOptions) -> dict[str, Any]:
                                                parent_run_id=parent.run_id, run_name=run_name, tags=tags,
                                                method=spec.method)
                     else:
-                        summary = stages.train(
-                            spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
-                            on_epoch=on_epoch, parent_run_id=parent.run_id, run_name=run_name, tags=tags,
-                        )
+                        summary = stages.train(stages.TrainRequest(spec.method, opts.data_dir, Path(tmp) / "model",
+                                                                   ckpt_dir=Path(tmp) / "ckpt", on_epoch=on_epoch,
+                                                                   parent_run_id=parent.run_id, run_name=run_name,
+                                                                   tags=tags), params)
             except optuna.TrialPruned:
                 raise
             except Exception as e:  # recorded on the trial; the study goes on

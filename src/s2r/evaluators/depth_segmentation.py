@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import Params
+from s2r.evaluators.base import Evaluator, register
 from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
-
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "miou_majority_class", "pixel_accuracy"]
+from s2r.files import JsonDict
+from s2r.methods.base import Method
+from s2r.tracking import TrackedRun
 
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
@@ -108,75 +110,84 @@ def panels(images: np.ndarray, pred: dict[str, np.ndarray], depth: np.ndarray, m
     return fig
 
 
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+class DepthSegmentation(Evaluator[Method[object]]):
     """The evaluate stage for dense predictors (`predict` -> depth + mask) on the target domain's test split."""
-    import matplotlib.pyplot as plt
 
-    from s2r.data.benchmark import DataError
-    from s2r.files import write_json
+    capability = "predict"
+    report_columns = ('abs_rel', 'rmse', 'a1', 'miou', 'miou_majority_class', 'pixel_accuracy')
 
-    if "predict" not in method.capabilities:
-        raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")
-    s = params.reports.depth_segmentation
-    data = method.data
-    spec = data.spec
-    test = data.get(spec.target, "test")
-    if test.depth is None or test.masks is None or not spec.seg_classes:
-        raise DataError(f"{data.root}: target {spec.target!r} test split has no depth/masks/seg_classes to score")
-    classes = list(spec.seg_classes)
-    keep = list(s.classes) or classes
-    unknown = [c for c in keep if c not in classes]
-    if unknown:
-        raise DataError(f"params.yaml: key 'reports.depth_segmentation.classes': {unknown} not in the benchmark's "
-                        f"seg_classes {classes}")
-    unknown = [c for c in s.depth_classes if c not in classes]
-    if unknown:
-        raise DataError(f"params.yaml: key 'reports.depth_segmentation.depth_classes': {unknown} not in the "
-                        f"benchmark's seg_classes {classes}")
-    pred = method.predict(test.images)
-    truth_d, truth_m = np.asarray(test.depth), np.asarray(test.masks)
-    if s.depth_classes:  # depth scored where it varies between images (e.g. the objects), other pixels invalid
-        truth_d = np.where(np.isin(truth_m, [classes.index(c) for c in s.depth_classes]), truth_d, 0.0)
-    # Images may carry only one of the labels (KITTI: sparse-LiDAR depth frames have an all-255 mask, the 200
-    # semantic images all-0 depth): each metric uses the images that have its label, only their valid pixels.
-    has_d, has_m = labelled_images(truth_d, truth_m, s.min_depth, s.max_depth)
-    depth_keys = ("abs_rel", "sq_rel", "rmse", "log_rmse", "a1", "a2", "a3")
-    if has_d.any():
-        dm = depth_metrics(pred["depth"][has_d], truth_d[has_d], min_depth=s.min_depth, max_depth=s.max_depth,
-                           median_scaling=s.median_scaling, average=s.depth_average)
-    else:  # no valid depth anywhere in the split: depth metrics are absent (null), not an error
-        dm = {k: None for k in depth_keys} | {"valid_pixels": 0}
-    cm = confusion(truth_m[has_m], pred["mask"][has_m], len(classes), ignore_index=IGNORE)
-    sm = (subset_metrics(cm, classes, keep, s.miou) if keep != classes
-          else metrics_from_confusion(cm, classes, s.miou))
-    # the reference a segmenter must beat: the test split's majority class predicted on every pixel
-    majority = np.zeros_like(cm)
-    majority[:, int(np.argmax(cm.sum(1)))] = cm.sum(1)
-    sm_major = (subset_metrics(majority, classes, keep, s.miou) if keep != classes
-                else metrics_from_confusion(majority, classes, s.miou))
-    if not has_m.any():  # no labelled pixel: mIoU / accuracy are absent (null), not 0
-        sm = {**sm, "miou": None, "pixel_accuracy": None}
-        sm_major = {**sm_major, "miou": None}
-    flat = {f"test_{k}": dm[k] for k in depth_keys} | {"test_miou": sm["miou"],
-                                                       "test_pixel_accuracy": sm["pixel_accuracy"]}
-    flat = {k: v for k, v in flat.items() if v is not None}
-    flat |= {f"test_iou_{c}": v for c, v in sm["per_class_iou"].items() if v is not None}
-    run.log_metrics(flat, step=0)
-    idx = np.unique(np.linspace(0, len(test) - 1, min(s.panels, len(test))).round().astype(np.int64))
-    fig = panels(test.images[idx], {k: v[idx] for k, v in pred.items()}, truth_d[idx], truth_m[idx], classes,
-                 f"{method.name} on {spec.target}/test")
-    if plots_out:
-        fig.savefig(Path(plots_out) / "panels.png")
-        write_json(Path(plots_out) / "per_class_iou.json", {"per_class_iou": sm["per_class_iou"]})
-    run.log_figure(fig, "samples/panels.png")
-    plt.close(fig)
-    return {
-        **{k: dm[k] for k in depth_keys}, "miou": sm["miou"], "pixel_accuracy": sm["pixel_accuracy"],
-        "per_class_iou": sm["per_class_iou"], "miou_majority_class": sm_major["miou"],
-        "depth_classes": list(s.depth_classes), "depth_valid_pixels": dm["valid_pixels"],
-        "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
-        "depth_average": s.depth_average, "miou_convention": s.miou,
-        "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
-        "confusion_matrix": cm.tolist(),
-        **({"trained_tasks": list(method.trained_tasks())} if hasattr(method, "trained_tasks") else {}),
-    }
+    def evaluate(self, method: Method[object], run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
+        import matplotlib.pyplot as plt
+
+        from s2r.data.benchmark import DataError
+        from s2r.files import write_json
+
+        s = params.reports.depth_segmentation
+        data = method.data
+        spec = data.spec
+        test = data.get(spec.target, "test")
+        if test.depth is None or test.masks is None or not spec.seg_classes:
+            raise DataError(f"{data.root}: target {spec.target!r} test split has no depth/masks/seg_classes to score")
+        classes = list(spec.seg_classes)
+        keep = list(s.classes) or classes
+        unknown = [c for c in keep if c not in classes]
+        if unknown:
+            raise DataError(f"params.yaml: key 'reports.depth_segmentation.classes': {unknown} not in the benchmark's "
+                            f"seg_classes {classes}")
+        unknown = [c for c in s.depth_classes if c not in classes]
+        if unknown:
+            raise DataError(f"params.yaml: key 'reports.depth_segmentation.depth_classes': {unknown} not in the "
+                            f"benchmark's seg_classes {classes}")
+        pred = method.predict(test.images)
+        if not isinstance(pred, dict):
+            raise DataError(f"method {method.name!r} predicts one array, not the depth and mask maps to score")
+        tasks = method.trained_tasks()
+        truth_d, truth_m = np.asarray(test.depth), np.asarray(test.masks)
+        if s.depth_classes:  # depth scored where it varies between images (e.g. the objects), other pixels invalid
+            truth_d = np.where(np.isin(truth_m, [classes.index(c) for c in s.depth_classes]), truth_d, 0.0)
+        # Images may carry only one of the labels (KITTI: sparse-LiDAR depth frames have an all-255 mask, the 200
+        # semantic images all-0 depth): each metric uses the images that have its label, only their valid pixels.
+        has_d, has_m = labelled_images(truth_d, truth_m, s.min_depth, s.max_depth)
+        depth_keys = ("abs_rel", "sq_rel", "rmse", "log_rmse", "a1", "a2", "a3")
+        if has_d.any():
+            dm = depth_metrics(pred["depth"][has_d], truth_d[has_d], min_depth=s.min_depth, max_depth=s.max_depth,
+                               median_scaling=s.median_scaling, average=s.depth_average)
+        else:  # no valid depth anywhere in the split: depth metrics are absent (null), not an error
+            dm = {k: None for k in depth_keys} | {"valid_pixels": 0}
+        cm = confusion(truth_m[has_m], pred["mask"][has_m], len(classes), ignore_index=IGNORE)
+        sm = (subset_metrics(cm, classes, keep, s.miou) if keep != classes
+              else metrics_from_confusion(cm, classes, s.miou))
+        # the reference a segmenter must beat: the test split's majority class predicted on every pixel
+        majority = np.zeros_like(cm)
+        majority[:, int(np.argmax(cm.sum(1)))] = cm.sum(1)
+        sm_major = (subset_metrics(majority, classes, keep, s.miou) if keep != classes
+                    else metrics_from_confusion(majority, classes, s.miou))
+        if not has_m.any():  # no labelled pixel: mIoU / accuracy are absent (null), not 0
+            sm = {**sm, "miou": None, "pixel_accuracy": None}
+            sm_major = {**sm_major, "miou": None}
+        flat = {f"test_{k}": dm[k] for k in depth_keys} | {"test_miou": sm["miou"],
+                                                           "test_pixel_accuracy": sm["pixel_accuracy"]}
+        flat = {k: v for k, v in flat.items() if v is not None}
+        flat |= {f"test_iou_{c}": v for c, v in sm["per_class_iou"].items() if v is not None}
+        run.log_metrics(flat, step=0)
+        idx = np.unique(np.linspace(0, len(test) - 1, min(s.panels, len(test))).round().astype(np.int64))
+        fig = panels(test.images[idx], {k: v[idx] for k, v in pred.items()}, truth_d[idx], truth_m[idx], classes,
+                     f"{method.name} on {spec.target}/test")
+        if plots_out:
+            fig.savefig(Path(plots_out) / "panels.png")
+            write_json(Path(plots_out) / "per_class_iou.json", {"per_class_iou": sm["per_class_iou"]})
+        run.log_figure(fig, "samples/panels.png")
+        plt.close(fig)
+        return {
+            **{k: dm[k] for k in depth_keys}, "miou": sm["miou"], "pixel_accuracy": sm["pixel_accuracy"],
+            "per_class_iou": sm["per_class_iou"], "miou_majority_class": sm_major["miou"],
+            "depth_classes": list(s.depth_classes), "depth_valid_pixels": dm["valid_pixels"],
+            "seg_pixels": sm["pixels"], "median_scaling": s.median_scaling, "classes": keep, "n": len(test),
+            "depth_average": s.depth_average, "miou_convention": s.miou,
+            "depth_images": int(has_d.sum()), "seg_images": int(has_m.sum()),
+            "confusion_matrix": cm.tolist(),
+            **({"trained_tasks": tasks} if tasks is not None else {}),
+        }
+
+
+EVALUATOR = register(DepthSegmentation())

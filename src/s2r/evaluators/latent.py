@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from s2r.config import Params
 from s2r.data.benchmark import NO_LABEL
+from s2r.evaluators.base import Evaluator, register
+from s2r.files import JsonDict
+from s2r.methods.base import Method
+from s2r.tracking import TrackedRun
 
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
+
+class LatentConfig(Protocol):
+    """The settings of a method's Config this evaluator reads (paper 1's `ae` blocks have them)."""
+
+    @property
+    def knn_k(self) -> int: ...  # 0 = floor(sqrt(N))
+    @property
+    def rf_trees(self) -> int: ...
+    @property
+    def svm_c(self) -> float: ...
+    @property
+    def ssim_win_size(self) -> int: ...
+    @property
+    def fit_one_per_scene(self) -> bool: ...  # classifiers see a single image per scene (Section 4.7)
+    @property
+    def hflip(self) -> bool: ...  # + flipped training latents, labels through the mirror map
 
 
 def knn_default_k(n_train: int) -> int:
@@ -107,31 +126,21 @@ def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.n
     return np.array([lookup.get(int(s), -1) if s >= 0 else -1 for s in target_scenes], np.int64)
 
 
-def source_training_latents(method: Any) -> tuple[np.ndarray, np.ndarray]:
+def source_training_latents(method: Method[LatentConfig]) -> tuple[np.ndarray, np.ndarray]:
     """Source train latents and labels the classifiers are fitted on (one per scene, + flips if allowed)."""
     from s2r.data.prepared import one_per_scene
 
-    data = method.data
-    source = getattr(method, "source", data.spec.source)
+    data, source, cfg = method.data, method.source, method.cfg
     src = data.get(source, "train")
-    cfg = getattr(method, "cfg", None)
-    keep = one_per_scene(src) if getattr(cfg, "fit_one_per_scene", True) else np.arange(len(src))
+    keep = one_per_scene(src) if cfg.fit_one_per_scene else np.arange(len(src))
     keep = keep[src.labels[keep] != NO_LABEL]
-    z = _encode(method, source, "train")[keep]
+    z = method.encode_split(source, "train")[keep]
     y = src.labels[keep]
-    if getattr(cfg, "hflip", False):  # flipped training latents too (Section 4.7), labels through the mirror map
+    if cfg.hflip:  # flipped training latents too (Section 4.7), labels through the mirror map
         mirror = data.spec.mirror_classes
-        z = np.concatenate([z, _encode(method, source, "train", flipped=True)[keep]])
+        z = np.concatenate([z, method.encode_split(source, "train", flipped=True)[keep]])
         y = np.concatenate([y, np.asarray(mirror, np.int64)[y] if mirror else y])
     return z, y
-
-
-def _encode(method: Any, domain: str, split: str, flipped: bool = False) -> np.ndarray:
-    """Latents of a split, through the method's cache where it has one (frozen extractor features)."""
-    if hasattr(method, "encode_split"):
-        return np.asarray(method.encode_split(domain, split, flipped=flipped))
-    images = np.asarray(method.data.get(domain, split).images)
-    return np.asarray(method.encode(images[:, :, ::-1].copy() if flipped else images))
 
 
 def plot_tsne(z_src: np.ndarray, z_tgt: np.ndarray, names: tuple[str, str], title: str, seed: int = 0,
@@ -164,75 +173,77 @@ def plot_tsne(z_src: np.ndarray, z_tgt: np.ndarray, names: tuple[str, str], titl
     return fig
 
 
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+class Latent(Evaluator[Method[LatentConfig]]):
     """The evaluate stage for `encode` methods: latent classifiers on target test + reconstruction metrics."""
-    import matplotlib.pyplot as plt
 
-    from s2r.data.benchmark import DataError
-    from s2r.figures import sample_grid
+    capability = "encode"
+    report_columns = ('knn_accuracy', 'rf_accuracy', 'svm_accuracy')
 
-    if "encode" not in method.capabilities:
-        raise DataError(f"method {method.name!r} has no 'encode' capability to evaluate in latent space")
-    data = method.data
-    target = data.spec.target
-    source = getattr(method, "source", data.spec.source)
-    test = data.get(target, "test")
-    cfg = getattr(method, "cfg", None)
-    z_train, y_train = source_training_latents(method)
-    z_test = _encode(method, target, "test")
-    ok = test.labels != NO_LABEL
-    result: dict[str, Any] = {"source": source, "n_train": int(len(z_train)), "n": int(ok.sum()),
-                              "latent_dim": int(z_test.shape[1])}
-    if ok.any() and len(np.unique(y_train)) > 1:
-        scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=getattr(cfg, "knn_k", 0),
-                                   trees=getattr(cfg, "rf_trees", 100), svm_c=getattr(cfg, "svm_c", 1.0),
-                                   seed=int(params.seed))
-        result |= {"knn_k": int(scores.pop("knn_k"))} | scores
-        result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
-    names = (source, target)
-    z_src_plot = z_train if len(z_train) else _encode(method, source, "train")  # unlabelled source (MPI3D): all
-    fig = plot_tsne(z_src_plot, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
-    _save(fig, run, plots_out, "tsne.png")
-    plt.close(fig)
+    def evaluate(self, method: Method[LatentConfig], run: TrackedRun, plots_out: Path | None, params: Params
+                 ) -> JsonDict:
+        import matplotlib.pyplot as plt
 
-    if hasattr(method, "reconstruct"):
-        win = getattr(cfg, "ssim_win_size", 11)
+        from s2r.figures import sample_grid
+
+        data, cfg = method.data, method.cfg
+        target, source = data.spec.target, method.source
+        test = data.get(target, "test")
+        z_train, y_train = source_training_latents(method)
+        z_test = method.encode_split(target, "test")
+        ok = test.labels != NO_LABEL
+        result: dict[str, Any] = {"source": source, "n_train": int(len(z_train)), "n": int(ok.sum()),
+                                  "latent_dim": int(z_test.shape[1])}
+        if ok.any() and len(np.unique(y_train)) > 1:
+            scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=cfg.knn_k,
+                                       trees=cfg.rf_trees, svm_c=cfg.svm_c,
+                                       seed=int(params.seed))
+            result |= {"knn_k": int(scores.pop("knn_k"))} | scores
+            result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
+        names = (source, target)
+        z_src_plot = z_train if len(z_train) else method.encode_split(source, "train")  # unlabelled source (MPI3D): all
+        fig = plot_tsne(z_src_plot, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
+        _save(fig, run, plots_out, "tsne.png")
+        plt.close(fig)
+
         recon = method.reconstruct(np.asarray(test.images))
-        inp = np.asarray(test.images)
-        result["recon_l1_real"] = float(l1_per_image(recon, inp).mean())
-        result["recon_ssim_real"] = float(ssim_per_image(recon, inp, win).mean())
-        src_test = data.get(source, "test") if data.has(source, "test") else None
-        pairs = paired_indices(test.scene_ids, src_test.scene_ids) if src_test is not None else np.full(len(inp), -1)
-        have = pairs >= 0
-        if have.any():
-            synth = np.asarray(src_test.images)[pairs[have]]
-            result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
-            result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
-            result["paired"] = int(have.sum())
-        else:
-            result["recon_l1_synth"] = result["recon_ssim_synth"] = None
-            result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
-        avail, why = lpips_status()
-        result["lpips_status"] = why
-        if avail:
-            result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
+        if recon is not None:
+            win = cfg.ssim_win_size
+            inp = np.asarray(test.images)
+            result["recon_l1_real"] = float(l1_per_image(recon, inp).mean())
+            result["recon_ssim_real"] = float(ssim_per_image(recon, inp, win).mean())
+            src_test = data.get(source, "test") if data.has(source, "test") else None
+            pairs = (paired_indices(test.scene_ids, src_test.scene_ids) if src_test is not None
+                     else np.full(len(inp), -1))
+            have = pairs >= 0
             if have.any():
-                result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
-        else:
-            result["lpips_real"] = result["lpips_synth"] = None
-        n = min(8, len(inp))
-        rows = [inp[:n], recon[:n]]
-        labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
-        if have[:n].all():
-            rows.append(np.asarray(src_test.images)[pairs[:n]])
-            labels += [f"paired {source}"] + [""] * (n - 1)
-        g = sample_grid(np.concatenate(rows), labels, cols=n,
-                        title=f"{method.name}: {target}/test inputs and reconstructions")
-        _save(g, run, plots_out, "reconstructions.png")
-        plt.close(g)
-    run.log_metrics({f"test_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
-                     and not isinstance(v, bool)}, step=0)
-    return result
+                synth = np.asarray(src_test.images)[pairs[have]]
+                result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
+                result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
+                result["paired"] = int(have.sum())
+            else:
+                result["recon_l1_synth"] = result["recon_ssim_synth"] = None
+                result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
+            avail, why = lpips_status()
+            result["lpips_status"] = why
+            if avail:
+                result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
+                if have.any():
+                    result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
+            else:
+                result["lpips_real"] = result["lpips_synth"] = None
+            n = min(8, len(inp))
+            rows = [inp[:n], recon[:n]]
+            labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
+            if have[:n].all():
+                rows.append(np.asarray(src_test.images)[pairs[:n]])
+                labels += [f"paired {source}"] + [""] * (n - 1)
+            g = sample_grid(np.concatenate(rows), labels, cols=n,
+                            title=f"{method.name}: {target}/test inputs and reconstructions")
+            _save(g, run, plots_out, "reconstructions.png")
+            plt.close(g)
+        run.log_metrics({f"test_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)}, step=0)
+        return result
 
 
 def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
@@ -240,3 +251,6 @@ def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
         Path(plots_out).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(plots_out) / name, bbox_inches="tight")
     run.log_figure(fig, f"plots/{name}")
+
+
+EVALUATOR = register(Latent())

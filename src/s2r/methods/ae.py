@@ -499,10 +499,10 @@ class TargetSampler:
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Autoencoder family of paper 1 (AE / VAE / beta-VAE / FactorVAE, E-, I-, II-, T- variants)."""
 
-    name: ClassVar[str] = "ae"
+    name = "ae"
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "latent"  # s2r.evaluators.latent: latent classifiers + reconstruction metrics
 
@@ -522,7 +522,7 @@ class Method(BaseMethod):
         self.sampler = TargetSampler(self.train_split, cfg.sampling, where, spec.class_parts, cfg.triplet_negatives,
                                      cfg.triplet_exclude_empty)
         self.mirror = np.asarray(spec.mirror_classes, np.int64) if spec.mirror_classes else None
-        self.pool = IndexPool(np.arange(len(self.train_split)))
+        self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.train_split))))
         self.batch_size = cfg.batch_size
         self.is_vae = cfg.model in ("vae", "factorvae")
         out_dim = 2 * cfg.latent_dim if self.is_vae else cfg.latent_dim
@@ -794,12 +794,6 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return EncoderModule(self.extractor, self.encoder, self.cfg.latent_dim)
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Trainable modules only: the frozen extractor is rebuilt from its config (and fixed seed/weights)."""

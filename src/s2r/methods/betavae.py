@@ -472,10 +472,10 @@ def check_ood_values(cfg: Config, size: int, where: str) -> None:
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
-    name: ClassVar[str] = "betavae"
+    name = "betavae"
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "disentanglement"
 
@@ -514,7 +514,7 @@ class Method(BaseMethod):
             imgs, facs, labels = self._rendered_pool()
             self.pair_images = imgs  # (P, 2, H, W, C)
             self.pair_labels = facs[:, :, 0]
-            self.pool = IndexPool(np.arange(len(imgs)))
+            self.pool = self.sampler_part("pool", IndexPool(np.arange(len(imgs))))
         else:
             train = data.get(self.domain, "train")
             keep = self.in_distribution(train.factors)
@@ -525,9 +525,9 @@ class Method(BaseMethod):
             if cfg.supervision == "weak":
                 pairs, self.pair_distance = matching_pairs(train.factors[self.train_idx], cfg.k, cfg.match_pairs)
                 self.pairs = self.train_idx[pairs]
-                self.pool = IndexPool(np.arange(len(self.pairs)))
+                self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.pairs))))
             else:
-                self.pool = IndexPool(self.train_idx)
+                self.pool = self.sampler_part("pool", IndexPool(self.train_idx))
         val = data.get(self.domain, "val")
         vi = np.flatnonzero(self.in_distribution(val.factors))[: cfg.val_images]
         if len(vi) == 0:  # a tiny val split with only held-out values: score all of it rather than nothing
@@ -745,9 +745,3 @@ class Method(BaseMethod):
         self.step = int(state["step"])
         self.noise_gen.set_state(state["noise_gen"])
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])

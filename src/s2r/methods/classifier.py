@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -120,10 +120,10 @@ class Network(nn.Module):
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Scratch / Pre-trained classification baseline of paper 1 on the extractor's own network."""
 
-    name: ClassVar[str] = "classifier"
+    name = "classifier"
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"
 
@@ -138,7 +138,7 @@ class Method(BaseMethod):
         keep = np.flatnonzero(self.train_split.labels != NO_LABEL)
         if len(keep) == 0:
             raise DataError(f"{data.root}: {self.source}/train has no labelled images to train a classifier on")
-        self.pool = IndexPool(keep)
+        self.pool = self.sampler_part("pool", IndexPool(keep))
         self.mirror = np.asarray(spec.mirror_classes, np.int64) if spec.mirror_classes else None
         self.batch_size = cfg.batch_size
         cut, rest = split_model(cfg.extractor, cfg.extractor_weights, cfg.extractor_seed, len(spec.classes))
@@ -204,9 +204,3 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.net
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])

@@ -279,10 +279,10 @@ class PatchBatch(NamedTuple):
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 
-    name: ClassVar[str] = "cut"
+    name = "cut"
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
     directions: ClassVar[tuple[str, ...]] = ("a2b",)  # one-sided: refine writes only <A>_cut
 
@@ -309,7 +309,8 @@ class Method(BaseMethod):
             raise ConfigError(f"key 'disc_channels': {len(cfg.disc_channels) - 1} stride-2 layers leave no patch "
                               f"for {self.train_size}px training patches; use fewer layers or a larger patch_size")
         self.batch_size = cfg.batch_size
-        self.pool_a, self.pool_b = IndexPool(np.arange(len(self.a))), IndexPool(np.arange(len(self.b)))
+        self.pool_a = self.sampler_part("a", IndexPool(np.arange(len(self.a))))
+        self.pool_b = self.sampler_part("b", IndexPool(np.arange(len(self.b))))
         self.g, self.d, self.heads = build_networks(cfg, channels)
         self.g_ema = EMA(self.g, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -451,10 +452,3 @@ class Method(BaseMethod):
         """The A -> B refiner with [0, 1] images in and out (EMA weights when enabled)."""
         return Refiner(self.refiner())
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {"a": self.pool_a.state(), "b": self.pool_b.state()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool_a.load(state["pools"]["a"])
-        self.pool_b.load(state["pools"]["b"])

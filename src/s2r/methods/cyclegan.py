@@ -417,10 +417,10 @@ class PairSampler:
 
 # -- method --------------------------------------------------------------------------------------------------
 @register(Config, aliases=("mrgan",))  # mrgan: MrGAN's later stages between refined domains (paper 4 Fig. 5B)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 
-    name: ClassVar[str] = "cyclegan"
+    name = "cyclegan"
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
@@ -448,7 +448,8 @@ class Method(BaseMethod):
         # aligned pairs read B's labels: only the labelled budget (the classifier's images, appendix 5 + Section 3.3)
         subset_rng = np.random.default_rng(cfg.real_subset_seed)
         self.b_labelled = limited_indices(self.b.labels, cfg.real_per_class, subset_rng) if self.aligned else None
-        self.sampler = PairSampler(self.a.labels, self.b.labels, self.aligned, self.b_labelled)
+        self.sampler = self.sampler_part("pairs", PairSampler(self.a.labels, self.b.labels, self.aligned,
+                                                              self.b_labelled))
         self.batch_size = cfg.batch_size  # samples per step = (A, B) pairs
         self.g_ab = Generator(channels, cfg.gen_width, cfg.gen_blocks)
         self.g_ba = Generator(channels, cfg.gen_width, cfg.gen_blocks)
@@ -665,12 +666,6 @@ class Method(BaseMethod):
         return Refiner(self.g_ab)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pairs": self.sampler.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.sampler.load(state["pairs"])
 
     def train_state(self) -> dict[str, Any]:
         """Adds the step counter, pretraining flag, noise rng and fake-image pools to the base state."""

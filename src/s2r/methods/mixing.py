@@ -128,10 +128,10 @@ class SmallResNet(nn.Module):
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 
-    name: ClassVar[str] = "mixing"
+    name = "mixing"
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"  # s2r.evaluators.classification scores it
 
@@ -149,7 +149,8 @@ class Method(BaseMethod):
         self.n_syn = cfg.batch_size - self.n_real
         self.real_idx = limited_indices(self.real.labels, cfg.real_per_class,
                                         np.random.default_rng(cfg.real_subset_seed))
-        self.pools = {"real": IndexPool(self.real_idx), "syn": IndexPool(np.arange(len(self.syn)))}
+        self.pools = {"real": self.sampler_part("real", IndexPool(self.real_idx)),
+                      "syn": self.sampler_part("syn", IndexPool(np.arange(len(self.syn))))}
         self.net = SmallResNet(spec.channels, len(self.classes), cfg.widths, cfg.blocks_per_stage)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -239,10 +240,3 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.net
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for k, p in self.pools.items():
-            p.load(state["pools"][k])

@@ -3,12 +3,14 @@
 Every module of `s2r.methods` (except `base` and this one) decorates its `Method` class with `@register(Config)`:
 
     @register(Config, aliases=("mrgan",))
-    class Method(BaseMethod):
+    class Method(BaseMethod[Config]):
         name = "cyclegan"; capabilities = frozenset({"translate"}); evaluator = ""
 
-The entry holds what the rest of s2r needs (Method and Config classes, capabilities, evaluator); the registry
-finds the modules by discovery over the `s2r.methods` package, so adding a method is one new module (plus its
-`params.yaml` block). `<method>_<suffix>` names another params block of `<method>` (e.g. `segmenter_refined`).
+`register` and `Entry` are generic over the Config type: mypy checks that the decorated class is a
+`Method[Config]` of the Config it registers with. The entry holds what the rest of s2r needs (Method and Config
+classes, capabilities, evaluator); the registry finds the modules by discovery over the `s2r.methods` package,
+so adding a method is one new module (plus its `params.yaml` block). `<method>_<suffix>` names another params
+block of `<method>` (e.g. `segmenter_refined`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from s2r.config import ConfigError
+from s2r.methods.base import Method
+
+C = TypeVar("C")
 
 # What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
 CAPABILITIES = {
@@ -34,19 +39,19 @@ NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hol
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One registered method."""
+class Entry(Generic[C]):
+    """One registered method, typed by its Config dataclass `C`."""
 
     name: str
     module: str  # e.g. "s2r.methods.cut"
-    method: type[Any]
-    config: type[Any]
+    method: type[Method[C]]
+    config: type[C]
     capabilities: frozenset[str]
     evaluator: str  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
     aliases: tuple[str, ...] = ()
-    block_capabilities: Callable[[Any], Iterable[str]] | None = None
+    block_capabilities: Callable[[C], Iterable[str]] | None = None
 
-    def capabilities_for(self, cfg: Any) -> frozenset[str]:
+    def capabilities_for(self, cfg: C) -> frozenset[str]:
         """The capabilities one params block provides (a subset of the method's, e.g. twin-VAE stage 'vae' has no
         heads to predict with); the method's own where it declares no `capabilities_for`."""
         if self.block_capabilities is None:
@@ -58,31 +63,39 @@ class Entry:
         return caps
 
 
-_ENTRIES: dict[str, Entry] = {}  # name and aliases -> entry
+# Registered methods of any Config type: looked up by the name a params block or the CLI gives (a string edge).
+_ENTRIES: dict[str, Entry[Any]] = {}  # name and aliases -> entry
 _discovered = False
 
 
-def register(config: type[Any], *, aliases: tuple[str, ...] = (),
-             capabilities_for: Callable[[Any], Iterable[str]] | None = None) -> Any:
+def _defines(cls: type[Method[Any]], hook: str) -> bool:
+    """Whether `cls` (or a base below Method) overrides the base class's `hook`."""
+    below = cls.__mro__[: cls.__mro__.index(Method)]
+    return any(hook in vars(k) for k in below)
+
+
+def register(config: type[C], *, aliases: tuple[str, ...] = (),
+             capabilities_for: Callable[[C], Iterable[str]] | None = None
+             ) -> Callable[[type[Method[C]]], type[Method[C]]]:
     """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases.
 
     `capabilities_for(cfg)`: where a params block provides only some of the class's capabilities.
     """
 
-    def deco(cls: type[Any]) -> type[Any]:
+    def deco(cls: type[Method[C]]) -> type[Method[C]]:
         module = cls.__module__
         where = f"{module}.{cls.__name__}"
-        name = getattr(cls, "name", "")
+        name = cls.name
         if name != module.rsplit(".", 1)[-1]:
             raise ConfigError(f"{where}: Method.name {name!r} must equal the module's name (one name everywhere)")
-        caps = frozenset(getattr(cls, "capabilities", frozenset()))
+        caps = frozenset(cls.capabilities)
         unknown = sorted(caps - set(CAPABILITIES))
         if unknown:
             raise ConfigError(f"{where}: unknown capabilities {unknown}; known: {list(CAPABILITIES)}")
-        missing = [c for c in sorted(caps) if not callable(getattr(cls, c, None))]
+        missing = [c for c in sorted(caps) if not _defines(cls, c)]
         if missing:
             raise ConfigError(f"{where}: declares capabilities {missing} but defines no such method")
-        evaluator = getattr(cls, "evaluator", "")
+        evaluator = cls.evaluator
         if evaluator and importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
             raise ConfigError(f"{where}: evaluator {evaluator!r} is not a module of s2r.evaluators")
         entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), capabilities_for)
@@ -104,7 +117,7 @@ def method_modules() -> list[str]:
                   if m.name not in NOT_METHODS and not m.name.startswith("_"))
 
 
-def discover(force: bool = False) -> dict[str, Entry]:
+def discover(force: bool = False) -> dict[str, Entry[Any]]:
     """Import every method module once (they register themselves); returns name/alias -> entry."""
     global _discovered
     if force or not _discovered:
@@ -114,7 +127,7 @@ def discover(force: bool = False) -> dict[str, Entry]:
     return _ENTRIES
 
 
-def entries() -> dict[str, Entry]:
+def entries() -> dict[str, Entry[Any]]:
     """Registered methods by name (aliases left out)."""
     return {k: e for k, e in discover().items() if k == e.name}
 
@@ -124,7 +137,7 @@ def names() -> list[str]:
     return sorted(discover())
 
 
-def entry(name: str, where: str = "params.yaml") -> Entry:
+def entry(name: str, where: str = "params.yaml") -> Entry[Any]:
     """The entry of `name`; `<method>_<suffix>` (e.g. `mrgan_stage3`) is another params block of `<method>`."""
     found = discover().get(name) or (discover().get(name.split("_", 1)[0]) if "_" in name else None)
     if found is None:
@@ -148,5 +161,5 @@ def config_class(name: str, where: str = "params.yaml") -> type[Any]:
     return entry(name, where).config
 
 
-def method_class(name: str) -> type[Any]:
+def method_class(name: str) -> type[Method[Any]]:
     return entry(name).method

@@ -132,10 +132,10 @@ class SegBatch(NamedTuple):
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 
-    name: ClassVar[str] = "segmenter"
+    name = "segmenter"
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "segmentation_lastk"
 
@@ -157,7 +157,7 @@ class Method(BaseMethod):
         self.train_sets = [self._split(d, "train", f"train_data={cfg.train_data!r}") for d in sets]
         self.val = self._split(self.target_domain, "val", "validation")
         self.test = self._split(self.target_domain, "test", "the reported score")
-        self.pools = [IndexPool(np.arange(len(s))) for s in self.train_sets]
+        self.pools = [self.sampler_part(str(i), IndexPool(np.arange(len(s)))) for i, s in enumerate(self.train_sets)]
         self.batch_size = cfg.batch_size
         self.net = UNet(int(self.val.images.shape[-1]), len(self.classes), cfg.widths)
         self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -277,10 +277,3 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.model()
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": [p.state() for p in self.pools]}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for p, s in zip(self.pools, state["pools"]):
-            p.load(s)

@@ -461,10 +461,10 @@ class TwinBatch(NamedTuple):
 
 @register(Config, capabilities_for=lambda cfg: {"vae": {"encode", "translate"}, "supervised": {"encode", "predict"},
                                                 "heads": {"encode", "translate", "predict"}}[cfg.stage])
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
-    name: ClassVar[str] = "twinvae"
+    name = "twinvae"
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode", "translate", "predict"})
     evaluator: ClassVar[str] = "depth_segmentation"
 
@@ -496,7 +496,8 @@ class Method(BaseMethod):
                               f"divisible by {factor}; {data.root} has {size}px images")
         self.batch_size = cfg.batch_size
         self.sigma2 = cfg.mmd_sigma2_per_dim * cfg.latent_channels * (size // factor) ** 2
-        self.pools = {"sim": IndexPool(np.arange(len(self.sim))), "real": IndexPool(np.arange(len(self.real)))}
+        self.pools = {"sim": self.sampler_part("sim", IndexPool(np.arange(len(self.sim)))),
+                      "real": self.sampler_part("real", IndexPool(np.arange(len(self.real))))}
         self.twin: TwinVAE | None = None
         self.encoder: Encoder | None = None  # supervised baselines: one encoder, no twin
         self.heads: Heads | None = None
@@ -505,7 +506,7 @@ class Method(BaseMethod):
                                                                                  cfg.latent_channels))
             gaussian_init(self.encoder, cfg.init_std)
             init_logvar(self.encoder.shared, cfg.logvar_bias_init)
-            self.pools["sup"] = IndexPool(np.arange(len(self.sup)))
+            self.pools["sup"] = self.sampler_part("sup", IndexPool(np.arange(len(self.sup))))
         else:
             self.twin = TwinVAE(channels, cfg)
         if cfg.stage != "vae":
@@ -823,13 +824,6 @@ class Method(BaseMethod):
             return Translator(self.twin)
         return DensePredictor(self._predict_encoder(), self.heads, self.cfg.depth_max)
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for k, p in self.pools.items():
-            p.load(state["pools"][k])
 
 
 def _arr(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray:

@@ -50,8 +50,8 @@ def _train_and_score(data_dir: Path, params: Params, tmp: Path, run_name: str, p
     from s2r import stages
     from s2r.evaluators import latent
 
-    summary = stages.train("ae", data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt", run_name=run_name,
-                           parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest("ae", data_dir, tmp / "model", ckpt_dir=tmp / "ckpt", run_name=run_name,
+                                               parent_run_id=parent_run_id), params)
     m, _ = stages.load_trained(tmp / "model", data_dir, params)
     out: dict[str, Any] = {"val_knn_accuracy": summary.get("val_knn_accuracy"), "train_seconds": summary["seconds"]}
     data = m.data

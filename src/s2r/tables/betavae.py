@@ -40,15 +40,15 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
     from s2r.evaluators import disentanglement
     from s2r.tracking import TrackedRun
 
-    summary = stages.train("betavae", data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt",
-                           run_name=f"table@betavae[{name}]", parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest("betavae", data_dir, tmp / "model", ckpt_dir=tmp / "ckpt",
+                                               run_name=f"table@betavae[{name}]", parent_run_id=parent_run_id), params)
     method, saved = stages.load_trained(tmp / "model", data_dir, params)
     if plots_out:
         plots_out.mkdir(parents=True, exist_ok=True)
     with TrackedRun(f"table-evaluate@betavae[{name}]", experiment=params.tracking.experiment,
                     params={"model": name}, parent_run_id=parent_run_id,
                     tags={"stage": "tables", "method": "betavae", "train_run_id": saved["mlflow_run_id"]}) as run:
-        res = disentanglement.evaluate(method, run, plots_out, params)
+        res = disentanglement.EVALUATOR.evaluate(method, run, plots_out, params)
     return res | {"train_seconds": float(summary["seconds"]), "val_elbo": float(summary["val_elbo"])}
 
 

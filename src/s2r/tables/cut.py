@@ -71,8 +71,9 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
 
         def segment(label: str, data: Path, train_data: str) -> None:
             work = tmp / f"seg-{len(dists)}"
-            stages.train("segmenter_target", data, work / "model", seg_params(train_data), ckpt_dir=work / "ckpt",
-                         plots_out=work / "plots", parent_run_id=parent.run_id, run_name=f"table@cut[{label}]")
+            stages.train(stages.TrainRequest("segmenter_target", data, work / "model", ckpt_dir=work / "ckpt",
+                                             plots_out=work / "plots", parent_run_id=parent.run_id,
+                                             run_name=f"table@cut[{label}]"), seg_params(train_data))
             dists[label] = _lastk(work / "plots", cfg.last_k)
 
         segment("synthetic", data_dir, "synthetic")
@@ -84,8 +85,9 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
                                            "methods.cut.steps_per_epoch": cfg.cut_steps_per_epoch,
                                            "train.progress": False, "tracking.log_model": False})
             work = tmp / f"cut-{p}"
-            summary = stages.train("cut", data_dir, work / "model", cp, ckpt_dir=work / "ckpt",
-                                   parent_run_id=parent.run_id, run_name=f"table@cut[CUT {p}px]")
+            summary = stages.train(stages.TrainRequest("cut", data_dir, work / "model", ckpt_dir=work / "ckpt",
+                                                       parent_run_id=parent.run_id,
+                                                       run_name=f"table@cut[CUT {p}px]"), cp)
             refined[p] = work / "refined"
             stages.refine("cut", work / "model", data_dir, refined[p], None, cp)
             paper_px = f" (~{round(p * PAPER_HEIGHT / size)} px at 480)" if size else ""

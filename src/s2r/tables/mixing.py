@@ -33,8 +33,8 @@ def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_n
     from s2r import stages
     from s2r.evaluators.classification import classification_metrics
 
-    summary = stages.train(method, data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt", run_name=run_name,
-                           parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest(method, data_dir, tmp / "model", ckpt_dir=tmp / "ckpt",
+                                               run_name=run_name, parent_run_id=parent_run_id), params)
     trained, _ = stages.load_trained(tmp / "model", data_dir, params)
     test = trained.data.get(trained.data.spec.target, "test")
     m = classification_metrics(test.labels, trained.predict(test.images).argmax(1), trained.data.spec.classes)
