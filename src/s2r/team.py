@@ -194,7 +194,8 @@ def _pg_start(team_dir: Path, host: str, port: int, password: str) -> None:
     def sql(q: str, db: str = "postgres") -> str:
         r = _run(_as_owner([str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(pg), "-p", str(port),
                             "-U", "postgres", "-d", db, "-tAc", q]), f"psql: {q[:40]}...", log)
-        return r.stdout.strip()
+        out: str = r.stdout.strip()
+        return out
 
     quoted = password.replace("'", "''")
     verb = "ALTER" if sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'") == "1" else "CREATE"
@@ -249,7 +250,8 @@ def _healthy(uri: str, timeout: float = 2.0) -> bool:
 
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as r:
-            return r.status == 200
+            out: bool = r.status == 200
+            return out
     except OSError:
         return False
 

@@ -266,7 +266,8 @@ def _experiment_id(mlflow: Any, uri: str, experiment: str) -> str:
     if exp is None or EXPERIMENT_KIND[0] not in (exp.tags or {}):  # a kind chosen in the UI is kept
         mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    out: str = exp_id
+    return out
 
 
 # MLflow 3's UI shows an experiment as GenAI (traces overview) or as classic ML (training runs). The tag is what

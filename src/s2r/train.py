@@ -12,7 +12,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -140,7 +140,7 @@ class LossSums:
         self.dev: dict[str, torch.Tensor] = {}
         self.order: list[str] = list(self.host)  # keys in first-seen order (the metric order of the history)
 
-    def add(self, losses: dict[str, Any]) -> None:
+    def add(self, losses: Mapping[str, torch.Tensor | float]) -> None:
         for k, v in losses.items():
             if k not in self.host and k not in self.dev:
                 self.order.append(k)

@@ -317,7 +317,8 @@ def bin_factor(values: np.ndarray, low: float, high: float, bins: int) -> np.nda
 def bin_centres(low: float, high: float, bins: int) -> np.ndarray:
     """(bins,) centre of every bin of :func:`bin_factor` (thresholds in OOD splits are rounded to edges)."""
     edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))
-    return (edges[:-1] + edges[1:]) / 2
+    out: np.ndarray = (edges[:-1] + edges[1:]) / 2
+    return out
 
 
 def read_manifest(root: Path) -> Any:

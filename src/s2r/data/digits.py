@@ -79,7 +79,8 @@ def _probe_glyphs(path: Path) -> list[np.ndarray | None]:
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / (x.std() + 1e-8)
+    out: np.ndarray = (x - x.mean()) / (x.std() + 1e-8)
+    return out
 
 
 def available_fonts() -> list[Path]:
@@ -275,7 +276,8 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     h, w = img.shape
     pad = np.pad(img, r, mode="reflect") if r < min(h, w) else np.pad(img, r, mode="edge")
     rows = sum(k[i] * pad[:, i : i + w] for i in range(2 * r + 1))  # (H+2r, W)
-    return sum(k[i] * rows[i : i + h, :] for i in range(2 * r + 1))  # (H, W)
+    out: np.ndarray = sum(k[i] * rows[i : i + h, :] for i in range(2 * r + 1))  # (H, W)
+    return out
 
 
 def render_digit(digit: int, geometry: DigitGeometry, nuisance: Nuisance, image_size: int) -> np.ndarray:

@@ -207,7 +207,8 @@ def _factor_indices(rows: Any, spec: BenchmarkSpec) -> np.ndarray:
 def pd_to_float(v: Any) -> np.ndarray:
     import pandas as pd
 
-    return pd.to_numeric(v, errors="coerce").to_numpy(np.float64)
+    out: np.ndarray = pd.to_numeric(v, errors="coerce").to_numpy(np.float64)
+    return out
 
 
 def save_split(d: Path, part: PreparedSplit) -> None:

@@ -56,8 +56,8 @@ def labelled_images(depth: np.ndarray, masks: np.ndarray, min_depth: float = 1e-
                     max_depth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per image of (N, H, W) depth / masks: (has a valid depth pixel, has a labelled mask pixel) boolean (N,)."""
     n = len(depth)
-    has_d = valid_mask(depth, min_depth, max_depth).reshape(n, -1).any(1)
-    has_m = (np.asarray(masks) != IGNORE).reshape(n, -1).any(1)
+    has_d = np.asarray(valid_mask(depth, min_depth, max_depth).reshape(n, -1).any(1))
+    has_m = np.asarray((np.asarray(masks) != IGNORE).reshape(n, -1).any(1))
     return has_d, has_m
 
 
@@ -74,7 +74,8 @@ def colorize_mask(mask: np.ndarray, k: int) -> np.ndarray:
     """(H, W) class ids -> (H, W, 3) uint8 with a fixed qualitative palette (ignore = black)."""
     import matplotlib
 
-    pal = (np.asarray(matplotlib.colormaps["tab10"].colors)[: max(k, 1)] * 255).astype(np.uint8)
+    tab10: Any = matplotlib.colormaps["tab10"]  # a ListedColormap (matplotlib types it as any Colormap)
+    pal = (np.asarray(tab10.colors)[: max(k, 1)] * 255).astype(np.uint8)
     m = np.asarray(mask, np.int64)
     out = np.zeros((*m.shape, 3), np.uint8)
     ok = (m >= 0) & (m < k)

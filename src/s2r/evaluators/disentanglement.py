@@ -61,6 +61,7 @@ import numpy as np
 from s2r.config import Params
 from s2r.evaluators.base import Evaluator, register
 from s2r.files import JsonDict
+from s2r.methods.base import to_uint8
 from s2r.methods.betavae import Method as BetavaeMethod
 from s2r.tracking import TrackedRun
 
@@ -89,7 +90,8 @@ def split_points(n: int, num_train: int, num_test: int, seed: int = 0) -> tuple[
 def _norm_entropy(p: np.ndarray, base: int, axis: int) -> np.ndarray:
     """scipy.stats.entropy(p, base=base) along `axis`: p is normalised to sum 1 along it first."""
     p = p / p.sum(axis, keepdims=True)
-    return -(p * np.log(p)).sum(axis) / np.log(base)
+    out: np.ndarray = -(p * np.log(p)).sum(axis) / np.log(base)
+    return out
 
 
 def dci_from_importance(r: np.ndarray) -> tuple[float, float]:
@@ -392,8 +394,7 @@ def traversal_grid(method: BetavaeMethod, image: np.ndarray, steps: int = 7, spa
 def recon_rows(method: BetavaeMethod, images: np.ndarray) -> np.ndarray:
     """Originals (at the model resolution) followed by their reconstructions."""
     x = method.to_input(images)
-    orig = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B,C,H,W) -> (B,H,W,C)
-    return np.concatenate([orig, method.reconstruct(images)])
+    return np.concatenate([to_uint8(x), method.reconstruct(images)])
 
 
 def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
@@ -411,7 +412,7 @@ def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
 
 def evaluation_sets(method: BetavaeMethod) -> dict[str, Any]:
     """The labelled sets of the study: source-domain in-distribution / held-out values, target domain."""
-    from s2r.data.benchmark import SPLITS
+    from s2r.config import SPLITS
 
     data = method.data
     cap = method.cfg.eval_images  # methods.<name>.eval_images: 0 = every image

@@ -82,13 +82,15 @@ def ssim_per_image(a: np.ndarray, b: np.ndarray, win_size: int = 11) -> np.ndarr
     y = torch.from_numpy(np.asarray(b, np.float32) / 255.0).permute(0, 3, 1, 2)
     s = min(x.shape[-2:])
     win = max(3, min(win_size, s if s % 2 else s - 1))
-    return ssim(x, y, data_range=1.0, size_average=False, win_size=win).numpy()
+    out: np.ndarray = ssim(x, y, data_range=1.0, size_average=False, win_size=win).numpy()
+    return out
 
 
 def l1_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean absolute pixel difference in [0, 1] per image (the paper's Table 1 reports the sum over pixels)."""
     d = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) / 255.0
-    return d.reshape(len(d), -1).mean(1)
+    out: np.ndarray = d.reshape(len(d), -1).mean(1)
+    return out
 
 
 def lpips_status() -> tuple[bool, str]:
@@ -117,7 +119,8 @@ def lpips_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y
 
     with torch.no_grad():
-        return net(t(a), t(b)).flatten().numpy()
+        out: np.ndarray = net(t(a), t(b)).flatten().numpy()
+        return out
 
 
 def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.ndarray:
@@ -214,9 +217,10 @@ class Latent(Evaluator[Method[LatentConfig]]):
             src_test = data.get(source, "test") if data.has(source, "test") else None
             pairs = (paired_indices(test.scene_ids, src_test.scene_ids) if src_test is not None
                      else np.full(len(inp), -1))
+            src_images = np.asarray(src_test.images) if src_test is not None else inp[:0]
             have = pairs >= 0
             if have.any():
-                synth = np.asarray(src_test.images)[pairs[have]]
+                synth = src_images[pairs[have]]
                 result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
                 result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
                 result["paired"] = int(have.sum())
@@ -235,7 +239,7 @@ class Latent(Evaluator[Method[LatentConfig]]):
             rows = [inp[:n], recon[:n]]
             labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
             if have[:n].all():
-                rows.append(np.asarray(src_test.images)[pairs[:n]])
+                rows.append(src_images[pairs[:n]])
                 labels += [f"paired {source}"] + [""] * (n - 1)
             g = sample_grid(np.concatenate(rows), labels, cols=n,
                             title=f"{method.name}: {target}/test inputs and reconstructions")

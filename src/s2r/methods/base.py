@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -64,6 +64,13 @@ def to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
     t = to_device(np.asarray(images), device)  # the uint8 bytes travel, the float conversion runs on the device
     # (B, H, W, C) -> (B, C, H, W), copied into fresh NCHW strides (also for C = 1, where strides are ambiguous)
     return t.permute(0, 3, 1, 2).to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (B, C, H, W) in [0, 1] (any device) -> uint8 (B, H, W, C) host array, rounded: to_float's inverse."""
+    # (B, C, H, W) -> (B, H, W, C); the uint8 bytes travel to the host, not the floats
+    out: np.ndarray = (x.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return out
 
 
 class IndexPool:
@@ -199,7 +206,7 @@ class Method(nn.Module, Generic[C]):
 
         It may use the sampler (self.rng): the loop calls it before the prefetch thread starts drawing."""
 
-    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:  # batch: what batches() yields
+    def train_step(self, batch: Any) -> Mapping[str, torch.Tensor | float]:  # batch: what batches() yields
         raise NotImplementedError
 
     def validate(self) -> dict[str, float]:

@@ -77,7 +77,7 @@ from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.files import atomic_path
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -164,7 +164,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.leaky_relu(x, self.slope))
         h = self.conv2(F.leaky_relu(h, self.slope))
-        return x + self.gate * h
+        out: torch.Tensor = x + self.gate * h
+        return out
 
 
 def _pair(c: int, slope: float) -> list[nn.Module]:
@@ -173,7 +174,8 @@ def _pair(c: int, slope: float) -> list[nn.Module]:
 
 def final_spatial(image_size: int, n_pairs: int) -> int:
     """Spatial size after the stride-2 conv and (n_pairs - 1) poolings."""
-    return image_size // 2 ** n_pairs
+    out: int = image_size // 2 ** n_pairs
+    return out
 
 
 class Encoder(nn.Module):
@@ -244,7 +246,8 @@ class Decoder(nn.Module):
         if self.hidden is not None:
             z = F.leaky_relu(self.hidden(z), self.slope)
         h = self.fc(z).view(-1, self.c0, self.s, self.s)  # (B, C*s*s) -> (B, C, s, s)
-        return self.out(F.leaky_relu(self.body(h), self.slope))
+        out: torch.Tensor = self.out(F.leaky_relu(self.body(h), self.slope))
+        return out
 
 
 class VAE(nn.Module):
@@ -260,7 +263,8 @@ class VAE(nn.Module):
         self.decoder = Decoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope, cfg.fc_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)[0]
+        out: torch.Tensor = self.encoder(x)[0]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,7 +562,8 @@ class Method(BaseMethod[Config]):
             raise ConfigError("keys 'methods.betavae.ood_holdout' / '.ood_threshold': give one of them, not both")
         n = spec.factors[name]
         if name in spec.factor_ranges:
-            values = bin_centres(*(float(v) for v in spec.factor_ranges[name]), n)
+            low, high = spec.factor_ranges[name]
+            values = bin_centres(float(low), float(high), n)
         else:
             values = np.arange(n, dtype=np.float64)
         held = [int(b) for b in np.flatnonzero(values >= cfg.ood_threshold)]
@@ -669,7 +674,8 @@ class Method(BaseMethod[Config]):
         opt.step()
         self.step_schedulers()
         self.step += 1
-        res = {k: v.detach() for k, v in out.items()} | {"beta": beta, "grad_norm": gnorm.detach()}
+        res: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in out.items()}
+        res |= {"beta": beta, "grad_norm": gnorm.detach()}
         if self.pair_mode == "match" and self.cfg.supervision == "weak":
             res["pair_distance"] = float(self.pair_distance)
         return res
@@ -726,7 +732,7 @@ class Method(BaseMethod[Config]):
         """Latents (N, d) -> uint8 images (N, S, S, C): the Bernoulli means."""
         self.vae.eval()
         x = torch.sigmoid(self.vae.decoder(torch.as_tensor(z, dtype=torch.float32, device=self.device)).float())
-        return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B,C,H,W) -> (B,H,W,C)
+        return to_uint8(x)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(images))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,9 +36,9 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.ae import EXTRACTORS, IMAGENET_MEAN, IMAGENET_STD, cut_level3, load_torchvision_model
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.extractors import EXTRACTORS, IMAGENET_MEAN, IMAGENET_STD, cut_level3, load_torchvision_model
 from s2r.methods.registry import register
 
 
@@ -74,7 +74,7 @@ class Config:
 
 def split_model(name: str, weights: str, seed: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """(layers up to the paper's cut "level -3", the rest of the torchvision classifier with a K-way last layer)."""
-    full = load_torchvision_model(name, weights, seed)
+    full: Any = load_torchvision_model(name, weights, seed)  # torchvision's layer names (an untyped library)
     cut = cut_level3(name, full)
     if name == "vgg11":
         last = full.classifier[-1]
@@ -92,6 +92,9 @@ def split_model(name: str, weights: str, seed: int, num_classes: int) -> tuple[n
 
 class Network(nn.Module):
     """Exported classifier: (B, C, H, W) in [0, 1] -> (B, K) logits (resize, grey -> RGB, ImageNet norm inside)."""
+
+    mean: torch.Tensor  # a buffer (register_buffer)
+    std: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, cut: nn.Module, rest: nn.Module, input_size: int, frozen_cut: bool) -> None:
         super().__init__()
@@ -116,7 +119,8 @@ class Network(nn.Module):
                 h = self.cut(x)
         else:
             h = self.cut(x)
-        return self.rest(h)
+        out: torch.Tensor = self.rest(h)
+        return out
 
 
 @register(Config)

@@ -48,7 +48,6 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -61,9 +60,10 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
+from s2r.methods.common import EMA, lsgan_d_loss, lsgan_g_loss, spread, stat_gap
+from s2r.methods.cyclegan import Discriminator, Generator, Refiner
 from s2r.methods.registry import register
 
 
@@ -240,22 +240,6 @@ def build_networks(cfg: Config, channels: int) -> tuple[Generator, Discriminator
     return g, d, heads
 
 
-class EMA(nn.Module):
-    """Exponential moving average of a module's weights (copies buffers): avg <- d * avg + (1 - d) * current."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        super().__init__()
-        self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, current: nn.Module) -> None:
-        for a, c in zip(self.module.parameters(), current.parameters()):
-            a.lerp_(c.detach(), 1.0 - self.decay)
-        for a, c in zip(self.module.buffers(), current.buffers()):
-            a.copy_(c)
-
-
 def linear_decay_schedulers(optimizers: dict[str, torch.optim.Optimizer], total_steps: int,
                             decay_start: float) -> dict[str, Any]:
     """Constant lr, then linear decay to 0 at the last step (CUT's `linear` policy, in steps)."""
@@ -358,7 +342,8 @@ class Method(BaseMethod[Config]):
         """G on cat(a, b) (b only with the identity term): (2B or B, C, p, p), as CUT's forward()."""
         c = self.cfg
         with self.autocast():
-            return self.g(torch.cat([a, b]) if c.nce_idt and c.lambda_nce > 0 else a)
+            out: torch.Tensor = self.g(torch.cat([a, b]) if c.nce_idt and c.lambda_nce > 0 else a)
+            return out
 
     def generator_loss(self, a: torch.Tensor, b: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 2: lambda_GAN L_GAN + lambda_NCE (L_PatchNCE(G, H, X) + L_PatchNCE(G, H, Y)), fake = G(cat(a, b))."""
@@ -396,7 +381,7 @@ class Method(BaseMethod[Config]):
         if self.g_ema is not None:
             self.g_ema.update(self.g)
         self.step_schedulers()
-        out = {k: v.detach() for k, v in g_out.items()}  # on the device: the loop syncs when it logs
+        out: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in g_out.items()}  # synced when logged
         return out | {"loss_d": loss_d.detach(), "d_real": real_s.float().mean().detach(),
                       "d_fake": fake_s.float().mean().detach()}
 
@@ -419,7 +404,7 @@ class Method(BaseMethod[Config]):
                 x = to_float(images[i : i + batch_size], self.device)
                 with self.autocast():
                     y = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
-                out[i : i + batch_size] = (y * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                out[i : i + batch_size] = to_uint8(y)
             return out
         finally:
             self.train(was_training)
@@ -427,8 +412,8 @@ class Method(BaseMethod[Config]):
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """PatchNCE on full val images (fixed locations), content change and pixel-statistics gap to real B."""
-        xa = to_float(self.a_val.images[_spread(len(self.a_val), 32)], self.device)
-        xb = to_float(self.b_val.images[_spread(len(self.b_val), 32)], self.device)
+        xa = to_float(self.a_val.images[spread(len(self.a_val), 32)], self.device)
+        xb = to_float(self.b_val.images[spread(len(self.b_val), 32)], self.device)
         gen = self.refiner()
         fake = (gen(xa * 2 - 1).float() + 1) / 2
         layers = self.cfg.nce_layers
@@ -437,7 +422,7 @@ class Method(BaseMethod[Config]):
         k, q = self.heads(feat_k, ids), self.heads(feat_q, ids)
         nce = torch.stack([patch_nce_loss(qi, ki, self.cfg.nce_temperature) for qi, ki in zip(q, k)]).mean()
         return {"val_nce_x": float(nce), "val_l1_a2b": float((fake - xa).abs().mean()),
-                "val_gap_original": _stat_gap(xa, xb), "val_gap_refined": _stat_gap(fake.clamp(0, 1), xb)}
+                "val_gap_original": stat_gap(xa, xb), "val_gap_refined": stat_gap(fake.clamp(0, 1), xb)}
 
     def example_input(self) -> np.ndarray:
         return to_float(self.a_val.images[:2], torch.device("cpu")).numpy()

@@ -124,7 +124,8 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, K) logits."""
         h = self.stages(self.stem(x))
-        return self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
+        out: torch.Tensor = self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
+        return out
 
 
 @register(Config)
@@ -182,10 +183,10 @@ class Method(BaseMethod[Config]):
         """Random crop after zero padding (+ optional horizontal flip), per image."""
         p = self.cfg.aug_crop_padding
         b, h, w, _ = images.shape
-        padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        dy = self.rng.integers(0, 2 * p + 1, b)
-        dx = self.rng.integers(0, 2 * p + 1, b)
-        flip = self.rng.random(b) < 0.5 if self.cfg.aug_hflip else np.zeros(b, bool)
+        padded: np.ndarray = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        dy = np.asarray(self.rng.integers(0, 2 * p + 1, b))
+        dx = np.asarray(self.rng.integers(0, 2 * p + 1, b))
+        flip = np.asarray(self.rng.random(b) < 0.5 if self.cfg.aug_hflip else np.zeros(b, bool))
         out = np.empty_like(images)
         for i in range(b):
             crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]

@@ -1,6 +1,7 @@
 """Method registry: a method registers where it is defined; its module name is its name everywhere.
 
-Every module of `s2r.methods` (except `base` and this one) decorates its `Method` class with `@register(Config)`:
+Every module of `s2r.methods` that holds a method (all but NOT_METHODS) decorates its `Method` class with
+`@register(Config)`:
 
     @register(Config, aliases=("mrgan",))
     class Method(BaseMethod[Config]):
@@ -35,7 +36,7 @@ CAPABILITIES = {
     "predict": "uint8 images (N, H, W, C) -> class probabilities (N, K) summing to 1, or per-pixel maps "
                "(N, H, W) (integer masks, finite depth), or a dict of such arrays",
 }
-NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hold no method
+NOT_METHODS = frozenset({"base", "common", "extractors", "registry"})  # modules of s2r.methods that hold no method
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def register(config: type[C], *, aliases: tuple[str, ...] = (),
 
 
 def method_modules() -> list[str]:
-    """The modules of s2r.methods that hold a method (discovery: every module but base and registry)."""
+    """The modules of s2r.methods that hold a method (discovery: every module but NOT_METHODS)."""
     import s2r.methods
 
     return sorted(f"s2r.methods.{m.name}" for m in pkgutil.iter_modules(s2r.methods.__path__)

@@ -37,7 +37,7 @@ from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.cut import EMA
+from s2r.methods.common import EMA
 from s2r.methods.registry import register
 
 TRAIN_DATA = ("synthetic", "refined", "target", "target+synthetic", "target+refined")
@@ -108,7 +108,8 @@ class UNet(nn.Module):
         f = self.features(x)
         d2 = self.dec2(torch.cat([self.up2(f["bottleneck"]), f["enc2"]], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), f["enc1"]], 1))
-        return self.head(d1)[..., :h, :w]
+        out: torch.Tensor = self.head(d1)[..., :h, :w]
+        return out
 
 
 def lastk_summary(values: np.ndarray, k: int, prefix: str) -> dict[str, float]:
@@ -121,6 +122,12 @@ def lastk_summary(values: np.ndarray, k: int, prefix: str) -> dict[str, float]:
     return {f"{prefix}_lastk_median": float(np.median(v)), f"{prefix}_lastk_iqr": float(q3 - q1),
             f"{prefix}_lastk_mean": float(v.mean()), f"{prefix}_lastk_std": float(v.std()),
             f"{prefix}_lastk_min": float(v.min()), f"{prefix}_lastk_max": float(v.max()), f"{prefix}_lastk_n": len(v)}
+
+
+def _masks(part: PreparedSplit) -> np.ndarray:
+    """A split's masks (Method._split refuses a split without them)."""
+    assert part.masks is not None
+    return part.masks
 
 
 class SegBatch(NamedTuple):
@@ -138,6 +145,10 @@ class Method(BaseMethod[Config]):
     name = "segmenter"
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "segmentation_lastk"
+
+    miou_history: torch.Tensor  # a buffer (register_buffer)
+    class_history: torch.Tensor  # a buffer (register_buffer)
+    epochs_done: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
@@ -190,7 +201,7 @@ class Method(BaseMethod[Config]):
             idx = self.pools[s].draw(self.cfg.batch_size, self.rng)
             part = self.train_sets[s]
             labels = np.asarray(part.labels[idx]) if len(part.labels) else np.zeros(len(idx), np.int64)
-            yield SegBatch(np.asarray(part.images[idx]), np.maximum(labels, 0), np.asarray(part.masks[idx]))
+            yield SegBatch(np.asarray(part.images[idx]), np.maximum(labels, 0), np.asarray(_masks(part)[idx]))
 
     def train_step(self, batch: SegBatch) -> dict[str, torch.Tensor]:
         x = to_float(batch.images, self.device)
@@ -206,7 +217,7 @@ class Method(BaseMethod[Config]):
     # -- use -----------------------------------------------------------------------------------------------
     def model(self) -> UNet:
         """The network that is evaluated: the EMA weights when enabled (Section IV-C)."""
-        return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
+        return self.ema.module if self.ema is not None else self.net
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -238,7 +249,7 @@ class Method(BaseMethod[Config]):
     def score(self, part: PreparedSplit) -> dict[str, Any]:
         """mIoU / per-class IoU / pixel accuracy on (the first eval_images of) a split."""
         n = self.cfg.eval_images or len(part)
-        cm = confusion(np.asarray(part.masks[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
+        cm = confusion(np.asarray(_masks(part)[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
         # paper 5 (Sec. IV-A): "mean IoU ... over all classes present in the dataset": absent classes left out
         return metrics_from_confusion(cm, self.classes, miou=MIOU)
 
@@ -264,7 +275,7 @@ class Method(BaseMethod[Config]):
 
         n = min(self.cfg.eval_images or len(self.val), 64)
         return health.class_usage(self.predict(np.asarray(self.val.images[:n])), len(self.classes),
-                                  np.asarray(self.val.masks[:n]), 255)
+                                  np.asarray(_masks(self.val)[:n]), 255)
 
     def health_checks(self) -> list[Any]:
         from s2r import health

@@ -78,8 +78,9 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.common import spread
 from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
@@ -226,7 +227,8 @@ class PrivateEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 class SharedEncoder(nn.Module):
@@ -255,7 +257,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Latent:
         """(B, C, H, W) in [-1, 1] -> Latent of (B, L, H / 2^P, W / 2^P)."""
-        return self.shared(self.private(x))
+        out: Latent = self.shared(self.private(x))
+        return out
 
 
 class SharedDecoder(nn.Module):
@@ -273,7 +276,8 @@ class SharedDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        out: torch.Tensor = self.net(z)
+        return out
 
 
 class PrivateDecoder(nn.Module):
@@ -294,7 +298,8 @@ class PrivateDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        out: torch.Tensor = self.net(h)
+        return out
 
 
 class Decoder(nn.Module):
@@ -307,7 +312,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, L, h, w) latent -> (B, out, h * 2^P, w * 2^P)."""
-        return self.private(self.shared(z))
+        out: torch.Tensor = self.private(self.shared(z))
+        return out
 
 
 class TwinVAE(nn.Module):
@@ -352,7 +358,9 @@ def init_logvar(shared: SharedEncoder, bias: float) -> None:
     (bias 0) would hide it from the decoders and heads for the first hundreds of steps (paper 3's custom
     log-variance init, Table 3, does the same for its VAEs)."""
     with torch.no_grad():
-        shared.logvar.bias.fill_(bias)
+        bias_param = shared.logvar.bias
+        assert bias_param is not None  # nn.Conv2d/Linear built with bias=True
+        bias_param.fill_(bias)
 
 
 # -- losses --------------------------------------------------------------------------------------------------
@@ -432,7 +440,8 @@ class Translator(nn.Module):
         self.twin = twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.twin.dec_r(self.twin.enc_s(x * 2 - 1).mu) + 1) / 2
+        out: torch.Tensor = (self.twin.dec_r(self.twin.enc_s(x * 2 - 1).mu) + 1) / 2
+        return out
 
 
 class DensePredictor(nn.Module):
@@ -515,6 +524,7 @@ class Method(BaseMethod[Config]):
         self.seg_weight: torch.Tensor | None = None  # class weights of the CE (seg_weighting), from the train masks
         if cfg.seg_weighting == "median_frequency" and cfg.stage != "vae":
             labelled = self.sup if cfg.stage == "supervised" else self.sim
+            assert labelled.masks is not None  # checked above (_check_dense)
             self.seg_weight = torch.from_numpy(median_frequency_weights(labelled.masks, len(self.seg_classes)))
         self.init_info: dict[str, str] = {}
 
@@ -691,7 +701,8 @@ class Method(BaseMethod[Config]):
     # -- capabilities ----------------------------------------------------------------------------------------
     def _latent(self, enc: Encoder, x: torch.Tensor) -> torch.Tensor:
         lat = enc(x)
-        return lat.z if self.cfg.inference_sample else lat.mu
+        out: torch.Tensor = lat.z if self.cfg.inference_sample else lat.mu
+        return out
 
     def _predict_encoder(self) -> Encoder:
         """The encoder that reads target (real) images: E_R for the twin, the baseline's own encoder otherwise."""
@@ -739,7 +750,7 @@ class Method(BaseMethod[Config]):
         enc, dec = pair
         ys = self._batched(images, lambda x: dec(self._latent(enc, x)), batch_size)
         y = ((torch.cat(ys) + 1) / 2).clamp(0, 1)
-        return (y * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, C, H, W) -> (N, H, W, C)
+        return to_uint8(y)
 
     def predict(self, images: np.ndarray, batch_size: int = 64, domain: str = "real") -> dict[str, np.ndarray]:
         """Images of `domain` -> {"depth": (N, H, W) float32 metres, "mask": (N, H, W) int64 class ids}.
@@ -769,7 +780,7 @@ class Method(BaseMethod[Config]):
         trained on), `val_real_*` = the real encoder E_R on real val images (the evaluated path)."""
         n = self.cfg.val_images
         sv, rv = self.sim_val, self.real_val
-        si, ri = _spread(len(sv), n), _spread(len(rv), n)
+        si, ri = spread(len(sv), n), spread(len(rv), n)
         if self.cfg.stage == "vae":
             zs = torch.from_numpy(self.encode(sv.images[si], "sim"))
             zr = torch.from_numpy(self.encode(rv.images[ri], "real"))
@@ -799,7 +810,7 @@ class Method(BaseMethod[Config]):
         from s2r import health
 
         rv = self.real_val
-        ri = _spread(len(rv), self.cfg.val_images)
+        ri = spread(len(rv), self.cfg.val_images)
         if self.heads is None:
             lat = self._predict_encoder()(self._t(rv.images[ri]))
             return health.active_units(lat.mu.float().cpu(), lat.logvar.float().cpu())
@@ -830,8 +841,3 @@ def _arr(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
     if a is None:
         return np.zeros((len(idx), 0, 0), np.float32)
     return np.asarray(a[idx])
-
-
-def _spread(n: int, k: int) -> np.ndarray:
-    """min(n, k) indices spread evenly over 0..n-1 (a fixed validation subset)."""
-    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))

@@ -29,7 +29,8 @@ def _lastk(plots: Path, k: int) -> np.ndarray:
     import pandas as pd
 
     df = pd.read_csv(plots / "train_history.csv")
-    return df["test_miou"].to_numpy(np.float64)[-k:]
+    out: np.ndarray = df["test_miou"].to_numpy(np.float64)[-k:]
+    return out
 
 
 def cut_tables(data_dir: Path, out: Path, params_path: Path,

@@ -73,7 +73,8 @@ def class_set(options: dict[str, Any]) -> str:
     name = option(options, "classes", "shared", str)
     if name not in CLASS_SETS:
         raise DataError(f"option 'classes': {name!r} must be one of {sorted(CLASS_SETS)}")
-    return name
+    out: str = name
+    return out
 
 KITTI_INFO = SourceInfo(
     name="kitti", title="KITTI (depth + semantics, real)", url="https://www.cvlibs.net/datasets/kitti/ (raw data, "

@@ -121,7 +121,8 @@ def frame_height(first: Path, size: int, crop: str) -> int:
 
     with Image.open(first) as im:
         w, h = im.size
-    return max(1, round(size * h / w))
+    out: int = max(1, round(size * h / w))
+    return out
 
 
 def _lines(path: Path) -> list[str]:
