@@ -1,7 +1,8 @@
 """Pipeline stages behind the CLI: generate, validate, prepare, train, evaluate, report.
 
 Each stage reads hyperparameters from params.yaml and paths from its arguments, writes its outputs
-atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
+atomically, and (train / evaluate / refine) is one MLflow run named `<stage>@<method>-seed<N>` in the experiment of
+the method's paper; evaluate and refine runs are nested under the training run of their model.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def train(request: TrainRequest, params: Params) -> JsonDict:
 def _train(req: TrainRequest, params: Params, threads_choice: str) -> JsonDict:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
     from s2r.data.prepared import PreparedBenchmark
+    from s2r.tracking import log_interval
     from s2r.train import fit
 
     cfg = method_config(params, req.method)
@@ -114,14 +116,15 @@ def _train(req: TrainRequest, params: Params, threads_choice: str) -> JsonDict:
     method, init_tags = _build_method(req, cfg, data, params)
     logged = {"method": req.method, "seed": params.seed, "methods": {req.method: to_dict(cfg)},
               "train": asdict(params.train), "benchmark": data.spec.name}
-    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice}, resume) as run:
+    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice}, resume,
+                    total) as run:
         write_json(req.checkpoints / RUN_FILE, {"run_id": run.run_id, "method": req.method, "steps": total,
                                                 "fingerprint": fingerprint})
         if resume.state is None:
             _log_inputs(run, method, logged)
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=req.checkpoints, run=run, resume_state=resume.state, on_epoch=req.on_epoch,
-                     log_every=params.tracking.log_every)
+                     log_every=log_interval(params.tracking.log_every, total))
         summary = _save_outputs(req, method, result, run, params, cfg.epochs, total)
         if req.metrics_out:
             write_json(Path(req.metrics_out), summary)
@@ -174,16 +177,18 @@ def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, par
 
 
 def _train_run(req: TrainRequest, params: Params, method: Method[Any], logged: JsonDict, tags: dict[str, str],
-               resume: _Resume) -> TrackedRun:
-    """The MLflow run of the training (the resumed one with --resume), tagged for comparison."""
+               resume: _Resume, total: int) -> TrackedRun:
+    """The MLflow run of the training (the resumed one with --resume) in its paper's experiment, tagged."""
     import torch
 
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     return TrackedRun(
-        req.run_name or f"train@{req.method}", experiment=params.tracking.experiment, params=logged,
+        req.run_name or f"train@{req.method}-seed{params.seed}",
+        experiment=registry.experiment(params.tracking.experiment, req.method), params=logged,
         tags=_run_tags(method.data, params.seed, str(method.device)) | {"stage": "train", "method": req.method}
-        | dict(req.tags) | tags | {"threads": str(torch.get_num_threads())}
+        | dict(req.tags) | tags | {"threads": str(torch.get_num_threads()), "steps": str(total)}
         | ({"resume": resume.mode} if req.resume else {}),
         run_id=resume.run_id, parent_run_id=req.parent_run_id, system_metrics=params.tracking.system_metrics)
 
@@ -211,9 +216,12 @@ def _save_outputs(req: TrainRequest, method: Method[Any], result: FitResult, run
     model = method.export_model()
     save_trained(Path(req.out), req.method, method, params.seed, run.run_id)
     _plot_history(result.history, req.method, run, req.plots_out)
-    if params.tracking.log_model:
-        model_uri = run.log_model(model.cpu(), method.example_input())
-        run.set_tags({"model_uri": model_uri})
+    model_id = ""
+    if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
+        model_uri, model_id = run.log_model(
+            model.cpu(), method.example_input(), f"{req.method}-seed{params.seed}", step=steps,
+            params={"seed": params.seed, **to_dict(method.cfg)}, tags={"method": req.method, "seed": str(params.seed)})
+        run.set_tags({"model_uri": model_uri, "model_id": model_id})
         model.to(method.device)
     return {
         **{k: v for k, v in final.items() if k != "epoch"},
@@ -222,7 +230,7 @@ def _save_outputs(req: TrainRequest, method: Method[Any], result: FitResult, run
         "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
         "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
         "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-        "mlflow_run_id": run.run_id, **verdict,
+        "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
     }
 
 
@@ -379,6 +387,22 @@ def load_trained(model_dir: Path, data_dir: Path, params: Params) -> tuple[Metho
     return method, saved
 
 
+def _under_training(train_run_id: str | None, method_name: str, params: Params) -> dict[str, Any]:
+    """Where a run about a trained model (evaluate, refine) goes: nested under its training run, in that run's
+    experiment, when this store holds it; else in the method's paper's experiment. Also the training's LoggedModel
+    id and step count (its test metrics are logged there, s2r.tracking.log_model_metrics)."""
+    from s2r.methods import registry
+    from s2r.tracking import run_info
+
+    found = run_info(train_run_id) if train_run_id else None
+    if found is None:
+        return {"experiment": registry.experiment(params.tracking.experiment, method_name), "parent_run_id": None,
+                "model_id": "", "steps": 0}
+    experiment, tags = found
+    return {"experiment": experiment, "parent_run_id": train_run_id, "model_id": tags.get("model_id", ""),
+            "steps": int(tags.get("steps", "0") or 0)}
+
+
 def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,
              params: Params) -> dict[str, Any]:
     """Score a trained method on the target domain's test split with the evaluator it declares.
@@ -387,7 +411,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
     `s2r.evaluators.base.Evaluator`): evaluators belong to the task, not the method.
     """
     from s2r.evaluators import base as evaluators
-    from s2r.tracking import TrackedRun
+    from s2r.tracking import TrackedRun, log_model_metrics
 
     method, saved = load_trained(model_dir, data_dir, params)
     if saved["method"] != method_name:
@@ -397,15 +421,20 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         raise DataError(f"method {method_name!r} declares no evaluator (Method.evaluator) to score it with")
     evaluator = evaluators.evaluator(evaluator_name)
     data = method.data
+    train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
-        f"evaluate@{method_name}", experiment=params.tracking.experiment,
+        f"evaluate@{method_name}-seed{saved['seed']}", experiment=train["experiment"], section="test",
+        parent_run_id=train["parent_run_id"],
         params={"method": method_name, "model": str(model_dir), "data": str(data_dir)},
         tags=_run_tags(data, saved["seed"], str(method.device)) | {
             "stage": "evaluate", "method": method_name, "evaluator": evaluator_name,
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
-        run.log_dataset(data, "evaluation")
+        dataset = run.log_dataset(data, "evaluation")
         metrics = evaluator(method, run, plots_out, params)
+        if train["parent_run_id"]:  # the training run's row (and its LoggedModel) shows the test metrics too
+            log_model_metrics(train["parent_run_id"], train["model_id"], {k: m.value for k, m in run.latest.items()},
+                              step=train["steps"], dataset=dataset)
         result = {"method": method_name, "seed": saved["seed"], "evaluator": evaluator_name,
                   "domain": data.spec.target, "split": "test",
                   **metrics,
@@ -487,8 +516,10 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     a, b = method.domain_a, method.domain_b  # resolved by the translator ("" = source / target)
     ra, rb = f"{a}_{method_name}", f"{b}_{method_name}"
     model_sha = hashlib.sha256((Path(model_dir) / "model.pt").read_bytes()).hexdigest()
+    train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
-        f"refine@{method_name}", experiment=params.tracking.experiment,
+        f"refine@{method_name}-seed{saved['seed']}", experiment=train["experiment"], section="test",
+        parent_run_id=train["parent_run_id"],
         params={"method": method_name, "model": str(model_dir), "data": str(data_dir), "out": str(out),
                 "domain_a": a, "domain_b": b},
         tags=_run_tags(data, saved["seed"], str(method.device)) | {

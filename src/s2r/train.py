@@ -317,10 +317,11 @@ def fit(
     the saved step with the saved optimiser, scheduler and sampler states, so the result matches an
     uninterrupted run.
 
-    Losses stay on the device (LossSums) and are read, checked for NaN/inf and logged only at epoch ends,
-    checkpoints and every `log_every` steps (0 = per epoch only; `steps/train_<loss>` = the mean over those
-    steps, at the global step). A non-finite loss stops training naming the steps since the last check, and
-    no checkpoint is written after it.
+    Losses stay on the device (LossSums) and are read (one sync), checked for NaN/inf and logged only at epoch
+    ends and checkpoints. Every metric is logged at the global step. `log_every` > 0: the training curves
+    (`train_<loss>`, MLflow `train/<loss>`) are the loss means over every `log_every` steps, kept on the device
+    until the next read; 0: the epoch means. Validation, health and lr are logged once per epoch. A non-finite
+    loss stops training naming the steps since the last check, and no checkpoint is written after it.
     """
     loop = _Loop(method, train, epochs * steps_per_epoch, steps_per_epoch, Path(ckpt_dir) / CHECKPOINT, run,
                  log_every)
@@ -337,7 +338,7 @@ def fit(
             bar.update(1)
             done = step + 1
             if log_every > 0 and done % log_every == 0:
-                loop.log_window(done)
+                loop.end_window(done)
             if done % steps_per_epoch == 0:
                 metrics = loop.end_epoch(done)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
@@ -346,6 +347,7 @@ def fit(
                 source.release(done)
             if on_epoch is not None and done % steps_per_epoch == 0:
                 on_epoch(done // steps_per_epoch, loop.result.history[-1])  # may raise to stop/prune
+        loop.log_windows()  # a last window that ended between the last epoch end and the last step
         if run is not None:
             run.flush()
     finally:
@@ -365,6 +367,7 @@ class _Loop:
         self.result = FitResult()
         self.start = 0
         self.sums, self.window = LossSums(), LossSums()  # per epoch; per `log_every` window
+        self.pending: list[tuple[int, LossSums]] = []  # finished windows, read at the next epoch end/checkpoint
         self.verified = 0  # every step up to here had finite losses
         self.tracking_before = run.log_seconds if run else 0.0
 
@@ -430,16 +433,23 @@ class _Loop:
         self.verified = step
         return values
 
-    def log_window(self, done: int) -> None:
-        """`steps/train_<loss>`: the mean over the last `log_every` steps, at the global step."""
-        means = {f"steps/train_{k}": v / self.log_every for k, v in self.checked(self.window, done).items()}
+    def end_window(self, done: int) -> None:
+        """A `log_every` window ended: keep its sums (read at the epoch end: the device runs on meanwhile)."""
+        self.pending.append((done, self.window))
         self.window = LossSums()
-        if self.run is not None:
-            self.run.log_metrics(means, step=done)
+
+    def log_windows(self) -> None:
+        """Log the loss means of the finished windows at their global steps (read now: no sync when they ended)."""
+        while self.pending:
+            at, finished = self.pending.pop(0)
+            means = {f"train_{k}": v / self.log_every for k, v in self.checked(finished, at).items()}
+            if self.run is not None:
+                self.run.log_metrics(means, step=at)
 
     def end_epoch(self, done: int) -> dict[str, float]:
         """Mean training losses, validation metrics, learning rate and health signals of the epoch; logged."""
         method, n = self.method, self.steps_per_epoch
+        self.log_windows()
         train_sums = self.checked(self.sums, done)
         tv = time.perf_counter()
         method.eval()
@@ -452,15 +462,19 @@ class _Loop:
         metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
         self.result.history.append({"epoch": done // n, **metrics})
         self.sums = LossSums()
-        if self.run is not None:
-            self.run.log_metrics(metrics, step=done // n)
+        if self.run is not None:  # the training curves are the windows' means when log_every > 0
+            self.run.log_metrics({k: v for k, v in metrics.items()
+                                  if not (self.log_every and k.startswith("train_"))}, step=done)
             self.run.flush()
         return metrics
 
     def checkpoint(self, step: int) -> None:
         """Method, RNGs, history and partial sums, atomically; never weights that a NaN already reached."""
+        self.log_windows()
         epoch_sums = self.checked(self.sums, step)
         window_sums = self.checked(self.window, step)
+        if self.run is not None:
+            self.run.flush()  # what the checkpoint covers is in MLflow before it: a resumed run logs nothing twice
         method = self.method
         save_checkpoint(self.ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,

@@ -150,6 +150,7 @@ class Method(nn.Module, Generic[C]):
     name: str = ""  # = the module's name; an instance trained under another block name (mrgan) carries that
     capabilities: ClassVar[frozenset[str]] = frozenset()
     evaluator: ClassVar[str] = ""  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
+    paper: ClassVar[str] = ""  # the paper it implements (registry.PAPERS), its MLflow experiment; "" = none
     directions: ClassVar[tuple[str, ...]] = ("a2b", "b2a")  # translations `s2r refine` writes (one-sided: a2b)
 
     def __init__(self, cfg: C, data: PreparedBenchmark, seed: int) -> None:

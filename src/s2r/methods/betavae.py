@@ -480,6 +480,7 @@ class Method(BaseMethod[Config]):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
     name = "betavae"
+    paper = "disentanglement-transfer-ood"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "disentanglement"
 

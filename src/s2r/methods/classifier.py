@@ -128,6 +128,7 @@ class Method(BaseMethod[Config]):
     """Scratch / Pre-trained classification baseline of paper 1 on the extractor's own network."""
 
     name = "classifier"
+    paper = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"
 

@@ -133,6 +133,7 @@ class Method(BaseMethod[Config]):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 
     name = "mixing"
+    paper = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"  # s2r.evaluators.classification scores it
 

@@ -143,6 +143,7 @@ class Method(BaseMethod[Config]):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 
     name = "segmenter"
+    paper = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "segmentation_lastk"
 

@@ -474,6 +474,7 @@ class Method(BaseMethod[Config]):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
     name = "twinvae"
+    paper = "twin-vae-depth-segmentation"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode", "translate", "predict"})
     evaluator: ClassVar[str] = "depth_segmentation"
 
