@@ -43,7 +43,8 @@ def generate(name: str, out: Path, params: Params) -> Path:
     if name not in GENERATORS:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
-    spec, samples = gen.generate(getattr(params.benchmarks, name), params.seed)
+    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes}[name]  # as GENERATORS
+    spec, samples = gen.generate(settings, params.seed)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 

@@ -131,7 +131,7 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
         tail = f"\n--- last lines of {log}:\n{_tail(log)}" if log else ""
@@ -469,7 +469,7 @@ def plan_workers(*, workers: int | None, gpus: str | None, workers_per_gpu: int 
         if workers is not None and workers != n:
             raise click.UsageError(f"--workers {workers} disagrees with --gpus {gpus} x --workers-per-gpu "
                                    f"{workers_per_gpu} = {n} workers; give one or the other")
-        gpu_of = [ids[i % len(ids)] for i in range(n)]
+        gpu_of: list[str | None] = [ids[i % len(ids)] for i in range(n)]
     else:
         assert workers is not None
         n, gpu_of = workers, [None] * workers
@@ -545,9 +545,9 @@ def launch(command: click.Command, params: dict[str, Any], plan: list[Slot], fir
     base = [sys.executable, "-m", "s2r.cli", "tune", *cli_args(command, params, skip=(*LAUNCHER_OPTS, "restart"))]
     logs = out_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[Slot, subprocess.Popen, Path]] = []
+    procs: list[tuple[Slot, subprocess.Popen[bytes], Path]] = []
 
-    def start(slot: Slot) -> subprocess.Popen:
+    def start(slot: Slot) -> subprocess.Popen[bytes]:
         cmd = base if slot.index == 0 or "--resume" in base else [*base, "--resume"]
         log = logs / f"worker-{slot.index}.log"
         with open(log, "wb") as f:

@@ -109,6 +109,7 @@ def build_storage(opts: TuneOptions, out_dir: Path) -> Any:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    assert opts.storage is not None  # journal_path is None only for an RDB URL
     return RDBStorage(
         opts.storage,
         heartbeat_interval=opts.heartbeat_interval,
@@ -267,6 +268,7 @@ def suggest(trial: Any, spec: StudySpec) -> dict[str, Any]:
         if p.type == "categorical":
             out[key] = trial.suggest_categorical(key, p.choices)
         elif p.type == "int":
+            assert p.low is not None and p.high is not None  # SearchParam.validate: int and float need both
             out[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
             out[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
@@ -432,7 +434,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
         def progress(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
             bar.n = min(n_done(), n_trials)
             states = [t.state for t in st.get_trials(deepcopy=False)]
-            post = {"trial": ft.number, "pruned": states.count(TrialState.PRUNED),
+            post: dict[str, object] = {"trial": ft.number, "pruned": states.count(TrialState.PRUNED),
                     "failed": states.count(TrialState.FAIL)}
             if len(directions) == 1 and any(s == TrialState.COMPLETE for s in states):
                 post["best"] = f"{st.best_value:.4g}"
@@ -564,8 +566,9 @@ def _log_parent(parent: Any, study: Any, result: dict[str, Any], out_dir: Path) 
     if "params" in best:
         parent.set_tags({f"best.{k}": v for k, v in best["params"].items()})
     parent.log_dict(best, "best.yaml")
-    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
+    plots: dict[str, Callable[..., Any]] = {
+        "optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
+        "parallel_coordinate": vis.plot_parallel_coordinate}
     for name, fn in plots.items():
         try:
             multi = len(study.directions) > 1

@@ -29,12 +29,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from s2r.config import SPLITS
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     FACTOR_BINS,
     MANIFEST_COLUMNS,
     NO_LABEL,
-    SPLITS,
     BenchmarkSpec,
     DataError,
     DomainSpec,

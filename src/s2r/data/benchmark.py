@@ -138,9 +138,10 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
-                    ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
-                    ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
+        defaults: tuple[tuple[str, object], ...] = (
+            ("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
+            ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
+            ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
         for key, default in defaults:
             if d[key] == default:
                 del d[key]

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import SPLITS
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     NO_LABEL,
-    SPLITS,
     BenchmarkSpec,
     DataError,
     bin_factor,
@@ -177,7 +177,7 @@ def _aux(path: Any, kind: str, wh: tuple[int, int], row: int, sid: str, spec: Be
         return (np.zeros(shape, np.float32) if kind == "depth"
                 else np.full(shape, spec.mask_ignore, np.uint8))
     try:
-        arr = read_aux(path, kind)
+        arr = read_aux(Path(path), kind)
     except DataError as e:
         raise DataError(f"manifest id {sid!r} (row {row}): {e}") from e
     if kind == "depth":

@@ -46,8 +46,8 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from s2r.config import ScenesParams
-from s2r.data.benchmark import SPLITS, BenchmarkSpec, DomainSpec, Sample
+from s2r.config import SPLITS, ScenesParams
+from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "hue", "size", "pos_x", "pos_y", "rotation", "light")
 DOMAINS: tuple[str, ...] = ("toy", "sim", "pseudo_real")
@@ -602,7 +602,7 @@ def _photo_crop(rng: np.random.Generator, split: str) -> np.ndarray:
 def _resize(img: np.ndarray, m: int) -> np.ndarray:
     from PIL import Image
 
-    out = Image.fromarray(_to_uint8(img)).resize((m, m), Image.BILINEAR)
+    out = Image.fromarray(_to_uint8(img)).resize((m, m), Image.Resampling.BILINEAR)
     return np.asarray(out, dtype=np.float32) / 255.0
 
 

@@ -507,6 +507,7 @@ class Method(BaseMethod[Config]):
         self.vae = VAE(self.channels, self.size, cfg)
         self.noise_gen = torch.Generator().manual_seed(seed + 17)
         self.step = 0
+        self.total_steps = 1  # set by configure_schedulers (the loop's setup)
         mode = cfg.pairs
         if mode == "auto":
             mode = "render" if spec.name == "scenes" and self.channels == 3 else "match"
@@ -635,7 +636,7 @@ class Method(BaseMethod[Config]):
 
     def beta_now(self) -> float:
         """Linear deterministic KL warm-up over the first warmup_fraction of the run, to beta_scale(cfg, size)."""
-        warm = self.cfg.warmup_fraction * getattr(self, "total_steps", 1)
+        warm = self.cfg.warmup_fraction * self.total_steps
         return beta_scale(self.cfg, self.size) * (1.0 if warm <= 0 else min(1.0, self.step / warm))
 
     def noisy(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,10 @@ class Config:
             raise ConfigError("key 'gen_width' must be >= 1 and 'gen_blocks' >= 0")
         if not self.disc_channels or any(c < 1 for c in self.disc_channels):
             raise ConfigError(f"key 'disc_channels' must be non-empty positive widths, got {self.disc_channels}")
-        for key in ("lambda_cycle", "lambda_identity", "lambda_l1"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"key {key!r} must be >= 0, got {getattr(self, key)}")
+        for key, value in (("lambda_cycle", self.lambda_cycle), ("lambda_identity", self.lambda_identity),
+                           ("lambda_l1", self.lambda_l1)):
+            if value < 0:
+                raise ConfigError(f"key {key!r} must be >= 0, got {value}")
         if self.lr_g <= 0 or self.lr_d <= 0:
             raise ConfigError("keys 'lr_g' and 'lr_d' must be > 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -114,8 +115,7 @@ class Config:
             raise ConfigError("key 'g_steps_per_d' must be >= 1")
         if not 0.0 <= self.d_label_flip_prob <= 1.0:
             raise ConfigError(f"key 'd_label_flip_prob' must be in [0, 1], got {self.d_label_flip_prob}")
-        for key in ("real_label_range", "fake_label_range"):
-            r = getattr(self, key)
+        for key, r in (("real_label_range", self.real_label_range), ("fake_label_range", self.fake_label_range)):
             if len(r) != 2 or r[0] > r[1]:
                 raise ConfigError(f"key {key!r} must be [low, high] with low <= high, got {r}")
         if self.pool_size < 0 or self.pretrain_g_steps < 0 or self.pretrain_d_steps < 0:

@@ -72,8 +72,9 @@ class Config:
             raise ConfigError("keys 'methods.mixing.batch_size/epochs/steps_per_epoch' must be >= 1")
         if len(self.widths) < 1 or self.blocks_per_stage < 1:
             raise ConfigError("key 'methods.mixing.widths' must be non-empty and blocks_per_stage >= 1")
-        for key in ("lr_milestones", "real_only_lr_milestones"):
-            if any(not 0.0 < m < 1.0 for m in getattr(self, key)):
+        for key, fractions in (("lr_milestones", self.lr_milestones),
+                               ("real_only_lr_milestones", self.real_only_lr_milestones)):
+            if any(not 0.0 < m < 1.0 for m in fractions):
                 raise ConfigError(f"key 'methods.mixing.{key}' are fractions of training in (0, 1)")
 
     def milestones(self) -> list[float]:

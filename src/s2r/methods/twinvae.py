@@ -66,7 +66,7 @@ Images are [0, 1] at the method's edges and [-1, 1] inside the networks. Adam (0
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -139,9 +139,12 @@ class Config:
         if bad:
             raise ConfigError(f"key 'pack_d': unpacking to {bad} channels needs 4 * channels divisible by pack_d "
                               f"({self.pack_d})")
-        for k in ("w_kl", "w_mse", "w_mmd", "w_cycle", "w_kl2", "w_mmd2", "w_depth", "w_seg", "init_std"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"key {k!r} must be >= 0, got {getattr(self, k)}")
+        weights = {"w_kl": self.w_kl, "w_mse": self.w_mse, "w_mmd": self.w_mmd, "w_cycle": self.w_cycle,
+                   "w_kl2": self.w_kl2, "w_mmd2": self.w_mmd2, "w_depth": self.w_depth, "w_seg": self.w_seg,
+                   "init_std": self.init_std}
+        for k, v in weights.items():
+            if v < 0:
+                raise ConfigError(f"key {k!r} must be >= 0, got {v}")
         if self.mmd_sigma2_per_dim <= 0 or self.depth_max <= 0 or self.lr <= 0:
             raise ConfigError("keys 'mmd_sigma2_per_dim', 'depth_max' and 'lr' must be > 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -558,10 +561,11 @@ class Method(BaseMethod[Config]):
         if registry.resolve(saved.get("method", "")) != __name__ or saved["config"].get("stage") != "vae":
             raise DataError(f"--init {path}: holds {saved.get('method')!r} (stage {saved['config'].get('stage')!r}), "
                             "not a stage-1 twin VAE (stage 'vae')")
-        diff = [k for k in ARCH_KEYS if saved["config"].get(k) != getattr(self.cfg, k)]
+        mine = asdict(self.cfg)
+        diff = [k for k in ARCH_KEYS if saved["config"].get(k) != mine[k]]
         if diff:
             was = {k: saved["config"].get(k) for k in diff}
-            now = {k: getattr(self.cfg, k) for k in diff}
+            now = {k: mine[k] for k in diff}
             raise ConfigError(f"--init {path}: architecture keys {diff} differ from methods.{self.name} "
                               f"({was} vs {now})")
         state = {k[len("twin."):]: v for k, v in saved["state"].items() if k.startswith("twin.")}

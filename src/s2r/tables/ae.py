@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from s2r.config import Params
+from s2r.data.benchmark import DataError
 from s2r.params import load_params
 from s2r.tables import fmt_percent, markdown
 
@@ -64,6 +65,8 @@ def _train_and_score(data_dir: Path, params: Params, tmp: Path, run_name: str, p
         return out
     images = np.asarray(test.images)
     rec = m.reconstruct(images)
+    if rec is None:
+        raise DataError(f"method {m.name!r} has no decoder to reconstruct with (Table 10)")
     src = data.get(m.source, "test")
     pairs = latent.paired_indices(test.scene_ids, src.scene_ids)
     have = pairs >= 0

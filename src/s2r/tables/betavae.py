@@ -39,11 +39,13 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
     from s2r import stages
     from s2r.evaluators import disentanglement
     from s2r.methods import registry
+    from s2r.methods.betavae import Method as BetavaeMethod
     from s2r.tracking import TrackedRun
 
     summary = stages.train(stages.TrainRequest("betavae", data_dir, tmp / "model", ckpt_dir=tmp / "ckpt",
                                                run_name=f"table@betavae[{name}]", parent_run_id=parent_run_id), params)
     method, saved = stages.load_trained(tmp / "model", data_dir, params)
+    assert isinstance(method, BetavaeMethod)  # trained as "betavae" just above
     if plots_out:
         plots_out.mkdir(parents=True, exist_ok=True)
     with TrackedRun(f"table-evaluate@betavae[{name}]", section="test",

@@ -37,7 +37,9 @@ def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_n
                                                run_name=run_name, parent_run_id=parent_run_id), params)
     trained, _ = stages.load_trained(tmp / "model", data_dir, params)
     test = trained.data.get(trained.data.spec.target, "test")
-    m = classification_metrics(test.labels, trained.predict(test.images).argmax(1), trained.data.spec.classes)
+    probs = trained.predict(test.images)
+    assert not isinstance(probs, dict)  # the mixing classifier predicts class probabilities (N, K)
+    m = classification_metrics(test.labels, probs.argmax(1), trained.data.spec.classes)
     return {"val_accuracy": float(summary["val_accuracy"]), "test_accuracy": float(m["accuracy"]),
             "train_seconds": float(summary["seconds"]), "tracking_share": float(summary["tracking_share"])}
 
@@ -148,8 +150,8 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
         (out / "table2.md").write_text(_markdown(table2, "Table 2 format: real-test accuracy vs mixing ratio"))
         table2.to_csv(out / "table2.csv", index=False)
         for r in table2.to_dict("records"):
-            aug = " aug" if r["augmentation"].startswith("with") else ""
-            summary[f"table2.{r['setting']} {r['mixing_ratio']}{aug}"] = r["mean"]
+            suffix = " aug" if r["augmentation"].startswith("with") else ""
+            summary[f"table2.{r['setting']} {r['mixing_ratio']}{suffix}"] = r["mean"]
         fig = _plot_ratio(runs)
         fig.savefig(out / "table2.png", bbox_inches="tight")
         parent.log_figure(fig, "tables/table2.png")

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.data.benchmark import SPLITS, DataError
+from s2r.config import SPLITS
+from s2r.data.benchmark import DataError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

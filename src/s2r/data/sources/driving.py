@@ -125,12 +125,13 @@ def read_colors(path: Path | None, mapping: dict[str, int] | None = None) -> dic
                 continue
             if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
                 raise DataError(f"{path}: line {n}: expected 'Category r g b', got {line!r}")
-            table[parts[0]] = tuple(int(p) for p in parts[1:])  # type: ignore[assignment]
-    out = {}
+            r, g, b = (int(p) for p in parts[1:])
+            table[parts[0]] = (r, g, b)
+    out: dict[tuple[int, int, int], int] = {}
     for cat, rgb in table.items():
         if cat not in mapping:
             raise DataError(f"{path}: unknown VKITTI 2 category {cat!r}")
-        out[tuple(rgb)] = mapping[cat]
+        out[rgb] = mapping[cat]
     return out
 
 

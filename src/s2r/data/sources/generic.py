@@ -39,9 +39,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from s2r.config import SPLITS
 from s2r.data import adapters
 from s2r.data.adapters import _finish, _Record
-from s2r.data.benchmark import NO_LABEL, SPLITS, BenchmarkSpec, DataError, read_manifest, resolve_path, staged_dir
+from s2r.data.benchmark import NO_LABEL, BenchmarkSpec, DataError, read_manifest, resolve_path, staged_dir
 from s2r.data.sources.common import assign_splits, check_fractions
 
 DECLARATION_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
@@ -140,7 +141,7 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
                         aux[kind] = Path(os.path.abspath(root / str(ds[kind]).format(
                             split=gd.get("split") or "", stem=f.stem, name=f.name, **{"class": cls or ""})))
                 records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)), f"file {f}",
-                                       **aux))
+                                       depth=aux.get("depth"), mask=aux.get("mask")))
                 raw_labels.append(cmap.get(cls, cls) if cls is not None else None)
         else:
             man = base / str(ds["manifest"])
@@ -182,7 +183,7 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
                     if col in df.columns and not adapters._missing(r[col]) and str(r[col]).strip():
                         aux[kind] = Path(os.path.abspath(resolve_path(man.parent, str(r[col]))))
                 records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)),
-                                       f"{at} (file {f})", factors=fac, **aux))
+                                       f"{at} (file {f})", factors=fac, depth=aux.get("depth"), mask=aux.get("mask")))
                 raw_labels.append(cmap.get(lab, lab) if lab is not None else None)
     classes: list[str] = []
     if decl["task"] == "classification":

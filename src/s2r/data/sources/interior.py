@@ -202,10 +202,11 @@ def build_sviro(src: Path, out: Path, name: str, options: dict[str, Any], illumi
                     per_seat = [sviro_seat(int(m.group(k))) for k in ("l", "m", "r")]
                 except ValueError as e:
                     raise DataError(f"{f}: {e}") from e
-                if any(s is None for s in per_seat):
+                known = [s for s in per_seat if s is not None]
+                if len(known) < len(per_seat):
                     dropped += 1
                     continue
-                chosen = per_seat if seats == "all" else [per_seat[0], per_seat[2]]
+                chosen = known if seats == "all" else [known[0], known[2]]
                 scene = int(m.group("scene"))
                 split = "test" if pub == "test" else "?"  # train folder: assigned per scene below
                 records.append((v, split, f, joint_label(chosen), scene, int(m.group("var") or 0)))
@@ -286,7 +287,7 @@ def build_ticam(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
 
     def samples() -> Iterator[Sample]:
         for k, (split, f, left, right) in enumerate(records):
-            img = ticam_preprocess(read_image(f), f, crop, size, eq)  # type: ignore[arg-type]
+            img = ticam_preprocess(read_image(f), f, crop, size, eq)
             yield Sample(id=f"{split}-{f.stem}", domain=domain, split=split, image=img,
                          label=joint_label([left, right]), scene_id=k, variation=0)
             if flips:  # mirrored: the left seat becomes the right one

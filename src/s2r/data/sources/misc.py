@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.data.benchmark import SPLITS, BenchmarkSpec, DataError, DomainSpec, Sample, write_benchmark
+from s2r.config import SPLITS
+from s2r.data.benchmark import BenchmarkSpec, DataError, DomainSpec, Sample, write_benchmark
 from s2r.data.sources.common import (
     SourceInfo,
     assign_splits,
@@ -84,7 +85,8 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
         raise DataError(f"{path}: file not found (CIFAR python version)")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")  # noqa: S301 - the user's own CIFAR download
+            batch: dict[bytes, Any] = pickle.load(f, encoding="bytes")  # noqa: S301 - the user's own CIFAR download
+            return batch
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: not a readable CIFAR pickle: {e}") from e
 

@@ -427,7 +427,8 @@ def bop_fixture(root: Path, w: int = 16, h: int = 12, n: int = 10, test_split: b
         for im in range(n):
             k += 1
             img = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(img).save(scene / "rgb" / f"{im:06d}.{ext}", **({"quality": 95} if ext == "jpg" else {}))
+            opts: dict[str, Any] = {"quality": 95} if ext == "jpg" else {}
+            Image.fromarray(img).save(scene / "rgb" / f"{im:06d}.{ext}", **opts)
             Image.fromarray(np.full((h, w), 5000, np.uint16)).save(scene / "depth" / f"{im:06d}.png")
             objs = {"000002": [2] if im % 2 == 0 else [1, 2], "000003": [1, 3]}.get(scene_name, [1 + im % 3, 3])
             gt[str(im)] = [{"obj_id": o} for o in objs]
