@@ -262,7 +262,7 @@ class PatchBatch(NamedTuple):
     b: np.ndarray  # (B, p, p, C) uint8 target patches (independent images: unpaired)
 
 
-@register(Config)
+@register(Config, downstream=lambda cfg: cfg.downstream)
 class Method(BaseMethod[Config]):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 

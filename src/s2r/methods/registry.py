@@ -57,6 +57,12 @@ class Entry(Generic[C]):
     aliases: tuple[str, ...] = ()
     paper: str = ""  # one of PAPERS ("" = none)
     block_capabilities: Callable[[C], Iterable[str]] | None = None
+    block_downstream: Callable[[C], str] | None = None
+
+    def downstream(self, cfg: C) -> str:
+        """The params block whose training scores a tuning trial of this block (CUT: the segmenter on its
+        refined data, paper 5); "" = the block's own training."""
+        return self.block_downstream(cfg) if self.block_downstream is not None else ""
 
     def capabilities_for(self, cfg: C) -> frozenset[str]:
         """The capabilities one params block provides (a subset of the method's, e.g. twin-VAE stage 'vae' has no
@@ -82,11 +88,12 @@ def _defines(cls: type[Method[Any]], hook: str) -> bool:
 
 
 def register(config: type[C], *, aliases: tuple[str, ...] = (),
-             capabilities_for: Callable[[C], Iterable[str]] | None = None
-             ) -> Callable[[type[Method[C]]], type[Method[C]]]:
+             capabilities_for: Callable[[C], Iterable[str]] | None = None,
+             downstream: Callable[[C], str] | None = None) -> Callable[[type[Method[C]]], type[Method[C]]]:
     """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases.
 
     `capabilities_for(cfg)`: where a params block provides only some of the class's capabilities.
+    `downstream(cfg)`: where a block's tuning trials are scored by another block's training (Entry.downstream).
     """
 
     def deco(cls: type[Method[C]]) -> type[Method[C]]:
@@ -108,7 +115,7 @@ def register(config: type[C], *, aliases: tuple[str, ...] = (),
         paper = cls.paper
         if paper and paper not in PAPERS:
             raise ConfigError(f"{where}: paper {paper!r} is not one of {list(PAPERS)}")
-        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), paper, capabilities_for)
+        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), paper, capabilities_for, downstream)
         for key in (name, *aliases):
             old = _ENTRIES.get(key)
             if old is not None and old.module != module:
