@@ -435,6 +435,9 @@ def evaluation_sets(method: BetavaeMethod) -> dict[str, Any]:
     return sets
 
 
+Sets = dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (images, factors)
+
+
 class Disentanglement(Evaluator[BetavaeMethod]):
     """Disentanglement metrics + OOD transfer scores + traversals / reconstructions for an `encode` method."""
 
@@ -442,12 +445,7 @@ class Disentanglement(Evaluator[BetavaeMethod]):
     report_columns = ('dci_disentanglement', 'mig', 'sap', 'elbo', 'ood2a_gbt', 'ood2b_gbt')
 
     def evaluate(self, method: BetavaeMethod, run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
-        import pandas as pd
-        from threadpoolctl import threadpool_limits
-
         from s2r.data.benchmark import DataError
-        from s2r.evaluators import ood_transfer
-        from s2r.figures import sample_grid
 
         data = method.data
         sets = evaluation_sets(method)
@@ -459,54 +457,74 @@ class Disentanglement(Evaluator[BetavaeMethod]):
         t0 = time.perf_counter()
         z_src = method.encode(imgs)
         t_encode = time.perf_counter() - t0
-        tgt_set = None
-        if tgt in sets and tgt != src:
-            tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1])
-        cfg = params.reports.disentanglement
-        z_ind, f_ind = z_src[ind], facs[ind]
-        tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
-        with threadpool_limits(1):  # one BLAS/OpenMP thread: small fits on a shared 2-core machine run faster
-            t0 = time.perf_counter()
-            metrics = all_metrics(z_ind[tr], f_ind[tr], z_ind[te], f_ind[te], estimator=cfg.estimator,
-                                  sap_form=cfg.sap_form, bins=cfg.bins, seed=method.seed)
-            metrics |= downstream_gbt_error(z_ind, f_ind, seed=method.seed)  # Fig. 3 right's GBT10000
-            t_metrics = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
-                                                   method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
-                                                   tgt_set, seed=method.seed, clip=cfg.ood_clip,
-                                                   order=list(method.cfg.ood_order))
-            t_transfer = time.perf_counter() - t0
+        tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1]) if tgt in sets and tgt != src else None
+        metrics, transfer, info = scores(method, z_src, facs, ind, tgt_set, params)
         elbo = method.elbo_terms(imgs[ind][:512])
-        result: dict[str, Any] = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],
-                                  **transfer["scores"],
-                                  "factor_max_abs_corr": factor_max_abs_corr(facs[ind]),
-                                  "n_in_distribution": int(ind.sum()), "n_ood_values": int((~ind).sum()),
-                                  "n_target": int(len(tgt_set[0])) if tgt_set else 0,
-                                  "metric_points_train": int(len(tr)), "metric_points_test": int(len(te)),
-                                  "dci_estimator": cfg.estimator, "sap_form": cfg.sap_form, "ood_clip": cfg.ood_clip,
-                                  "seconds_encode": round(t_encode, 2), "seconds_metrics": round(t_metrics, 2),
-                                  "seconds_transfer": round(t_transfer, 2), "per_factor": transfer["per_factor"]}
+        seconds = {"seconds_encode": round(t_encode, 2), "seconds_metrics": info.pop("seconds_metrics"),
+                   "seconds_transfer": info.pop("seconds_transfer")}
+        result: JsonDict = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],
+                            **transfer["scores"], "factor_max_abs_corr": factor_max_abs_corr(facs[ind]),
+                            "n_in_distribution": int(ind.sum()), "n_ood_values": int((~ind).sum()),
+                            "n_target": int(len(tgt_set[0])) if tgt_set else 0, **info, **seconds,
+                            "per_factor": transfer["per_factor"]}
         run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
-        rows = [{"scenario": s, "regressor": r, "mae": v} for s, regs in transfer["table"].items()
-                for r, v in regs.items()]
         if plots_out:
+            import pandas as pd
+
+            rows = [{"scenario": s, "regressor": r, "mae": v} for s, regs in transfer["table"].items()
+                    for r, v in regs.items()]
             pd.DataFrame(rows).to_csv(Path(plots_out) / "transfer.csv", index=False)
-        # latent traversals (Fig. 2 / 13) and reconstructions of OOD images (Fig. 16-17)
-        steps = 7
-        grid = traversal_grid(method, imgs[np.flatnonzero(ind)[0]], steps)
-        _save(sample_grid(grid, cols=steps, title=f"{method.name}: latent traversals (row = latent, +-2)"),
-              run, plots_out, "traversals.png")
-        if tgt_set is not None:
-            x = sets[tgt][0][:8]
-            _save(sample_grid(recon_rows(method, x), cols=8, title=f"{method.name}: {tgt} (OOD2-B) / reconstructions"),
-                  run, plots_out, "reconstructions_target.png")
-        if (~ind).any():
-            x = imgs[np.flatnonzero(~ind)[:8]]
-            _save(sample_grid(recon_rows(method, x), cols=8,
-                              title=f"{method.name}: held-out {method.cfg.ood_factor} (OOD2-A) / reconstructions"),
-                  run, plots_out, "reconstructions_ood2a.png")
+        _figures(method, sets, ind, run, plots_out)
         return result
+
+
+def scores(method: BetavaeMethod, z_src: np.ndarray, facs: np.ndarray, ind: np.ndarray,
+           tgt_set: tuple[np.ndarray, np.ndarray] | None, params: Params) -> tuple[JsonDict, JsonDict, JsonDict]:
+    """(disentanglement metrics on in-distribution latents, the OOD transfer study, the settings and timings),
+    computed with one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+
+    from s2r.evaluators import ood_transfer
+
+    cfg = params.reports.disentanglement
+    z_ind, f_ind = z_src[ind], facs[ind]
+    tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
+    with threadpool_limits(1):  # one BLAS/OpenMP thread: small fits on a shared 2-core machine run faster
+        t0 = time.perf_counter()
+        metrics = all_metrics(z_ind[tr], f_ind[tr], z_ind[te], f_ind[te], estimator=cfg.estimator,
+                              sap_form=cfg.sap_form, bins=cfg.bins, seed=method.seed)
+        metrics |= downstream_gbt_error(z_ind, f_ind, seed=method.seed)  # Fig. 3 right's GBT10000
+        t_metrics = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
+                                               method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
+                                               tgt_set, seed=method.seed, clip=cfg.ood_clip,
+                                               order=list(method.cfg.ood_order))
+        t_transfer = time.perf_counter() - t0
+    info = {"metric_points_train": int(len(tr)), "metric_points_test": int(len(te)), "dci_estimator": cfg.estimator,
+            "sap_form": cfg.sap_form, "ood_clip": cfg.ood_clip, "seconds_metrics": round(t_metrics, 2),
+            "seconds_transfer": round(t_transfer, 2)}
+    return metrics, transfer, info
+
+def _figures(method: BetavaeMethod, sets: Sets, ind: np.ndarray, run: TrackedRun, plots_out: Path | None) -> None:
+    """Latent traversals (Fig. 2 / 13) and reconstructions of OOD images (Fig. 16-17)."""
+    from s2r.figures import sample_grid
+
+    src, tgt = method.data.spec.source, method.data.spec.target
+    imgs = sets[src][0]
+    steps = 7
+    grid = traversal_grid(method, imgs[np.flatnonzero(ind)[0]], steps)
+    _save(sample_grid(grid, cols=steps, title=f"{method.name}: latent traversals (row = latent, +-2)"),
+          run, plots_out, "traversals.png")
+    if tgt in sets and tgt != src:
+        x = sets[tgt][0][:8]
+        _save(sample_grid(recon_rows(method, x), cols=8, title=f"{method.name}: {tgt} (OOD2-B) / reconstructions"),
+              run, plots_out, "reconstructions_target.png")
+    if (~ind).any():
+        x = imgs[np.flatnonzero(~ind)[:8]]
+        _save(sample_grid(recon_rows(method, x), cols=8,
+                          title=f"{method.name}: held-out {method.cfg.ood_factor} (OOD2-A) / reconstructions"),
+              run, plots_out, "reconstructions_ood2a.png")
 
 
 EVALUATOR = register(Disentanglement())

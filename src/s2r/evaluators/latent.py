@@ -184,70 +184,107 @@ class Latent(Evaluator[Method[LatentConfig]]):
 
     def evaluate(self, method: Method[LatentConfig], run: TrackedRun, plots_out: Path | None, params: Params
                  ) -> JsonDict:
-        import matplotlib.pyplot as plt
-
-        from s2r.figures import sample_grid
-
-        data, cfg = method.data, method.cfg
-        target, source = data.spec.target, method.source
-        test = data.get(target, "test")
+        data = method.data
+        test = data.get(data.spec.target, "test")
         z_train, y_train = source_training_latents(method)
-        z_test = method.encode_split(target, "test")
-        ok = test.labels != NO_LABEL
-        result: dict[str, Any] = {"source": source, "n_train": int(len(z_train)), "n": int(ok.sum()),
-                                  "latent_dim": int(z_test.shape[1])}
-        if ok.any() and len(np.unique(y_train)) > 1:
-            scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=cfg.knn_k,
-                                       trees=cfg.rf_trees, svm_c=cfg.svm_c,
-                                       seed=int(params.seed))
-            result |= {"knn_k": int(scores.pop("knn_k"))} | scores
-            result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
-        names = (source, target)
-        z_src_plot = z_train if len(z_train) else method.encode_split(source, "train")  # unlabelled source (MPI3D): all
-        fig = plot_tsne(z_src_plot, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
-        _save(fig, run, plots_out, "tsne.png")
-        plt.close(fig)
-
+        z_test = method.encode_split(data.spec.target, "test")
+        result = latent_classifiers(method, z_train, y_train, z_test, int(params.seed))
+        _tsne_plot(method, z_train, z_test, run, plots_out)
         recon = method.reconstruct(np.asarray(test.images))
         if recon is not None:
-            win = cfg.ssim_win_size
-            inp = np.asarray(test.images)
-            result["recon_l1_real"] = float(l1_per_image(recon, inp).mean())
-            result["recon_ssim_real"] = float(ssim_per_image(recon, inp, win).mean())
-            src_test = data.get(source, "test") if data.has(source, "test") else None
-            pairs = (paired_indices(test.scene_ids, src_test.scene_ids) if src_test is not None
-                     else np.full(len(inp), -1))
-            src_images = np.asarray(src_test.images) if src_test is not None else inp[:0]
-            have = pairs >= 0
-            if have.any():
-                synth = src_images[pairs[have]]
-                result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
-                result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
-                result["paired"] = int(have.sum())
-            else:
-                result["recon_l1_synth"] = result["recon_ssim_synth"] = None
-                result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
-            avail, why = lpips_status()
-            result["lpips_status"] = why
-            if avail:
-                result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
-                if have.any():
-                    result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
-            else:
-                result["lpips_real"] = result["lpips_synth"] = None
-            n = min(8, len(inp))
-            rows = [inp[:n], recon[:n]]
-            labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
-            if have[:n].all():
-                rows.append(src_images[pairs[:n]])
-                labels += [f"paired {source}"] + [""] * (n - 1)
-            g = sample_grid(np.concatenate(rows), labels, cols=n,
-                            title=f"{method.name}: {target}/test inputs and reconstructions")
-            _save(g, run, plots_out, "reconstructions.png")
-            plt.close(g)
+            result |= reconstruction_scores(method, recon)
+            _reconstruction_grid(method, recon, run, plots_out)
         run.log_metrics({f"test_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
                          and not isinstance(v, bool)}, step=0)
         return result
+
+
+def latent_classifiers(method: Method[LatentConfig], z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray,
+                       seed: int) -> JsonDict:
+    """KNN / random forest / SVM fitted on source train latents, scored on labelled target test latents."""
+    data, cfg = method.data, method.cfg
+    test = data.get(data.spec.target, "test")
+    ok = test.labels != NO_LABEL
+    result: JsonDict = {"source": method.source, "n_train": int(len(z_train)), "n": int(ok.sum()),
+                        "latent_dim": int(z_test.shape[1])}
+    if ok.any() and len(np.unique(y_train)) > 1:
+        scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=cfg.knn_k, trees=cfg.rf_trees,
+                                   svm_c=cfg.svm_c, seed=seed)
+        result |= {"knn_k": int(scores.pop("knn_k"))} | scores
+        result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
+    return result
+
+
+def _tsne_plot(method: Method[LatentConfig], z_train: np.ndarray, z_test: np.ndarray, run: TrackedRun,
+               plots_out: Path | None) -> None:
+    """t-SNE of source train latents (all of them for an unlabelled source: MPI3D) and target test latents."""
+    import matplotlib.pyplot as plt
+
+    source, target = method.source, method.data.spec.target
+    z_src = z_train if len(z_train) else method.encode_split(source, "train")
+    fig = plot_tsne(z_src, z_test, (source, target),
+                    f"{method.name}: t-SNE of latents ({source} train, {target} test)")
+    _save(fig, run, plots_out, "tsne.png")
+    plt.close(fig)
+
+
+def _paired_source(method: Method[LatentConfig]) -> tuple[np.ndarray, np.ndarray]:
+    """For every target test image the index of the source test image of its scene (-1: none), and those images."""
+    data, source = method.data, method.source
+    test = data.get(data.spec.target, "test")
+    if not data.has(source, "test"):
+        return np.full(len(test), -1), np.asarray(test.images)[:0]
+    src_test = data.get(source, "test")
+    return paired_indices(test.scene_ids, src_test.scene_ids), np.asarray(src_test.images)
+
+
+def reconstruction_scores(method: Method[LatentConfig], recon: np.ndarray) -> JsonDict:
+    """L1 / SSIM / LPIPS of target test reconstructions against the input (real) and the paired synthetic image."""
+    data, source, target, win = method.data, method.source, method.data.spec.target, method.cfg.ssim_win_size
+    inp = np.asarray(data.get(target, "test").images)
+    pairs, src_images = _paired_source(method)
+    have = pairs >= 0
+    synth = src_images[pairs[have]]
+    result: JsonDict = {"recon_l1_real": float(l1_per_image(recon, inp).mean()),
+                        "recon_ssim_real": float(ssim_per_image(recon, inp, win).mean())}
+    if have.any():
+        result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
+        result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
+        result["paired"] = int(have.sum())
+    else:
+        result["recon_l1_synth"] = result["recon_ssim_synth"] = None
+        result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
+    avail, why = lpips_status()
+    result["lpips_status"] = why
+    if avail:
+        result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
+        if have.any():
+            result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
+    else:
+        result["lpips_real"] = result["lpips_synth"] = None
+    return result
+
+
+def _reconstruction_grid(method: Method[LatentConfig], recon: np.ndarray, run: TrackedRun, plots_out: Path | None
+                         ) -> None:
+    """Target test inputs, their reconstructions and (where every shown image has one) the paired source image."""
+    import matplotlib.pyplot as plt
+
+    from s2r.figures import sample_grid
+
+    target = method.data.spec.target
+    inp = np.asarray(method.data.get(target, "test").images)
+    pairs, src_images = _paired_source(method)
+    n = min(8, len(inp))
+    rows = [inp[:n], recon[:n]]
+    labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
+    if (pairs[:n] >= 0).all():
+        rows.append(src_images[pairs[:n]])
+        labels += [f"paired {method.source}"] + [""] * (n - 1)
+    g = sample_grid(np.concatenate(rows), labels, cols=n, title=f"{method.name}: {target}/test inputs and "
+                                                                 "reconstructions")
+    _save(g, run, plots_out, "reconstructions.png")
+    plt.close(g)
 
 
 def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
