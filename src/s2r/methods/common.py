@@ -1,17 +1,21 @@
 """Pieces several methods share, written once: LSGAN losses (CycleGAN, MrGAN, CUT), an EMA of a network's weights
 (CUT's refiner, the downstream segmenter), a fixed validation subset and the image-statistics gap of a translation
-(CycleGAN, CUT, twin VAE). Holds no method (the registry skips it).
+(CycleGAN, CUT, twin VAE), translating a set of images batch by batch. Holds no method (the registry skips it).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from s2r.data.benchmark import DataError
+from s2r.methods.base import Method, to_float, to_uint8
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -43,6 +47,35 @@ class EMA(nn.Module, Generic[M]):
             a.lerp_(c.detach(), 1.0 - self.decay)
         for b, cb in zip(self.module.buffers(), current.buffers()):
             b.copy_(cb)
+
+
+@torch.no_grad()
+def translate_images(method: Method[Any], images: np.ndarray, refine: Callable[[torch.Tensor], torch.Tensor],
+                     batch_size: int) -> np.ndarray:
+    """uint8 (N, H, W, C) -> uint8 (N, H, W, C) through `refine` ([0, 1] (B, C, H, W) -> [0, 1]), batch by batch
+    in eval mode (the method's mode is restored)."""
+    was_training = method.training
+    method.eval()
+    try:
+        out = np.empty((len(images), *images.shape[1:]), np.uint8)
+        for i in range(0, len(images), batch_size):
+            out[i : i + batch_size] = to_uint8(refine(to_float(images[i : i + batch_size], method.device)))
+        return out
+    finally:
+        method.train(was_training)
+
+
+def translation_domains(method: Method[Any], domain_a: str, domain_b: str) -> tuple[str, str]:
+    """A translator's (A, B) domains: the configured ones ("" = the benchmark's source / target), each with a
+    prepared train split."""
+    data = method.data
+    a, b = domain_a or data.spec.source, domain_b or data.spec.target
+    for d in (a, b):
+        if not data.has(d, "train"):
+            known = sorted(p.parent.name for p in data.root.glob("*/train/images.npy"))
+            raise DataError(f"{data.root}: {method.name} needs a train split of domain {d!r}; prepared domains: "
+                            f"{known}")
+    return a, b
 
 
 def spread(n: int, k: int) -> np.ndarray:

@@ -60,9 +60,17 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
+from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.common import EMA, lsgan_d_loss, lsgan_g_loss, spread, stat_gap
+from s2r.methods.common import (
+    EMA,
+    lsgan_d_loss,
+    lsgan_g_loss,
+    spread,
+    stat_gap,
+    translate_images,
+    translation_domains,
+)
 from s2r.methods.cyclegan import Discriminator, Generator, Refiner
 from s2r.methods.registry import register
 
@@ -274,13 +282,7 @@ class Method(BaseMethod[Config]):
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
         cfg.validate()
-        spec = data.spec
-        self.domain_a = cfg.domain_a or spec.source
-        self.domain_b = cfg.domain_b or spec.target
-        for d in (self.domain_a, self.domain_b):
-            if not data.has(d, "train"):
-                known = sorted(p.parent.name for p in data.root.glob("*/train/images.npy"))
-                raise DataError(f"{data.root}: cut needs a train split of domain {d!r}; prepared domains: {known}")
+        self.domain_a, self.domain_b = translation_domains(self, cfg.domain_a, cfg.domain_b)
         self.a, self.b = data.get(self.domain_a, "train"), data.get(self.domain_b, "train")
         self.a_val, self.b_val = self._val_split(self.domain_a), self._val_split(self.domain_b)
         channels = int(self.a.images.shape[-1])
@@ -397,18 +399,13 @@ class Method(BaseMethod[Config]):
         if direction != "a2b":
             raise ValueError(f"cut is one-sided: only direction 'a2b' exists, got {direction!r}")
         gen = self.refiner()
-        was_training = self.training
-        self.eval()
-        try:
-            out = np.empty((len(images), *images.shape[1:]), np.uint8)
-            for i in range(0, len(images), batch_size):
-                x = to_float(images[i : i + batch_size], self.device)
-                with self.autocast():
-                    y = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
-                out[i : i + batch_size] = to_uint8(y)
-            return out
-        finally:
-            self.train(was_training)
+
+        def refine(x: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                y: torch.Tensor = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
+            return y
+
+        return translate_images(self, images, refine, batch_size)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

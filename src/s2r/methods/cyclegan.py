@@ -59,9 +59,9 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, limited_indices, to_device, to_float, to_uint8
+from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.common import lsgan_d_loss, lsgan_g_loss, spread, stat_gap
+from s2r.methods.common import lsgan_d_loss, lsgan_g_loss, spread, stat_gap, translate_images, translation_domains
 from s2r.methods.registry import register
 
 INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we use it as the standard deviation
@@ -425,13 +425,7 @@ class Method(BaseMethod[Config]):
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
-        spec = data.spec
-        self.domain_a = cfg.domain_a or spec.source
-        self.domain_b = cfg.domain_b or spec.target
-        for d in (self.domain_a, self.domain_b):
-            if not data.has(d, "train"):
-                known = sorted(p.parent.name for p in data.root.glob("*/train/images.npy"))
-                raise DataError(f"{data.root}: cyclegan needs a train split of domain {d!r}; prepared domains: {known}")
+        self.domain_a, self.domain_b = translation_domains(self, cfg.domain_a, cfg.domain_b)
         self.a = data.get(self.domain_a, "train")
         self.b = data.get(self.domain_b, "train")
         self.a_val = self._val_split(self.domain_a)
@@ -624,16 +618,7 @@ class Method(BaseMethod[Config]):
     @torch.no_grad()
     def translate(self, images: np.ndarray, direction: str = "a2b", batch_size: int = 256) -> np.ndarray:
         """uint8 (N, H, W, C) -> refined uint8 (N, H, W, C); a2b = synthetic -> real. Any H, W >= 8."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = np.empty((len(images), *images.shape[1:]), np.uint8)
-            for i in range(0, len(images), batch_size):
-                y = self._refine(to_float(images[i : i + batch_size], self.device), direction)
-                out[i : i + batch_size] = to_uint8(y)
-            return out
-        finally:
-            self.train(was_training)
+        return translate_images(self, images, lambda x: self._refine(x, direction), batch_size)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
