@@ -494,9 +494,9 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     """Methods without a `downstream` block go through stages.train (the plain path)."""
     called = []
 
-    def fake(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):  # noqa: ANN001, ANN003
-        called.append(method)
-        on_epoch(1, {"val_miou": 0.5})
+    def fake(request, params):  # noqa: ANN001 - stages.train(TrainRequest, Params)
+        called.append(request.method)
+        request.on_epoch(1, {"val_miou": 0.5})
         return {"val_miou": 0.5, "mlflow_run_id": "x"}
 
     monkeypatch.setattr(stages, "train", fake)

@@ -444,12 +444,13 @@ class _Worker:
         trial.set_user_attr("worker", self.workers.me)  # whoever finds it RUNNING with this process gone fails it
         trial.set_user_attr("worker_pid", os.getpid())
         os.environ["S2R_LOCAL_WORKERS"] = str(self.workers.local_count())  # train.threads: auto (s2r.stages)
+        overrides = suggest(trial, self.spec) | {"train.progress": False}  # before the twin check: it compares them
         twin = _completed_twin(self.study, trial)
         if twin is not None:  # same params + same seed = same deterministic training: reuse its result
             trial.set_user_attr("duplicate_of", twin.number)
             trial.set_user_attr("mlflow_run_id", twin.user_attrs.get("mlflow_run_id"))
             return twin.values[0] if self.single else list(twin.values)
-        summary = self.train(trial)
+        summary = self.train(trial, overrides)
         trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
         for k in ("seconds", "tracking_seconds_total"):  # to measure the overhead around training
             if k in summary:
@@ -460,7 +461,7 @@ class _Worker:
             return float("nan")  # Optuna records a NaN objective as FAIL
         return values[0] if self.single else values
 
-    def train(self, trial: optuna.Trial) -> JsonDict:
+    def train(self, trial: optuna.Trial, overrides: dict[str, Any]) -> JsonDict:
         """One trial's training (a nested MLflow run); its failure is recorded on the trial."""
         import optuna
 
@@ -469,7 +470,7 @@ class _Worker:
 
         opts, spec = self.opts, self.spec
         try:
-            params = load_params(opts.params_path, suggest(trial, spec) | {"train.progress": False})
+            params = load_params(opts.params_path, overrides)
             run_name, tags = f"trial@{opts.study}#{trial.number}", {"optuna_study": self.name,
                                                                    "optuna_trial": str(trial.number)}
             on_epoch = self.pruning(trial)
