@@ -145,7 +145,7 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
         tail = f"\n--- last lines of {log}:\n{_tail(log)}" if log else ""
@@ -385,7 +385,8 @@ def _healthy(uri: str, cert: Path | None = None, timeout: float = 2.0) -> bool:
     context = ssl.create_default_context(cafile=str(cert)) if cert else None
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout, context=context) as r:
-            return r.status == 200
+            out: bool = r.status == 200
+            return out
     except OSError:
         return False
 
@@ -732,7 +733,7 @@ def plan_workers(*, workers: int | None, gpus: str | None, workers_per_gpu: int 
         if workers is not None and workers != n:
             raise click.UsageError(f"--workers {workers} disagrees with --gpus {gpus} x --workers-per-gpu "
                                    f"{workers_per_gpu} = {n} workers; give one or the other")
-        gpu_of = [ids[i % len(ids)] for i in range(n)]
+        gpu_of: list[str | None] = [ids[i % len(ids)] for i in range(n)]
     else:
         assert workers is not None
         n, gpu_of = workers, [None] * workers
@@ -810,43 +811,26 @@ def launch(command: click.Command, params: dict[str, Any], plan: list[Slot], fir
         except KeyError:
             pass
     base, storage_url = worker_command(command, params)
-    logs = out_dir / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[Slot, subprocess.Popen, Path]] = []
-
-    def start(slot: Slot) -> subprocess.Popen:
-        cmd = base if slot.index == 0 or "--resume" in base else [*base, "--resume"]
-        log = logs / f"worker-{slot.index}.log"
-        with open(log, "wb") as f:
-            p = subprocess.Popen(cmd, env=worker_env(slot, storage=storage_url), stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
-        gpu = f"GPU {slot.gpu}" if slot.gpu is not None else "CPU"
-        click.echo(f"worker {slot.index}: pid {p.pid}, {gpu}, {slot.threads} thread(s), log {log}")
-        procs.append((slot, p, log))
-        return p
-
-    def forward(signum: int, frame: Any) -> None:
-        for _, p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    old = signal.signal(signal.SIGTERM, forward)
+    workers = _Workers(base, out_dir / "workers", storage_url)
+    old = signal.signal(signal.SIGTERM, workers.forward)
     try:
-        first = start(plan[0])
+        first = workers.start(plan[0])
         if len(plan) > 1:
-            failed = _wait_for_parent_run(first, procs[0][2], storage, name, first_timeout)
+            failed = _wait_for_first(first, workers, storage, name, first_timeout)
             if failed:
                 return failed
             for slot in plan[1:]:
-                start(slot)
-        try:
-            codes = [p.wait() for _, p, _ in procs]
-        except KeyboardInterrupt:
-            forward(signal.SIGTERM, None)
-            codes = [p.wait() for _, p, _ in procs]
+                workers.start(slot)
+        codes = workers.wait()
     finally:
         signal.signal(signal.SIGTERM, old)
-    return _workers_done(procs, codes, out_dir)
+    bad = [(s.index, c, log) for (s, _, log), c in zip(workers.procs, codes) if c != 0]
+    for i, c, log in bad:
+        click.secho(f"worker {i} exited with code {c}; last lines of {log}:\n{_tail(log, 15)}", fg="red", err=True)
+    metrics = out_dir / "metrics.json"
+    if metrics.is_file():
+        click.echo(" ".join(f"{k}={v}" for k, v in json.loads(metrics.read_text()).items()))
+    return 1 if bad else 0
 
 
 def worker_command(command: click.Command, params: dict[str, Any]) -> tuple[list[str], str | None]:
@@ -856,13 +840,49 @@ def worker_command(command: click.Command, params: dict[str, Any]) -> tuple[list
     return argv, None if params.get("storage_file") else params.get("storage")
 
 
-def _wait_for_parent_run(first: subprocess.Popen, log: Path, storage: Any, name: str, timeout: float) -> int:
-    """Wait until worker 0 made the study's MLflow parent run; its exit code if it failed first, else 0."""
+class _Workers:
+    """The launched worker processes (slot, process, log file); SIGTERM is forwarded to the running ones."""
+
+    def __init__(self, base: list[str], logs: Path, storage: str | None = None) -> None:
+        self.base, self.logs, self.storage = base, logs, storage
+        logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[Slot, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, slot: Slot) -> subprocess.Popen[bytes]:
+        """Worker `slot.index` (every one but the first joins with --resume), its output in its log file."""
+        cmd = self.base if slot.index == 0 or "--resume" in self.base else [*self.base, "--resume"]
+        log = self.logs / f"worker-{slot.index}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen(cmd, env=worker_env(slot, storage=self.storage), stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        gpu = f"GPU {slot.gpu}" if slot.gpu is not None else "CPU"
+        click.echo(f"worker {slot.index}: pid {p.pid}, {gpu}, {slot.threads} thread(s), log {log}")
+        self.procs.append((slot, p, log))
+        return p
+
+    def forward(self, signum: int, frame: Any) -> None:
+        for _, p, _ in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def wait(self) -> list[int]:
+        """Every worker's exit code (Ctrl-C is passed on to them first)."""
+        try:
+            return [p.wait() for _, p, _ in self.procs]
+        except KeyboardInterrupt:
+            self.forward(signal.SIGTERM, None)
+            return [p.wait() for _, p, _ in self.procs]
+
+
+def _wait_for_first(first: subprocess.Popen[bytes], workers: _Workers, storage: Any, name: str, timeout: float
+                    ) -> int:
+    """Wait until worker 0 created the study's MLflow parent run; its exit code if it failed first, else 0."""
     deadline = time.monotonic() + timeout
     while not _parent_ready(storage, name):
         if first.poll() is not None:
             if first.returncode != 0:
-                click.secho(f"worker 0 failed (exit {first.returncode}):\n{_tail(log)}", fg="red", err=True)
+                click.secho(f"worker 0 failed (exit {first.returncode}):\n{_tail(workers.procs[0][2])}", fg="red",
+                            err=True)
                 return first.returncode or 1
             return 0  # it finished the whole study already
         if time.monotonic() > deadline:
@@ -871,17 +891,6 @@ def _wait_for_parent_run(first: subprocess.Popen, log: Path, storage: Any, name:
             return 0
         time.sleep(0.5)
     return 0
-
-
-def _workers_done(procs: list[tuple[Slot, subprocess.Popen, Path]], codes: list[int], out_dir: Path) -> int:
-    """Report failed workers (with their logs' last lines) and the study's metrics; 1 if any worker failed."""
-    bad = [(s.index, c, log) for (s, _, log), c in zip(procs, codes) if c != 0]
-    for i, c, log in bad:
-        click.secho(f"worker {i} exited with code {c}; last lines of {log}:\n{_tail(log, 15)}", fg="red", err=True)
-    metrics = out_dir / "metrics.json"
-    if metrics.is_file():
-        click.echo(" ".join(f"{k}={v}" for k, v in json.loads(metrics.read_text()).items()))
-    return 1 if bad else 0
 
 
 # --- `s2r team` commands ----------------------------------------------------------------------------------------

@@ -30,9 +30,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from s2r.config import flatten
+
+if TYPE_CHECKING:  # MLflow stays a lazy import
+    from mlflow import MlflowClient
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 PROC_TAG = "s2r.proc."  # + <host>.<pid>: one tag per process that has the run open
@@ -303,7 +306,8 @@ def _experiment_id(mlflow: Any, uri: str, experiment: str) -> str:
     if exp is None or EXPERIMENT_KIND[0] not in (exp.tags or {}):  # a kind chosen in the UI is kept
         mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    out: str = exp_id
+    return out
 
 
 # MLflow 3's UI shows an experiment as GenAI (traces overview) or as classic ML (training runs). The tag is what
@@ -589,17 +593,17 @@ _WRITES = ("set_tag", "log_param", "log_batch", "set_experiment_tag", "create_ru
            "set_model_version_tag", "update_model_version", "update_registered_model")
 
 
-def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> Any:
+def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> MlflowClient:
     """An MlflowClient whose writes (tags, params, dicts, texts, descriptions, artifacts) pass through REDACT."""
     return _redacting_client_class()(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
 @functools.cache
-def _redacting_client_class() -> type:
+def _redacting_client_class() -> type[MlflowClient]:
     """MlflowClient with REDACT in front of every write method s2r may call (built once, mlflow imported late)."""
     import mlflow
 
-    class RedactingClient(mlflow.MlflowClient):  # type: ignore[misc]
+    class RedactingClient(mlflow.MlflowClient):
         def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
             with REDACT.file(local_path) as clean:
                 super().log_artifact(run_id, str(clean), artifact_path)
@@ -715,6 +719,7 @@ class TrackedRun:
         else:
             run = mlflow.start_run(run_name=REDACT.text(self.name), tags=REDACT.obj(tags), nested=nested,
                                    log_system_metrics=self.system_metrics)
+            self.run_id = run.info.run_id
             self.log_params(self.params)
         self.run_id = run.info.run_id
         HEARTBEAT.add(self.run_id, tracking_uri())
@@ -746,7 +751,6 @@ class TrackedRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log a (nested) dict as flattened params in one batch."""
-        import mlflow
         from mlflow.entities import Param
 
         t = time.perf_counter()
@@ -754,7 +758,7 @@ class TrackedRun:
         items = [Param(k, str(REDACT.value(k, str(v)))[:MAX_PARAM_LEN]) for k, v in flat.items()]
         writer = client()
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            writer.log_batch(self.run_id or mlflow.active_run().info.run_id, params=items[i : i + 100])
+            writer.log_batch(self.run_id, params=items[i : i + 100])
         self.log_seconds += time.perf_counter() - t
 
     def set_tags(self, tags: dict[str, Any]) -> None:
