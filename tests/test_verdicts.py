@@ -119,10 +119,10 @@ def test_side_chooses_per_seed_on_validation_not_test(tmp_path: Path) -> None:
     """Paper 4: per seed the mixing ratio with the best real VALIDATION accuracy; its test accuracy is the value,
     even where another ratio has a better test accuracy."""
     m = tmp_path / "metrics"
-    val = {0: {"mixing_1to15": 0.90, "mixing": 0.80, "mixing_1to3": 0.70, "mixing_1to1": 0.60},
-           1: {"mixing_1to15": 0.70, "mixing": 0.95, "mixing_1to3": 0.70, "mixing_1to1": 0.60},
-           2: {"mixing_1to15": 0.70, "mixing": 0.75, "mixing_1to3": 0.70, "mixing_1to1": 0.60}}
-    test = {"mixing_1to15": 0.85, "mixing": 0.86, "mixing_1to3": 0.99, "mixing_1to1": 0.99}
+    val = {0: {"mixing_1to15": 0.90, "mixing": 0.80, "mixing_1to1": 0.60},
+           1: {"mixing_1to15": 0.70, "mixing": 0.95, "mixing_1to1": 0.60},
+           2: {"mixing_1to15": 0.70, "mixing": 0.75, "mixing_1to1": 0.70}}
+    test = {"mixing_1to15": 0.85, "mixing": 0.86, "mixing_1to1": 0.99}
     for seed, per in val.items():
         for method, v in per.items():
             _write(m / f"{method}-seed{seed}", method, seed, {"accuracy": test[method] + seed / 1000},

@@ -75,7 +75,7 @@ def data() -> None:
 
 
 @data.command("generate")
-@click.argument("name", type=click.Choice(["digits", "scenes"]))
+@click.argument("name", type=click.Choice(["digits", "scenes", "scenes32"]))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @PARAMS_OPT
 def data_generate(name: str, out: str, params_path: str) -> None:
@@ -732,6 +732,16 @@ def preload_stages() -> None:
     torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())  # its lazy imports
 
 
+def forked_s2r(argv: list[str]) -> None:
+    """`s2r ARGS` in a child forked by `s2r parallel`: torch's thread pool sized to this command's share first."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    main.main(args=argv[1:], prog_name="s2r")
+
+
 @main.command("parallel")
 @click.argument("commands", nargs=-1, required=True)
 @click.option("--jobs", "-j", default=0, show_default=True, type=click.IntRange(min=0),
@@ -751,7 +761,7 @@ def parallel_cmd(commands: tuple[str, ...], jobs: int, fork: bool) -> None:
     """
     from s2r.parallel import ForkServer, ParallelError, run
 
-    server = ForkServer(preload_stages, lambda argv: main.main(args=argv[1:], prog_name="s2r")) if fork else None
+    server = ForkServer(preload_stages, forked_s2r) if fork else None
     try:
         seconds = run(commands, jobs, fork=server)
     except ParallelError as e:

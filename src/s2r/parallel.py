@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 CHAIN = "&&"  # separates the parts of a chained command
-Entry = Callable[[list[str]], Any]  # runs `s2r ARGS` in a forked child (argv[0] is "s2r"); exits via SystemExit
+Entry = Callable[[list[str]], Any]  # runs `s2r ARGS` in a forked child (argv[0] is "s2r"), with the child's
+# environment (OMP_NUM_THREADS = its share) already in os.environ; may end with SystemExit(code)
 
 
 class ParallelError(RuntimeError):
@@ -98,9 +99,6 @@ def _child_main(argv: list[str], env: dict[str, str], w: int, close: list[int], 
         os.environ.update(env)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        import torch
-
-        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
         sys.argv = list(argv)
         try:
             entry(argv)
@@ -268,6 +266,7 @@ class _Runner:
                                 f"{job.texts[job.step]}")
         job.step += 1
         if job.step < len(job.parts):
+            self.write(job.index, f"part {job.step}/{len(job.parts)} done (CPU {job.proc.cpu:.1f} s)")
             self.start(job)
             return
         job.seconds = time.monotonic() - job.t0

@@ -6,6 +6,7 @@ atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,7 +24,9 @@ from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
 from s2r.files import write_json
 
-GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
+# embedded benchmark -> its generator module; `scenes32` is `scenes` rendered at 32 px (paper 2's demo: a quarter of
+# the pixels per training step, docs/demos.md), sizes from params.yaml benchmarks.<name>
+GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes", "scenes32": "s2r.data.scenes"}
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -36,6 +39,7 @@ def generate(name: str, out: Path, params: Params) -> Path:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
     spec, samples = gen.generate(getattr(params.benchmarks, name), params.seed)
+    spec = dataclasses.replace(spec, name=name)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
