@@ -146,3 +146,10 @@ def test_every_default_claim_compares_models_the_default_pipeline_trains() -> No
         for side in (c.a, c.b):
             for method in [side.method] if side.method else [m for m, _ in side.candidates]:
                 assert f"s2r evaluate {method} " in dvc, (c.key, method)
+
+
+def test_differences_name_the_claims_whose_verdict_changed() -> None:
+    rows = [{"key": "p.a", "verdict": "agrees"}, {"key": "p.b", "verdict": "inconclusive"}]
+    other = {"p.a": {"verdict": "agrees"}, "p.b": {"verdict": "disagrees"}}
+    assert verdicts.differences(rows, other) == ["p.b: INCONCLUSIVE here, DISAGREES in the other run"]
+    assert verdicts.differences(rows[:1], {}) == ["p.a: AGREES here, ABSENT in the other run"]

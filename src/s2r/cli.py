@@ -551,8 +551,11 @@ def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path:
               help="Also write the paper verdicts as a metrics JSON (dvc metrics show).")
 @click.option("--readme", type=click.Path(exists=True, dir_okay=False),
               help="Rewrite the generated results block of this README (between the s2r:verdicts markers).")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False),
+              help="Another run's verdicts JSON (e.g. the second-CPU run's): list the claims whose verdict differs.")
 @PARAMS_OPT
-def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None, params_path: str) -> None:
+def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None, compare: str | None,
+               params_path: str) -> None:
     """Print the results table of every evaluated method (COLLAPSED models marked) and the paper verdicts.
 
     Example: s2r report --verdicts data/metrics/verdicts.json --readme README.md
@@ -561,7 +564,7 @@ def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None, p
 
     click.echo(stages.report(Path(metrics_dir), _load(params_path).reports.verdicts,
                              verdicts_out=Path(verdicts_out) if verdicts_out else None,
-                             readme=Path(readme) if readme else None))
+                             readme=Path(readme) if readme else None, compare=Path(compare) if compare else None))
 
 
 @main.command("benchmark")

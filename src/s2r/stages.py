@@ -375,12 +375,13 @@ def report_columns(evaluator: str) -> list[str] | None:
 
 
 def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = None,
-           readme: Path | None = None) -> str:
+           readme: Path | None = None, compare: Path | None = None) -> str:
     """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
 
     A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
     COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
-    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power).
+    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power);
+    `compare`: another run's verdicts JSON, whose differing verdicts are listed at the end.
     """
     from s2r import verdicts
 
@@ -408,6 +409,9 @@ def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = 
     rows_v = verdicts.verdicts(Path(metrics_dir), level=rule.level, power=rule.power)
     lines += ["", f"Paper verdicts (mean ± sample std over independent seeds; Welch's t-test, {100 * rule.level:g} % "
               "interval of the difference; s2r.verdicts)", verdicts.text(rows_v)]
+    if compare:
+        diff = verdicts.differences(rows_v, json.loads(Path(compare).read_text()))
+        lines += ["", f"Verdicts that differ from {compare}: " + (f"{len(diff)}" if diff else "none"), *diff]
     if verdicts_out:
         write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
     if readme:

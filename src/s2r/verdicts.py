@@ -346,6 +346,16 @@ def metrics_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def differences(rows: list[dict[str, Any]], other: dict[str, Any]) -> list[str]:
+    """Claims whose verdict differs from another run's verdicts JSON (`metrics_json`), one line each."""
+    out = []
+    for r in rows:
+        theirs = other.get(r["key"], {}).get("verdict", "absent")
+        if theirs != r["verdict"]:
+            out.append(f"{r['key']}: {r['verdict'].upper()} here, {theirs.upper()} in the other run")
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The README's results block: one table row per claim."""
     lines = ["| paper | claim | ours | baseline | difference [interval], p | verdict |", "|---|---|---|---|---|---|"]
