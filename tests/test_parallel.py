@@ -126,3 +126,28 @@ def test_s2r_commands_are_forked_after_one_preload(tmp_path: Path) -> None:
     assert (tmp_path / "a").read_text() == f"{parent} {threads}" == (tmp_path / "b").read_text()
     assert "[0] child says hi" in res.stdout and "[2] 7" in res.stdout
     assert "failed: s2r parallel: command [0] failed with exit status 5" in res.stdout
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + MLflow: ~25 CPU-seconds
+def test_a_forked_training_gives_the_losses_of_a_fresh_process(tiny_prepared: Path, tiny_params_file: Path,
+                                                               tmp_path: Path) -> None:
+    """The fork server changes where imports happen, not the numerics: `s2r parallel` (forked) and a plain
+    `s2r train` process write bit-identical final losses."""
+    import json
+    import subprocess
+
+    def cmd(name: str) -> str:
+        return (f"s2r train mixing --data {tiny_prepared} --out {tmp_path / name} --checkpoints {tmp_path / 'c' / name}"
+                f" --metrics {tmp_path / name}.json --params {tiny_params_file} --set tracking.log_model=false")
+
+    env = parallel.thread_env(1) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    s2r = str(Path(sys.executable).with_name("s2r"))
+    forked = subprocess.run([s2r, "parallel", "--jobs", "1", cmd("forked")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert forked.returncode == 0, forked.stdout + forked.stderr
+    assert "imports for the forked commands" in forked.stdout  # it did fork
+    plain = subprocess.run(shlex.split(cmd("plain").replace("s2r ", s2r + " ", 1)), env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("forked", "plain"))
+    assert a["train_loss"] == b["train_loss"] and a["val_accuracy"] == b["val_accuracy"]

@@ -243,7 +243,7 @@ def _check_splits(key: str, d: dict[str, Any]) -> None:
 class BenchmarksParams:
     digits: DigitsParams = field(default_factory=DigitsParams)
     scenes: ScenesParams = field(default_factory=ScenesParams)
-    scenes32: ScenesParams = field(default_factory=lambda: ScenesParams(image_size=32))  # paper 2's demo
+    scenes32: ScenesParams = field(default_factory=lambda: ScenesParams(image_size=32))
 
 
 @dataclass

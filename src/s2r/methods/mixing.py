@@ -50,7 +50,7 @@ class Config:
     augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
     aug_crop_padding: int = 4
     aug_hflip: bool = False
-    image_size: int = 0  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
+    image_size: int = 16  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks_per_stage: int = 3
     batch_size: int = 128
