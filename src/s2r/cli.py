@@ -803,7 +803,9 @@ def parallel_cmd(commands: tuple[str, ...], jobs: int, fork: bool) -> None:
 @main.command("ui")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def ui_cmd(port: int, host: str) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="uvicorn worker processes of the server (more for a team sharing it).")
+def ui_cmd(port: int, host: str, workers: int) -> None:
     """Open the MLflow UI on the project's store and print a link per experiment (one per paper).
 
     Example: s2r ui --port 5000   (then browse http://127.0.0.1:5000)
@@ -818,9 +820,13 @@ def ui_cmd(port: int, host: str) -> None:
     for name, url in experiment_links(host, port):
         click.echo(f"  {name:<50} {url}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # One uvicorn worker and no GenAI job runner (its consumer processes serve LLM judges, unused here): on a
+    # loaded 2-core machine four workers starting at once missed uvicorn's health check and were restarted
+    # for minutes before the UI answered.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # its own process group: stopping `s2r ui` (Ctrl-C, SIGTERM) stops the server and its uvicorn workers too
     sys.exit(run_server([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                         "--host", host, "--port", str(port)]))
+                         "--host", host, "--port", str(port), "--workers", str(workers)]))
 
 
 @main.group("recipe")
