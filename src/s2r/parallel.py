@@ -91,10 +91,8 @@ def _child_main(argv: list[str], env: dict[str, str], w: int, close: list[int], 
         os.close(w)
         # fresh text streams: the parent's objects may hold its locks and buffered text
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
-                                                       errors="backslashreplace")
-        sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
-                                                       errors="backslashreplace")
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, errors="backslashreplace")
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, errors="backslashreplace")
         os.environ.clear()
         os.environ.update(env)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -340,7 +340,8 @@ def metrics_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "level", "seeds_needed")
     out: dict[str, Any] = {}
     for r in rows:
-        entry: dict[str, Any] = {k: r[k] for k in keys if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))}
+        entry: dict[str, Any] = {k: r[k] for k in keys
+                                 if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))}
         entry |= {"kind": r["kind"], "verdict": r["verdict"], "verdict_code": code.get(r["verdict"], 0)}
         out[r["key"]] = entry
     return out
