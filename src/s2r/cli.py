@@ -377,10 +377,11 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     if method not in params.methods:
         raise ConfigError(f"{params_path}: no params block methods.{method}; the methods and their variants:\n  "
                           + "\n  ".join(method_catalogue(params_path)))
-    summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
-                           plots_out=Path(plots) if plots else None,
-                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
-                           init=Path(init_dir) if init_dir else None)
+    summary = stages.train(stages.TrainRequest(method, Path(data_dir), Path(out),
+                                               metrics_out=Path(metrics) if metrics else None,
+                                               plots_out=Path(plots) if plots else None,
+                                               ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
+                                               init=Path(init_dir) if init_dir else None), params)
     click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 

@@ -40,7 +40,7 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "", strict: bool
     for name, f in fields.items():
         key = _join(prefix, name)
         if name not in raw:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             section = dataclasses.is_dataclass(hints[name]) or f.metadata.get("section", False)
             if not has_default or (strict and not section):
                 raise ConfigError(f"{where}: missing key {key!r}")
@@ -81,7 +81,7 @@ def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) ->
         if value not in get_args(tp):
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -165,7 +165,7 @@ def load_yaml(path: str | Path) -> Any:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict (for logging and saving resolved configs)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
