@@ -243,6 +243,7 @@ def _check_splits(key: str, d: dict[str, Any]) -> None:
 class BenchmarksParams:
     digits: DigitsParams = field(default_factory=DigitsParams)
     scenes: ScenesParams = field(default_factory=ScenesParams)
+    scenes32: ScenesParams = field(default_factory=lambda: ScenesParams(image_size=32))
 
 
 @dataclass
@@ -399,7 +400,20 @@ class AeTablesParams:
 
 
 @dataclass
+class VerdictsParams:
+    """The rule of the paper verdicts (s2r.verdicts): Welch's t-test at `level`, seeds-needed at `power`."""
+
+    level: float = 0.95
+    power: float = 0.8
+
+    def validate(self) -> None:
+        if not 0.5 <= self.level < 1 or not 0 < self.power < 1:
+            raise ConfigError("keys 'level' (in [0.5, 1)) and 'power' (in (0, 1)) of reports.verdicts")
+
+
+@dataclass
 class ReportsParams:
+    verdicts: VerdictsParams = field(default_factory=VerdictsParams)  # the paper verdicts' statistical rule
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2

@@ -7,6 +7,7 @@ the method's paper; evaluate and refine runs are nested under the training run o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from s2r import health
-from s2r.config import Params, to_dict
+from s2r.config import Params, VerdictsParams, to_dict
 from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
 from s2r.files import JsonDict, write_json
@@ -31,7 +32,9 @@ if TYPE_CHECKING:  # heavy imports (torch) stay lazy: the CLI starts without the
     from s2r.tracking import TrackedRun
     from s2r.train import FitResult
 
-GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
+# embedded benchmark -> its generator module; `scenes32` is `scenes` rendered at 32 px (paper 2's demo: a quarter of
+# the pixels per training step, docs/demos.md), sizes from params.yaml benchmarks.<name>
+GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes", "scenes32": "s2r.data.scenes"}
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -43,8 +46,10 @@ def generate(name: str, out: Path, params: Params) -> Path:
     if name not in GENERATORS:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
-    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes}[name]  # as GENERATORS
+    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes,
+                "scenes32": params.benchmarks.scenes32}[name]  # as GENERATORS
     spec, samples = gen.generate(settings, params.seed)
+    spec = dataclasses.replace(spec, name=name)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
@@ -454,12 +459,14 @@ def report_columns(evaluator: str) -> list[str] | None:
     return list(evaluators.evaluator(evaluator).report_columns) or None
 
 
-def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | None = None) -> str:
+def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = None,
+           readme: Path | None = None, compare: Path | None = None) -> str:
     """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
 
     A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
     COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
-    `readme`: rewrite its generated results block (s2r.verdicts).
+    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power);
+    `compare`: another run's verdicts JSON, whose differing verdicts are listed at the end.
     """
     from s2r import verdicts
 
@@ -484,8 +491,12 @@ def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | N
     for columns, rows in groups.items():
         head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in columns)
         lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
-    rows_v = verdicts.verdicts(Path(metrics_dir))
-    lines += ["", "Paper verdicts (mean ± sample std over the seeds that ran; s2r.verdicts)", verdicts.text(rows_v)]
+    rows_v = verdicts.verdicts(Path(metrics_dir), level=rule.level, power=rule.power)
+    lines += ["", f"Paper verdicts (mean ± sample std over independent seeds; Welch's t-test, {100 * rule.level:g} % "
+              "interval of the difference; s2r.verdicts)", verdicts.text(rows_v)]
+    if compare:
+        diff = verdicts.differences(rows_v, json.loads(Path(compare).read_text()))
+        lines += ["", f"Verdicts that differ from {compare}: " + (f"{len(diff)}" if diff else "none"), *diff]
     if verdicts_out:
         write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
     if readme:
