@@ -36,11 +36,14 @@ def test_confusion_plot_has_counts() -> None:
     assert texts == {"3", "1", "2"}
 
 
-def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path) -> None:
+def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path, tiny_params_file) -> None:
     """`s2r report` (the last line of `make run`) reads every evaluator's evaluate.json without crashing."""
     import json
 
+    from s2r.params import load_params
     from s2r.stages import report
+
+    rule = load_params(tiny_params_file).reports.verdicts
 
     files = {
         "mixing": {"evaluator": "classification", "domain": "real", "accuracy": 0.9, "balanced_accuracy": 0.8},
@@ -52,11 +55,12 @@ def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path
     for name, m in files.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "evaluate.json").write_text(json.dumps(m))
-    text = report(tmp_path)
-    assert text.count("method") == 4  # one table each
+    (tmp_path / "params.yaml").unlink()  # only the metric folders below tmp_path
+    text = report(tmp_path, rule)
+    assert sum(line.startswith("method ") for line in text.splitlines()) == 4  # one table each (header rows)
     assert "knn_accuracy" in text and "abs_rel" in text and "score" in text
     assert "n/a" in text and "0.9000" in text and "0.2500" in text
-    assert "no results yet" in report(tmp_path / "empty")
+    assert "no results yet" in report(tmp_path / "empty", rule)
 
 
 # ---- the disentanglement evaluator's settings (reports.disentanglement) and the tables it feeds -----------------
