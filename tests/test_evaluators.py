@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import tiny_section
 from s2r.evaluators.classification import classification_metrics, confusion_matrix, plot_confusion
 
 
@@ -40,7 +41,7 @@ def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path
     """`s2r report` (the last line of `make run`) reads every evaluator's evaluate.json without crashing."""
     import json
 
-    from s2r.stages import report
+    from s2r.report import report
 
     files = {
         "mixing": {"evaluator": "classification", "domain": "real", "accuracy": 0.9, "balanced_accuracy": 0.8},
@@ -105,7 +106,8 @@ def _dis_params(**kw):
 
     from s2r.config import DisentanglementParams
 
-    return SimpleNamespace(reports=SimpleNamespace(disentanglement=DisentanglementParams(**kw)))
+    return SimpleNamespace(reports=SimpleNamespace(
+        disentanglement=tiny_section(DisentanglementParams, "reports.disentanglement", **kw)), source="tiny params")
 
 
 def test_disentanglement_evaluator_uses_the_configured_split_estimator_and_forms() -> None:

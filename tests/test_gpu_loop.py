@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params_dict
+from conftest import tiny_params_dict, tiny_section
 from s2r.config import ConfigError, TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import registry
@@ -32,7 +32,7 @@ def make(name: str, data: Path, steps: int = 6) -> Any:
 
 
 def train_params(**kw: Any) -> TrainParams:
-    return TrainParams(**({"device": "cpu", "checkpoint_every": 100, "progress": False} | kw))
+    return tiny_section(TrainParams, "train", **({"device": "cpu", "checkpoint_every": 100, "progress": False} | kw))
 
 
 def float_loop(m: Any, epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:

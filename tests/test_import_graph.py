@@ -114,3 +114,28 @@ def test_dvc_deps_cli(tmp_path: Path) -> None:
         Path("dvc.yaml").write_text(yaml.safe_dump(raw))
         res = CliRunner().invoke(main, ["dvc-deps", "refine", "--check", "dvc.yaml"])
     assert res.exit_code == 1 and "src/s2r/stages.py" in res.output
+
+
+def test_dvc_stages_list_the_params_blocks_they_read() -> None:
+    """Every `s2r train BLOCK` stage lists methods.BLOCK, and every listed variant its `base:` chain (all dvc.yaml)."""
+    assert codegraph.check_dvc_params(REPO) == []
+
+
+def test_a_variant_without_its_base_in_params_fails_the_check(tmp_path: Path) -> None:
+    """An edit of methods.mixing.batch_size must re-run train@mixing_realonly: the check names the missing base."""
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "params.yaml").write_text("methods:\n  mixing:\n    lr: 0.1\n  mixing_realonly:\n    base: mixing\n")
+    stage = {"foreach": {"mixing_realonly": {"base": "mixing"}},
+             "do": {"cmd": "s2r train ${key} --data d", "params": ["methods.${key}"]}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    problems = codegraph.check_dvc_params(tmp_path)
+    assert len(problems) == 1 and "'train@mixing_realonly' lists methods.mixing_realonly but not methods.mixing" \
+        in problems[0] and "dvc.yaml" in problems[0]
+    stage["do"]["params"] = ["methods.${item.base}"]  # and now the block it trains is missing
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    assert [p for p in codegraph.check_dvc_params(tmp_path) if "does not list params.yaml:methods.mixing_realonly"]
+    stage["do"]["params"] = ["methods.${key}", "methods.${item.base}"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    assert codegraph.check_dvc_params(tmp_path) == []

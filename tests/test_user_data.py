@@ -20,8 +20,9 @@ from s2r.data.adapters import Declared, from_manifest
 from s2r.data.benchmark import bin_factor
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.data.validation import validate_benchmark
+from s2r.params import resolve_methods
 
-TINY = tiny_params_dict()["methods"]
+TINY = resolve_methods(tiny_params_dict()["methods"])  # variants with their base merged in
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")

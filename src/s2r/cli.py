@@ -556,10 +556,10 @@ def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None) -
 
     Example: s2r report --verdicts data/metrics/verdicts.json --readme README.md
     """
-    from s2r import stages
+    from s2r.report import report
 
-    click.echo(stages.report(Path(metrics_dir), verdicts_out=Path(verdicts_out) if verdicts_out else None,
-                             readme=Path(readme) if readme else None))
+    click.echo(report(Path(metrics_dir), verdicts_out=Path(verdicts_out) if verdicts_out else None,
+                      readme=Path(readme) if readme else None))
 
 
 @main.command("benchmark")
@@ -778,20 +778,36 @@ def recipe_standin(paper: str, out: str, repo: str) -> None:
 
 
 @main.command("dvc-deps")
-@click.argument("kind", type=click.Choice(["train", "refine", "evaluate"]))
+@click.argument("kind", required=False, type=click.Choice(["train", "refine", "evaluate", "parallel", "params"]))
 @click.option("--evaluator", default="", help="evaluate: the evaluator module (default: any of them).")
 @click.option("--check", "check", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A dvc.yaml to check: exit 1 naming each code file a stage of this kind runs but misses.")
-def dvc_deps_cmd(kind: str, evaluator: str, check: tuple[str, ...]) -> None:
-    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph.
+@click.option("--write", "write", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A dvc.yaml whose `s2r train|refine|evaluate` stages get their code deps rewritten from the "
+                   "import graph (data deps and comments kept).")
+def dvc_deps_cmd(kind: str | None, evaluator: str, check: tuple[str, ...], write: tuple[str, ...]) -> None:
+    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph; `params`
+    checks every dvc.yaml of the project: a `s2r train BLOCK` stage lists methods.BLOCK and its `base:` blocks.
 
-    Example: s2r dvc-deps train   |   s2r dvc-deps evaluate --check dvc.yaml
+    Example: s2r dvc-deps train   |   s2r dvc-deps --write dvc.yaml   |   s2r dvc-deps params
     """
     from s2r import codegraph
 
+    if write:
+        for f in write:
+            changed = codegraph.write_dvc(Path(f), Path.cwd())
+            click.echo(f"{f}: code deps of {len(changed)} stage(s) rewritten" + (f": {changed}" if changed else ""))
+        return
+    if kind is None:
+        raise click.UsageError("give a KIND (train, refine, evaluate, parallel, params) or --write DVC_YAML")
+    if kind == "params":
+        problems = codegraph.check_dvc_params(Path.cwd())
+        for p in problems:
+            click.secho(p, fg="red", err=True)
+        click.echo(f"{len(problems)} stage(s) miss a params block")
+        sys.exit(1 if problems else 0)
     if check:
-        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd())
-                    if f"(s2r {kind})" in p]
+        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd()) if kind in p.split("(s2r ")[-1]]
         for p in problems:
             click.secho(p, fg="red", err=True)
         sys.exit(1 if problems else 0)

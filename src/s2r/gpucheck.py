@@ -113,10 +113,12 @@ def time_s2r_cut(data: Path, patch: int, device: torch.device, amp: torch.dtype 
 def time_s2r_loop(data: Path, patch: int, device: torch.device, amp: torch.dtype | None, batch: int = 40,
                   steps: int = 12, **overrides: Any) -> dict[str, Any]:
     """The whole loop (s2r.train.fit) per step vs the bare step, fixed costs cancelled (bench.loop_vs_step)."""
-    from s2r.bench import loop_vs_step
-    from s2r.config import TrainParams
+    from dataclasses import replace
 
-    train = TrainParams(device=device.type, progress=False, checkpoint_every=10**6)
+    from s2r.bench import loop_vs_step
+    from s2r.params import load_params
+
+    train = replace(load_params(_params_path()).train, device=device.type, progress=False, checkpoint_every=10**6)
     return loop_vs_step(lambda: cut_method(data, patch, device, amp, batch, **overrides), train,
                         (max(steps // 3, 2), steps))
 
@@ -323,7 +325,7 @@ def run(out: Path, reference: Path | None, methods: list[str] | None, skip_metho
             report["methods_failed"] = sorted(k for k, v in res.items() if v["status"] != "passed")
         if not skip_timing:
             report["cut"] = time_cut(Path(tmp) / "cut", reference)
-    from s2r.stages import write_json
+    from s2r.files import write_json
 
     write_json(out, report)
     print(f"gpu-check: wrote {out}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import need
 from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
 
@@ -117,7 +118,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
 
     if "predict" not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")
-    s = params.reports.depth_segmentation
+    s = need(params.reports.depth_segmentation, "reports.depth_segmentation", params.source)
     data = method.data
     spec = data.spec
     test = data.get(spec.target, "test")

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import need
+
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
 
@@ -455,7 +457,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     tgt_set = None
     if tgt in sets and tgt != src:
         tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1])
-    cfg = params.reports.disentanglement
+    cfg = need(params.reports.disentanglement, "reports.disentanglement", params.source)
     z_ind, f_ind = z_src[ind], facs[ind]
     tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
     with threadpool_limits(1):  # one BLAS/OpenMP thread: small fits on a shared 2-core machine run faster

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.params import load_params
 from s2r.tables import fmt_percent, markdown
 
@@ -94,7 +94,7 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     if digits is None and scenes is None:
         raise ValueError("s2r tables ae needs --digits and/or --scenes")
     base = load_params(params_path)
-    cfg = base.reports.ae_tables
+    cfg = need(base.reports.ae_tables, "reports.ae_tables", base.source)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     result: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.evaluators.disentanglement import METRIC_KEYS
 from s2r.params import load_params
 from s2r.tables import markdown as _markdown
@@ -202,7 +202,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
 
     overrides = dict(overrides or {})
     base = load_params(params_path, overrides)
-    cfg = base.reports.betavae_tables
+    cfg = need(base.reports.betavae_tables, "reports.betavae_tables", base.source)
     out.mkdir(parents=True, exist_ok=True)
     grid = model_grid(cfg)
     rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import need
 from s2r.params import load_params
 from s2r.tables import markdown as _markdown
 
@@ -52,8 +53,9 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path, sets)
-    cfg = base.reports.cut_tables
-    size = base.benchmarks.scenes.image_size if data_dir.name.startswith("scenes") else None
+    cfg = need(base.reports.cut_tables, "reports.cut_tables", base.source)
+    size = (need(base.benchmarks.scenes, "benchmarks.scenes", base.source).image_size
+            if data_dir.name.startswith("scenes") else None)
     out.mkdir(parents=True, exist_ok=True)
 
     def seg_params(train_data: str) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.params import load_params
 from s2r.tables import fmt_percent as _fmt
 from s2r.tables import markdown as _markdown
@@ -88,7 +88,7 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path)
-    cfg = base.reports.mixing_tables
+    cfg = need(base.reports.mixing_tables, "reports.mixing_tables", base.source)
     ratios = list(cfg.ratios)
     stage2 = dict(stage2 or {})
     if "synthetic" not in datasets:
