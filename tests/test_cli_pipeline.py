@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
@@ -32,6 +33,21 @@ def test_help_lists_every_command_with_example() -> None:
     ]
     for cmd in commands:
         assert "Example: s2r" in CliRunner().invoke(main, [*cmd, "--help"]).output, cmd
+
+
+def test_train_help_and_unknown_method_list_the_methods_and_variants(tiny_params_file: Path) -> None:
+    """`s2r train --help` and a typo in METHOD both show what can be trained: methods, papers, variants."""
+    from s2r.methods import registry
+
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for name, entry in registry.entries().items():
+        number = registry.PAPERS.index(entry.paper) + 1
+        assert f"  {name} " in help_text and f"paper {number}: {entry.paper}" in help_text
+    assert "mixing, mixing_realonly" in help_text and "cyclegan, mrgan" in help_text  # variants = params blocks
+    res = CliRunner().invoke(main, ["train", "mixng", "--data", str(REPO / "src"), "--out", "m",
+                                    "--params", str(tiny_params_file)])
+    assert res.exit_code == 2 and "no params block methods.mixng" in res.output
+    assert "mixing, mixing_realonly" in res.output and "twinvae_heads" in res.output
 
 
 def test_import_is_light() -> None:
