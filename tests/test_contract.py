@@ -273,11 +273,15 @@ def test_every_registered_method_has_a_params_block() -> None:
     assert blocks == set(registry.entries()), "a registered method without a params.yaml block is untested"
 
 
-def test_every_declared_evaluator_names_its_report_columns() -> None:
+def test_every_declared_evaluator_names_its_report_columns_and_the_capability_it_scores() -> None:
+    import importlib
+
     for entry in registry.entries().values():
         if entry.evaluator:
             cols = report_columns(entry.evaluator)
             assert cols and all(isinstance(c, str) for c in cols), entry.evaluator
+            required = importlib.import_module(f"s2r.evaluators.{entry.evaluator}").REQUIRES
+            assert required in registry.CAPABILITIES and required in entry.capabilities, entry.evaluator
 
 
 NEW_METHOD = '''

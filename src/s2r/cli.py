@@ -265,7 +265,7 @@ def data_add(name: str, src: str, out: str | None, kind: str | None, pairs: tupl
     """Register a downloaded dataset (MPI3D, SVIRO, TICaM, KITTI, VKITTI 2, YCB-Video, BOP, ...) as a benchmark.
 
     s2r never downloads: when the folder is missing or not in the published layout, it prints where to get
-    the dataset and the layout it expects. A folder with a declaration benchmark.yaml works for any data.
+    the dataset and the layout it expects. A folder with a dataset declaration dataset.yaml works for any data.
 
     Example: s2r data add mpi3d --from data/raw/mpi3d -o large_only=true -o max_scenes=50000
     """
@@ -649,9 +649,9 @@ def registry_register(method: str, run_id: str | None, from_file: str | None, al
 
     Example: s2r registry register mixing --from data/metrics/mixing/train.json --receipt data/release/mixing.json
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    r = registry.register(method, run_id=run_id, best_file=Path(from_file) if from_file else None, alias=alias,
+    r = model_registry.register(method, run_id=run_id, best_file=Path(from_file) if from_file else None, alias=alias,
                           receipt=Path(receipt) if receipt else None)
     click.echo(f"registered {r['name']} v{r['version']} @{r['alias']} from run {r['run_id']} ({r['model_uri']})")
 
@@ -663,9 +663,9 @@ def registry_list(method: str | None) -> None:
 
     Example: s2r registry list mixing
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    click.echo(registry.format_models(registry.list_models(method)))
+    click.echo(model_registry.format_models(model_registry.list_models(method)))
 
 
 @registry_group.command("promote")
@@ -677,9 +677,9 @@ def registry_promote(name: str, version: int, alias: str) -> None:
 
     Example: s2r registry promote s2r-mixing 2 --alias champion
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    r = registry.promote(name, version, alias)
+    r = model_registry.promote(name, version, alias)
     was = f" (was v{r['previous']})" if r["previous"] is not None else ""
     click.echo(f"{r['name']}@{r['alias']} -> v{r['version']}{was}; load it as models:/{r['name']}@{r['alias']}")
 
@@ -695,9 +695,9 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 
     Example: s2r registry predict s2r-mixing photos/ --out predictions.csv --alias champion
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    df = registry.predict_folder(name, Path(folder), Path(out), alias=alias, version=version)
+    df = model_registry.predict_folder(name, Path(folder), Path(out), alias=alias, version=version)
     click.echo(f"{len(df)} images -> {out}")
 
 

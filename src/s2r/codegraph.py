@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("s2r.data", "s2r.tracking")),
     ("models", ("s2r.methods", "s2r.evaluators")),
     ("running", ("s2r.params", "s2r.train", "s2r.stages", "s2r.verdicts", "s2r.report")),
-    ("applications", ("s2r.tables", "s2r.tune", "s2r.team", "s2r.registry", "s2r.bench", "s2r.recipes",
+    ("applications", ("s2r.tables", "s2r.tune", "s2r.team", "s2r.model_registry", "s2r.bench", "s2r.recipes",
                       "s2r.codegraph", "s2r.gpucheck")),
     ("cli", ("s2r.cli", "s2r.__main__")),
 ]

@@ -28,7 +28,6 @@ from typing import Any
 from s2r.config import ConfigError, set_dotted
 
 RECIPES_DIR = Path("pipelines") / "recipes"
-FILES = ("dvc.yaml", "recipe.yaml", "fixture.yaml")
 
 
 def recipe_dir(paper: str, repo: Path = Path(".")) -> Path:

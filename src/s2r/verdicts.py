@@ -1,4 +1,4 @@
-"""Paper verdicts, generated (DESIGN.md section 10): each paper's headline comparison, our numbers, a verdict.
+"""Paper verdicts, generated (never hand-copied prose): each paper's headline comparison, our numbers, a verdict.
 
 `s2r report` ends with one section per paper; `s2r report --verdicts FILE` writes the same verdicts as a metrics
 JSON (`dvc metrics show`), `--readme README.md` rewrites the block between the README_BEGIN / README_END markers.

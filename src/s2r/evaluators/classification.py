@@ -9,6 +9,7 @@ import numpy as np
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["accuracy", "balanced_accuracy"]
+REQUIRES = "predict"  # the capability of a method (its params block) this evaluator scores
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -76,7 +77,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     from s2r.data.benchmark import DataError
     from s2r.figures import sample_grid
 
-    if "predict" not in method.capabilities:
+    if REQUIRES not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate on classification")
     data = method.data
     test = data.get(data.spec.target, "test")

@@ -25,6 +25,7 @@ from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confus
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["abs_rel", "rmse", "a1", "miou", "miou_majority_class", "pixel_accuracy"]
+REQUIRES = "predict"  # the capability of a method (its params block) this evaluator scores
 
 IGNORE = 255  # mask value of unlabelled pixels (benchmark layout)
 
@@ -116,7 +117,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     from s2r.data.benchmark import DataError
     from s2r.files import write_json
 
-    if "predict" not in method.capabilities:
+    if REQUIRES not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate depth/segmentation")
     s = need(params.reports.depth_segmentation, "reports.depth_segmentation", params.source)
     data = method.data

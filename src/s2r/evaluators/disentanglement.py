@@ -62,6 +62,7 @@ from s2r.config import need
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
+REQUIRES = "encode"  # the capability of a method (its params block) this evaluator scores
 
 METRIC_KEYS = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "sap", "modularity",
                "betavae_score", "factorvae_score")
@@ -442,7 +443,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     from s2r.evaluators import ood_transfer
     from s2r.figures import sample_grid
 
-    if "encode" not in method.capabilities:
+    if REQUIRES not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to score disentanglement on")
     data = method.data
     sets = evaluation_sets(method)

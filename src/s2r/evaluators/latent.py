@@ -23,6 +23,7 @@ from s2r.data.benchmark import NO_LABEL
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
+REQUIRES = "encode"  # the capability of a method (its params block) this evaluator scores
 
 
 def knn_default_k(n_train: int) -> int:
@@ -171,7 +172,7 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
     from s2r.data.benchmark import DataError
     from s2r.figures import sample_grid
 
-    if "encode" not in method.capabilities:
+    if REQUIRES not in method.capabilities:
         raise DataError(f"method {method.name!r} has no 'encode' capability to evaluate in latent space")
     data = method.data
     target = data.spec.target

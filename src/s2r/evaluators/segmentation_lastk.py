@@ -1,4 +1,4 @@
-"""Downstream segmentation scored as the paper does (paper `cut-patch-refinement.txt`, Section IV-A and IV-F).
+"""Downstream segmentation scored as the paper does (paper 5, cut-patch-refinement: Section IV-A and IV-F).
 
 - The score is the distribution of the target-TEST mIoU over the last K training epochs (paper: 50), recorded
   by the segmenter's per-epoch `validate()`; summarised by median and spread (IQR, std, min/max) and drawn as
@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from s2r.data.benchmark import DataError
 from s2r.evaluators.segmentation import segmentation_metrics
 
 # the headline numbers of evaluate.json, in the order `s2r report` prints them
 REPORT_COLUMNS = ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"]
+REQUIRES = "predict"  # the capability of a method (its params block) this evaluator scores
 
 
 def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
@@ -40,6 +42,8 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
 
     from s2r.methods.segmenter import MIOU, lastk_summary
 
+    if REQUIRES not in method.capabilities:
+        raise DataError(f"method {method.name!r} has no 'predict' capability to score segmentation with")
     cfg = method.cfg
     test = method.test
     final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,

@@ -1,4 +1,5 @@
-"""Extractor autoencoders and their baselines (paper `extractor-autoencoder-pirl-triplet.txt`).
+"""Extractor autoencoders and their baselines (paper 1, "Autoencoder for Synthetic to Real Generalization: From
+Simple to More Complex Scenes").
 
 One module, every variant of the paper as a configuration (params blocks `ae`, `ae_<suffix>`):
 

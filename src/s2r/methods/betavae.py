@@ -1,7 +1,7 @@
 """beta-VAE and weakly supervised Ada-GVAE with the deep residual architecture of paper 3.
 
-Paper: `disentanglement-transfer-ood.txt` (Dittadi et al., "On the transfer of disentangled representations in
-realistic settings"), Section 3 and appendix A.
+Paper 3 (disentanglement-transfer-ood): Dittadi et al., "On the transfer of disentangled representations in
+realistic settings", Section 3 and appendix A.
 
 Objective (appendix A; Higgins et al. 2017): maximise E_q(z|x)[log p(x|z)] - beta KL(q(z|x) || p(z)) with a
 Gaussian encoder, isotropic Gaussian prior p(z) = N(0, I) and a Bernoulli decoder (Locatello et al. 2019b).

@@ -1,4 +1,4 @@
-"""Classification baselines of paper 1 (`extractor-autoencoder-pirl-triplet.txt`, Section 4.7, Tables 2 and 9,
+"""Classification baselines of paper 1 (extractor-autoencoder-pirl-triplet: Section 4.7, Tables 2 and 9,
 Figs. 6 and 11): the extractor's own torchvision model trained as a classifier, "Scratch" or "Pre-trained".
 
 Section 4.7: "We froze the same layers of the pre-trained models for fine-tuning the later layers in case of

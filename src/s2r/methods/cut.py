@@ -1,4 +1,5 @@
-"""CUT (Contrastive Unpaired Translation) trained on random patches (paper `cut-patch-refinement.txt`).
+"""CUT (Contrastive Unpaired Translation) trained on random patches (paper 5, Imbusch et al., "Synthetic-to-Real
+Domain Adaptation using Contrastive Unpaired Translation").
 
 Park et al. 2020 (CUT) as summarised in Section III-B, with the paper's patch-based training (Section III-C):
 

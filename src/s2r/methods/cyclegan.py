@@ -1,4 +1,4 @@
-"""CycleGAN refiner, the building block of MrGAN (paper `mixing-ratio-mrgan.txt`, Section 4, appendix 5-7).
+"""CycleGAN refiner, the building block of MrGAN (paper 4, mixing-ratio-mrgan: Section 4, appendix 5-7).
 
 Two generators translate between domain A (the synthetic side) and domain B (the real side): G_AB refines
 synthetic images, G_BA maps real images back. Two discriminators, D_B (real B vs G_AB(a)) and D_A (real A vs

@@ -1,4 +1,5 @@
-"""Mixed-minibatch classifier (paper `mixing-ratio-mrgan.txt`, Section 3.3 and appendix 3).
+"""Mixed-minibatch classifier (paper 4, "Learning image classifiers from (limited) real and (abundant) synthetic
+data", Section 3.3 and appendix 3).
 
 Every training minibatch holds a fixed share of real and synthetic images: with batch size B and
 `real_fraction` f, round(f * B) images come from the (limited) labelled real training set and the rest

@@ -1,4 +1,4 @@
-"""Downstream semantic segmentation trained from scratch (paper `cut-patch-refinement.txt`, Section IV).
+"""Downstream semantic segmentation trained from scratch (paper 5, cut-patch-refinement: Section IV).
 
 The paper trains RefineNet (Lin et al. 2017) from scratch on synthetic, CUT-refined synthetic or real images
 and scores each run by the distribution of the test mIoU over the last 50 epochs (Fig. 4/5: single epochs vary

@@ -1,7 +1,7 @@
-"""Twin VAE with a shared latent space, PackNet packing layers and depth / segmentation heads (paper 2,
-`twin-vae-depth-segmentation.txt`).
+"""Twin VAE with a shared latent space, PackNet packing layers and depth / segmentation heads (paper 2, Raghavan
+et al., "Sim2Real for Self-Supervised Monocular Depth and Segmentation").
 
-One module, three training stages chosen by `stage` (params blocks of the same method, DESIGN.md section 2):
+One module, three training stages chosen by `stage` (params blocks of the same method, one name everywhere):
 
 - ``vae`` (`methods.twinvae`, paper Section 3.1, Eq. 1-10): real encoder E_R / decoder G_R and sim encoder E_S /
   decoder G_S on unpaired real and sim images. The last encoder layers and the first decoder layer are ONE module
