@@ -139,3 +139,18 @@ def test_a_variant_without_its_base_in_params_fails_the_check(tmp_path: Path) ->
     stage["do"]["params"] = ["methods.${key}", "methods.${item.base}"]
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
     assert codegraph.check_dvc_params(tmp_path) == []
+
+
+def test_dvc_deps_write_restores_the_code_deps_and_keeps_the_rest(tmp_path: Path) -> None:
+    """`s2r dvc-deps --write`: code deps regenerated from the import graph, data deps, params and comments kept; a
+    second write changes nothing (every dvc.yaml of the repository is in that state)."""
+    (tmp_path / "src").symlink_to(REPO / "src")
+    dvc = tmp_path / "dvc.yaml"
+    text = (REPO / "dvc.yaml").read_text()
+    dvc.write_text(text.replace("        - src/s2r/stages.py\n", "", 1).replace("        - src/s2r/params.py\n", ""))
+    assert codegraph.check_dvc(dvc, tmp_path, src=REPO / "src")
+    assert codegraph.write_dvc(dvc, tmp_path, src=REPO / "src")
+    assert dvc.read_text() == text and codegraph.check_dvc(dvc, tmp_path, src=REPO / "src") == []
+    for f in DVC_FILES:
+        changed = codegraph.write_dvc(f, REPO, dry_run=True)
+        assert changed == [], f"`s2r dvc-deps --write {f.relative_to(REPO)}` would change {changed}"

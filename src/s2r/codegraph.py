@@ -6,7 +6,9 @@ added as edges: the method registry imports every module of `s2r.methods` (disco
 the evaluator module its method declares.
 
 `stage_code(kind, method)` is what a `s2r train|refine|evaluate` stage runs, so `dvc.yaml` must list it as deps
-(`s2r dvc-deps KIND [METHOD]` prints it; tests/test_import_graph.py checks every dvc.yaml in the repository).
+(`s2r dvc-deps KIND` prints it, `s2r dvc-deps --write FILE` writes the lists of a dvc.yaml; tests/test_import_graph.py
+checks every dvc.yaml in the repository). `check_dvc_params` checks their params the same way: a stage of a
+`base:` variant lists its base blocks too (s2r.params).
 """
 
 from __future__ import annotations
@@ -265,9 +267,10 @@ def check_dvc(dvc_file: Path, repo: Path, src: Path | None = None) -> list[str]:
     return problems
 
 
-def write_dvc(dvc_file: Path, repo: Path, src: Path | None = None) -> list[str]:
+def write_dvc(dvc_file: Path, repo: Path, src: Path | None = None, dry_run: bool = False) -> list[str]:
     """Rewrite the code deps of every `s2r train|refine|evaluate` stage of a dvc.yaml from the import graph (data
-    deps, comments and the rest of the file stay as they are); the stages whose list changed."""
+    deps, comments and the rest of the file stay as they are); the stages whose list changed (`dry_run`: only
+    those, the file untouched)."""
     src = src or repo / "src"
     stages = {name: (kinds, wdir) for name, kinds, _, wdir in dvc_code_stages(dvc_file, repo)}
     lines = Path(dvc_file).read_text().splitlines()
@@ -296,7 +299,8 @@ def write_dvc(dvc_file: Path, repo: Path, src: Path | None = None) -> list[str]:
         if [x.split("#")[0].strip() for x in code] != [x.split("#")[0].strip() for x in new_lines]:
             changed.append(stage)
         out += keep + new_lines
-    Path(dvc_file).write_text("\n".join(out) + "\n")
+    if not dry_run:
+        Path(dvc_file).write_text("\n".join(out) + "\n")
     return changed
 
 
