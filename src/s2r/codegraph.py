@@ -320,13 +320,14 @@ def check_dvc_params(repo: Path) -> list[str]:
     `train@mixing_realonly`; or that lists a params file that does not exist. (`s2r evaluate` and `s2r refine`
     read the trained model's own config, not its params block.)"""
     from dvc.repo import Repo
+    from dvc.scm import SCM
 
     from s2r.params import chain
 
     repo = Path(repo).resolve()
     problems: list[str] = []
     files: dict[str, dict[str, Any]] = {}
-    with Repo(str(repo)) as dvc_repo:
+    with Repo(str(repo), scm=SCM(str(repo), no_scm=True)) as dvc_repo:  # stages only: works without git (a tarball)
         for stage in dvc_repo.index.stages:
             listed: dict[str, set[str]] = {}
             for dep in stage.deps:
