@@ -489,11 +489,6 @@ class StudySpec:
         return self.pruner_warmup_epochs
 
     def validate(self) -> None:
-        if self.n_startup_trials is None and (self.sampler in ("tpe", "cmaes") or self.pruner == "median"):
-            raise ConfigError(f"missing key 'n_startup_trials' (sampler {self.sampler} / pruner {self.pruner} "
-                              "read it)")
-        if self.pruner_warmup_epochs is None and self.pruner != "none":
-            raise ConfigError(f"missing key 'pruner_warmup_epochs' (pruner {self.pruner} reads it)")
         if not self.objectives:
             raise ConfigError("key 'objectives' needs at least one {metric, direction}")
         if not self.search_space:
@@ -511,6 +506,11 @@ class StudySpec:
                 raise ConfigError(f"key 'search_space.{key}': log scale needs low > 0 and no step")
         if self.sampler == "cmaes" and all(p.type == "categorical" for p in self.search_space.values()):
             raise ConfigError("key 'sampler': CMA-ES needs at least one float or int dimension")
+        if self.n_startup_trials is None and (self.sampler in ("tpe", "cmaes") or self.pruner == "median"):
+            raise ConfigError(f"missing key 'n_startup_trials' (sampler {self.sampler} / pruner {self.pruner} "
+                              "read it)")
+        if self.pruner_warmup_epochs is None and self.pruner != "none":
+            raise ConfigError(f"missing key 'pruner_warmup_epochs' (pruner {self.pruner} reads it)")
 
 
 @dataclass
