@@ -34,8 +34,8 @@ from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
 from s2r.methods import registry
+from s2r.methods.base import Method as BaseMethod
 from s2r.params import resolve_methods
-from s2r.report import report_columns
 from s2r.train import fit, load_checkpoint, seed_everything, torch_settings
 
 TINY = tiny_params_dict()
@@ -121,13 +121,14 @@ def build(block: str, benchmarks: list[Path], tmp: Path, total: int) -> Any:
     data, cfg = data_for(block, benchmarks)
     entry = registry.entry(block)
     base_dir = tmp / f"init-{entry.name}"
-    if hasattr(entry.method, "init_from") and block != entry.name and not (base_dir / "model.pt").is_file():
+    starts_from_base = entry.method.init_from is not BaseMethod.init_from and block != entry.name
+    if starts_from_base and not (base_dir / "model.pt").is_file():
         base = entry.method(config_for(entry.name, data), data, SEED)
         stages.save_trained(base_dir, entry.name, base, SEED, "contract-test")
     seed_everything(SEED)
     m = entry.method(cfg, data, SEED)
     m.name = block
-    if hasattr(m, "init_from") and block != entry.name:
+    if starts_from_base:
         try:
             m.init_from(base_dir)
         except ConfigError:
@@ -273,17 +274,6 @@ def test_every_registered_method_has_a_params_block() -> None:
     assert blocks == set(registry.entries()), "a registered method without a params.yaml block is untested"
 
 
-def test_every_declared_evaluator_names_its_report_columns_and_the_capability_it_scores() -> None:
-    import importlib
-
-    for entry in registry.entries().values():
-        if entry.evaluator:
-            cols = report_columns(entry.evaluator)
-            assert cols and all(isinstance(c, str) for c in cols), entry.evaluator
-            required = importlib.import_module(f"s2r.evaluators.{entry.evaluator}").REQUIRES
-            assert required in registry.CAPABILITIES and required in entry.capabilities, entry.evaluator
-
-
 NEW_METHOD = '''
 """A throwaway method written by tests/test_contract.py: a linear classifier on flattened pixels."""
 from dataclasses import dataclass
@@ -317,7 +307,7 @@ class Method(BaseMethod):
         super().__init__(cfg, data, seed)
         split = data.get(data.spec.source, "train")
         self.images, self.labels = split.images, np.asarray(split.labels)
-        self.pool = IndexPool(np.arange(len(self.labels)))
+        self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.labels))))
         size = data.spec.image_size ** 2 * data.spec.channels
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(size, len(data.spec.classes)))
         self.batch_size = cfg.batch_size
@@ -335,13 +325,6 @@ class Method(BaseMethod):
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.optimize(loss, "net")
         return {"loss": float(loss.detach())}
-
-    def sampler_state(self):
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state):
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])
 
     @torch.no_grad()
     def predict(self, images):
@@ -393,7 +376,8 @@ def test_a_new_method_is_one_module_and_its_two_params_blocks(tmp_path: Path, mo
         assert layout_differences(load_yaml(project), load_yaml(TEST_PARAMS)) == [
             f"methods.{name}: in params.yaml, not in tests/params.yaml"]
         params = load_params(suite, {"tracking.log_model": False})
-        summary = stages.train(name, paired_prepared, tmp_path / "model", params, ckpt_dir=tmp_path / "ckpt")
+        summary = stages.train(stages.TrainRequest(name, paired_prepared, tmp_path / "model",
+                                                   ckpt_dir=tmp_path / "ckpt"), params)
         assert math.isfinite(summary["train_loss"])
         result = stages.evaluate(name, tmp_path / "model", paired_prepared, tmp_path / "eval.json", None, params)
         assert result["evaluator"] == "classification" and 0.0 <= result["accuracy"] <= 1.0

@@ -14,6 +14,7 @@ from conftest import tiny_block, tiny_config, tiny_section
 from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.common import lsgan_d_loss, lsgan_g_loss
 from s2r.methods.cyclegan import (
     Config,
     Discriminator,
@@ -21,8 +22,6 @@ from s2r.methods.cyclegan import (
     ImagePool,
     Method,
     d_targets,
-    lsgan_d_loss,
-    lsgan_g_loss,
 )
 from s2r.train import fit, load_checkpoint
 

@@ -145,8 +145,9 @@ def test_collapsed_model_is_marked_by_the_report(scenes_prepared: Path, tmp_path
     params = load_params(pf)
     metrics = tmp_path / "metrics"
     name = "twinvae_simonly"
-    summary = stages.train(name, scenes_prepared, tmp_path / name, params,
-                           metrics_out=metrics / name / "train.json", ckpt_dir=tmp_path / "ck" / name)
+    summary = stages.train(stages.TrainRequest(name, scenes_prepared, tmp_path / name,
+                                               metrics_out=metrics / name / "train.json",
+                                               ckpt_dir=tmp_path / "ck" / name), params)
     stages.evaluate(name, tmp_path / name, scenes_prepared, metrics / name / "evaluate.json", None, params)
     assert summary[health.PREFIX + "pred_classes"] == 1  # logged with the epoch's metrics
     assert summary["health"] == "collapsed"

@@ -377,10 +377,11 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     if method not in params.methods:
         raise ConfigError(f"{params_path}: no params block methods.{method}; the methods and their variants:\n  "
                           + "\n  ".join(method_catalogue(params_path)))
-    summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
-                           plots_out=Path(plots) if plots else None,
-                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
-                           init=Path(init_dir) if init_dir else None)
+    summary = stages.train(stages.TrainRequest(method, Path(data_dir), Path(out),
+                                               metrics_out=Path(metrics) if metrics else None,
+                                               plots_out=Path(plots) if plots else None,
+                                               ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
+                                               init=Path(init_dir) if init_dir else None), params)
     click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
@@ -760,7 +761,9 @@ def parallel_cmd(commands: tuple[str, ...], jobs: int) -> None:
 @main.command("ui")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def ui_cmd(port: int, host: str) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="uvicorn worker processes of the server (more for a team sharing it).")
+def ui_cmd(port: int, host: str, workers: int) -> None:
     """Open the MLflow UI on the project's store and print a link per experiment (one per paper).
 
     Example: s2r ui --port 5000   (then browse http://127.0.0.1:5000)
@@ -775,9 +778,13 @@ def ui_cmd(port: int, host: str) -> None:
     for name, url in experiment_links(host, port):
         click.echo(f"  {name:<50} {url}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # One uvicorn worker and no GenAI job runner (its consumer processes serve LLM judges, unused here): on a
+    # loaded 2-core machine four workers starting at once missed uvicorn's health check and were restarted
+    # for minutes before the UI answered.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # its own process group: stopping `s2r ui` (Ctrl-C, SIGTERM) stops the server and its uvicorn workers too
     sys.exit(run_server([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                         "--host", host, "--port", str(port)]))
+                         "--host", host, "--port", str(port), "--workers", str(workers)]))
 
 
 @main.group("recipe")

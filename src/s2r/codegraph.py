@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 REGISTRY = "s2r.methods.registry"
 METHODS_PACKAGE = "s2r.methods"
-NOT_METHODS = ("base", "registry")  # the modules of s2r.methods that hold no method (as in the registry)
+NOT_METHODS = ("base", "common", "extractors", "registry")  # s2r.methods modules without a method (as the registry)
 
 # What each stage kind runs: `s2r <kind>` loads params.yaml (s2r.params) and calls s2r.stages.<kind>. cli.py only
 # parses the command line and is left out on purpose (a new CLI command must not re-run every stage).

@@ -40,7 +40,7 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
     for name, f in fields.items():
         key = _join(prefix, name)
         if name not in raw:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             if not has_default:
                 raise ConfigError(f"{where}: missing key {key!r}")
             continue
@@ -87,7 +87,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -143,7 +143,7 @@ def load_yaml(path: str | Path) -> Any:
     if _StrictLoader.cls is None:
         class Loader(yaml.SafeLoader):
             def compose_node(self, parent: Any, index: Any) -> Any:
-                event = self.peek_event()
+                event = self.peek_event()  # type: ignore[no-untyped-call]
                 if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                     raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchor/alias "
                                       f"{getattr(event, 'anchor', '')!r} (DVC's params rewrite expands them): "
@@ -180,7 +180,7 @@ def load_yaml(path: str | Path) -> Any:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict (for logging and saving resolved configs)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

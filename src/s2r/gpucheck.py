@@ -121,7 +121,8 @@ def time_s2r_loop(data: Path, patch: int, device: torch.device, amp: torch.dtype
     from s2r.bench import loop_vs_step
     from s2r.params import load_params
 
-    train = replace(load_params(_params_path()).train, device=device.type, progress=False, checkpoint_every=10**6)
+    train = replace(load_params(_params_path()).train, device="cuda" if device.type == "cuda" else "cpu",
+                    progress=False, checkpoint_every=10**6)
     return loop_vs_step(lambda: cut_method(data, patch, device, amp, batch, **overrides), train,
                         (max(steps // 3, 2), steps))
 
@@ -258,7 +259,7 @@ def _placement(name: str, params: Any, benchmarks: list[Path]) -> tuple[Path | N
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
 
-    errors = []
+    errors: list[str] = []
     for path in benchmarks:
         data = PreparedBenchmark(path)
         try:
@@ -288,10 +289,10 @@ def _check_one(name: str, params: Any, data: Path, workdir: Path, device: torch.
     """Train (interrupt + resume), evaluate, refine one block; adds its model to `trained` and a refined benchmark
     to `benchmarks`."""
     import dataclasses
-    import importlib
 
     from s2r import stages
     from s2r.data.prepared import PreparedBenchmark
+    from s2r.evaluators import base as evaluators
     from s2r.methods import registry
 
     entry = registry.entry(name)
@@ -307,14 +308,15 @@ def _check_one(name: str, params: Any, data: Path, workdir: Path, device: torch.
                 raise _Interrupt
 
         try:
-            stages.train(name, data, out, params, ckpt_dir=ck, on_epoch=interrupt, init=init)
+            stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, on_epoch=interrupt, init=init), params)
         except _Interrupt:
             pass
-        summary = stages.train(name, data, out, params, ckpt_dir=ck, resume=True, init=init)
+        summary = stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, resume=True, init=init), params)
         trained[name] = out
         caps = entry.capabilities_for(cfg)
         done = []
-        if entry.evaluator and importlib.import_module(f"s2r.evaluators.{entry.evaluator}").REQUIRES in caps:
+        needs = evaluators.evaluator(entry.evaluator).capability if entry.evaluator else None
+        if needs is not None and (not needs or needs in caps):
             stages.evaluate(name, out, data, workdir / f"eval_{name}.json", None, params)
             done.append(entry.evaluator)
         if "translate" in caps:
@@ -345,9 +347,9 @@ def _init_model(name: str, cfg: Any, data: Path, trained: dict[str, Path]) -> Pa
 
     entry = registry.entry(name)
     base = trained.get(entry.name)
-    if name == entry.name or base is None or not callable(getattr(entry.method, "init_from", None)):
+    if name == entry.name or base is None:
         return None
-    try:
+    try:  # Method.init_from raises DataError where the method cannot start from a trained model
         entry.method(cfg, PreparedBenchmark(data), 0).init_from(base)
     except (ConfigError, DataError):
         return None  # this block trains from scratch

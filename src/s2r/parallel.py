@@ -56,78 +56,97 @@ def run(commands: Sequence[str], jobs: int = 0, out: IO[str] | None = None, poll
     jobs 0 = min(len(commands), cores()). Raises ParallelError naming the first failed command, after stopping
     the others (SIGTERM, then SIGKILL after `grace` seconds).
     """
-    if not commands:
-        raise ParallelError("s2r parallel: no commands given")
-    argvs = []
-    for c in commands:
-        argv = shlex.split(c)
-        if not argv:
-            raise ParallelError(f"s2r parallel: empty command {c!r}")
-        argvs.append(argv)
-    out = out or sys.stdout
+    argvs = _parse(commands)
     jobs = jobs or min(len(argvs), cores())
     if jobs < 1:
         raise ParallelError(f"s2r parallel: --jobs must be >= 1, got {jobs}")
-    env = thread_env(cores() // jobs)
-    lock = threading.Lock()
-    running: dict[int, tuple[subprocess.Popen[bytes], threading.Thread, float]] = {}
-    seconds = [0.0] * len(argvs)
-    pending = list(range(len(argvs)))
+    pool = _Pool(commands, argvs, thread_env(cores() // jobs), out or sys.stdout)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _on_term)
+    try:
+        pending = list(range(len(argvs)))
+        while pending or pool.running:
+            while pending and len(pool.running) < jobs:
+                pool.start(pending.pop(0))
+            time.sleep(poll)
+            pool.reap()
+    except BaseException:
+        pool.stop_all(grace)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return pool.seconds
 
-    def stop_all() -> None:
-        for p, _, _ in running.values():
+
+def _parse(commands: Sequence[str]) -> list[list[str]]:
+    """Each command line split like a shell would (no shell runs it); errors name the empty one."""
+    if not commands:
+        raise ParallelError("s2r parallel: no commands given")
+    argvs = [shlex.split(c) for c in commands]
+    for c, argv in zip(commands, argvs):
+        if not argv:
+            raise ParallelError(f"s2r parallel: empty command {c!r}")
+    return argvs
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise ParallelError(f"s2r parallel: stopped by signal {signum}")
+
+
+class _Pool:
+    """The running commands: their processes, output relays and start times; each one's seconds when done."""
+
+    def __init__(self, commands: Sequence[str], argvs: list[list[str]], env: dict[str, str], out: IO[str]) -> None:
+        self.commands, self.argvs, self.env, self.out = commands, argvs, env, out
+        self.lock = threading.Lock()
+        self.running: dict[int, tuple[subprocess.Popen[bytes], threading.Thread, float]] = {}
+        self.seconds = [0.0] * len(argvs)
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def start(self, i: int) -> None:
+        """Start command i, its output relayed line by line with an `[i]` prefix."""
+        self.say(f"[{i}] $ {self.commands[i]}")
+        try:
+            p = subprocess.Popen(self.argvs[i], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        except OSError as e:
+            raise ParallelError(f"s2r parallel: command [{i}] could not start: {self.commands[i]!r} ({e})") from e
+        assert p.stdout is not None  # stdout=PIPE
+        t = threading.Thread(target=_relay, args=(i, p.stdout, self.out, self.lock), daemon=True)
+        t.start()
+        self.running[i] = (p, t, time.monotonic())
+
+    def reap(self) -> None:
+        """Collect the commands that ended; a failed one raises ParallelError naming it."""
+        for i in list(self.running):
+            p, t, t0 = self.running[i]
+            rc = p.poll()
+            if rc is None:
+                continue
+            t.join()
+            del self.running[i]
+            self.seconds[i] = time.monotonic() - t0
+            self.say(f"[{i}] exit {rc} after {self.seconds[i]:.1f} s")
+            if rc != 0:
+                raise ParallelError(f"s2r parallel: command [{i}] failed with exit status {rc}: {self.commands[i]}")
+
+    def stop_all(self, grace: float) -> None:
+        """SIGTERM to every running command, SIGKILL to those still alive after `grace` seconds."""
+        for p, _, _ in self.running.values():
             if p.poll() is None:
                 p.terminate()
         end = time.monotonic() + grace
-        for p, t, _ in running.values():
+        for p, t, _ in self.running.values():
             try:
                 p.wait(timeout=max(0.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
             t.join()
-
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise ParallelError(f"s2r parallel: stopped by signal {signum}")
-
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, on_term)
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                i = pending.pop(0)
-                with lock:
-                    out.write(f"[{i}] $ {commands[i]}\n")
-                    out.flush()
-                try:
-                    p = subprocess.Popen(argvs[i], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-                except OSError as e:
-                    raise ParallelError(f"s2r parallel: command [{i}] could not start: {commands[i]!r} ({e})") from e
-                t = threading.Thread(target=_relay, args=(i, p.stdout, out, lock), daemon=True)
-                t.start()
-                running[i] = (p, t, time.monotonic())
-            time.sleep(poll)
-            for i in list(running):
-                p, t, t0 = running[i]
-                rc = p.poll()
-                if rc is None:
-                    continue
-                t.join()
-                del running[i]
-                seconds[i] = time.monotonic() - t0
-                with lock:
-                    out.write(f"[{i}] exit {rc} after {seconds[i]:.1f} s\n")
-                    out.flush()
-                if rc != 0:
-                    raise ParallelError(f"s2r parallel: command [{i}] failed with exit status {rc}: {commands[i]}")
-    except BaseException:
-        stop_all()
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    return seconds

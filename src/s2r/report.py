@@ -15,13 +15,12 @@ from s2r.files import write_json
 
 
 def report_columns(evaluator: str) -> list[str] | None:
-    """The headline numbers an evaluator declares (`REPORT_COLUMNS` in its module), None if it declares none."""
-    import importlib
-    import importlib.util
+    """The headline numbers an evaluator declares (`Evaluator.report_columns`), None if it declares none."""
+    from s2r.evaluators import base as evaluators
 
-    if not evaluator or importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+    if not evaluators.exists(evaluator):
         return None
-    return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
+    return list(evaluators.evaluator(evaluator).report_columns) or None
 
 
 def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | None = None) -> str:
@@ -51,8 +50,8 @@ def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | N
     if not groups:
         return f"no results yet under {metrics_dir} (run `dvc repro`)"
     lines: list[str] = []
-    for cols, rows in groups.items():
-        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in cols)
+    for columns, rows in groups.items():
+        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in columns)
         lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
     rows_v = verdicts.verdicts(Path(metrics_dir))
     lines += ["", "Paper verdicts (mean ± sample std over the seeds that ran; s2r.verdicts)", verdicts.text(rows_v)]

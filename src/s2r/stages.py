@@ -8,22 +8,29 @@ the method's paper; evaluate and refine runs are nested under the training run o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import sys
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from s2r import health
-from s2r.config import ConfigError, Params, need
+from s2r.config import ConfigError, Params, need, to_dict
 from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
-from s2r.files import write_json
+from s2r.files import JsonDict, write_json
+
+if TYPE_CHECKING:  # heavy imports (torch) stay lazy: the CLI starts without them
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.methods.base import Method, Schedule, State
+    from s2r.tracking import TrackedRun
+    from s2r.train import FitResult
 
 GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
 
@@ -37,8 +44,8 @@ def generate(name: str, out: Path, params: Params) -> Path:
     if name not in GENERATORS:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
-    spec, samples = gen.generate(need(getattr(params.benchmarks, name), f"benchmarks.{name}", params.source),
-                                 params.seed)
+    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes}[name]  # as GENERATORS
+    spec, samples = gen.generate(need(settings, f"benchmarks.{name}", params.source), params.seed)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
@@ -54,135 +61,188 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     }
 
 
-def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainRequest:
+    """One `s2r train`: which params block, on which prepared benchmark, writing where (values come from params)."""
+
+    method: str  # a params block of methods (e.g. `mixing`, `segmenter_refined`)
+    data_dir: Path  # a prepared benchmark
+    out: Path  # the model folder (model.pt)
+    metrics_out: Path | None = None  # train.json for `dvc metrics`
+    plots_out: Path | None = None  # training curves for `dvc plots`
+    ckpt_dir: Path | None = None  # checkpoints; default data/checkpoints/<method>
+    resume: bool = False  # continue from the checkpoint (or the killed attempt's MLflow run)
+    init: Path | None = None  # a trained model folder the method starts from (Method.init_from)
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None  # may raise to stop/prune (tuning)
+    parent_run_id: str | None = None  # nest the MLflow run (tuning trials)
+    run_name: str | None = None  # default train@<method>
+    tags: Mapping[str, str] = field(default_factory=dict)  # extra MLflow tags
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.ckpt_dir or Path("data/checkpoints") / self.method)
+
+
+@dataclass
+class _Resume:
+    """Where a training starts: a checkpoint's state, the MLflow run to continue, and why (for the user)."""
+
+    state: State | None = None
+    run_id: str | None = None
+    mode: str = ""
+    finished: JsonDict | None = None  # the summary of a run that already finished: nothing left to do
+
+
+def train(request: TrainRequest, params: Params) -> JsonDict:
     """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
     from s2r.train import torch_settings
 
     threads, why = choose_threads(params.train.threads)  # "auto": the cores per local worker
     with torch_settings(deterministic=params.train.deterministic, threads=threads):
-        return _train(method_name, data_dir, out, params, threads_choice=why, **kwargs)
+        return _train(request, params, threads_choice=why)
 
 
-def _train(
-    method_name: str,
-    data_dir: Path,
-    out: Path,
-    params: Params,
-    *,
-    metrics_out: Path | None = None,
-    plots_out: Path | None = None,
-    ckpt_dir: Path | None = None,
-    resume: bool = False,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    parent_run_id: str | None = None,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-    init: Path | None = None,
-    threads_choice: str = "",
-) -> dict[str, Any]:
-    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
-
-    `init`: a trained model folder the method starts from (e.g. twin-VAE stage 2 from stage 1); only methods
-    with an `init_from(model_dir) -> tags` method accept it.
-    """
-    import matplotlib.pyplot as plt
-    import torch
-
+def _train(req: TrainRequest, params: Params, threads_choice: str) -> JsonDict:
+    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
     from s2r.data.prepared import PreparedBenchmark
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun, log_interval
-    from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, seed_everything, select_device
+    from s2r.tracking import log_interval
+    from s2r.train import fit
 
-    cfg = params.methods.get(method_name)
-    if cfg is None:
-        raise DataError(f"params.yaml has no section methods.{method_name}")
-    ckpt_dir = Path(ckpt_dir or Path("data/checkpoints") / method_name)
+    cfg = method_config(params, req.method)
     total = cfg.epochs * cfg.steps_per_epoch
-    data = PreparedBenchmark(data_dir)
-    fingerprint = _fingerprint(method_name, asdict(cfg), params.seed, data.data_version)
-    resume_state = load_checkpoint(ckpt_dir) if resume else None
-    resume_run_id, resume_mode = None, ""
-    if resume:
-        _check_fingerprint(ckpt_dir, fingerprint)
-        resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
-        done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
-        if done is not None:
-            notice(f"--resume: run {resume_run_id} already finished ({total} steps, model in {out}); nothing to do")
-            return done
-        notice(f"--resume: {resume_mode}")
-    else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
-        (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
-        (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
-    seed_everything(params.seed)
-    method = registry.method_class(method_name)(cfg, data, params.seed)
-    method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
-    init_tags: dict[str, str] = {}
-    if init is not None:
-        if not hasattr(method, "init_from"):
-            raise DataError(f"method {method_name!r} cannot start from a trained model (--init {init})")
-        init_tags = method.init_from(Path(init))
-    device = select_device(params.train.device)
-    method.setup(device, amp_dtype(device, params.train.amp), total)
-    logged = {"method": method_name, "seed": params.seed, "methods": {method_name: asdict(cfg)},
+    data = PreparedBenchmark(req.data_dir)
+    fingerprint = _fingerprint(req.method, to_dict(cfg), params.seed, data.data_version)
+    resume = _plan_resume(req, fingerprint, total)
+    if resume.finished is not None:
+        return resume.finished
+    method, init_tags = _build_method(req, cfg, data, params)
+    logged = {"method": req.method, "seed": params.seed, "methods": {req.method: to_dict(cfg)},
               "train": asdict(params.train), "benchmark": data.spec.name}
-    with TrackedRun(
-        run_name or f"train@{method_name}-seed{params.seed}",
-        experiment=registry.experiment(params.tracking.experiment, method_name), params=logged,
-        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
-        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice, "steps": str(total)}
-        | ({"resume": resume_mode} if resume else {}),
-        run_id=resume_run_id, parent_run_id=parent_run_id,
-        system_metrics=params.tracking.system_metrics,
-    ) as run:
-        write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
-                                         "fingerprint": fingerprint})
-        if resume_state is None:
-            run.log_dataset(data, "training")
-            batch = method.preview_batch()
-            names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
-            fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
-            run.log_figure(fig, "samples/train_batch.png")
-            plt.close(fig)
-            run.log_dict(logged, "config/resolved.yaml")
+    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice}, resume,
+                    total) as run:
+        write_json(req.checkpoints / RUN_FILE, {"run_id": run.run_id, "method": req.method, "steps": total,
+                                                "fingerprint": fingerprint})
+        if resume.state is None:
+            _log_inputs(run, method, logged)
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
+                     ckpt_dir=req.checkpoints, run=run, resume_state=resume.state, on_epoch=req.on_epoch,
                      log_every=log_interval(params.tracking.log_every, total))
-        final = result.history[-1] if result.history else {}
-        verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
-        run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
-        model = method.export_model()
-        out = Path(out)
-        save_trained(out, method_name, method, params.seed, run.run_id)
-        _plot_history(result.history, method_name, run, plots_out)
-        model_id = ""
-        if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
-            model_uri, model_id = run.log_model(
-                model.cpu(), method.example_input(), f"{method_name}-seed{params.seed}", step=total,
-                params={"seed": params.seed, **asdict(cfg)}, tags={"method": method_name, "seed": str(params.seed)})
-            run.set_tags({"model_uri": model_uri, "model_id": model_id})
-            model.to(device)
-        summary = {
-            **{k: v for k, v in final.items() if k != "epoch"},
-            "epochs": cfg.epochs, "steps": total, "seconds": round(result.seconds_total, 2),
-            "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
-            "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
-            "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
-            "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-            "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
-        }
-        if metrics_out:
-            write_json(Path(metrics_out), summary)
-            run.log_artifact(metrics_out, "metrics")
+        summary = _save_outputs(req, method, result, run, params, cfg.epochs, total)
+        if req.metrics_out:
+            write_json(Path(req.metrics_out), summary)
+            run.log_artifact(req.metrics_out, "metrics")
     return summary
 
 
-def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:
+def method_config(params: Params, name: str) -> Schedule:
+    """The typed config of params block `methods.<name>` (every block has a training schedule)."""
+    cfg: Schedule | None = params.methods.get(name)
+    if cfg is None:
+        raise DataError(f"params.yaml has no section methods.{name}")
+    return cfg
+
+
+def _plan_resume(req: TrainRequest, fingerprint: str, total: int) -> _Resume:
+    """`--resume`: the checkpoint and MLflow run to continue (mode FINISHED: nothing left to do). Without it: a fresh
+    start, and an older run's checkpoint is deleted so it can never be resumed into this one if it dies early."""
+    from s2r.train import CHECKPOINT, load_checkpoint
+
+    ckpt_dir = req.checkpoints
+    if not req.resume:
+        (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
+        (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+        return _Resume()
+    state = load_checkpoint(ckpt_dir)
+    _check_fingerprint(ckpt_dir, fingerprint)
+    run_id, mode = _resume_plan(ckpt_dir, state, total)
+    done = _finished_summary(state, run_id, Path(req.out), req.metrics_out, total)
+    if done is not None:
+        notice(f"--resume: run {run_id} already finished ({total} steps, model in {req.out}); nothing to do")
+    else:
+        notice(f"--resume: {mode}")
+    return _Resume(state, run_id, mode, done)
+
+
+def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, params: Params
+                  ) -> tuple[Method[Any], dict[str, str]]:
+    """Seed, construct the method under its block's name, start it from `--init`, set it up on the device."""
+    from s2r.methods import registry
+    from s2r.train import amp_dtype, seed_everything, select_device
+
+    seed_everything(params.seed)
+    method = registry.method_class(req.method)(cfg, data, params.seed)
+    method.name = req.method  # an instance of a method under another name (e.g. mrgan) keeps that name
+    init_tags = method.init_from(Path(req.init)) if req.init is not None else {}
+    device = select_device(params.train.device)
+    method.setup(device, amp_dtype(device, params.train.amp), cfg.epochs * cfg.steps_per_epoch)
+    return method, init_tags
+
+
+def _train_run(req: TrainRequest, params: Params, method: Method[Any], logged: JsonDict, tags: dict[str, str],
+               resume: _Resume, total: int) -> TrackedRun:
+    """The MLflow run of the training (the resumed one with --resume) in its paper's experiment, tagged."""
+    import torch
+
+    from s2r.methods import registry
+    from s2r.tracking import TrackedRun
+
+    return TrackedRun(
+        req.run_name or f"train@{req.method}-seed{params.seed}",
+        experiment=registry.experiment(params.tracking.experiment, req.method), params=logged,
+        tags=_run_tags(method.data, params.seed, str(method.device)) | {"stage": "train", "method": req.method}
+        | dict(req.tags) | tags | {"threads": str(torch.get_num_threads()), "steps": str(total)}
+        | ({"resume": resume.mode} if req.resume else {}),
+        run_id=resume.run_id, parent_run_id=req.parent_run_id, system_metrics=params.tracking.system_metrics)
+
+
+def _log_inputs(run: TrackedRun, method: Method[Any], logged: JsonDict) -> None:
+    """A new run's inputs: the dataset, a grid of the first training minibatch, the resolved config."""
+    import matplotlib.pyplot as plt
+
+    data = method.data
+    run.log_dataset(data, "training")
+    batch = method.preview_batch()
+    names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
+    fig = sample_grid(batch[0][:32], names, title=f"{method.name}: first training minibatch")
+    run.log_figure(fig, "samples/train_batch.png")
+    plt.close(fig)
+    run.log_dict(logged, "config/resolved.yaml")
+
+
+def _save_outputs(req: TrainRequest, method: Method[Any], result: FitResult, run: TrackedRun, params: Params,
+                  epochs: int, steps: int) -> JsonDict:
+    """Health verdict, model.pt, curves, the MLflow model; returns the summary (train.json)."""
+    final = result.history[-1] if result.history else {}
+    verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
+    run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
+    model = method.export_model()
+    save_trained(Path(req.out), req.method, method, params.seed, run.run_id)
+    _plot_history(result.history, req.method, run, req.plots_out)
+    model_id = ""
+    if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
+        model_uri, model_id = run.log_model(
+            model.cpu(), method.example_input(), f"{req.method}-seed{params.seed}", step=steps,
+            params={"seed": params.seed, **to_dict(method.cfg)}, tags={"method": req.method, "seed": str(params.seed)})
+        run.set_tags({"model_uri": model_uri, "model_id": model_id})
+        model.to(method.device)
+    return {
+        **{k: v for k, v in final.items() if k != "epoch"},
+        "epochs": epochs, "steps": steps, "seconds": round(result.seconds_total, 2),
+        "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
+        "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
+        "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
+        "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
+        "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
+    }
+
+
+def save_trained(out: Path, method_name: str, method: Method[Any], seed: int, run_id: str) -> Path:
     """Write `<out>/model.pt` (method, config, weights, seed, data version, MLflow run): what load_trained reads."""
     from s2r.train import save_checkpoint
 
     path = Path(out) / "model.pt"
     save_checkpoint(path, {
-        "method": method_name, "config": asdict(method.cfg), "state": method.state_dict(), "seed": seed,
+        "method": method_name, "config": to_dict(method.cfg), "state": method.state_dict(), "seed": seed,
         "data_version": method.data.data_version, "mlflow_run_id": run_id,
     })
     return path
@@ -246,7 +306,8 @@ def _finished_summary(state: dict[str, Any] | None, run_id: str | None, out: Pat
     if run_status(run_id) != "FINISHED":
         return None  # killed after the model was written (e.g. while logging it): finish the run's work
     if metrics_out and Path(metrics_out).is_file():
-        return json.loads(Path(metrics_out).read_text()) | {"resume": "already finished"}
+        summary: JsonDict = json.loads(Path(metrics_out).read_text())
+        return summary | {"resume": "already finished"}
     final = state["history"][-1] if state["history"] else {}
     return {**{k: v for k, v in final.items() if k != "epoch"}, "steps": total, "mlflow_run_id": run_id,
             "resume": "already finished"}
@@ -301,7 +362,7 @@ def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_ou
     plt.close(fig)
 
 
-def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
+def load_trained(model_dir: Path, data_dir: Path, params: Params) -> tuple[Method[Any], State]:
     """Rebuild a trained method from `<model_dir>/model.pt` with the config it was trained with."""
     import torch
 
@@ -351,20 +412,19 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
              params: Params) -> dict[str, Any]:
     """Score a trained method on the target domain's test split with the evaluator it declares.
 
-    A method names its evaluator (`Method.evaluator`, a module of s2r.evaluators providing
-    `evaluate(method, run, plots_out, params) -> dict`): evaluators belong to the task, not the method.
+    A method names its evaluator (`Method.evaluator`, a module of s2r.evaluators registering one
+    `s2r.evaluators.base.Evaluator`): evaluators belong to the task, not the method.
     """
-    import importlib
-
+    from s2r.evaluators import base as evaluators
     from s2r.tracking import TrackedRun, log_model_metrics
 
     method, saved = load_trained(model_dir, data_dir, params)
     if saved["method"] != method_name:
         raise DataError(f"{model_dir}/model.pt holds method {saved['method']!r}, not {method_name!r}")
-    evaluator_name = getattr(method, "evaluator", "")
+    evaluator_name = method.evaluator
     if not evaluator_name:
         raise DataError(f"method {method_name!r} declares no evaluator (Method.evaluator) to score it with")
-    evaluator = importlib.import_module(f"s2r.evaluators.{evaluator_name}")
+    evaluator = evaluators.evaluator(evaluator_name)
     data = method.data
     train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
@@ -376,9 +436,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
         dataset = run.log_dataset(data, "evaluation")
-        if plots_out:
-            Path(plots_out).mkdir(parents=True, exist_ok=True)
-        metrics = evaluator.evaluate(method, run, plots_out, params)
+        metrics = evaluator(method, run, plots_out, params)
         if train["parent_run_id"]:  # the training run's row (and its LoggedModel) shows the test metrics too
             log_model_metrics(train["parent_run_id"], train["model_id"], {k: m.value for k, m in run.latest.items()},
                               step=train["steps"], dataset=dataset)
@@ -426,9 +484,9 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     ) as run:
         # one-sided translators (CUT, paper 5) declare `directions = ("a2b",)`: only <A>_<method> is written
         run.log_dataset(data, "refine")
-        directions = getattr(method, "directions", ("a2b", "b2a"))
-        pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in directions]
-        derive(data, Path(out), {new: (orig, lambda x, d=d: method.translate(x, d)) for d, orig, new in pairs},
+        pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in method.directions]
+        derive(data, Path(out), {new: (orig, functools.partial(method.translate, direction=d))
+                                 for d, orig, new in pairs},
                source=ra, target=b, version_salt=model_sha)
         refined = PreparedBenchmark(out)
         run.set_tags({"refined_data_version": refined.data_version})

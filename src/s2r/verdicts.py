@@ -203,8 +203,8 @@ def metrics_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
     code = {"agrees": 1, "inconclusive": 0, "disagrees": -1}
     out: dict[str, Any] = {}
     for r in rows:
-        entry = {k: r[k] for k in ("a_mean", "a_std", "b_mean", "b_std", "n_a", "n_b", "difference", "spread")
-                 if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))}
+        keys = ("a_mean", "a_std", "b_mean", "b_std", "n_a", "n_b", "difference", "spread")
+        entry: dict[str, Any] = {k: r[k] for k in keys if k in r and not (isinstance(r[k], float) and math.isnan(r[k]))}
         entry |= {"verdict": r["verdict"], "verdict_code": code.get(r["verdict"], 0)}
         out[r["key"]] = entry
     return out
