@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: env run test test-postgres lint ui bench gpu-check clean
+.PHONY: env run run-second-cpu test test-postgres lint ui bench gpu-check clean
 
 env: $(VENV)/.installed
 
@@ -20,6 +20,16 @@ run: env
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 	$(BIN)/s2r report --readme README.md   # also rewrites README's generated results block (paper verdicts)
+
+# The same pipeline on a second CPU type's kernels (docs/verdicts.md): ATen's portable code path and oneDNN capped
+# to AVX (no AVX2 / FMA), so every training's numerics differ from `make run`'s; the verdicts must not. Run after
+# `make run`: its verdicts are kept as data/metrics/verdicts-first-cpu.json and the report lists any that changed.
+# Slower: ~2x the CPU time of `make run` on an AVX2 machine. (MKL_ENABLE_INSTRUCTIONS changes nothing here.)
+SECOND_CPU := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX
+run-second-cpu: env
+	cp data/metrics/verdicts.json data/metrics/verdicts-first-cpu.json
+	$(SECOND_CPU) $(BIN)/dvc repro --force
+	$(BIN)/s2r report --compare data/metrics/verdicts-first-cpu.json
 
 # ruff and mypy first: they fail in seconds (mypy ~1 min cold, ~1 s with its cache) where pytest takes minutes.
 test: env

@@ -260,10 +260,10 @@ def check_dvc(dvc_file: Path, repo: Path, src: Path | None = None) -> list[str]:
     src = src or repo / "src"
     problems = []
     for name, kinds, deps, _ in dvc_code_stages(dvc_file, repo):
-        needed = sorted(set().union(*(stage_code(k, src=src) for k in kinds)))
-        for f in covered(needed, deps):
-            problems.append(f"{dvc_file}: stage {name!r} (s2r {'/'.join(kinds)}) runs {f} but does not list it in "
-                            f"deps (`s2r dvc-deps --write {dvc_file}` writes the list)")
+        for kind in kinds:  # one line per command kind the stage runs (`s2r parallel` stages run several)
+            for f in covered(stage_code(kind, src=src), deps):
+                problems.append(f"{dvc_file}: stage {name!r} (s2r {kind}) runs {f} but does not list it in "
+                                f"deps (`s2r dvc-deps --write {dvc_file}` writes the list)")
     return problems
 
 

@@ -263,6 +263,7 @@ class BenchmarksParams:
 
     digits: DigitsParams | None = field(default=None, metadata=SECTION)
     scenes: ScenesParams | None = field(default=None, metadata=SECTION)
+    scenes32: ScenesParams | None = field(default=None, metadata=SECTION)  # `scenes` at 32 px (paper 2's demo)
 
 
 @dataclass
@@ -419,9 +420,22 @@ class AeTablesParams:
 
 
 @dataclass
+class VerdictsParams:
+    """The rule of the paper verdicts (s2r.verdicts): Welch's t-test at `level`, seeds-needed at `power`."""
+
+    level: float
+    power: float
+
+    def validate(self) -> None:
+        if not 0.5 <= self.level < 1 or not 0 < self.power < 1:
+            raise ConfigError("keys 'level' (in [0.5, 1)) and 'power' (in (0, 1)) of reports.verdicts")
+
+
+@dataclass
 class ReportsParams:
     """Evaluator conventions and the per-paper tables; a recipe keeps only the ones its stages read."""
 
+    verdicts: VerdictsParams | None = field(default=None, metadata=SECTION)  # the paper verdicts' statistical rule
     mixing_tables: MixingTablesParams | None = field(default=None, metadata=SECTION)  # paper 4
     cut_tables: CutTablesParams | None = field(default=None, metadata=SECTION)  # paper 5
     depth_segmentation: DepthSegmentationParams | None = field(default=None, metadata=SECTION)  # paper 2

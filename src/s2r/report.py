@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from s2r import health
+from s2r.config import VerdictsParams
 from s2r.files import write_json
 
 
@@ -23,12 +24,14 @@ def report_columns(evaluator: str) -> list[str] | None:
     return list(evaluators.evaluator(evaluator).report_columns) or None
 
 
-def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | None = None) -> str:
+def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = None,
+           readme: Path | None = None, compare: Path | None = None) -> str:
     """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
 
     A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
     COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
-    `readme`: rewrite its generated results block (s2r.verdicts).
+    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power);
+    `compare`: another run's verdicts JSON, whose differing verdicts are listed at the end.
     """
     from s2r import verdicts
 
@@ -53,8 +56,12 @@ def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | N
     for columns, rows in groups.items():
         head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in columns)
         lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
-    rows_v = verdicts.verdicts(Path(metrics_dir))
-    lines += ["", "Paper verdicts (mean ± sample std over the seeds that ran; s2r.verdicts)", verdicts.text(rows_v)]
+    rows_v = verdicts.verdicts(Path(metrics_dir), level=rule.level, power=rule.power)
+    lines += ["", f"Paper verdicts (mean ± sample std over independent seeds; Welch's t-test, {100 * rule.level:g} % "
+              "interval of the difference; s2r.verdicts)", verdicts.text(rows_v)]
+    if compare:
+        diff = verdicts.differences(rows_v, json.loads(Path(compare).read_text()))
+        lines += ["", f"Verdicts that differ from {compare}: " + (f"{len(diff)}" if diff else "none"), *diff]
     if verdicts_out:
         write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
     if readme:

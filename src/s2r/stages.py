@@ -8,6 +8,7 @@ the method's paper; evaluate and refine runs are nested under the training run o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,7 +33,9 @@ if TYPE_CHECKING:  # heavy imports (torch) stay lazy: the CLI starts without the
     from s2r.tracking import TrackedRun
     from s2r.train import FitResult
 
-GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
+# embedded benchmark -> its generator module; `scenes32` is `scenes` rendered at 32 px (paper 2's demo: a quarter of
+# the pixels per training step, docs/demos.md), sizes from params.yaml benchmarks.<name>
+GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes", "scenes32": "s2r.data.scenes"}
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -44,8 +47,10 @@ def generate(name: str, out: Path, params: Params) -> Path:
     if name not in GENERATORS:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
-    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes}[name]  # as GENERATORS
+    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes,
+                "scenes32": params.benchmarks.scenes32}[name]  # as GENERATORS
     spec, samples = gen.generate(need(settings, f"benchmarks.{name}", params.source), params.seed)
+    spec = dataclasses.replace(spec, name=name)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 

@@ -51,6 +51,7 @@ class Config:
     augment: bool  # 2D augmentation: random crop (+ flip if aug_hflip)
     aug_crop_padding: int
     aug_hflip: bool
+    image_size: int  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
     widths: list[int]
     blocks_per_stage: int
     batch_size: int
@@ -69,6 +70,8 @@ class Config:
             raise ConfigError(f"key 'methods.mixing.real_fraction' must be in [0, 1], got {self.real_fraction}")
         if self.real_per_class == 0 or self.real_per_class < -1:
             raise ConfigError("key 'methods.mixing.real_per_class' must be > 0, or -1 for all")
+        if self.image_size < 0:
+            raise ConfigError("key 'methods.mixing.image_size' must be >= 0 (0 = the benchmark's size)")
         if self.batch_size < 1 or self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("keys 'methods.mixing.batch_size/epochs/steps_per_epoch' must be >= 1")
         if len(self.widths) < 1 or self.blocks_per_stage < 1:
@@ -156,6 +159,14 @@ class Method(BaseMethod[Config]):
         self.pools = {"real": self.sampler_part("real", IndexPool(self.real_idx)),
                       "syn": self.sampler_part("syn", IndexPool(np.arange(len(self.syn))))}
         self.net = SmallResNet(spec.channels, len(self.classes), cfg.widths, cfg.blocks_per_stage)
+        self.size = cfg.image_size or spec.image_size
+
+    def _input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
+        x = to_float(images, self.device)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        return x
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
@@ -198,7 +209,7 @@ class Method(BaseMethod[Config]):
 
     def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor | float]:
         images, labels = batch
-        x = to_float(images, self.device)
+        x = self._input(images)
         y = to_device(np.asarray(labels), self.device)
         with self.autocast():
             logits = self.net(x)
@@ -214,7 +225,7 @@ class Method(BaseMethod[Config]):
         self.net.eval()
         out = []
         for i in range(0, len(images), batch_size):
-            x = to_float(images[i : i + batch_size], self.device)
+            x = self._input(images[i : i + batch_size])
             with self.autocast():
                 out.append(torch.softmax(self.net(x).float(), 1).cpu())
         return torch.cat(out).numpy()
@@ -239,7 +250,7 @@ class Method(BaseMethod[Config]):
         return [health.single_class_check("class predictions")]
 
     def example_input(self) -> np.ndarray:
-        return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
+        return self._input(self.real_val.images[:2]).cpu().numpy()
 
     def export_model(self) -> nn.Module:
         return self.net
