@@ -339,10 +339,13 @@ def data_fixture(kind: str, out: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from a trained model folder (e.g. twinvae_heads from data/models/twinvae).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1),
+              help="Train on N processes of this machine (one per GPU): runs this command under `torchrun "
+                   "--standalone` (docs/distributed.md; several nodes: call torchrun yourself).")
 @PARAMS_OPT
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
               checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
-              params_path: str) -> None:
+              nproc_per_node: int | None, params_path: str) -> None:
     """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD.
 
     Example: s2r train mixing --data data/prepared/digits --out data/models/mixing
@@ -350,12 +353,45 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     """
     from s2r import stages
 
+    if nproc_per_node is not None:
+        args = [method, "--data", data_dir, "--out", out, "--params", params_path, *(["--resume"] if resume else [])]
+        for opt, value in (("--metrics", metrics), ("--plots", plots), ("--checkpoints", checkpoints),
+                           ("--init", init_dir)):
+            args += [opt, value] if value else []
+        args += [a for s in sets for a in ("--set", s)]
+        sys.exit(_torchrun_train(args, nproc_per_node, Path(checkpoints or Path("data/checkpoints") / method)))
     params = _load(params_path, sets)
     summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
                            plots_out=Path(plots) if plots else None,
                            ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
                            init=Path(init_dir) if init_dir else None)
-    click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if summary:  # ranks > 0 of a distributed training return nothing: rank 0 reports
+        click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def _torchrun_train(args: list[str], nproc: int, ckpt_dir: Path) -> int:
+    """`torchrun --standalone --nproc-per-node N -m s2r train ARGS`; its exit status. If it fails or is stopped,
+    the MLflow run its rank 0 opened (run.json beside the checkpoints) is settled: KILLED once no rank holds it."""
+    import json
+    import subprocess
+
+    from s2r import distributed, tracking
+
+    if distributed.launched():
+        raise click.UsageError("--nproc-per-node: this process already runs under torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "s2r", "train", *args]
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: torchrun stops its workers (SIGTERM, then SIGKILL after 30 s)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+    if code != 0 and (ckpt_dir / "run.json").is_file():
+        run_id = json.loads((ckpt_dir / "run.json").read_text()).get("run_id", "")
+        if run_id and tracking.run_status(run_id) == "RUNNING":
+            tracking.reconcile()
+    return code
 
 
 @main.command("evaluate")

@@ -53,11 +53,14 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
 
 def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
     """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
+    from s2r import distributed
     from s2r.train import torch_settings
 
     threads, why = choose_threads(params.train.threads)  # "auto": the cores per local worker
-    with torch_settings(deterministic=params.train.deterministic, threads=threads):
-        return _train(method_name, data_dir, out, params, threads_choice=why, **kwargs)
+    t = params.train
+    with torch_settings(deterministic=t.deterministic, threads=threads), \
+            distributed.session(t.device, sync_batchnorm=t.sync_batchnorm, timeout_s=t.dist_timeout) as session:
+        return _train(method_name, data_dir, out, params, threads_choice=why, session=session, **kwargs)
 
 
 def _train(
@@ -76,15 +79,18 @@ def _train(
     tags: dict[str, str] | None = None,
     init: Path | None = None,
     threads_choice: str = "",
+    session: Any = None,
 ) -> dict[str, Any]:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
 
     `init`: a trained model folder the method starts from (e.g. twin-VAE stage 2 from stage 1); only methods
-    with an `init_from(model_dir) -> tags` method accept it.
+    with an `init_from(model_dir) -> tags` method accept it. `session` (s2r.distributed, under torchrun): rank 0
+    plans the resume and alone opens the MLflow run, checkpoints, exports; the other ranks train and return {}.
     """
     import matplotlib.pyplot as plt
     import torch
 
+    from s2r import distributed
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
     from s2r.tracking import TrackedRun
@@ -97,19 +103,28 @@ def _train(
     total = cfg.epochs * cfg.steps_per_epoch
     data = PreparedBenchmark(data_dir)
     fingerprint = _fingerprint(method_name, asdict(cfg), params.seed, data.data_version)
-    resume_state = load_checkpoint(ckpt_dir) if resume else None
-    resume_run_id, resume_mode = None, ""
-    if resume:
-        _check_fingerprint(ckpt_dir, fingerprint)
-        resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
-        done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
-        if done is not None:
-            notice(f"--resume: run {resume_run_id} already finished ({total} steps, model in {out}); nothing to do")
-            return done
-        notice(f"--resume: {resume_mode}")
-    else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
-        (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
-        (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+    sess = session or distributed.Session()
+
+    def plan() -> tuple[dict[str, Any] | None, str | None, str, dict[str, Any] | None]:
+        """(checkpoint state, MLflow run to continue, what --resume does, summary of a finished run)."""
+        resume_state = load_checkpoint(ckpt_dir) if resume else None
+        resume_run_id, resume_mode = None, ""
+        if resume:
+            _check_fingerprint(ckpt_dir, fingerprint)
+            resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
+            done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
+            if done is not None:
+                notice(f"--resume: run {resume_run_id} already finished ({total} steps, model in {out}); nothing to do")
+                return resume_state, resume_run_id, resume_mode, done
+            notice(f"--resume: {resume_mode}")
+        else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
+            (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
+            (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+        return resume_state, resume_run_id, resume_mode, None
+
+    resume_state, resume_run_id, resume_mode, done = sess.on_writer(plan)  # rank 0 reads, every rank gets it
+    if done is not None:
+        return done if sess.writer else {}
     seed_everything(params.seed)
     method = registry.method_class(method_name)(cfg, data, params.seed)
     method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
@@ -118,20 +133,24 @@ def _train(
         if not hasattr(method, "init_from"):
             raise DataError(f"method {method_name!r} cannot start from a trained model (--init {init})")
         init_tags = method.init_from(Path(init))
-    device = select_device(params.train.device)
+    device = sess.device if sess.active else select_device(params.train.device)
     method.setup(device, amp_dtype(device, params.train.amp), total)
     logged = {"method": method_name, "seed": params.seed, "methods": {method_name: asdict(cfg)},
               "train": asdict(params.train), "benchmark": data.spec.name}
+    if not sess.writer:  # ranks > 0 train their shards; rank 0 logs, checkpoints and exports
+        _train_shard(method, cfg, params, ckpt_dir, resume_state, on_epoch, sess)
+        return {}
     with TrackedRun(
         run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
         tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
         | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice}
-        | ({"resume": resume_mode} if resume else {}),
+        | ({"resume": resume_mode} if resume else {}) | sess.tags(),
         run_id=resume_run_id, parent_run_id=parent_run_id,
         system_metrics=params.tracking.system_metrics,
     ) as run:
         write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
                                          "fingerprint": fingerprint})
+        sess.run_id = sess.broadcast(run.run_id)  # the others settle it if rank 0 dies (Session.settle_on_failure)
         if resume_state is None:
             run.log_dataset(data, "training")
             batch = method.preview_batch()
@@ -142,7 +161,7 @@ def _train(
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
-                     log_every=params.tracking.log_every)
+                     log_every=params.tracking.log_every, session=sess)
         final = result.history[-1] if result.history else {}
         verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
         run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
@@ -167,6 +186,26 @@ def _train(
             write_json(Path(metrics_out), summary)
             run.log_artifact(metrics_out, "metrics")
     return summary
+
+
+def _train_shard(method: Any, cfg: Any, params: Params, ckpt_dir: Path, resume_state: dict[str, Any] | None,
+                 on_epoch: Callable[[int, dict[str, float]], None] | None, sess: Any) -> None:
+    """A rank > 0 of a distributed training: train its shards, log nothing. If the training fails (a peer died,
+    torchrun's SIGTERM), settle rank 0's MLflow run when rank 0 is gone, so it is never left RUNNING."""
+    from s2r import tracking
+    from s2r.train import fit
+
+    sess.run_id = sess.broadcast("")
+    try:
+        fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, ckpt_dir=ckpt_dir,
+            resume_state=resume_state, on_epoch=on_epoch, log_every=params.tracking.log_every, session=sess)
+    except BaseException:
+        if sess.run_id:
+            try:
+                tracking.reconcile()  # KILLED where every process holding the run (rank 0) has died
+            except Exception as e:  # the training's own error is the one to report
+                notice(f"rank {sess.rank}: could not check rank 0's MLflow run {sess.run_id}: {e}")
+        raise
 
 
 def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2r import health
+from s2r import distributed, health
 from s2r.config import TrainParams
 from s2r.files import atomic_path
 from s2r.methods.base import Method
@@ -301,6 +301,7 @@ def fit(
     resume_state: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 0,
+    session: distributed.Session | None = None,
 ) -> FitResult:
     """Train `method` for epochs x steps_per_epoch steps, validating and logging once per epoch.
 
@@ -312,6 +313,9 @@ def fit(
     checkpoints and every `log_every` steps (0 = per epoch only; `steps/train_<loss>` = the mean over those
     steps, at the global step). A non-finite loss stops training naming the steps since the last check, and
     no checkpoint is written after it.
+
+    `session` (s2r.distributed, under torchrun): this rank trains its shard of every global batch with the
+    networks wrapped in DDP; losses are means over ranks; only rank 0 writes checkpoints (pass `run` there only).
     """
     from tqdm import tqdm
 
@@ -332,11 +336,13 @@ def fit(
     ckpt_path = Path(ckpt_dir) / CHECKPOINT
     verified = start  # every step up to here had finite losses
 
+    sess = session or distributed.Session()
+
     def checked(sums_: LossSums, step: int) -> dict[str, float]:
-        """Read (the one sync: waiting for queued GPU work counts as step time) and check for NaN/inf."""
+        """Read (the one sync: waiting for queued GPU work counts as step time), average over ranks, check NaN/inf."""
         nonlocal verified
         t = time.perf_counter()
-        values = sums_.read()
+        values = sess.mean(sums_.read())
         result.seconds_step += time.perf_counter() - t
         for k, v in values.items():
             if not math.isfinite(v):
@@ -352,6 +358,8 @@ def fit(
     def checkpoint(step: int) -> None:
         epoch_sums = checked(sums, step)  # never save weights that a NaN already reached
         window_sums = checked(window, step)
+        if not sess.writer:
+            return
         save_checkpoint(ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
             "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
@@ -366,24 +374,34 @@ def fit(
         return done % every == 0 or done == total
 
     pin = method.device.type == "cuda"
-    method.before_training()  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
+    undo_options = apply_train_options(method, train)
+    try:
+        step_scope = _step_scope(method, sess)
+        with step_scope():  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
+            method.before_training()
+    except BaseException:
+        undo_options()
+        raise
     source: Prefetcher | _Serial = (
         Prefetcher(method.batches(), start, total, is_checkpoint, train.prefetch, pin) if train.prefetch > 0
         else _Serial(method.batches()))
-    undo_options = apply_train_options(method, train)
     t_start = time.perf_counter()
     method.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", disable=not train.progress,
+    bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step",
+               disable=not (train.progress and sess.writer),
                mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
             batch = source.get()
+            if sess.world > 1:
+                batch = method.shard_batch(batch, sess.shard)  # this rank's rows of the global batch
             t1 = time.perf_counter()
-            losses = method.train_step(batch)
+            with step_scope():
+                losses = method.train_step(batch)
             result.seconds_data += t1 - t0
             result.seconds_step += time.perf_counter() - t1
-            result.samples += int(getattr(method, "batch_size", 0))
+            result.samples += method.batch_size  # the global batch
             sums.add(losses)
             if log_every > 0:
                 window.add(losses)
@@ -428,6 +446,16 @@ def fit(
     result.seconds_total = time.perf_counter() - t_start
     result.seconds_tracking = (run.log_seconds - tracking_before) if run else 0.0  # logging during training only
     return result
+
+
+def _step_scope(method: Method, sess: distributed.Session) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """What every training step runs inside: under torchrun, the method's networks wrapped in DDP (s2r.distributed);
+    otherwise nothing."""
+    if not sess.active:
+        return contextlib.nullcontext
+    distributed.check_batch_size(method.batch_size, sess.world, f"methods.{method.name}")
+    optimised = [p for o in method.optimizers.values() for g in o.param_groups for p in g["params"]]
+    return distributed.Training(method, method.distributed_networks(), optimised, sess).step
 
 
 def _first_lr(method: Method) -> float:

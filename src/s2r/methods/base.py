@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r import distributed
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 
@@ -123,6 +124,7 @@ class Method(nn.Module):
         self.amp_dtype: torch.dtype | None = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+        self.batch_size = 0  # the global batch per step (methods set it); ranks of a distributed run split it
 
     # -- set up by the loop ------------------------------------------------------------------------------
     def setup(self, device: torch.device, amp_dtype: torch.dtype | None, total_steps: int) -> None:
@@ -167,6 +169,18 @@ class Method(nn.Module):
 
     def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
         raise NotImplementedError
+
+    # -- distributed training (s2r.distributed; docs/distributed.md) --------------------------------------
+    def distributed_networks(self) -> list[nn.Module]:
+        """The networks DDP wraps: modules whose forward train_step calls, together holding every optimised
+        parameter, pairwise disjoint. Default: the method's direct submodules that an optimiser updates."""
+        optimised = {id(p) for o in self.optimizers.values() for g in o.param_groups for p in g["params"]}
+        return [m for m in self.children() if any(id(p) in optimised for p in m.parameters())]
+
+    def shard_batch(self, batch: Any, shard: distributed.Shard) -> Any:
+        """This rank's rows of one global batch (every array of k * batch_size rows, k groups; see
+        s2r.distributed.shard_batch); methods whose batches hold other arrays override it."""
+        return distributed.shard_batch(batch, shard, self.batch_size)
 
     def validate(self) -> dict[str, float]:
         return {}
