@@ -136,7 +136,7 @@ def spawn_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
     return pid
 
 
-if __name__ == "__main__":  # also each process of `torchrun ... tests/crash_driver.py train ...` (tests/test_ddp_run.py)
+if __name__ == "__main__":  # also every process of `torchrun ... tests/crash_driver.py train ...` (test_ddp_run)
     only = os.environ.get("S2R_TEST_KILL_RANK")  # under torchrun: only this rank dies
     if os.environ.get("S2R_TEST_KILL") and only in (None, os.environ.get("RANK")):
         install(os.environ["S2R_TEST_KILL"])

@@ -390,7 +390,7 @@ def _torchrun_train(args: list[str], nproc: int, ckpt_dir: Path) -> int:
     if code != 0 and (ckpt_dir / "run.json").is_file():
         run_id = json.loads((ckpt_dir / "run.json").read_text()).get("run_id", "")
         if run_id and tracking.run_status(run_id) == "RUNNING":
-            tracking.reconcile()
+            tracking.reconcile_deferring_interrupts()
     return code
 
 

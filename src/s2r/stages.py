@@ -202,7 +202,7 @@ def _train_shard(method: Any, cfg: Any, params: Params, ckpt_dir: Path, resume_s
     except BaseException:
         if sess.run_id:
             try:
-                tracking.reconcile()  # KILLED where every process holding the run (rank 0) has died
+                tracking.reconcile_deferring_interrupts()  # KILLED once every process holding it (rank 0) died
             except Exception as e:  # the training's own error is the one to report
                 notice(f"rank {sess.rank}: could not check rank 0's MLflow run {sess.run_id}: {e}")
         raise
