@@ -1,14 +1,19 @@
 """Train tiny params blocks through s2r.train.fit, at one process or as one rank of a torchrun job (tests/test_ddp.py).
 
 Usage: torchrun --standalone --nproc-per-node 2 tests/ddp_driver.py SPEC.json
-SPEC: {"out": folder, "blocks": {block: {"data": prepared folder, "init": model folder or ""}}, "epochs": E,
-"steps_per_epoch": S}. Rank 0 writes <out>/<block>.pt: the per-step losses the loop logged (means over ranks), the
-epoch history and the final state_dict. `train_block` is also what the test runs at one process (the reference).
+SPEC: {"out": folder, "blocks": {block: {"data": prepared folder, "init": model folder or "", "epochs": E,
+"steps_per_epoch": S}}, "overrides": {block: {key: value}}, "plain_ddp": false}. Rank 0 writes <out>/<block>.pt:
+the per-step losses the loop logged (means over ranks), the epoch history, the initial and final state_dict.
+`train_block` is also what the test runs at one process (the reference).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,9 +27,31 @@ from s2r import distributed
 from s2r.config import TrainParams, from_dict
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import registry
-from s2r.train import fit, seed_everything, torch_settings
+from s2r.train import CHECKPOINT, fit, load_checkpoint, seed_everything, torch_settings
 
 SEED = 0
+
+
+LAUNCH_TIMEOUT = 900.0  # seconds; a hung rank fails the test instead of holding the suite
+
+
+def torchrun(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `python -m torch.distributed.run ARGS` in its own process group, output to `log` (the tests' launcher)."""
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+
+
+def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = LAUNCH_TIMEOUT) -> int:
+    """Its exit status; still running after `timeout`: its whole process group is killed and this raises."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        tail = log.read_text()[-4000:]
+        raise TimeoutError(f"torchrun still running after {timeout:.0f} s (killed); log:\n{tail}") from None
 
 
 class Recorder:
@@ -55,8 +82,13 @@ def config(block: str, data: PreparedBenchmark) -> Any:
 
 
 def train_block(block: str, data_dir: Path, init: str, ckpt: Path, epochs: int, steps_per_epoch: int,
-                session: distributed.Session | None = None) -> dict[str, Any]:
-    """Build the block's method as the contract tests do and train it; what rank 0 (or the one process) saw."""
+                session: distributed.Session | None = None, resume: Path | None = None) -> dict[str, Any]:
+    """Build the block's method as the contract tests do and train it; what rank 0 (or the one process) saw.
+
+    The checkpoint of the first epoch is kept as `<ckpt>/epoch1/last.pt` (rank 0). `resume`: a folder with such a
+    checkpoint to continue from (read by rank 0, broadcast to the others, as `s2r train --resume` does).
+    """
+    sess = session or distributed.Session()
     data = PreparedBenchmark(data_dir)
     seed_everything(SEED)
     method = registry.method_class(block)(config(block, data), data, SEED)
@@ -67,10 +99,17 @@ def train_block(block: str, data_dir: Path, init: str, ckpt: Path, epochs: int, 
     init_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
     train = replace(from_dict(TrainParams, tiny_params_dict()["train"], "tiny params"), progress=False,
                     checkpoint_every=steps_per_epoch)
+    state = sess.on_writer(lambda: load_checkpoint(resume)) if resume is not None else None
     rec = Recorder()
-    writer = session is None or session.writer
+
+    def keep(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 1 and sess.writer:
+            (ckpt / "epoch1").mkdir(parents=True, exist_ok=True)
+            shutil.copy(ckpt / CHECKPOINT, ckpt / "epoch1" / CHECKPOINT)
+
     result = fit(method, train=train, epochs=epochs, steps_per_epoch=steps_per_epoch, ckpt_dir=ckpt,
-                 run=rec if writer else None, log_every=1, session=session)  # type: ignore[arg-type]
+                 run=rec if sess.writer else None, log_every=1, session=session,  # type: ignore[arg-type]
+                 resume_state=state, on_epoch=keep)
     return {"steps": [rec.steps[k] for k in sorted(rec.steps)], "history": result.history, "init": init_state,
             "state": {k: v.detach().clone() for k, v in method.state_dict().items()}}
 
@@ -114,6 +153,7 @@ def plain_ddp() -> None:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
+    OVERRIDES.update(spec.get("overrides", {}))
     if spec.get("plain_ddp"):
         plain_ddp()
     with torch_settings(deterministic=True, threads=1), \
@@ -121,9 +161,12 @@ def main(spec_path: str) -> None:
         for block, where in spec["blocks"].items():
             if block == "unit:dropout_batchnorm":
                 got = dropout_batchnorm(sess)
-            else:
-                got = train_block(block, Path(where["data"]), where["init"], out / f"ckpt-{block}-{sess.rank}",
-                                  spec["epochs"], spec["steps_per_epoch"], sess)
+            else:  # uninterrupted, then resumed from its first epoch's checkpoint (2 ranks -> 2 ranks)
+                ckpt = out / f"ckpt-{block}"
+                args = (block, Path(where["data"]), where["init"], ckpt, where["epochs"], where["steps_per_epoch"])
+                got = train_block(*args, sess)
+                got["resumed"] = train_block(*args[:3], out / f"resumed-{block}", *args[4:], sess,
+                                             resume=ckpt / "epoch1")
             if sess.writer:
                 torch.save(got, out / f"{block.replace(':', '_')}.pt")
             print(f"rank {sess.rank}: {block} done", flush=True)

@@ -216,9 +216,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)  # per-channel (C,) -> broadcastable (1, C, 1, ...)
         xf = x.float()
         n = xf.numel() // xf.shape[1] * dist.get_world_size()
-        mean = _SumOverRanks.apply(xf.sum(dims)) / n
+        # sums accumulated in float64 (no float64 copy of x): statistics as exact as one process's BatchNorm kernel
+        mean = (_SumOverRanks.apply(xf.sum(dims, dtype=torch.float64)) / n).float()
         centred = xf - mean.view(shape)
-        var = _SumOverRanks.apply(centred.pow(2).sum(dims)) / n  # biased, as BatchNorm normalises
+        var = (_SumOverRanks.apply(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()  # biased, as BN
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
