@@ -62,8 +62,8 @@ class Recorder:
         self.steps: dict[int, dict[str, float]] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if any(k.startswith("steps/") for k in metrics):
-            self.steps.setdefault(step, {}).update(metrics)
+        """Keeps the training-loss means of every step (log_every 1); epoch metrics are in the history."""
+        self.steps.setdefault(step, {}).update({k: v for k, v in metrics.items() if k.startswith("train_")})
 
     def flush(self) -> None:
         pass

@@ -121,8 +121,9 @@ def test_two_nodes_resume_the_one_run_logged_by_rank_0(two_nodes: Path, killed: 
     run = client.get_run(run_id(two_nodes))
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_status"] in ("FAILED", "KILLED")
     assert run.data.tags["distributed.world_size"] == "2" and run.data.tags["distributed.nodes"] == "2"
-    for key in ("train_loss", "val_accuracy"):  # one value per epoch: only rank 0 logs (means over ranks)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, EPOCHS + 1))
+    total = EPOCHS * STEPS  # only rank 0 logs (means over ranks): one value per logged step, none twice
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, total + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [STEPS, total]
     assert not any(k.startswith("module.") or ".module." in k for k in weights(two_nodes))
 
 

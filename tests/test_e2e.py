@@ -40,13 +40,19 @@ def test_cli_pipeline_tracks_everything(in_tmp: Path, tiny_params_file: Path) ->
 
     client = mlflow.MlflowClient()
     run = client.get_run(train["mlflow_run_id"])
-    assert run.info.run_name == "train@mixing" and run.info.status == "FINISHED"
+    assert run.info.run_name == "train@mixing-seed0" and run.info.status == "FINISHED"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "s2r/paper4-mixing-ratio-mrgan"  # one experiment per paper (Method.paper)
     assert run.data.params["methods.mixing.real_fraction"] == "0.25"
     assert run.data.tags["data_version"] == json.loads(Path("data/prepared/digits/prepared.json").read_text())[
         "manifest_sha256"]
     assert {"seed", "device", "git_commit"} <= set(run.data.tags)
-    hist = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [m.step for m in hist] == [1, 2]
+    hist = client.get_metric_history(run.info.run_id, "val/accuracy")  # sectioned keys, at the global step
+    assert [m.step for m in hist] == [3, 6]
+    curve = client.get_metric_history(run.info.run_id, "train/loss")  # log_every auto: every step of 6
+    assert [m.step for m in curve] == list(range(1, 7))
+    assert not [k for k in run.data.metrics if "/" not in k], run.data.metrics  # every key in a section
+    assert {k.split("/")[0] for k in run.data.metrics} >= {"train", "val", "health", "test"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("samples", "plots", "config") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"samples/train_batch.png", "plots/train_history.png", "config/resolved.yaml"} <= artifacts
@@ -56,9 +62,19 @@ def test_cli_pipeline_tracks_everything(in_tmp: Path, tiny_params_file: Path) ->
     assert tuple(model(__import__("torch").from_numpy(x)).shape) == (3, 10)
 
     ev_run = client.get_run(ev["mlflow_run_id"])
-    assert ev_run.info.run_name == "evaluate@mixing"
-    assert ev_run.data.metrics["test_accuracy"] == pytest.approx(ev["accuracy"])
+    assert ev_run.info.run_name == "evaluate@mixing-seed0"
+    assert ev_run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"])
     assert ev_run.data.tags["train_run_id"] == run.info.run_id
+    assert ev_run.data.tags["mlflow.parentRunId"] == run.info.run_id  # nested under its model's training run
+    # one row per trained model: the training run and its LoggedModel hold the test metrics too
+    run = client.get_run(run.info.run_id)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(ev["accuracy"])
+    logged = client.get_logged_model(run.data.tags["model_id"])
+    assert logged.name == "mixing-seed0" and logged.source_run_id == run.info.run_id
+    assert logged.params["real_fraction"] == "0.25"
+    by_key = {m.key: m for m in logged.metrics}
+    assert by_key["test/accuracy"].value == pytest.approx(ev["accuracy"]) and "val/accuracy" in by_key
+    assert by_key["test/accuracy"].dataset_digest == run.data.tags["data_version"][:36]
 
     table = invoke("report")
     line = next(x for x in table.splitlines() if x.startswith("mixing"))

@@ -122,12 +122,13 @@ def test_log_every_logs_step_means(tiny_prepared: Path, tmp_path: Path) -> None:
 
     m.train_step = recording
     run = FakeRun()
-    fit(m, train=train_params(), epochs=1, steps_per_epoch=4, ckpt_dir=tmp_path, run=run, log_every=2)  # type: ignore[arg-type]
-    per_step = [(s, d) for s, d in run.logged if "steps/train_loss" in d]
-    assert [s for s, _ in per_step] == [2, 4]
-    assert [d["steps/train_loss"] for _, d in per_step] == [(seen[0] + seen[1]) / 2, (seen[2] + seen[3]) / 2]
-    epoch = [d for s, d in run.logged if "train_loss" in d]
-    assert len(epoch) == 1 and epoch[0]["train_loss"] == sum(seen) / 4
+    result = fit(m, train=train_params(), epochs=1, steps_per_epoch=4, ckpt_dir=tmp_path, run=run, log_every=2)  # type: ignore[arg-type]
+    curve = [(s, d) for s, d in run.logged if "train_loss" in d]  # the training curve: window means
+    assert [s for s, _ in curve] == [2, 4]
+    assert [d["train_loss"] for _, d in curve] == [(seen[0] + seen[1]) / 2, (seen[2] + seen[3]) / 2]
+    epoch = [(s, d) for s, d in run.logged if "val_accuracy" in d]  # once per epoch, at the global step
+    assert [s for s, _ in epoch] == [4] and not any(k.startswith("train_") for k in epoch[0][1])
+    assert result.history[0]["train_loss"] == sum(seen) / 4  # the history (train_history.csv) keeps epoch means
 
 
 @pytest.mark.parametrize("log_every", [0, 2])
@@ -258,7 +259,7 @@ def test_train_run_has_dataset_input_and_system_metrics(tiny_prepared: Path, tin
     assert profile["data_version"] == data.data_version
     assert profile["splits"]["real"] == {s: len(data.get("real", s)) for s in ("train", "val", "test")}
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
-    steps = client.get_metric_history(run.info.run_id, "steps/train_loss")
+    steps = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in steps] == list(range(1, 7))  # tracking.log_every: 1 -> every step of 2 x 3
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

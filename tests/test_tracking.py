@@ -24,8 +24,49 @@ def test_finished_run_has_params_tags_and_batched_metrics() -> None:
     assert r.info.status == "FINISHED" and r.info.run_name == "train@x"
     assert r.data.params == {"a.b": "1", "a.c": "[1, 2]"}
     assert r.data.tags["seed"] == "3" and "git_commit" in r.data.tags
-    hist = mlflow.MlflowClient().get_metric_history(run.run_id, "loss")
+    hist = mlflow.MlflowClient().get_metric_history(run.run_id, "train/loss")  # a training run's default section
     assert [(m.step, round(m.value, 3)) for m in hist] == [(1, 1.0), (2, 0.5), (3, 0.333)]
+
+
+def test_metric_keys_get_sections_by_one_rule() -> None:
+    """The MLflow chart view groups charts by the prefix before `/`; s2r's names map onto it by one rule."""
+    key = tracking.metric_key
+    assert [key(k) for k in ("train_loss", "val_accuracy", "health_majority_share", "test_miou")] == [
+        "train/loss", "val/accuracy", "health/majority_share", "test/miou"]
+    assert key("lr") == "train/lr" and key("pretrain_l1") == "train/pretrain_l1"  # no section: the run's
+    assert key("dci_disentanglement", "test") == "test/dci_disentanglement" and key("val_", "test") == "test/val_"
+    assert key("system/cpu_utilization_percentage") == "system/cpu_utilization_percentage"  # already sectioned
+    assert tracking.log_interval("auto", 160) == 1 and tracking.log_interval("auto", 500) == 5
+    assert tracking.log_interval("auto", 400_000) == 4000 and tracking.log_interval(7, 160) == 7
+    assert all(total // tracking.log_interval("auto", total) >= min(total, 50)
+               for total in (1, 49, 99, 120, 160, 199, 10**6))
+
+
+def test_git_dirty_names_changed_source_files_only(tmp_path: Path) -> None:
+    """DVC's own files, what the pipeline writes and docs are no code change; untracked files are not the code."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("dvc.lock", "pipelines/x/dvc.lock", "data.dvc", "README.md", "docs/index.md", "params.yaml",
+                 "src/a.py", "dvc_plots/p.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("v1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for name in ("dvc.lock", "pipelines/x/dvc.lock", "data.dvc", "README.md", "docs/index.md", "dvc_plots/p.png"):
+        (tmp_path / name).write_text("v2\n")
+    (tmp_path / "untracked.py").write_text("x\n")
+    assert tracking.git_tags(tmp_path) == {"git_commit": sha}  # clean: no git_dirty tag at all
+    (tmp_path / "src/a.py").write_text("v2\n")
+    (tmp_path / "params.yaml").write_text("v2\n")
+    assert tracking.git_state(tmp_path) == (sha, ["params.yaml", "src/a.py"])
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "2 changed: params.yaml, src/a.py"
+    assert tracking.git_state(tmp_path / "nowhere") == ("unknown", [])
 
 
 def test_crash_marks_failed_with_reason() -> None:
@@ -47,7 +88,7 @@ def test_resume_continues_same_run() -> None:
     with TrackedRun("train@x", experiment="t", run_id=first.run_id) as second:
         second.log_metrics({"m": 2}, step=2)
     assert second.run_id == first.run_id
-    assert len(mlflow.MlflowClient().get_metric_history(first.run_id, "m")) == 2
+    assert len(mlflow.MlflowClient().get_metric_history(first.run_id, "train/m")) == 2
 
 
 def test_default_store_is_sqlite_under_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,7 +64,10 @@ def test_tiny_study_completes_with_nested_runs_and_best_yaml(tmp_path: Path, tin
     assert one.data.params["methods.mixing.real_fraction"] == str(best["params"]["methods.mixing.real_fraction"])
     assert "model_uri" in one.data.tags  # the model of a completed trial is logged
     parent = client.get_run(parent_id)
-    assert parent.info.run_name == "tune@t" and parent.data.metrics["best_value"] == pytest.approx(best["value"])
+    assert parent.info.run_name == "tune@t" and parent.data.metrics["tune/best_value"] == pytest.approx(best["value"])
+    # the study and its trials in the experiment of the paper they tune (paper 4: mixing)
+    assert {client.get_experiment(r.info.experiment_id).name for r in [parent, *runs]} == {
+        "s2r/paper4-mixing-ratio-mrgan"}
     arts = {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert "plots/optimization_history.png" in arts
 

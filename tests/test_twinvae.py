@@ -404,7 +404,8 @@ def test_cli_train_evaluate_tables(scenes16: Path, tmp_path: Path, monkeypatch: 
         assert Path(f"plots/{name}/panels.png").stat().st_size > 0
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["s2r"], filter_string="tags.mlflow.runName = 'train@twinvae_heads'")
+    runs = mlflow.search_runs(experiment_names=["s2r/paper2-twin-vae-depth-segmentation"],
+                              filter_string="tags.mlflow.runName = 'train@twinvae_heads-seed0'")
     assert runs["tags.init_model"].iloc[0] == "m/twinvae"
     r = run(main, ["tables", "twinvae", "--ours", "x/twinvae_heads/evaluate.json", "--lower",
                    "x/twinvae_simonly/evaluate.json", "--upper", "x/twinvae_targetsup/evaluate.json", "--out", "t", *p])

@@ -327,7 +327,29 @@ def data_fixture(kind: str, out: str) -> None:
     click.echo(f"wrote a {kind} stand-in (NOT the real dataset) to {root}")
 
 
-@main.command("train")
+class MethodsCommand(click.Command):
+    """A command whose help ends with the methods and their variants (params.yaml blocks) one can train."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Methods (variants = params.yaml blocks of ./params.yaml)"):
+            formatter.write_text("\b\n" + "\n".join(method_catalogue()))
+
+
+def method_catalogue(params_path: str = "params.yaml") -> list[str]:
+    """Registered methods with their paper and the params blocks that train them (help texts, unknown-method errors)."""
+    import yaml
+
+    from s2r.methods import registry
+
+    try:
+        blocks = list((yaml.safe_load(Path(params_path).read_text()) or {}).get("methods") or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        blocks = []
+    return registry.catalogue(blocks)
+
+
+@main.command("train", cls=MethodsCommand)
 @click.argument("method")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Prepared benchmark folder.")
@@ -346,12 +368,13 @@ def data_fixture(kind: str, out: str) -> None:
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
               checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
               nproc_per_node: int | None, params_path: str) -> None:
-    """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD.
+    """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD-seedN.
 
     Example: s2r train mixing --data data/prepared/digits --out data/models/mixing
     --set methods.mixing.real_fraction=0.25
     """
     from s2r import stages
+    from s2r.config import ConfigError
 
     if nproc_per_node is not None:
         args = [method, "--data", data_dir, "--out", out, "--params", params_path, *(["--resume"] if resume else [])]
@@ -361,6 +384,9 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
         args += [a for s in sets for a in ("--set", s)]
         sys.exit(_torchrun_train(args, nproc_per_node, Path(checkpoints or Path("data/checkpoints") / method)))
     params = _load(params_path, sets)
+    if method not in params.methods:
+        raise ConfigError(f"{params_path}: no params block methods.{method}; the methods and their variants:\n  "
+                          + "\n  ".join(method_catalogue(params_path)))
     summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
                            plots_out=Path(plots) if plots else None,
                            ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
@@ -528,9 +554,11 @@ def tables_twinvae_cmd(ours: str, lower: str, upper: str, out: str, params_path:
     Example: s2r tables twinvae --ours data/metrics/twinvae_heads/evaluate.json
     --lower data/metrics/twinvae_simonly/evaluate.json --upper data/metrics/twinvae_targetsup/evaluate.json
     """
+    from s2r.methods import registry
     from s2r.tables.twinvae import twinvae_table
 
-    res = twinvae_table(Path(ours), Path(lower), Path(upper), Path(out), _load(params_path).tracking.experiment)
+    experiment = registry.experiment(_load(params_path).tracking.experiment, "twinvae")
+    res = twinvae_table(Path(ours), Path(lower), Path(upper), Path(out), experiment)
     click.echo(res["text"])
     click.echo(f"files in {out}")
 
@@ -768,22 +796,30 @@ def parallel_cmd(commands: tuple[str, ...], jobs: int) -> None:
 @main.command("ui")
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-def ui_cmd(port: int, host: str) -> None:
-    """Open the MLflow UI on the project's store (every run, params, metrics, artifacts).
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="uvicorn worker processes of the server (more for a team sharing it).")
+def ui_cmd(port: int, host: str, workers: int) -> None:
+    """Open the MLflow UI on the project's store and print a link per experiment (one per paper).
 
     Example: s2r ui --port 5000   (then browse http://127.0.0.1:5000)
     """
     import os
 
-    from s2r.tracking import run_server, tracking_uri, ui_url
+    from s2r.tracking import experiment_links, run_server, tracking_uri, ui_url
 
     uri = tracking_uri()
     click.echo(f"MLflow UI for {uri} on http://{host}:{port}")
-    click.echo(f"training runs: {ui_url(host, port)}")
+    click.echo(f"experiments: {ui_url(host, port)}")
+    for name, url in experiment_links(host, port):
+        click.echo(f"  {name:<50} {url}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # One uvicorn worker and no GenAI job runner (its consumer processes serve LLM judges, unused here): on a
+    # loaded 2-core machine four workers starting at once missed uvicorn's health check and were restarted
+    # for minutes before the UI answered.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # its own process group: stopping `s2r ui` (Ctrl-C, SIGTERM) stops the server and its uvicorn workers too
     sys.exit(run_server([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                         "--host", host, "--port", str(port)]))
+                         "--host", host, "--port", str(port), "--workers", str(workers)]))
 
 
 @main.group("recipe")

@@ -275,14 +275,15 @@ class TrainParams:
 
 @dataclass
 class TrackingParams:
-    experiment: str = "s2r"
+    experiment: str = "s2r"  # prefix: a paper's runs go to <experiment>/paper<N>-<paper> (registry.experiment)
     log_model: bool = True
-    log_every: int = 0  # also log loss means every N steps as steps/train_<loss> (0 = per epoch only)
+    # training curves (train/<loss>) = loss means every N steps; auto = about 100 points per run; 0 = epoch means
+    log_every: int | Literal["auto"] = "auto"
     system_metrics: bool = True  # CPU / memory / GPU use of training runs (MLflow system metrics)
 
     def validate(self) -> None:
-        if self.log_every < 0:
-            raise ConfigError("key 'tracking.log_every' must be >= 0 (0 = per epoch only)")
+        if self.log_every != "auto" and self.log_every < 0:
+            raise ConfigError("key 'tracking.log_every' must be 'auto' or >= 0 (0 = epoch means only)")
 
 
 @dataclass

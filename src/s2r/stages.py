@@ -1,7 +1,8 @@
 """Pipeline stages behind the CLI: generate, validate, prepare, train, evaluate, report.
 
 Each stage reads hyperparameters from params.yaml and paths from its arguments, writes its outputs
-atomically, and (train / evaluate) is one MLflow run named `<stage>@<method>`.
+atomically, and (train / evaluate / refine) is one MLflow run named `<stage>@<method>-seed<N>` in the experiment of
+the method's paper; evaluate and refine runs are nested under the training run of their model.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _train(
     from s2r import distributed
     from s2r.data.prepared import PreparedBenchmark
     from s2r.methods import registry
-    from s2r.tracking import TrackedRun
+    from s2r.tracking import TrackedRun, log_interval
     from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, seed_everything, select_device
 
     cfg = params.methods.get(method_name)
@@ -141,9 +142,10 @@ def _train(
         _train_shard(method, cfg, params, ckpt_dir, resume_state, on_epoch, sess)
         return {}
     with TrackedRun(
-        run_name or f"train@{method_name}", experiment=params.tracking.experiment, params=logged,
+        run_name or f"train@{method_name}-seed{params.seed}",
+        experiment=registry.experiment(params.tracking.experiment, method_name), params=logged,
         tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
-        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice}
+        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice, "steps": str(total)}
         | ({"resume": resume_mode} if resume else {}) | sess.tags(),
         run_id=resume_run_id, parent_run_id=parent_run_id,
         system_metrics=params.tracking.system_metrics,
@@ -161,7 +163,7 @@ def _train(
             run.log_dict(logged, "config/resolved.yaml")
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
-                     log_every=params.tracking.log_every, session=sess)
+                     log_every=log_interval(params.tracking.log_every, total), session=sess)
         final = result.history[-1] if result.history else {}
         verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
         run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
@@ -169,9 +171,12 @@ def _train(
         out = Path(out)
         save_trained(out, method_name, method, params.seed, run.run_id)
         _plot_history(result.history, method_name, run, plots_out)
-        if params.tracking.log_model:
-            model_uri = run.log_model(model.cpu(), method.example_input())
-            run.set_tags({"model_uri": model_uri})
+        model_id = ""
+        if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
+            model_uri, model_id = run.log_model(
+                model.cpu(), method.example_input(), f"{method_name}-seed{params.seed}", step=total,
+                params={"seed": params.seed, **asdict(cfg)}, tags={"method": method_name, "seed": str(params.seed)})
+            run.set_tags({"model_uri": model_uri, "model_id": model_id})
             model.to(device)
         summary = {
             **{k: v for k, v in final.items() if k != "epoch"},
@@ -180,7 +185,7 @@ def _train(
             "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
             "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
             "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-            "mlflow_run_id": run.run_id, **verdict,
+            "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
         }
         if metrics_out:
             write_json(Path(metrics_out), summary)
@@ -198,7 +203,8 @@ def _train_shard(method: Any, cfg: Any, params: Params, ckpt_dir: Path, resume_s
     sess.run_id = sess.broadcast("")
     try:
         fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, ckpt_dir=ckpt_dir,
-            resume_state=resume_state, on_epoch=on_epoch, log_every=params.tracking.log_every, session=sess)
+            resume_state=resume_state, on_epoch=on_epoch, session=sess,
+            log_every=tracking.log_interval(params.tracking.log_every, cfg.epochs * cfg.steps_per_epoch))  # as rank 0
     except BaseException:
         if sess.run_id:
             try:
@@ -360,6 +366,22 @@ def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
     return method, saved
 
 
+def _under_training(train_run_id: str | None, method_name: str, params: Params) -> dict[str, Any]:
+    """Where a run about a trained model (evaluate, refine) goes: nested under its training run, in that run's
+    experiment, when this store holds it; else in the method's paper's experiment. Also the training's LoggedModel
+    id and step count (its test metrics are logged there, s2r.tracking.log_model_metrics)."""
+    from s2r.methods import registry
+    from s2r.tracking import run_info
+
+    found = run_info(train_run_id) if train_run_id else None
+    if found is None:
+        return {"experiment": registry.experiment(params.tracking.experiment, method_name), "parent_run_id": None,
+                "model_id": "", "steps": 0}
+    experiment, tags = found
+    return {"experiment": experiment, "parent_run_id": train_run_id, "model_id": tags.get("model_id", ""),
+            "steps": int(tags.get("steps", "0") or 0)}
+
+
 def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,
              params: Params) -> dict[str, Any]:
     """Score a trained method on the target domain's test split with the evaluator it declares.
@@ -369,7 +391,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
     """
     import importlib
 
-    from s2r.tracking import TrackedRun
+    from s2r.tracking import TrackedRun, log_model_metrics
 
     method, saved = load_trained(model_dir, data_dir, params)
     if saved["method"] != method_name:
@@ -379,17 +401,22 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         raise DataError(f"method {method_name!r} declares no evaluator (Method.evaluator) to score it with")
     evaluator = importlib.import_module(f"s2r.evaluators.{evaluator_name}")
     data = method.data
+    train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
-        f"evaluate@{method_name}", experiment=params.tracking.experiment,
+        f"evaluate@{method_name}-seed{saved['seed']}", experiment=train["experiment"], section="test",
+        parent_run_id=train["parent_run_id"],
         params={"method": method_name, "model": str(model_dir), "data": str(data_dir)},
         tags=_run_tags(data, saved["seed"], str(method.device)) | {
             "stage": "evaluate", "method": method_name, "evaluator": evaluator_name,
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
-        run.log_dataset(data, "evaluation")
+        dataset = run.log_dataset(data, "evaluation")
         if plots_out:
             Path(plots_out).mkdir(parents=True, exist_ok=True)
         metrics = evaluator.evaluate(method, run, plots_out, params)
+        if train["parent_run_id"]:  # the training run's row (and its LoggedModel) shows the test metrics too
+            log_model_metrics(train["parent_run_id"], train["model_id"], {k: m.value for k, m in run.latest.items()},
+                              step=train["steps"], dataset=dataset)
         result = {"method": method_name, "seed": saved["seed"], "evaluator": evaluator_name,
                   "domain": data.spec.target, "split": "test",
                   **metrics,
@@ -472,8 +499,10 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     a, b = method.domain_a, method.domain_b  # resolved by the translator ("" = source / target)
     ra, rb = f"{a}_{method_name}", f"{b}_{method_name}"
     model_sha = hashlib.sha256((Path(model_dir) / "model.pt").read_bytes()).hexdigest()
+    train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
-        f"refine@{method_name}", experiment=params.tracking.experiment,
+        f"refine@{method_name}-seed{saved['seed']}", experiment=train["experiment"], section="test",
+        parent_run_id=train["parent_run_id"],
         params={"method": method_name, "model": str(model_dir), "data": str(data_dir), "out": str(out),
                 "domain_a": a, "domain_b": b},
         tags=_run_tags(data, saved["seed"], str(method.device)) | {

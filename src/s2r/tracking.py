@@ -3,6 +3,9 @@
 Default store: `sqlite:///<project>/mlruns/mlflow.db` with artifacts in `<project>/mlruns/artifacts`
 (MLflow 3 refuses a bare folder store). `MLFLOW_TRACKING_URI` overrides it (a team's tracking server).
 Metrics are buffered and sent with one `log_batch` per flush: per-call `log_metric` on SQLite is fsync-bound.
+Metric keys have sections, which the MLflow UI's chart view groups: `train/`, `val/`, `test/`, `health/` (and
+MLflow's own `system/`); s2r's internal name `val_accuracy` (history, metrics JSON, Optuna objectives) is the
+MLflow key `val/accuracy` (metric_key: one rule, so a concept keeps one name).
 
 Crash consistency: every run records the processes that hold it open (tag `s2r.proc.<host>.<pid>`: host, pid,
 pid namespace, boot time, process start time, last heartbeat). The first time a process opens a store it
@@ -33,6 +36,26 @@ from s2r.config import flatten
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 PROC_TAG = "s2r.proc."  # + <host>.<pid>: one tag per process that has the run open
 RECONCILED_TAG = "s2r.reconciled"
+SECTIONS = ("train", "val", "test", "health")  # MLflow key prefixes of s2r's metrics (MLflow adds system/)
+POINTS_PER_CURVE = 100  # tracking.log_every: auto -> about this many points per training curve
+
+
+def metric_key(name: str, section: str = "train") -> str:
+    """The MLflow key of s2r metric `name`: `val_accuracy` -> `val/accuracy`; a name without a section prefix
+    goes to `section` (`lr` -> `train/lr`, an evaluator's `dci_disentanglement` -> `test/dci_disentanglement`)."""
+    if "/" in name:
+        return name  # already sectioned
+    head, sep, rest = name.partition("_")
+    if sep and rest and head in SECTIONS:
+        return f"{head}/{rest}"
+    return f"{section}/{name}"
+
+
+def log_interval(setting: int | str, total_steps: int) -> int:
+    """Steps per logged training-loss mean: tracking.log_every (auto = about POINTS_PER_CURVE points per run)."""
+    if setting == "auto":
+        return max(1, total_steps // POINTS_PER_CURVE)
+    return int(setting)
 
 
 def heartbeat_seconds() -> float:
@@ -196,6 +219,19 @@ def run_status(run_id: str) -> str | None:
         return None
 
 
+def run_info(run_id: str) -> tuple[str, dict[str, str]] | None:
+    """(experiment name, tags) of a run in the current store, or None if the store does not hold it."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri())
+    try:
+        run = client.get_run(run_id)
+        return client.get_experiment(run.info.experiment_id).name, dict(run.data.tags)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 class _Heartbeat:
     """One daemon thread per process that rewrites this process's tag on every open run."""
 
@@ -285,18 +321,35 @@ def _experiment_id(mlflow: Any, uri: str, experiment: str) -> str:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def ui_url(host: str, port: int, experiment: str = "s2r") -> str:
-    """The MLflow UI address that opens `experiment` on its training runs (not the GenAI overview)."""
+def ui_url(host: str, port: int, experiment: str | None = None) -> str:
+    """The MLflow UI address of `experiment`'s training runs (not the GenAI overview), or of the experiment list."""
     import mlflow
 
     base = f"http://{host}:{port}"
-    try:
-        mlflow.set_tracking_uri(tracking_uri())
-        exp = mlflow.get_experiment_by_name(experiment)
-    except Exception:  # no store yet: the experiment list
-        exp = None
+    exp = None
+    if experiment is not None:
+        try:
+            mlflow.set_tracking_uri(tracking_uri())
+            exp = mlflow.get_experiment_by_name(experiment)
+        except Exception:  # no store yet: the experiment list
+            exp = None
     where = f"/#/experiments/{exp.experiment_id}/runs" if exp is not None else "/#/experiments"
     return f"{base}{where}?workflowType=machine_learning"
+
+
+def experiment_links(host: str, port: int) -> list[tuple[str, str]]:
+    """(name, runs URL) of every experiment in the store that holds runs, by name: what `s2r ui` prints."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri())
+        exps = [e for e in client.search_experiments(max_results=1000)
+                if client.search_runs([e.experiment_id], max_results=1)]
+    except Exception:  # no store yet
+        return []
+    base = f"http://{host}:{port}/#/experiments"
+    return [(e.name, f"{base}/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in sorted(exps, key=lambda e: e.name)]
 
 
 def run_server(cmd: list[str], grace: float = 10.0) -> int:
@@ -381,20 +434,37 @@ class PreparedDataset:
                             digest=self.data.data_version[:36])  # MLflow's digest limit: 36 characters
 
 
-def git_commit(root: Path | None = None) -> str:
-    """HEAD commit of the project (with '-dirty' if the tree has changes), or 'unknown'."""
+# Changed files that do not make a run's code differ from its commit: DVC's own bookkeeping (`dvc repro` rewrites
+# dvc.lock while it runs), what the pipeline and DVC's tools write into the checkout (`dvc plots show`,
+# `s2r report --readme`), and documentation, which changes no number.
+NOT_SOURCE = ("dvc.lock", "*/dvc.lock", "*.dvc", ".dvc/*", ".dvcignore", "dvc_plots/*", "*.md", "docs/*")
+
+
+def git_state(root: Path | None = None) -> tuple[str, list[str]]:
+    """HEAD commit and the tracked source files that differ from it (NOT_SOURCE left out); ('unknown', []) without
+    git. Untracked files do not count: a run's code is what the commit tracks."""
+    import fnmatch
+
     root = root or project_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-            timeout=10,
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            return "unknown", []
+        diff = subprocess.run(["git", "diff", "--name-only", "-z", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", []
+    changed = [p for p in diff.stdout.split("\0") if p]
+    return sha.stdout.strip(), [p for p in changed if not any(fnmatch.fnmatch(p, pat) for pat in NOT_SOURCE)]
+
+
+def git_tags(root: Path | None = None) -> dict[str, str]:
+    """`git_commit`, plus `git_dirty` naming the changed source files only when there are any."""
+    sha, dirty = git_state(root)
+    tags = {"git_commit": sha}
+    if dirty:
+        tags["git_dirty"] = f"{len(dirty)} changed: {', '.join(dirty)}"[:MAX_PARAM_LEN]
+    return tags
 
 
 def _torch_tags() -> dict[str, str]:
@@ -429,7 +499,10 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 class TrackedRun:
-    """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt."""
+    """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt.
+
+    `section`: where metrics without a section prefix go (metric_key): train for training, test for evaluations.
+    """
 
     def __init__(
         self,
@@ -441,8 +514,11 @@ class TrackedRun:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         system_metrics: bool = False,
+        section: str = "train",
     ) -> None:
         self.system_metrics = system_metrics  # MLflow's CPU / memory / GPU sampler thread for this run
+        self.section = section
+        self.latest: dict[str, Any] = {}  # MLflow key -> the last Metric logged under it (linked to the model)
         self.name, self.experiment = name, experiment
         self.params, self.tags = params or {}, tags or {}
         self.resume_id, self.parent_run_id = run_id, parent_run_id
@@ -457,7 +533,7 @@ class TrackedRun:
         setup(self.experiment)
         me = process_identity() | {"beat": round(time.time(), 1)}
         tags = {
-            "git_commit": git_commit(),
+            **git_tags(),
             "host": platform.node(),
             "pid": str(me["pid"]),
             _proc_key(me): json.dumps(me),
@@ -528,11 +604,14 @@ class TrackedRun:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer metrics (sent by flush(), e.g. once per epoch)."""
+        """Buffer metrics under their sectioned keys (metric_key; sent by flush(), e.g. once per epoch)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        for k, v in metrics.items():
+            m = Metric(metric_key(k, self.section), float(v), ts, step)
+            self._buffer.append(m)
+            self.latest[m.key] = m
 
     def flush(self) -> None:
         """Send buffered metrics with as few calls as possible."""
@@ -554,16 +633,17 @@ class TrackedRun:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
         self.log_seconds += time.perf_counter() - t
 
-    def log_dataset(self, data: Any, context: str) -> None:
-        """Record a prepared benchmark as an input of this run (context: training / evaluation / refine)."""
+    def log_dataset(self, data: Any, context: str) -> Any:
+        """Record a prepared benchmark as an input of this run (context: training / evaluation / refine); returns
+        the MLflow dataset (metrics measured on it can name it)."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
         t = time.perf_counter()
+        dataset = PreparedDataset(data).build()
         for attempt in range(3):
             try:
-                mlflow.log_input(PreparedDataset(data).build(), context=context,
-                                 tags={"data_version": data.data_version})
+                mlflow.log_input(dataset, context=context, tags={"data_version": data.data_version})
                 break
             except MlflowException as e:
                 # Workers of one study starting together insert the same (experiment, name, digest) dataset at
@@ -571,6 +651,7 @@ class TrackedRun:
                 if "unique constraint" not in str(e).lower() or attempt == 2:
                     raise
         self.log_seconds += time.perf_counter() - t
+        return dataset
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         import mlflow
@@ -584,8 +665,14 @@ class TrackedRun:
         mlflow.log_figure(fig, name)
         self.log_seconds += time.perf_counter() - t
 
-    def log_model(self, model: Any, example: Any, name: str = "model") -> str:
-        """Log a torch module in the pickle format (reloads as the eager module with dynamic shapes)."""
+    def log_model(self, model: Any, example: Any, name: str = "model", *, params: dict[str, Any] | None = None,
+                  tags: dict[str, str] | None = None, step: int = 0) -> tuple[str, str]:
+        """Log a torch module in the pickle format (reloads as the eager module with dynamic shapes) as a LoggedModel
+        named `name` with `params` (flattened) and `tags`; returns (model URI, model id).
+
+        The run's latest metrics (final losses, validation, health) are linked to the model, so MLflow's Models
+        tab compares models; `log_model_metrics` adds the test metrics of its evaluation later.
+        """
         import mlflow
         import torch
 
@@ -599,8 +686,34 @@ class TrackedRun:
                 serialization_format="pickle",
                 input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "s2r"],
+                params={k: str(v)[:MAX_PARAM_LEN] for k, v in flatten(params or {}).items()},
+                tags=tags,
+                step=step,
             )
         finally:
             model.train(was_training)
+        self.flush()
+        if self.latest:  # the same Metric rows again with the model's id: the run's history gains nothing twice
+            from mlflow.entities import Metric
+
+            linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
+                      for m in self.latest.values()]
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=linked)
         self.log_seconds += time.perf_counter() - t
-        return str(info.model_uri)
+        return str(info.model_uri), str(info.model_id)
+
+
+def log_model_metrics(run_id: str, model_id: str | None, metrics: dict[str, float], *, step: int,
+                      section: str = "test", dataset: Any = None) -> None:
+    """Log an evaluation's metrics onto the training run `run_id` and its LoggedModel `model_id` (if any), so one
+    row per trained model holds its params, curves and test metrics (runs table and Models tab alike)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    ds = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
+    rows = [Metric(metric_key(k, section), float(v), ts, step, model_id=model_id or None, **ds)
+            for k, v in metrics.items()]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(rows), 1000):
+        client.log_batch(run_id, metrics=rows[i : i + 1000])

@@ -309,10 +309,11 @@ def fit(
     the saved step with the saved optimiser, scheduler and sampler states, so the result matches an
     uninterrupted run.
 
-    Losses stay on the device (LossSums) and are read, checked for NaN/inf and logged only at epoch ends,
-    checkpoints and every `log_every` steps (0 = per epoch only; `steps/train_<loss>` = the mean over those
-    steps, at the global step). A non-finite loss stops training naming the steps since the last check, and
-    no checkpoint is written after it.
+    Losses stay on the device (LossSums) and are read (one sync), checked for NaN/inf and logged only at epoch
+    ends and checkpoints. Every metric is logged at the global step. `log_every` > 0: the training curves
+    (`train_<loss>`, MLflow `train/<loss>`) are the loss means over every `log_every` steps, kept on the device
+    until the next read; 0: the epoch means. Validation, health and lr are logged once per epoch. A non-finite
+    loss stops training naming the steps since the last check, and no checkpoint is written after it.
 
     `session` (s2r.distributed, under torchrun): this rank trains its shard of every global batch with the
     networks wrapped in DDP; losses are means over ranks; only rank 0 writes checkpoints (pass `run` there only).
@@ -355,11 +356,24 @@ def fit(
         verified = step
         return values
 
+    pending: list[tuple[int, LossSums]] = []  # finished log_every windows, read at the next epoch end/checkpoint
+
+    def log_windows() -> None:
+        """Log the loss means of the finished windows at their global steps (read now: no sync when they ended)."""
+        while pending:
+            at, finished = pending.pop(0)
+            means = {f"train_{k}": v / log_every for k, v in checked(finished, at).items()}
+            if run is not None:
+                run.log_metrics(means, step=at)
+
     def checkpoint(step: int) -> None:
+        log_windows()
         epoch_sums = checked(sums, step)  # never save weights that a NaN already reached
         window_sums = checked(window, step)
         if not sess.writer:
             return
+        if run is not None:
+            run.flush()  # what the checkpoint covers is in MLflow before it: a resumed run logs nothing twice
         save_checkpoint(ckpt_path, {
             "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
             "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
@@ -409,13 +423,12 @@ def fit(
             bar.update(1)
             done = step + 1
             if log_every > 0 and done % log_every == 0:
-                means = {f"steps/train_{k}": v / log_every for k, v in checked(window, done).items()}
+                pending.append((done, window))  # read at the epoch end: the device runs on meanwhile
                 window = LossSums()
-                if run is not None:
-                    run.log_metrics(means, step=done)
             if done % steps_per_epoch == 0:
                 epoch = done // steps_per_epoch
                 n = steps_per_epoch
+                log_windows()
                 train_sums = checked(sums, done)
                 tv = time.perf_counter()
                 method.eval()
@@ -428,8 +441,9 @@ def fit(
                 metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
                 result.history.append({"epoch": epoch, **metrics})
                 sums = LossSums()
-                if run is not None:
-                    run.log_metrics(metrics, step=epoch)
+                if run is not None:  # the training curves are the windows' means when log_every > 0
+                    run.log_metrics({k: v for k, v in metrics.items() if not (log_every and k.startswith("train_"))},
+                                    step=done)
                     run.flush()
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
             if is_checkpoint(done):
@@ -437,6 +451,7 @@ def fit(
                 source.release(done)
             if on_epoch is not None and done % steps_per_epoch == 0:
                 on_epoch(done // steps_per_epoch, result.history[-1])  # may raise to stop/prune
+        log_windows()  # a last window that ended between the last epoch end and the last step
         if run is not None:
             run.flush()
     finally:

@@ -312,6 +312,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from s2r import stages
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun, reconcile
 
     base = load_params(opts.params_path)
@@ -348,7 +349,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
     def n_done() -> int:
         return len(study.get_trials(deepcopy=False, states=finished))
 
-    experiment = base.tracking.experiment
+    experiment = registry.experiment(base.tracking.experiment, spec.method)  # the tuned paper's experiment
     with contextlib.ExitStack() as stack:
         workers = stack.enter_context(Workers(workers_dir, opts.heartbeat_interval))
         stack.callback(os.environ.pop, "S2R_LOCAL_WORKERS", None)
@@ -357,7 +358,7 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             if parent_id is None and not creator and journal is None:  # an RDB study's creator may be elsewhere
                 parent_id = _wait_for_parent(study)
             parent = stack.enter_context(TrackedRun(
-                f"tune@{opts.study}", experiment=experiment, run_id=parent_id,
+                f"tune@{opts.study}", experiment=experiment, run_id=parent_id, section="tune",
                 params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
                 tags={"stage": "tune", "study": name, "method": spec.method}))
             if parent_id is None:

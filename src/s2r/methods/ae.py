@@ -504,6 +504,7 @@ class Method(BaseMethod):
     """Autoencoder family of paper 1 (AE / VAE / beta-VAE / FactorVAE, E-, I-, II-, T- variants)."""
 
     name: ClassVar[str] = "ae"
+    paper: ClassVar[str] = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "latent"  # s2r.evaluators.latent: latent classifiers + reconstruction metrics
 

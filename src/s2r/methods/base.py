@@ -115,6 +115,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     evaluator: ClassVar[str] = ""  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
+    paper: ClassVar[str] = ""  # the paper it implements (registry.PAPERS), its MLflow experiment; "" = none
 
     def __init__(self, cfg: Any, data: PreparedBenchmark, seed: int) -> None:
         super().__init__()

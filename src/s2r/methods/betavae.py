@@ -478,6 +478,7 @@ class Method(BaseMethod):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
     name: ClassVar[str] = "betavae"
+    paper: ClassVar[str] = "disentanglement-transfer-ood"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "disentanglement"
 

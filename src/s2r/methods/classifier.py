@@ -124,6 +124,7 @@ class Method(BaseMethod):
     """Scratch / Pre-trained classification baseline of paper 1 on the extractor's own network."""
 
     name: ClassVar[str] = "classifier"
+    paper: ClassVar[str] = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"
 

@@ -283,6 +283,7 @@ class Method(BaseMethod):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 
     name: ClassVar[str] = "cut"
+    paper: ClassVar[str] = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
     directions: ClassVar[tuple[str, ...]] = ("a2b",)  # one-sided: refine writes only <A>_cut
 

@@ -422,6 +422,7 @@ class Method(BaseMethod):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 
     name: ClassVar[str] = "cyclegan"
+    paper: ClassVar[str] = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:

@@ -132,6 +132,7 @@ class Method(BaseMethod):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 
     name: ClassVar[str] = "mixing"
+    paper: ClassVar[str] = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"  # s2r.evaluators.classification scores it
 

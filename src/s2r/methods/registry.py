@@ -4,9 +4,9 @@ Every module of `s2r.methods` (except `base` and this one) decorates its `Method
 
     @register(Config, aliases=("mrgan",))
     class Method(BaseMethod):
-        name = "cyclegan"; capabilities = frozenset({"translate"}); evaluator = ""
+        name = "cyclegan"; capabilities = frozenset({"translate"}); evaluator = ""; paper = "mixing-ratio-mrgan"
 
-The entry holds what the rest of s2r needs (Method and Config classes, capabilities, evaluator); the registry
+The entry holds what the rest of s2r needs (Method and Config classes, capabilities, evaluator, paper); the registry
 finds the modules by discovery over the `s2r.methods` package, so adding a method is one new module (plus its
 `params.yaml` block). `<method>_<suffix>` names another params block of `<method>` (e.g. `segmenter_refined`).
 """
@@ -32,6 +32,11 @@ CAPABILITIES = {
 }
 NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hold no method
 
+# The five papers, numbered as the docs and verdicts number them; a method names the one it implements
+# (`Method.paper`) and its runs go to that paper's MLflow experiment (`experiment`).
+PAPERS = ("extractor-autoencoder-pirl-triplet", "twin-vae-depth-segmentation", "disentanglement-transfer-ood",
+          "mixing-ratio-mrgan", "cut-patch-refinement")
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -44,6 +49,7 @@ class Entry:
     capabilities: frozenset[str]
     evaluator: str  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
     aliases: tuple[str, ...] = ()
+    paper: str = ""  # one of PAPERS ("" = none)
     block_capabilities: Callable[[Any], Iterable[str]] | None = None
 
     def capabilities_for(self, cfg: Any) -> frozenset[str]:
@@ -85,7 +91,10 @@ def register(config: type[Any], *, aliases: tuple[str, ...] = (),
         evaluator = getattr(cls, "evaluator", "")
         if evaluator and importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
             raise ConfigError(f"{where}: evaluator {evaluator!r} is not a module of s2r.evaluators")
-        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), capabilities_for)
+        paper = getattr(cls, "paper", "")
+        if paper and paper not in PAPERS:
+            raise ConfigError(f"{where}: paper {paper!r} is not one of {list(PAPERS)}")
+        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), paper, capabilities_for)
         for key in (name, *aliases):
             old = _ENTRIES.get(key)
             if old is not None and old.module != module:
@@ -150,3 +159,36 @@ def config_class(name: str, where: str = "params.yaml") -> type[Any]:
 
 def method_class(name: str) -> type[Any]:
     return entry(name).method
+
+
+def experiment_name(prefix: str, paper: str) -> str:
+    """The MLflow experiment of a paper's runs: `<prefix>/paper<N>-<paper>` (the list reads like the project)."""
+    if not paper:
+        return prefix
+    return f"{prefix}/paper{PAPERS.index(paper) + 1}-{paper}"
+
+
+def experiment(prefix: str, name: str) -> str:
+    """The MLflow experiment of params block `name`'s runs (training, evaluation, tuning, tables)."""
+    return experiment_name(prefix, entry(name).paper)
+
+
+
+
+def catalogue(blocks: Iterable[str], width: int = 100) -> list[str]:
+    """Per registered method: a line with its paper, then the params blocks (variants) of `blocks` that train it."""
+    import textwrap
+
+    by_method: dict[str, list[str]] = {}
+    for block in blocks:
+        try:
+            by_method.setdefault(entry(block).name, []).append(block)
+        except ConfigError:
+            continue  # not a method's block: `entry` names it when it is trained
+    lines = []
+    for name, e in sorted(entries().items()):
+        paper = f"paper {PAPERS.index(e.paper) + 1}: {e.paper}" if e.paper else "no paper"
+        lines.append(f"{name:<11} {paper}")
+        lines += textwrap.wrap(", ".join(by_method.get(name, [])) or "(no params block)", width,
+                               initial_indent=" " * 12, subsequent_indent=" " * 12)
+    return lines

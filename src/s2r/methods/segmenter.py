@@ -145,6 +145,7 @@ class Method(BaseMethod):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 
     name: ClassVar[str] = "segmenter"
+    paper: ClassVar[str] = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "segmentation_lastk"
 

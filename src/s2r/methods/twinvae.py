@@ -479,6 +479,7 @@ class Method(BaseMethod):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
     name: ClassVar[str] = "twinvae"
+    paper: ClassVar[str] = "twin-vae-depth-segmentation"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode", "translate", "predict"})
     evaluator: ClassVar[str] = "depth_segmentation"
 

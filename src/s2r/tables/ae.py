@@ -89,6 +89,7 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     import pandas as pd
 
     from s2r.files import write_json
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     if digits is None and scenes is None:
@@ -100,7 +101,8 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     result: dict[str, Any] = {}
     logged = {"reports": {"ae_tables": asdict(cfg)}, "methods": {"ae": asdict(base.methods["ae"])},
               "digits": str(digits), "scenes": str(scenes)}
-    with TrackedRun("tables@ae", experiment=base.tracking.experiment, params=logged,
+    with TrackedRun("tables@ae", experiment=registry.experiment(base.tracking.experiment, "ae"),
+                    section="test", params=logged,
                     tags={"stage": "tables", "method": "ae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         files: list[str] = []
         if digits is not None:

@@ -38,6 +38,7 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
     """Train one betavae model and score it with the disentanglement evaluator (two nested runs)."""
     from s2r import stages
     from s2r.evaluators import disentanglement
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     summary = stages.train("betavae", data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt",
@@ -45,7 +46,8 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
     method, saved = stages.load_trained(tmp / "model", data_dir, params)
     if plots_out:
         plots_out.mkdir(parents=True, exist_ok=True)
-    with TrackedRun(f"table-evaluate@betavae[{name}]", experiment=params.tracking.experiment,
+    with TrackedRun(f"table-evaluate@betavae[{name}]", section="test",
+                    experiment=registry.experiment(params.tracking.experiment, "betavae"),
                     params={"model": name}, parent_run_id=parent_run_id,
                     tags={"stage": "tables", "method": "betavae", "train_run_id": saved["mlflow_run_id"]}) as run:
         res = disentanglement.evaluate(method, run, plots_out, params)
@@ -198,6 +200,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     import pandas as pd
 
     from s2r.files import write_json
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     overrides = dict(overrides or {})
@@ -208,7 +211,8 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
     rows: list[dict[str, Any]] = []
     factor_rows: list[dict[str, Any]] = []  # per-factor transfer errors (paper 3 Fig. 15)
     logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir), "overrides": overrides}
-    with TrackedRun("tables@betavae", experiment=base.tracking.experiment, params=logged,
+    with TrackedRun("tables@betavae", experiment=registry.experiment(base.tracking.experiment, "betavae"),
+                    section="test", params=logged,
                     tags={"stage": "tables", "method": "betavae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         for g in grid:
             beta, sup, noise, seed, name, slug = (g[k] for k in ("beta", "supervision", "noise", "seed", "name",

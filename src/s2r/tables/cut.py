@@ -49,6 +49,7 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
     from s2r import stages
     from s2r.evaluators.segmentation_lastk import plot_distributions
     from s2r.files import write_json
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path, sets)
@@ -65,7 +66,8 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
     dists: dict[str, np.ndarray] = {}
     rows1: list[dict[str, Any]] = []
     logged = {"reports": {"cut_tables": asdict(cfg)}, "data": str(data_dir)}
-    with TrackedRun("tables@cut", experiment=base.tracking.experiment, params=logged,
+    with TrackedRun("tables@cut", experiment=registry.experiment(base.tracking.experiment, "cut"),
+                    section="test", params=logged,
                     tags={"stage": "tables", "method": "cut"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
 

@@ -85,6 +85,7 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     import pandas as pd
 
     from s2r.files import write_json
+    from s2r.methods import registry
     from s2r.tracking import TrackedRun
 
     base = load_params(params_path)
@@ -106,7 +107,8 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     rows: list[dict[str, Any]] = []
     done: dict[tuple[str, float, bool, int], dict[str, float]] = {}  # by dataset path: RR-RS is Table 3's MrGAN
     logged = {"reports": {"mixing_tables": asdict(cfg)}, "datasets": {k: str(v) for k, v in datasets.items()}}
-    with TrackedRun("tables@mixing", experiment=base.tracking.experiment, params=logged,
+    with TrackedRun("tables@mixing", experiment=registry.experiment(base.tracking.experiment, "mixing"),
+                    section="test", params=logged,
                     tags={"stage": "tables", "method": "mixing"}) as parent, tempfile.TemporaryDirectory() as tmpd:
         for setting, key, fractions, aug in cells:
             for seed in cfg.seeds:

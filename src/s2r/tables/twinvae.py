@@ -123,7 +123,8 @@ def twinvae_table(ours: Path, lower: Path, upper: Path, out: Path, experiment: s
     metrics = {f"{k}.{m}": results[k][m] for k, _ in ROWS for m, _, _ in (*DEPTH, *SEG)}
     metrics |= {f"gap_closed.{m}": g for m, g in res["gap_closed"].items()}
     write_json(out / "metrics.json", metrics)
-    with TrackedRun("tables@twinvae", experiment=experiment, params={k: str(v) for k, v in paths.items()},
+    with TrackedRun("tables@twinvae", experiment=experiment, section="test",
+                    params={k: str(v) for k, v in paths.items()},
                     tags={"stage": "tables", "method": "twinvae"}) as run:
         run.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
         for name in ("table1.md", "table1_depth.csv", "table1_segmentation.csv", "metrics.json"):
