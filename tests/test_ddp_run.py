@@ -30,6 +30,7 @@ import yaml
 from conftest import tiny_params_dict
 from crash_driver import run_cli
 from ddp_driver import finish, torchrun
+from s2r.methods import registry
 
 METHOD = "mixing"
 EPOCHS, STEPS = 2, 3  # checkpoints every 2 steps: at 2, 4, 6
@@ -116,7 +117,8 @@ def test_two_nodes_resume_the_one_run_logged_by_rank_0(two_nodes: Path, killed: 
                                                        ) -> None:
     assert run_id(two_nodes) == run_id(killed["folder"])
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(yaml.safe_load(params.read_text())["tracking"]["experiment"])
+    prefix = yaml.safe_load(params.read_text())["tracking"]["experiment"]
+    exp = client.get_experiment_by_name(registry.experiment(prefix, METHOD))  # paper 4's experiment of this module
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id(two_nodes)]  # one training
     run = client.get_run(run_id(two_nodes))
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_status"] in ("FAILED", "KILLED")
