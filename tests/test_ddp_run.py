@@ -179,3 +179,13 @@ def test_nproc_per_node_runs_torchrun_and_settles_a_failed_run(code: int, monkey
                                 "--resume", "--metrics", args[9], "--checkpoints", args[7], "--set", "seed=3"]]
     assert settled == ([True] if code else [])  # a failed torchrun: its RUNNING run is settled
     mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_nccl_on_the_gpus_trains_like_one_process(tmp_path: Path) -> None:
+    """What `s2r gpu-check` runs: torchrun over every GPU here (nccl, cuda:<LOCAL_RANK>) against one process."""
+    from s2r import gpucheck
+
+    res = gpucheck.check_ddp(tmp_path)
+    assert res["status"] == "passed", res
