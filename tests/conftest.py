@@ -175,9 +175,10 @@ def tiny_params_dict() -> dict:
     )
     raw["benchmarks"]["scenes"].update(image_size=16, samples={"train": 4, "val": 2, "test": 2})
     raw["train"].update(checkpoint_every=2, progress=False, device="cpu")
-    for name, fraction in (("mixing", 0.25), ("mixing_realonly", 1.0)):  # paper 4: mixed and real only
+    for name in [k for k in raw["methods"] if k == "mixing" or k.startswith("mixing_")]:  # paper 4: every ratio
         raw["methods"][name].update(widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3,
-                                    real_per_class=2, real_fraction=fraction)
+                                    real_per_class=2)
+    raw["methods"]["mixing"]["real_fraction"] = 0.25
     for gan in ("cyclegan", "mrgan"):
         raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
                                    steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1,

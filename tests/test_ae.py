@@ -14,7 +14,7 @@ from conftest import paired_samples, paired_spec
 from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample, write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.evaluators import latent
-from s2r.methods import ae
+from s2r.methods import ae, extractors
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_imagenet_weights_load_from_the_torchvision_cache_layout(tmp_path: Path,
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    expected = ae.expected_weights_file("vgg11")
+    expected = extractors.expected_weights_file("vgg11")
     assert expected == tmp_path / "hub" / "checkpoints" / Path(torchvision.models.VGG11_Weights.IMAGENET1K_V1.url).name
     with pytest.raises(FileNotFoundError, match=expected.name):  # absent: a clear error, never a fallback
         ae.build_extractor("vgg11", "imagenet")
@@ -226,8 +226,8 @@ def test_imagenet_weights_load_from_the_torchvision_cache_layout(tmp_path: Path,
 def test_extractor_cuts_match_the_paper() -> None:
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert ae.build_extractor("resnet50", "none")(x).shape[1] == ae.EXTRACTOR_CHANNELS["resnet50"]
-        assert ae.build_extractor("densenet121", "none")(x).shape[1] == ae.EXTRACTOR_CHANNELS["densenet121"]
+        assert ae.build_extractor("resnet50", "none")(x).shape[1] == extractors.EXTRACTOR_CHANNELS["resnet50"]
+        assert ae.build_extractor("densenet121", "none")(x).shape[1] == extractors.EXTRACTOR_CHANNELS["densenet121"]
     assert ae.build_extractor("vgg11", "none")(torch.rand(1, 3, 224, 224)).shape == (1, 512, 14, 14)
 
 
@@ -275,7 +275,7 @@ def test_latent_evaluator_end_to_end(paired: Path, tmp_path: Path) -> None:
     m = ae.Method(_cfg(), PreparedBenchmark(paired), seed=0)
     m.setup(torch.device("cpu"), None, 2)
     run = Run()
-    res = latent.evaluate(m, run, tmp_path / "plots", P())
+    res = latent.EVALUATOR.evaluate(m, run, tmp_path / "plots", P())
     assert res["n_train"] == 9 and res["knn_k"] == 3  # one image per scene: 9 scenes, k = sqrt(9)
     assert {"knn_accuracy", "rf_accuracy", "svm_accuracy", "recon_l1_real", "recon_ssim_synth"} <= set(res)
     assert res["paired"] == 9 and res["lpips_real"] is None and res["lpips_status"].startswith("unavailable")
@@ -294,7 +294,7 @@ def test_latent_evaluator_without_pairs_reports_not_applicable(tiny_prepared: Pa
         seed = 0
 
     with TrackedRun("test@latent", experiment="test-ae") as run:
-        res = latent.evaluate(m, run, None, P())
+        res = latent.EVALUATOR.evaluate(m, run, None, P())
     assert res["recon_l1_synth"] is None and res["paired_status"].startswith("not applicable")
 
 

@@ -272,8 +272,8 @@ def test_train_then_evaluate_writes_metrics_and_plots(scenes_prepared: Path, par
     from s2r.evaluators.disentanglement import METRIC_KEYS
 
     params = load_params(params_file)
-    summary = stages.train("betavae_weak", scenes_prepared, tmp_path / "model", params,
-                           metrics_out=tmp_path / "train.json", ckpt_dir=tmp_path / "ckpt")
+    summary = stages.train(stages.TrainRequest("betavae_weak", scenes_prepared, tmp_path / "model",
+                                               metrics_out=tmp_path / "train.json", ckpt_dir=tmp_path / "ckpt"), params)
     assert math.isfinite(summary["val_elbo"]) and summary["val_elbo"] < 0
     res = stages.evaluate("betavae_weak", tmp_path / "model", scenes_prepared, tmp_path / "eval.json",
                           tmp_path / "plots", params)

@@ -12,7 +12,7 @@ import torch
 from s2r.config import ConfigError, TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import classifier, registry
-from s2r.methods.ae import cut_level3, load_torchvision_model
+from s2r.methods.extractors import cut_level3, load_torchvision_model
 from s2r.train import fit
 from test_ae import _seat_bench
 

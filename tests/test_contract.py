@@ -34,6 +34,7 @@ from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
 from s2r.methods import registry
+from s2r.methods.base import Method as BaseMethod
 from s2r.train import fit, load_checkpoint, seed_everything, torch_settings
 
 TINY = tiny_params_dict()
@@ -118,13 +119,14 @@ def build(block: str, benchmarks: list[Path], tmp: Path, total: int) -> Any:
     data, cfg = data_for(block, benchmarks)
     entry = registry.entry(block)
     base_dir = tmp / f"init-{entry.name}"
-    if hasattr(entry.method, "init_from") and block != entry.name and not (base_dir / "model.pt").is_file():
+    starts_from_base = entry.method.init_from is not BaseMethod.init_from and block != entry.name
+    if starts_from_base and not (base_dir / "model.pt").is_file():
         base = entry.method(config_for(entry.name, data), data, SEED)
         stages.save_trained(base_dir, entry.name, base, SEED, "contract-test")
     seed_everything(SEED)
     m = entry.method(cfg, data, SEED)
     m.name = block
-    if hasattr(m, "init_from") and block != entry.name:
+    if starts_from_base:
         try:
             m.init_from(base_dir)
         except ConfigError:
@@ -308,7 +310,7 @@ class Method(BaseMethod):
         super().__init__(cfg, data, seed)
         split = data.get(data.spec.source, "train")
         self.images, self.labels = split.images, np.asarray(split.labels)
-        self.pool = IndexPool(np.arange(len(self.labels)))
+        self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.labels))))
         size = data.spec.image_size ** 2 * data.spec.channels
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(size, len(data.spec.classes)))
         self.batch_size = cfg.batch_size
@@ -326,13 +328,6 @@ class Method(BaseMethod):
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.optimize(loss, "net")
         return {"loss": float(loss.detach())}
-
-    def sampler_state(self):
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state):
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])
 
     @torch.no_grad()
     def predict(self, images):
@@ -373,7 +368,8 @@ def test_a_new_method_is_one_module_and_one_params_block(tmp_path: Path, monkeyp
         params_path = tmp_path / "params.yaml"
         params_path.write_text(__import__("yaml").safe_dump(raw))
         params = load_params(params_path)
-        summary = stages.train(name, paired_prepared, tmp_path / "model", params, ckpt_dir=tmp_path / "ckpt")
+        summary = stages.train(stages.TrainRequest(name, paired_prepared, tmp_path / "model",
+                                                   ckpt_dir=tmp_path / "ckpt"), params)
         assert math.isfinite(summary["train_loss"])
         result = stages.evaluate(name, tmp_path / "model", paired_prepared, tmp_path / "eval.json", None, params)
         assert result["evaluator"] == "classification" and 0.0 <= result["accuracy"] <= 1.0

@@ -192,5 +192,5 @@ def test_resume_refuses_a_checkpoint_of_other_params(tmp_path: Path, tiny_prepar
     ckpt.mkdir()
     (ckpt / stages.RUN_FILE).write_text(json.dumps({"run_id": "x", "fingerprint": "other"}))
     with pytest.raises(DataError, match="written for other params"):
-        stages.train("mixing", tiny_prepared, tmp_path / "m", load_params(tiny_params_file), ckpt_dir=ckpt,
-                     resume=True)
+        stages.train(stages.TrainRequest("mixing", tiny_prepared, tmp_path / "m", ckpt_dir=ckpt, resume=True),
+                     load_params(tiny_params_file))

@@ -20,7 +20,7 @@ from s2r.cli import main
 from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, prepare
-from s2r.methods import cut, segmenter
+from s2r.methods import common, cut, segmenter
 from s2r.params import load_params
 from s2r.train import fit, load_checkpoint
 
@@ -152,7 +152,7 @@ def test_every_parameter_of_g_d_and_heads_gets_a_gradient(scenes16: Path) -> Non
     a, b = m._prepare(batch.a), m._prepare(batch.b)
     fake = m.forward_fake(a, b)
     m.generator_loss(a, b, fake)["loss_g"].backward()
-    d_loss = cut.lsgan_d_loss(m.d(b), m.d(fake[:4].detach()), torch.ones(1), torch.zeros(1))
+    d_loss = common.lsgan_d_loss(m.d(b), m.d(fake[:4].detach()), torch.ones(1), torch.zeros(1))
     d_loss.backward()
     for name, p in m.named_parameters():
         if name.startswith(("g.", "d.", "heads.")):
@@ -284,7 +284,7 @@ def test_resume_reproduces_next_losses_exactly(scenes16: Path, tmp_path: Path) -
 def test_ema_update_known_value() -> None:
     net = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.constant_(net.weight, 1.0)
-    ema = cut.EMA(net, 0.75)
+    ema = common.EMA(net, 0.75)
     torch.nn.init.constant_(net.weight, 3.0)
     ema.update(net)
     assert ema.module.weight.item() == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
@@ -494,9 +494,9 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     """Methods without a `downstream` block go through stages.train (the plain path)."""
     called = []
 
-    def fake(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):  # noqa: ANN001, ANN003
-        called.append(method)
-        on_epoch(1, {"val_miou": 0.5})
+    def fake(request, params):  # noqa: ANN001 - stages.train(TrainRequest, Params)
+        called.append(request.method)
+        request.on_epoch(1, {"val_miou": 0.5})
         return {"val_miou": 0.5, "mlflow_run_id": "x"}
 
     monkeypatch.setattr(stages, "train", fake)

@@ -12,6 +12,7 @@ from torch import nn
 from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
+from s2r.methods.common import lsgan_d_loss, lsgan_g_loss
 from s2r.methods.cyclegan import (
     Config,
     Discriminator,
@@ -19,8 +20,6 @@ from s2r.methods.cyclegan import (
     ImagePool,
     Method,
     d_targets,
-    lsgan_d_loss,
-    lsgan_g_loss,
 )
 from s2r.train import fit, load_checkpoint
 

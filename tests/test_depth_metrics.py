@@ -180,7 +180,8 @@ def _dense_method(depth: np.ndarray, masks: np.ndarray, pred_depth: np.ndarray, 
     spec = SimpleNamespace(target="kitti", seg_classes=["road", "sky", "car"])
     data = SimpleNamespace(spec=spec, root="bench", get=lambda d, s: _Split(images, depth, masks))
     return SimpleNamespace(name="stub", capabilities=frozenset({"predict"}), data=data,
-                           predict=lambda x: {"depth": pred_depth, "mask": pred_mask})
+                           predict=lambda x: {"depth": pred_depth, "mask": pred_mask},
+                           trained_tasks=lambda: None)  # the base Method's default: tasks not distinguished
 
 
 def _params(**kw: object):
@@ -194,7 +195,9 @@ def _params(**kw: object):
 def test_evaluator_mixed_depth_only_and_mask_only_images(tmp_path) -> None:
     """KITTI-like test split: image 0 has sparse depth and no mask (all 255), image 1 a mask and no depth (all 0).
     Each metric uses only the labelled images / valid pixels; known values."""
-    from s2r.evaluators.depth_segmentation import evaluate
+    from s2r.evaluators.depth_segmentation import EVALUATOR
+
+    evaluate = EVALUATOR.evaluate
 
     depth = np.zeros((2, 2, 2), np.float32)
     depth[0, 0, 0], depth[0, 1, 1] = 10.0, 20.0  # two LiDAR points, the rest invalid
@@ -217,7 +220,9 @@ def test_evaluator_split_without_any_depth_or_mask(tmp_path) -> None:
     """A test split with no valid depth at all (or no labelled pixel) gives null metrics, not an error or 0."""
     import json
 
-    from s2r.evaluators.depth_segmentation import evaluate
+    from s2r.evaluators.depth_segmentation import EVALUATOR
+
+    evaluate = EVALUATOR.evaluate
 
     depth = np.zeros((2, 2, 2), np.float32)
     masks = np.full((2, 2, 2), 255, np.uint8)
@@ -236,7 +241,9 @@ def test_evaluator_depth_on_object_pixels_and_majority_reference(tmp_path) -> No
     """depth_classes scores depth only on those classes' pixels; miou_majority_class is the mIoU of predicting the
     most frequent true class everywhere (the reference a segmenter must beat). Known values."""
     from s2r.data.benchmark import DataError
-    from s2r.evaluators.depth_segmentation import evaluate
+    from s2r.evaluators.depth_segmentation import EVALUATOR
+
+    evaluate = EVALUATOR.evaluate
 
     depth = np.full((1, 2, 2), 10.0, np.float32)
     depth[0, 1, 1] = 2.0

@@ -95,5 +95,5 @@ def test_training_restores_torch_settings(tiny_prepared: Path, tiny_params_file:
     params = load_params(tiny_params_file, {"train.threads": 1, "train.deterministic": True,
                                             "tracking.log_model": False})
     before = torch_state()
-    stages.train("mixing", tiny_prepared, in_tmp / "model", params, ckpt_dir=in_tmp / "ckpt")
+    stages.train(stages.TrainRequest("mixing", tiny_prepared, in_tmp / "model", ckpt_dir=in_tmp / "ckpt"), params)
     assert torch_state() == before

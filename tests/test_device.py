@@ -168,8 +168,8 @@ def test_stages_train_and_evaluate_on_device(name: str, benchmarks: dict[str, Pa
         init = None
         if name == "twinvae_heads":
             init = tmp_path / "stage1"
-            stages.train("twinvae", data, init, params, ckpt_dir=tmp_path / "ck1")
-        stages.train(name, data, tmp_path / "model", params, ckpt_dir=tmp_path / "ck", init=init)
+            stages.train(stages.TrainRequest("twinvae", data, init, ckpt_dir=tmp_path / "ck1"), params)
+        stages.train(stages.TrainRequest(name, data, tmp_path / "model", ckpt_dir=tmp_path / "ck", init=init), params)
         cls = registry.method_class(name)
         if cls.evaluator and name != "twinvae":  # stage 1 of the twin VAE has no heads to evaluate
             res = stages.evaluate(name, tmp_path / "model", data, tmp_path / "eval.json", None, params)

@@ -92,7 +92,7 @@ def _encoder_stub(n: int = 90, seed: int = 0):
     holdout = [1, 4]
     return SimpleNamespace(
         name="stub", capabilities=frozenset({"encode"}), data=data, seed=0,
-        cfg=SimpleNamespace(eval_images=0, ood_factor="hue"), factor_names=["hue", "pos", "size"],
+        cfg=SimpleNamespace(eval_images=0, ood_factor="hue", ood_order=[]), factor_names=["hue", "pos", "size"],
         factor_sizes={"hue": 6, "pos": 3, "size": 3}, holdout={"hue": holdout},
         in_distribution=lambda fs: ~np.isin(fs[:, 0], holdout), encode=enc,
         elbo_terms=lambda x: {"elbo": -1.0, "recon": 1.0, "kl": 0.0},
@@ -109,7 +109,9 @@ def _dis_params(**kw):
 
 
 def test_disentanglement_evaluator_uses_the_configured_split_estimator_and_forms() -> None:
-    from s2r.evaluators.disentanglement import evaluate
+    from s2r.evaluators.disentanglement import EVALUATOR
+
+    evaluate = EVALUATOR.evaluate
 
     method = _encoder_stub()
     run = _Run()

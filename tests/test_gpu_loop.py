@@ -247,7 +247,8 @@ def test_train_run_has_dataset_input_and_system_metrics(tiny_prepared: Path, tin
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     params = load_params(tiny_params_file, {"tracking.log_model": False, "tracking.log_every": 1})
     data = PreparedBenchmark(tiny_prepared)
-    summary = stages.train("mixing", tiny_prepared, in_tmp / "model", params, ckpt_dir=in_tmp / "ck")
+    summary = stages.train(stages.TrainRequest("mixing", tiny_prepared, in_tmp / "model", ckpt_dir=in_tmp / "ck"),
+                           params)
     client = mlflow.MlflowClient()
     run = client.get_run(summary["mlflow_run_id"])
     (inp,) = run.inputs.dataset_inputs

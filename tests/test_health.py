@@ -1,5 +1,5 @@
-"""Training-health checks (s2r.health) and paper verdicts (s2r.verdicts): known values, a forced collapse that
-`s2r report` must mark, and the verdict rule on known cases."""
+"""Training-health checks (s2r.health): known values and a forced collapse that `s2r report` must mark (the paper
+verdicts: tests/test_verdicts.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import prepared_scenes, tiny_params_dict
-from s2r import health, verdicts
+from s2r import health
 from s2r.params import load_params
 
 
@@ -126,7 +126,8 @@ def test_fit_logs_signals_and_the_report_marks_the_collapse(scenes_prepared: Pat
     write_json(d / "evaluate.json", {"method": "twinvae_simonly", "seed": 0, "evaluator": "depth_segmentation",
                                      "domain": "pseudo_real", "miou": 0.1, "abs_rel": 0.2,
                                      "confusion_matrix": cm.tolist(), "classes": m.seg_classes})
-    line = next(x for x in stages.report(tmp_path / "metrics").splitlines() if x.startswith("twinvae_simonly"))
+    out = stages.report(tmp_path / "metrics", params.reports.verdicts)
+    line = next(x for x in out.splitlines() if x.startswith("twinvae_simonly"))
     assert "COLLAPSED: single-class segmentation masks" in line and "on pseudo_real/test" in line
     assert "0.1000" not in line  # its numbers are not printed as a result
 
@@ -145,82 +146,18 @@ def test_collapsed_model_is_marked_by_the_report(scenes_prepared: Path, tmp_path
     params = load_params(pf)
     metrics = tmp_path / "metrics"
     name = "twinvae_simonly"
-    summary = stages.train(name, scenes_prepared, tmp_path / name, params,
-                           metrics_out=metrics / name / "train.json", ckpt_dir=tmp_path / "ck" / name)
+    summary = stages.train(stages.TrainRequest(name, scenes_prepared, tmp_path / name,
+                                               metrics_out=metrics / name / "train.json",
+                                               ckpt_dir=tmp_path / "ck" / name), params)
     stages.evaluate(name, tmp_path / name, scenes_prepared, metrics / name / "evaluate.json", None, params)
     assert summary[health.PREFIX + "pred_classes"] == 1  # logged with the epoch's metrics
     assert summary["health"] == "collapsed"
     assert "single-class segmentation masks" in summary["health_reasons"][0]
     saved = json.loads((metrics / "twinvae_simonly" / "train.json").read_text())
     assert saved["health"] == "collapsed"
-    out = stages.report(metrics, verdicts_out=tmp_path / "verdicts.json")
+    out = stages.report(metrics, params.reports.verdicts, verdicts_out=tmp_path / "verdicts.json")
     line = next(x for x in out.splitlines() if x.startswith("twinvae_simonly"))
     assert "COLLAPSED: single-class segmentation masks" in line
     v = json.loads((tmp_path / "verdicts.json").read_text())
     assert v["paper2.upper_bound_miou"]["verdict"] == "not run"  # twinvae_heads did not run
     assert v["paper3.weak_raises_dci"]["verdict"] == "not run"
-
-
-# ---- verdicts ---------------------------------------------------------------------------------------------------
-def test_compare_known_cases() -> None:
-    agree = verdicts.compare([0.8, 0.82, 0.84], [0.5, 0.52, 0.54], "higher")
-    assert agree["verdict"] == "agrees"
-    assert agree["difference"] == pytest.approx(0.3) and agree["spread"] == pytest.approx(math.sqrt(2) * 0.02)
-    assert verdicts.compare([0.5, 0.52, 0.54], [0.8, 0.82, 0.84], "higher")["verdict"] == "disagrees"
-    assert verdicts.compare([0.5, 0.52, 0.54], [0.8, 0.82, 0.84], "lower")["verdict"] == "agrees"  # e.g. AbsRel
-    within = verdicts.compare([0.5, 0.7, 0.9], [0.6, 0.65, 0.7], "higher")  # d = 0.05 < spread
-    assert within["verdict"] == "inconclusive" and "within" in within["why"]
-    one = verdicts.compare([0.9], [0.1], "higher")
-    assert one["verdict"] == "inconclusive" and "fewer than 2 seeds" in one["why"]
-    assert verdicts.compare([], [0.1], "higher")["verdict"] == "not run"
-
-
-def _write_eval(d: Path, method: str, seed: int, value: float, metric: str, collapsed: bool = False) -> None:
-    d.mkdir(parents=True)
-    (d / "evaluate.json").write_text(json.dumps({"method": method, "seed": seed, metric: value, "domain": "t"}))
-    (d / "train.json").write_text(json.dumps({"health": "collapsed" if collapsed else "ok",
-                                              "health_reasons": ["posterior collapse: 0 active"] if collapsed else []}))
-
-
-def test_verdicts_over_seeds_metrics_json_and_readme(tmp_path: Path) -> None:
-    m = tmp_path / "metrics"
-    for s, (w, u) in enumerate([(0.30, 0.10), (0.32, 0.12), (0.34, 0.11)]):
-        _write_eval(m / f"betavae_weak-seed{s}", "betavae_weak", s, w, "dci_disentanglement")
-        _write_eval(m / f"betavae-seed{s}", "betavae", s, u, "dci_disentanglement")
-    _write_eval(m / "segmenter_refined", "segmenter_refined", 0, 0.5, "test_miou_lastk_median")
-    _write_eval(m / "segmenter_synthetic", "segmenter_synthetic", 0, 0.3, "test_miou_lastk_median", collapsed=True)
-    rows = {r["key"]: r for r in verdicts.verdicts(m, root=tmp_path)}
-    p3 = rows["paper3.weak_raises_dci"]
-    assert p3["verdict"] == "agrees" and p3["n_a"] == 3 and p3["a_mean"] == pytest.approx(0.32)
-    assert rows["paper5.refined_vs_synthetic"]["verdict"] == "inconclusive"
-    assert "collapsed model" in rows["paper5.refined_vs_synthetic"]["why"]
-    assert rows["paper1.table10.ii_e_tae_vs_ae"]["verdict"] == "not run"
-    # a table pipeline's per-seed runs CSV feeds its claim
-    t = tmp_path / "data" / "tables" / "ae"
-    t.mkdir(parents=True)
-    (t / "table10_runs.csv").write_text("model,seed,knn_accuracy\nAE,0,0.5\nAE,1,0.52\n"
-                                        "II-E-TAE,0,0.4\nII-E-TAE,1,0.41\n")
-    rows = {r["key"]: r for r in verdicts.verdicts(m, root=tmp_path)}
-    assert rows["paper1.table10.ii_e_tae_vs_ae"]["verdict"] == "disagrees"
-    js = verdicts.metrics_json(list(rows.values()))
-    assert js["paper3.weak_raises_dci"]["verdict_code"] == 1
-    assert js["paper1.table10.ii_e_tae_vs_ae"]["verdict_code"] == -1
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{verdicts.README_BEGIN}\nold\n{verdicts.README_END}\nafter\n")
-    verdicts.rewrite_readme(readme, verdicts.markdown(list(rows.values())))
-    text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n") and "**agrees**" in text and "0.3200 ± 0.0200 (n=3)" in text
-    (tmp_path / "bad.md").write_text("no markers")
-    with pytest.raises(ValueError, match="markers|needs exactly one"):
-        verdicts.rewrite_readme(tmp_path / "bad.md", "x")
-
-
-def test_every_paper_has_a_verdict_on_models_the_default_pipeline_trains() -> None:
-    """One report section per paper; every claim side names a params block that dvc.yaml trains and evaluates."""
-    papers = {c.paper.split(" (")[0] for c in verdicts.CLAIMS}
-    assert papers == {f"Paper {i}" for i in range(1, 6)}
-    dvc = (Path(__file__).parents[1] / "dvc.yaml").read_text()
-    for c in verdicts.CLAIMS:
-        for side in (c.a, c.b):
-            if side.method:
-                assert f"s2r evaluate {side.method} " in dvc or f"      {side.method}: " in dvc, (c.key, side.method)

@@ -59,11 +59,12 @@ def test_train_deps_follow_imports() -> None:
 
 def test_removing_a_dep_fails_the_check(tmp_path: Path) -> None:
     raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    raw["stages"]["train"]["do"]["deps"].remove("src/s2r/config.py")
+    raw["stages"]["paper1"]["deps"].remove("src/s2r/config.py")
     bad = tmp_path / "dvc.yaml"
     bad.write_text(yaml.safe_dump(raw, sort_keys=False))
     problems = codegraph.check_dvc(bad, tmp_path, src=REPO / "src")
-    assert problems and all("'train'" in p and "src/s2r/config.py" in p for p in problems)
+    assert problems and all("'paper1'" in p and "src/s2r/config.py" in p for p in problems)
+    assert {p.split("(s2r ")[1].split(")")[0] for p in problems} == {"train", "evaluate"}  # both kinds it runs
 
 
 def test_a_new_import_fails_the_check_until_the_dep_is_listed(tmp_path: Path) -> None:
@@ -76,27 +77,34 @@ def test_a_new_import_fails_the_check_until_the_dep_is_listed(tmp_path: Path) ->
     shutil.copy(REPO / "dvc.yaml", dvc)
     problems = codegraph.check_dvc(dvc, tmp_path, src=src)
     assert problems and all("src/s2r/data/digits.py" in p for p in problems)
-    stages = {"train", "refine", "evaluate", "train_from", "train_paper1", "evaluate_paper1", "train_paper3",
-              "evaluate_paper3"}
+    stages = {"paper1", "paper2", "paper3", "paper4", "paper5"}
     assert {p.split("'")[1] for p in problems} == stages
     raw = yaml.safe_load(dvc.read_text())
     for stage in stages:
-        raw["stages"][stage].get("do", raw["stages"][stage])["deps"].append("src/s2r/data/digits.py")
+        raw["stages"][stage]["deps"].append("src/s2r/data/digits.py")
     dvc.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert codegraph.check_dvc(dvc, tmp_path, src=src) == []
 
 
 def test_dvc_entries_match_the_registry() -> None:
     """dvc.yaml names methods only by key; what a method is, can do and is scored by comes from the registry."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage in ("train", "train_from", "refine", "evaluate"):
-        for key, item in stages[stage]["foreach"].items():
-            entry = registry.entry(key, "dvc.yaml")  # raises naming an unknown method
-            assert not {"module", "evaluator"} & set(item), f"dvc.yaml {stage}@{key} repeats the registry"
-            if stage == "refine":
-                assert "translate" in entry.capabilities, key
-            if stage == "evaluate":
-                assert entry.evaluator, f"evaluate@{key}: method {entry.name} declares no evaluator"
+    import re
+
+    for path in (REPO / "dvc.yaml", REPO / "pipelines" / "mixing-ratio-mrgan" / "dvc.yaml"):
+        for name, stage in yaml.safe_load(path.read_text())["stages"].items():
+            body = stage.get("do", stage)
+            keys = list(stage["foreach"]) if isinstance(stage.get("foreach"), dict) else []
+            cmd = " ".join(body["cmd"].split())
+            runs = [(k, m) for k, m in re.findall(r"\bs2r (train|refine|evaluate) (\S+)", cmd)]
+            runs = [(k, key) for k, m in runs for key in (keys if m == "${key}" else [m])]
+            for kind, method in runs:
+                entry = registry.entry(method, str(path))  # raises naming an unknown method
+                if kind == "refine":
+                    assert "translate" in entry.capabilities, (name, method)
+                if kind == "evaluate":
+                    assert entry.evaluator, f"{name}: s2r evaluate {method}: {entry.name} declares no evaluator"
+            for item in (stage["foreach"].values() if keys else []):
+                assert not {"module", "evaluator"} & set(item), f"{path} {name} repeats the registry"
 
 
 def test_dvc_deps_cli(tmp_path: Path) -> None:
@@ -107,7 +115,7 @@ def test_dvc_deps_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["dvc-deps", "train"])
     assert res.exit_code == 0 and "- src/s2r/methods\n" in res.output
     raw = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    raw["stages"]["refine"]["do"]["deps"].remove("src/s2r/stages.py")
+    raw["stages"]["paper5"]["deps"].remove("src/s2r/stages.py")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(raw))
     with CliRunner().isolated_filesystem(temp_dir=tmp_path):
         shutil.copytree(REPO / "src", "src", ignore=shutil.ignore_patterns("__pycache__"))

@@ -53,7 +53,7 @@ def test_two_stage_chain_through_cli(in_tmp: Path, tiny_prepared: Path) -> None:
 
 def test_stage_two_reads_stage_one_through_dvc() -> None:
     """train@mrgan's data is refine@cyclegan's DVC output, and its domains are the ones that stage writes."""
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc = yaml.safe_load((REPO / "pipelines" / "mixing-ratio-mrgan" / "dvc.yaml").read_text())
     train, refine = dvc["stages"]["train"], dvc["stages"]["refine"]
     stage1_out = f"data/prepared/{refine['foreach']['cyclegan']['benchmark']}-cyclegan"
     mrgan_data = f"data/prepared/{train['foreach']['mrgan']['benchmark']}"

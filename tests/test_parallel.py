@@ -67,3 +67,87 @@ def test_cli_reports_a_missing_program_by_name() -> None:
     res = CliRunner().invoke(main, ["parallel", "no-such-program-s2r --flag", py("print(1)")])
     assert res.exit_code == 1
     assert "command [0] could not start: 'no-such-program-s2r --flag'" in res.output
+
+
+def test_a_chain_runs_its_parts_in_order_in_one_slot_and_stops_at_a_failure(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    step = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n'); sys.exit(int(sys.argv[3]))"
+    part = lambda name, rc=0: shlex.join([sys.executable, "-c", step, str(log), name, str(rc)])  # noqa: E731
+    out = io.StringIO()
+    parallel.run([f"{part('a1')} && {part('a2')}", part("b")], jobs=1, out=out)
+    assert log.read_text().split() == ["a1", "a2", "b"]
+    assert "[0] part 1/2 done (CPU" in out.getvalue() and "[0] exit 0 after" in out.getvalue()
+    log.unlink()
+    with pytest.raises(parallel.ParallelError, match=r"command \[0\] failed with exit status 4: .* a2 4"):
+        parallel.run([f"{part('a1')} && {part('a2', 4)} && {part('a3')}"], jobs=1, out=io.StringIO())
+    assert log.read_text().split() == ["a1", "a2"]  # a3 never ran
+    with pytest.raises(parallel.ParallelError, match="empty command"):
+        parallel.run([f"{part('a1')} &&"], out=io.StringIO())
+
+
+FORK_SCRIPT = """
+import io, os, sys
+from pathlib import Path
+from s2r import parallel
+
+tmp = Path(sys.argv[1])
+
+def entry(argv):
+    Path(argv[1]).write_text(f"{os.getppid()} {os.environ['OMP_NUM_THREADS']}")
+    print("child says hi")
+    raise SystemExit(0 if argv[2] == "ok" else 5)
+
+server = parallel.ForkServer(lambda: (tmp / "calls").write_text("preloaded"), entry)
+assert parallel.single_threaded()
+out = io.StringIO()
+parallel.run([f"s2r {tmp / 'a'} ok", f"s2r {tmp / 'b'} ok", sys.executable + " -c print(7)"], jobs=2, out=out,
+             fork=server)
+print(out.getvalue())
+try:
+    parallel.run([f"s2r {tmp / 'c'} fail"], out=io.StringIO(), fork=server)
+except parallel.ParallelError as e:
+    print("failed:", e)
+print("parent", os.getpid())
+"""
+
+
+def test_s2r_commands_are_forked_after_one_preload(tmp_path: Path) -> None:
+    """`s2r ...` commands run in children forked from the `s2r parallel` process after one `preload` (the entry
+    records its parent pid and thread share); other programs run as subprocesses. In a fresh interpreter: a test
+    process runs pytest-timeout's thread, and run() never forks a multi-threaded process (by design)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, env=parallel.thread_env(1))
+    assert res.returncode == 0, res.stderr
+    parent = res.stdout.split("parent ")[-1].strip()
+    threads = str(max(1, parallel.cores() // 2))
+    assert (tmp_path / "calls").read_text() == "preloaded"
+    assert (tmp_path / "a").read_text() == f"{parent} {threads}" == (tmp_path / "b").read_text()
+    assert "[0] child says hi" in res.stdout and "[2] 7" in res.stdout
+    assert "failed: s2r parallel: command [0] failed with exit status 5" in res.stdout
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + MLflow: ~25 CPU-seconds
+def test_a_forked_training_gives_the_losses_of_a_fresh_process(tiny_prepared: Path, tiny_params_file: Path,
+                                                               tmp_path: Path) -> None:
+    """The fork server changes where imports happen, not the numerics: `s2r parallel` (forked) and a plain
+    `s2r train` process write bit-identical final losses."""
+    import json
+    import subprocess
+
+    def cmd(name: str) -> str:
+        return (f"s2r train mixing --data {tiny_prepared} --out {tmp_path / name} --checkpoints {tmp_path / 'c' / name}"
+                f" --metrics {tmp_path / name}.json --params {tiny_params_file} --set tracking.log_model=false")
+
+    env = parallel.thread_env(1) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    s2r = str(Path(sys.executable).with_name("s2r"))
+    forked = subprocess.run([s2r, "parallel", "--jobs", "1", cmd("forked")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert forked.returncode == 0, forked.stdout + forked.stderr
+    assert "imports for the forked commands" in forked.stdout  # it did fork
+    plain = subprocess.run(shlex.split(cmd("plain").replace("s2r ", s2r + " ", 1)), env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("forked", "plain"))
+    assert a["train_loss"] == b["train_loss"] and a["val_accuracy"] == b["val_accuracy"]

@@ -50,8 +50,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     for seed in (0, 1):
         params = load_params(params_file, {"seed": seed})
         out, m = root / f"model{seed}", root / f"metrics{seed}" / "train.json"
-        summary = stages.train("mixing", prepared, out, params, metrics_out=m,
-                               ckpt_dir=root / f"ckpt{seed}")
+        summary = stages.train(stages.TrainRequest("mixing", prepared, out, metrics_out=m,
+                                                   ckpt_dir=root / f"ckpt{seed}"), params)
         dirs.append(out)
         metrics.append(m)
         runs.append(summary["mlflow_run_id"])

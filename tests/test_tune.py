@@ -89,8 +89,8 @@ def fake_train(monkeypatch: pytest.MonkeyPatch):
     """Replace training by a script: per trial number, the per-epoch values it reports (or an exception)."""
     script: dict[int, Any] = {}
 
-    def train(method, data_dir, out, params, *, on_epoch=None, run_name="", **kw):
-        n = int(run_name.rsplit("#", 1)[1])
+    def train(request, params):  # stages.train(TrainRequest, Params)
+        n, on_epoch = int(request.run_name.rsplit("#", 1)[1]), request.on_epoch
         plan = script[n]
         if isinstance(plan, Exception):
             raise plan

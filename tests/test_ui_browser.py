@@ -45,6 +45,7 @@ def _small_pipeline(root: Path) -> dict[int, float]:
     """generate -> prepare -> train + evaluate `mixing` for two seeds; returns each seed's test accuracy."""
     raw = tiny_params_dict()
     raw["methods"]["mixing"].update(epochs=2, steps_per_epoch=STEPS // 2)
+    raw["tracking"]["system_metrics"] = False  # its sampler thread costs CPU the test does not look at
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     p = ["--params", str(params)]
@@ -58,6 +59,29 @@ def _small_pipeline(root: Path) -> dict[int, float]:
         _invoke("evaluate", "mixing", "--model", str(model), "--data", str(root / "prepared"), "--out", str(out), *p)
         accuracy[seed] = json.loads(out.read_text())["accuracy"]
     return accuracy
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this process when pytest dies, even by os._exit (pytest-timeout): nothing is left running."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# Kills the process group named on its command line when it gets SIGTERM: from the browser fixture's teardown or,
+# through PR_SET_PDEATHSIG, when pytest dies (Chromium outlives its chromedriver, even a SIGKILLed one).
+WATCHDOG = """
+import os, signal, sys
+def stop(*_):
+    try:
+        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+signal.pause()
+"""
 
 
 def _free_port() -> int:
@@ -75,7 +99,8 @@ def ui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, An
     port = _free_port()
     log = (tmp_path / "ui.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "s2r.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                            env=os.environ | {"PYTHONPATH": str(REPO / "src")}, stdout=log, stderr=subprocess.STDOUT)
+                            env=os.environ | {"PYTHONPATH": str(REPO / "src")}, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)  # on SIGTERM `s2r ui` stops the server's process group
     try:
         deadline = time.monotonic() + 600  # a loaded 2-core machine needs minutes to import the server
         while not _answers(f"http://127.0.0.1:{port}/health"):
@@ -110,12 +135,20 @@ def browser(tmp_path: Path) -> Iterator[Any]:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1800,1200"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
-    driver.implicitly_wait(0)
+    service = Service(str(DRIVER), popen_kw={"start_new_session": True})  # driver + browser: one process group
+    driver = webdriver.Chrome(service=service, options=opts)
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(service.process.pid)], stdout=subprocess.PIPE,
+                                text=True, preexec_fn=_die_with_parent)
     try:
+        assert watchdog.stdout is not None and watchdog.stdout.readline().strip() == "ready"
+        driver.implicitly_wait(0)
         yield driver
     finally:
-        driver.quit()
+        try:
+            driver.quit()
+        finally:
+            watchdog.terminate()  # and whatever the quit left of the browser's process group
+            watchdog.wait(timeout=60)
 
 
 def _wait(driver: Any, find: Any, what: str, timeout: float = 180) -> Any:

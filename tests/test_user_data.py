@@ -124,7 +124,7 @@ def test_betavae_weak_evaluates_on_continuous_factors(continuous: Path, tmp_path
         def log_figure(self, *a: Any, **k: Any) -> None:
             pass
 
-    res = disentanglement.evaluate(m, Run(), tmp_path, None)
+    res = disentanglement.EVALUATOR.evaluate(m, Run(), tmp_path, None)
     for k in ("dci_disentanglement", "mig", "ood1a_gbt", "ood2a_gbt", "ood2b_gbt"):
         assert math.isfinite(res[k]), k
     assert res["n_ood_values"] > 0 and res["n_target"] > 0

@@ -8,12 +8,17 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from s2r.config import TrainParams
 from s2r.files import write_json
+
+if TYPE_CHECKING:  # torch stays a lazy import
+    from s2r.methods.base import Method
 
 
 def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
@@ -34,7 +39,8 @@ def loading_vs_step(method: Any, n_batches: int = 20) -> dict[str, float]:
             "step_seconds": step_s, "train_images_per_second": bs / step_s, "load_to_step_ratio": load_s / step_s}
 
 
-def loop_vs_step(make_method: Any, train: Any, steps: tuple[int, int] = (4, 12)) -> dict[str, float]:
+def loop_vs_step(make_method: Callable[[], Method[Any]], train: TrainParams, steps: tuple[int, int] = (4, 12)
+                 ) -> dict[str, float]:
     """Per-step time of the whole loop (s2r.train.fit: batch drawing, prefetch, loss sums, NaN checks) vs the bare
     train_step on pre-drawn batches. fit's fixed costs (one validation, the final checkpoint) cancel out in
     (T(n2) - T(n1)) / (n2 - n1); on CUDA every timing ends with a synchronize."""
@@ -45,7 +51,11 @@ def loop_vs_step(make_method: Any, train: Any, steps: tuple[int, int] = (4, 12))
     n1, n2 = steps
     m = make_method()
     dev = m.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    def sync() -> None:
+        """Wait for the GPU (every timing ends with one); nothing to wait for on the CPU."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     it = m.batches()
     batches = [next(it) for _ in range(n2 + 1)]
     m.train()

@@ -75,7 +75,7 @@ def data() -> None:
 
 
 @data.command("generate")
-@click.argument("name", type=click.Choice(["digits", "scenes"]))
+@click.argument("name", type=click.Choice(["digits", "scenes", "scenes32"]))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder to write.")
 @PARAMS_OPT
 def data_generate(name: str, out: str, params_path: str) -> None:
@@ -387,10 +387,11 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     if method not in params.methods:
         raise ConfigError(f"{params_path}: no params block methods.{method}; the methods and their variants:\n  "
                           + "\n  ".join(method_catalogue(params_path)))
-    summary = stages.train(method, Path(data_dir), Path(out), params, metrics_out=Path(metrics) if metrics else None,
-                           plots_out=Path(plots) if plots else None,
-                           ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
-                           init=Path(init_dir) if init_dir else None)
+    summary = stages.train(stages.TrainRequest(method, Path(data_dir), Path(out),
+                                               metrics_out=Path(metrics) if metrics else None,
+                                               plots_out=Path(plots) if plots else None,
+                                               ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
+                                               init=Path(init_dir) if init_dir else None), params)
     if summary:  # ranks > 0 of a distributed training return nothing: rank 0 reports
         click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
@@ -615,15 +616,20 @@ def tables_ae_cmd(digits: str | None, scenes: str | None, out: str, params_path:
               help="Also write the paper verdicts as a metrics JSON (dvc metrics show).")
 @click.option("--readme", type=click.Path(exists=True, dir_okay=False),
               help="Rewrite the generated results block of this README (between the s2r:verdicts markers).")
-def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None) -> None:
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False),
+              help="Another run's verdicts JSON (e.g. the second-CPU run's): list the claims whose verdict differs.")
+@PARAMS_OPT
+def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None, compare: str | None,
+               params_path: str) -> None:
     """Print the results table of every evaluated method (COLLAPSED models marked) and the paper verdicts.
 
     Example: s2r report --verdicts data/metrics/verdicts.json --readme README.md
     """
     from s2r import stages
 
-    click.echo(stages.report(Path(metrics_dir), verdicts_out=Path(verdicts_out) if verdicts_out else None,
-                             readme=Path(readme) if readme else None))
+    click.echo(stages.report(Path(metrics_dir), _load(params_path).reports.verdicts,
+                             verdicts_out=Path(verdicts_out) if verdicts_out else None,
+                             readme=Path(readme) if readme else None, compare=Path(compare) if compare else None))
 
 
 @main.command("benchmark")
@@ -771,23 +777,61 @@ def tune_cmd(study: str, data_dir: str, n_trials: int | None, storage: str | Non
     click.echo(" ".join(f"{k}={v}" for k, v in res["metrics"].items()))
 
 
+def preload_stages() -> None:
+    """Import what `s2r train / evaluate / refine` import, once, before `s2r parallel` forks its commands."""
+    import importlib
+    import pkgutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+    import torch
+    import torchvision  # noqa: F401
+
+    import s2r.evaluators
+    import s2r.methods
+    from s2r import params, stages, tracking, train  # noqa: F401
+
+    for pkg in (s2r.methods, s2r.evaluators):
+        for m in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled())  # its lazy imports
+
+
+def forked_s2r(argv: list[str]) -> None:
+    """`s2r ARGS` in a child forked by `s2r parallel`: torch's thread pool sized to this command's share first."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    main.main(args=argv[1:], prog_name="s2r")
+
+
 @main.command("parallel")
 @click.argument("commands", nargs=-1, required=True)
 @click.option("--jobs", "-j", default=0, show_default=True, type=click.IntRange(min=0),
               help="Commands run at once; 0 = one per CPU core (at most the number of commands).")
-def parallel_cmd(commands: tuple[str, ...], jobs: int) -> None:
-    """Run COMMANDS (each one quoted command line) side by side, the CPU cores split between them.
+@click.option("--fork/--no-fork", default=True, show_default=True,
+              help="Run `s2r ...` commands in children forked after one import of torch / MLflow / s2r.")
+def parallel_cmd(commands: tuple[str, ...], jobs: int, fork: bool) -> None:
+    """Run COMMANDS (each one quoted command line, or a chain "A && B") side by side, the cores split between them.
 
     Each gets OMP_NUM_THREADS = cores // jobs; they start in the order given as slots free up (longest first);
-    output lines are prefixed [i]; the first failure stops the others and fails naming its command.
+    the parts of a chain run one after the other in one slot; output lines are prefixed [i]; the first failure
+    stops the others and fails naming its command. `s2r` commands are forked from this process after one import
+    of the heavy libraries instead of each paying it (--no-fork: plain subprocesses).
 
     Example: s2r parallel "s2r train betavae --set seed=1 --data data/prepared/scenes --out data/models/b1"
     "s2r train betavae_weak --set seed=1 --data data/prepared/scenes --out data/models/w1"
     """
-    from s2r.parallel import ParallelError, run
+    from s2r.parallel import ForkServer, ParallelError, run
 
+    server = ForkServer(preload_stages, forked_s2r) if fork else None
     try:
-        seconds = run(commands, jobs)
+        seconds = run(commands, jobs, fork=server)
     except ParallelError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"s2r parallel: {len(seconds)} commands done ({', '.join(f'{s:.0f} s' for s in seconds)})")

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 REGISTRY = "s2r.methods.registry"
 METHODS_PACKAGE = "s2r.methods"
-NOT_METHODS = ("base", "registry")  # the modules of s2r.methods that hold no method (as in the registry)
+NOT_METHODS = ("base", "common", "extractors", "registry")  # s2r.methods modules without a method (as the registry)
 
 # What each stage kind runs: `s2r <kind>` loads params.yaml (s2r.params) and calls s2r.stages.<kind>. cli.py only
 # parses the command line and is left out on purpose (a new CLI command must not re-run every stage).
@@ -217,15 +217,16 @@ STAGE_KIND = re.compile(r"\bs2r (train|refine|evaluate)\b")
 
 
 def dvc_code_stages(dvc_file: Path, repo: Path) -> list[tuple[str, str, list[str]]]:
-    """(stage, kind, deps as repo-relative paths) of every `s2r train|refine|evaluate` stage of one dvc.yaml."""
+    """(stage, kind, deps as repo-relative paths) for every kind of `s2r train|refine|evaluate` command a stage of one
+    dvc.yaml runs (an `s2r parallel` stage may run several kinds: one entry each)."""
     import yaml
 
     raw = yaml.safe_load(Path(dvc_file).read_text()) or {}
     out = []
     for name, stage in (raw.get("stages") or {}).items():
         body = stage.get("do", stage)
-        m = STAGE_KIND.search(" ".join(str(body.get("cmd", "")).split()))
-        if not m:
+        kinds = sorted(set(STAGE_KIND.findall(" ".join(str(body.get("cmd", "")).split()))))
+        if not kinds:
             continue
         wdir = (Path(dvc_file).parent / body.get("wdir", stage.get("wdir", "."))).resolve()
         deps = []
@@ -233,7 +234,7 @@ def dvc_code_stages(dvc_file: Path, repo: Path) -> list[tuple[str, str, list[str
             d = next(iter(d)) if isinstance(d, dict) else str(d)
             p = (wdir / d).resolve()
             deps.append(p.relative_to(repo.resolve()).as_posix() if p.is_relative_to(repo.resolve()) else d)
-        out.append((name, m.group(1), deps))
+        out += [(name, kind, deps) for kind in kinds]
     return out
 
 

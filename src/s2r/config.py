@@ -40,7 +40,7 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "", strict: bool
     for name, f in fields.items():
         key = _join(prefix, name)
         if name not in raw:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             section = dataclasses.is_dataclass(hints[name]) or f.metadata.get("section", False)
             if not has_default or (strict and not section):
                 raise ConfigError(f"{where}: missing key {key!r}")
@@ -81,7 +81,7 @@ def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) ->
         if value not in get_args(tp):
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -165,7 +165,7 @@ def load_yaml(path: str | Path) -> Any:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass tree -> plain dict (for logging and saving resolved configs)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -243,6 +243,7 @@ def _check_splits(key: str, d: dict[str, Any]) -> None:
 class BenchmarksParams:
     digits: DigitsParams = field(default_factory=DigitsParams)
     scenes: ScenesParams = field(default_factory=ScenesParams)
+    scenes32: ScenesParams = field(default_factory=lambda: ScenesParams(image_size=32))
 
 
 @dataclass
@@ -404,7 +405,20 @@ class AeTablesParams:
 
 
 @dataclass
+class VerdictsParams:
+    """The rule of the paper verdicts (s2r.verdicts): Welch's t-test at `level`, seeds-needed at `power`."""
+
+    level: float = 0.95
+    power: float = 0.8
+
+    def validate(self) -> None:
+        if not 0.5 <= self.level < 1 or not 0 < self.power < 1:
+            raise ConfigError("keys 'level' (in [0.5, 1)) and 'power' (in (0, 1)) of reports.verdicts")
+
+
+@dataclass
 class ReportsParams:
+    verdicts: VerdictsParams = field(default_factory=VerdictsParams)  # the paper verdicts' statistical rule
     mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
     cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
     depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2

@@ -73,7 +73,8 @@ class Shard:
         idx = self.rows(len(x), groups)
         if isinstance(x, torch.Tensor):
             return x[torch.from_numpy(idx).to(x.device)]
-        return x[idx]
+        picked: ArrayT = x[idx]
+        return picked
 
     def global_n(self, n_local: int) -> int:
         return n_local * self.world
@@ -103,7 +104,8 @@ class Shard:
         if self.world == 1:
             return t
         if t.requires_grad:
-            return _Gather.apply(t, self, groups)
+            gathered: torch.Tensor = _Gather.apply(t, self, groups)
+            return gathered
         return _gather(t.detach(), self, groups)
 
     def ratio(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -156,12 +158,12 @@ class _Gather(torch.autograd.Function):
     """all_gather forward; backward: the sum over ranks of the gradient of this rank's rows."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, s: Shard, groups: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor, s: Shard, groups: int) -> torch.Tensor:
         ctx.shard, ctx.groups = s, groups
         return _gather(t, s, groups)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         g = grad.contiguous().clone()
         dist.all_reduce(g)
         return ctx.shard.local(g, ctx.groups), None, None
@@ -171,13 +173,13 @@ class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with a gradient: backward sums the ranks' gradients (the global statistics' derivative)."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         g = grad.contiguous().clone()
         dist.all_reduce(g)
         return g
@@ -217,9 +219,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = x.float()
         n = xf.numel() // xf.shape[1] * dist.get_world_size()
         # sums accumulated in float64 (no float64 copy of x): statistics as exact as one process's BatchNorm kernel
-        mean = (_SumOverRanks.apply(xf.sum(dims, dtype=torch.float64)) / n).float()
+        mean: torch.Tensor = (_SumOverRanks.apply(xf.sum(dims, dtype=torch.float64)) / n).float()
         centred = xf - mean.view(shape)
-        var = (_SumOverRanks.apply(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()  # biased, as BN
+        var: torch.Tensor = (_SumOverRanks.apply(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()  # biased, as BN
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -351,8 +353,11 @@ def session(device_pref: str, *, sync_batchnorm: bool = True, timeout_s: float =
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            **({"device_id": device} if backend == "nccl" else {}))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":  # bound to this rank's GPU at once (eager NCCL init)
+        dist.init_process_group(backend, timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     try:
         yield Session(rank, world, local_rank, int(env.get("LOCAL_WORLD_SIZE", "1")), device, backend, sync_batchnorm)
     finally:
@@ -362,7 +367,7 @@ def session(device_pref: str, *, sync_batchnorm: bool = True, timeout_s: float =
 # -- DDP wrapping of a method's networks ---------------------------------------------------------------------
 def _swaps(root: nn.Module, sync_batchnorm: bool) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
     """(parent, name, original, stand-in) for every BatchNorm (global statistics) and Dropout (global masks)."""
-    out = []
+    out: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
     for m in root.modules():
         for name, child in m._modules.items():
             if sync_batchnorm and isinstance(child, nn.modules.batchnorm._BatchNorm) \
@@ -484,6 +489,8 @@ def shard_batch(batch: Any, s: Shard, global_batch: int) -> Any:
         if n % global_batch:
             raise ValueError(f"a batch field has {n} rows, not a multiple of the global batch size {global_batch}: "
                              "the method must shard its batches itself (Method.shard_batch)")
+        if isinstance(batch, torch.Tensor):
+            return s.local(batch, n // global_batch)
         return s.local(batch, n // global_batch)
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(shard_batch(x, s, global_batch) for x in batch))

@@ -15,6 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# A JSON object as read from or written to a file (metrics, summaries, run.json): the I/O edge where values are
+# untyped. Code that builds one names the keys it writes; code that reads one checks what it uses.
+JsonDict = dict[str, Any]
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:

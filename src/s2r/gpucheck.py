@@ -117,7 +117,7 @@ def time_s2r_loop(data: Path, patch: int, device: torch.device, amp: torch.dtype
     from s2r.bench import loop_vs_step
     from s2r.config import TrainParams
 
-    train = TrainParams(device=device.type, progress=False, checkpoint_every=10**6)
+    train = TrainParams(device="cuda" if device.type == "cuda" else "cpu", progress=False, checkpoint_every=10**6)
     return loop_vs_step(lambda: cut_method(data, patch, device, amp, batch, **overrides), train,
                         (max(steps // 3, 2), steps))
 
@@ -257,10 +257,10 @@ def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
                 raise _Interrupt
 
         try:
-            stages.train(name, data, out, params, ckpt_dir=ck, on_epoch=interrupt, init=init)
+            stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, on_epoch=interrupt, init=init), params)
         except _Interrupt:
             pass
-        summary = stages.train(name, data, out, params, ckpt_dir=ck, resume=True, init=init)
+        summary = stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, resume=True, init=init), params)
         cls = registry.method_class(name)
         evaluated = ""
         if cls.evaluator and name != "twinvae":
@@ -369,7 +369,7 @@ def run(out: Path, reference: Path | None, methods: list[str] | None, skip_metho
             report["ddp"] = check_ddp(Path(tmp) / "ddp")
         if not skip_timing:
             report["cut"] = time_cut(Path(tmp) / "cut", reference)
-    from s2r.stages import write_json
+    from s2r.files import write_json
 
     write_json(out, report)
     print(f"gpu-check: wrote {out}")

@@ -22,7 +22,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -58,7 +58,8 @@ def kl_per_dim(mu: Any, logvar: Any) -> np.ndarray:
     mu = np.asarray(mu, np.float64)
     lv = np.asarray(logvar, np.float64)
     kl = 0.5 * (mu**2 + np.exp(lv) - lv - 1.0)
-    return kl.reshape(kl.shape[0], kl.shape[1], -1).mean(axis=(0, 2))  # (N, D, ...) -> (D,)
+    per_dim: np.ndarray = kl.reshape(kl.shape[0], kl.shape[1], -1).mean(axis=(0, 2))  # (N, D, ...) -> (D,)
+    return per_dim
 
 
 def active_units(mu: Any, logvar: Any, threshold: float = ACTIVE_KL) -> dict[str, float]:
@@ -108,20 +109,30 @@ def single_class_check(what: str = "predictions") -> Check:
 
 
 # -- the loop's hook and the verdict ---------------------------------------------------------------------------
-def epoch_signals(method: Any, metrics: dict[str, Any]) -> dict[str, float]:
+class Monitored(Protocol):
+    """What the loop's health hook needs of a method (s2r.methods.base.Method; this layer cannot import it)."""
+
+    training: bool
+
+    def eval(self) -> object: ...
+
+    def train(self, mode: bool = True) -> object: ...
+
+    def health_signals(self) -> dict[str, float]: ...
+
+
+def epoch_signals(method: Monitored, metrics: dict[str, Any]) -> dict[str, float]:
     """The method's declared health signals for this epoch (eval mode, no grad), prefixed `health_`."""
     import torch
 
     sig = dict(gan_balance(metrics))
-    fn = getattr(method, "health_signals", None)
-    if fn is not None:
-        was = method.training
-        method.eval()
-        try:
-            with torch.no_grad():
-                sig |= fn()
-        finally:
-            method.train(was)
+    was = method.training
+    method.eval()
+    try:
+        with torch.no_grad():
+            sig |= method.health_signals()
+    finally:
+        method.train(was)
     return {PREFIX + k: float(v) for k, v in sig.items()}
 
 

@@ -7,24 +7,35 @@ the method's paper; evaluate and refine runs are nested under the training run o
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import platform
 import sys
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from s2r import health
-from s2r.config import Params
+from s2r.config import Params, VerdictsParams, to_dict
 from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
-from s2r.files import write_json
+from s2r.files import JsonDict, write_json
 
-GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes"}
+if TYPE_CHECKING:  # heavy imports (torch) stay lazy: the CLI starts without them
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.distributed import Session
+    from s2r.methods.base import Method, Schedule, State
+    from s2r.tracking import TrackedRun
+    from s2r.train import FitResult
+
+# embedded benchmark -> its generator module; `scenes32` is `scenes` rendered at 32 px (paper 2's demo: a quarter of
+# the pixels per training step, docs/demos.md), sizes from params.yaml benchmarks.<name>
+GENERATORS = {"digits": "s2r.data.digits", "scenes": "s2r.data.scenes", "scenes32": "s2r.data.scenes"}
 
 
 def generate(name: str, out: Path, params: Params) -> Path:
@@ -36,7 +47,10 @@ def generate(name: str, out: Path, params: Params) -> Path:
     if name not in GENERATORS:
         raise DataError(f"unknown embedded benchmark {name!r}; known: {sorted(GENERATORS)}")
     gen = importlib.import_module(GENERATORS[name])
-    spec, samples = gen.generate(getattr(params.benchmarks, name), params.seed)
+    settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes,
+                "scenes32": params.benchmarks.scenes32}[name]  # as GENERATORS
+    spec, samples = gen.generate(settings, params.seed)
+    spec = dataclasses.replace(spec, name=name)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
 
@@ -52,7 +66,39 @@ def _run_tags(data: Any, seed: int, device: str) -> dict[str, str]:
     }
 
 
-def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainRequest:
+    """One `s2r train`: which params block, on which prepared benchmark, writing where (values come from params)."""
+
+    method: str  # a params block of methods (e.g. `mixing`, `segmenter_refined`)
+    data_dir: Path  # a prepared benchmark
+    out: Path  # the model folder (model.pt)
+    metrics_out: Path | None = None  # train.json for `dvc metrics`
+    plots_out: Path | None = None  # training curves for `dvc plots`
+    ckpt_dir: Path | None = None  # checkpoints; default data/checkpoints/<method>
+    resume: bool = False  # continue from the checkpoint (or the killed attempt's MLflow run)
+    init: Path | None = None  # a trained model folder the method starts from (Method.init_from)
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None  # may raise to stop/prune (tuning)
+    parent_run_id: str | None = None  # nest the MLflow run (tuning trials)
+    run_name: str | None = None  # default train@<method>
+    tags: Mapping[str, str] = field(default_factory=dict)  # extra MLflow tags
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.ckpt_dir or Path("data/checkpoints") / self.method)
+
+
+@dataclass
+class _Resume:
+    """Where a training starts: a checkpoint's state, the MLflow run to continue, and why (for the user)."""
+
+    state: State | None = None
+    run_id: str | None = None
+    mode: str = ""
+    finished: JsonDict | None = None  # the summary of a run that already finished: nothing left to do
+
+
+def train(request: TrainRequest, params: Params) -> JsonDict:
     """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
     from s2r import distributed
     from s2r.train import torch_settings
@@ -61,150 +107,122 @@ def train(method_name: str, data_dir: Path, out: Path, params: Params, **kwargs:
     t = params.train
     with torch_settings(deterministic=t.deterministic, threads=threads), \
             distributed.session(t.device, sync_batchnorm=t.sync_batchnorm, timeout_s=t.dist_timeout) as session:
-        return _train(method_name, data_dir, out, params, threads_choice=why, session=session, **kwargs)
+        return _train(request, params, threads_choice=why, sess=session)
 
 
-def _train(
-    method_name: str,
-    data_dir: Path,
-    out: Path,
-    params: Params,
-    *,
-    metrics_out: Path | None = None,
-    plots_out: Path | None = None,
-    ckpt_dir: Path | None = None,
-    resume: bool = False,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    parent_run_id: str | None = None,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-    init: Path | None = None,
-    threads_choice: str = "",
-    session: Any = None,
-) -> dict[str, Any]:
+def _train(req: TrainRequest, params: Params, threads_choice: str, sess: Session) -> JsonDict:
     """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
 
-    `init`: a trained model folder the method starts from (e.g. twin-VAE stage 2 from stage 1); only methods
-    with an `init_from(model_dir) -> tags` method accept it. `session` (s2r.distributed, under torchrun): rank 0
-    plans the resume and alone opens the MLflow run, checkpoints, exports; the other ranks train and return {}.
+    `sess` (s2r.distributed, under torchrun): rank 0 plans the resume and alone opens the MLflow run, checkpoints
+    and exports; the other ranks train their shards and return {}.
     """
-    import matplotlib.pyplot as plt
-    import torch
-
-    from s2r import distributed
     from s2r.data.prepared import PreparedBenchmark
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun, log_interval
-    from s2r.train import CHECKPOINT, amp_dtype, fit, load_checkpoint, seed_everything, select_device
+    from s2r.tracking import log_interval
+    from s2r.train import fit
 
-    cfg = params.methods.get(method_name)
-    if cfg is None:
-        raise DataError(f"params.yaml has no section methods.{method_name}")
-    ckpt_dir = Path(ckpt_dir or Path("data/checkpoints") / method_name)
+    cfg = method_config(params, req.method)
     total = cfg.epochs * cfg.steps_per_epoch
-    data = PreparedBenchmark(data_dir)
-    fingerprint = _fingerprint(method_name, asdict(cfg), params.seed, data.data_version)
-    sess = session or distributed.Session()
-
-    def plan() -> tuple[dict[str, Any] | None, str | None, str, dict[str, Any] | None]:
-        """(checkpoint state, MLflow run to continue, what --resume does, summary of a finished run)."""
-        resume_state = load_checkpoint(ckpt_dir) if resume else None
-        resume_run_id, resume_mode = None, ""
-        if resume:
-            _check_fingerprint(ckpt_dir, fingerprint)
-            resume_run_id, resume_mode = _resume_plan(ckpt_dir, resume_state, total)
-            done = _finished_summary(resume_state, resume_run_id, Path(out), metrics_out, total)
-            if done is not None:
-                notice(f"--resume: run {resume_run_id} already finished ({total} steps, model in {out}); nothing to do")
-                return resume_state, resume_run_id, resume_mode, done
-            notice(f"--resume: {resume_mode}")
-        else:  # a fresh start: an older run's checkpoint must not be resumed into this one if it dies early
-            (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
-            (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
-        return resume_state, resume_run_id, resume_mode, None
-
-    resume_state, resume_run_id, resume_mode, done = sess.on_writer(plan)  # rank 0 reads, every rank gets it
-    if done is not None:
-        return done if sess.writer else {}
-    seed_everything(params.seed)
-    method = registry.method_class(method_name)(cfg, data, params.seed)
-    method.name = method_name  # an instance of a method under another name (e.g. mrgan) keeps that name
-    init_tags: dict[str, str] = {}
-    if init is not None:
-        if not hasattr(method, "init_from"):
-            raise DataError(f"method {method_name!r} cannot start from a trained model (--init {init})")
-        init_tags = method.init_from(Path(init))
-    device = sess.device if sess.active else select_device(params.train.device)
-    method.setup(device, amp_dtype(device, params.train.amp), total)
-    logged = {"method": method_name, "seed": params.seed, "methods": {method_name: asdict(cfg)},
-              "train": asdict(params.train), "benchmark": data.spec.name}
+    data = PreparedBenchmark(req.data_dir)
+    fingerprint = _fingerprint(req.method, to_dict(cfg), params.seed, data.data_version)
+    resume = sess.on_writer(lambda: _plan_resume(req, fingerprint, total))  # rank 0 reads, every rank gets it
+    if resume.finished is not None:
+        return resume.finished if sess.writer else {}
+    method, init_tags = _build_method(req, cfg, data, params, sess)
     if not sess.writer:  # ranks > 0 train their shards; rank 0 logs, checkpoints and exports
-        _train_shard(method, cfg, params, ckpt_dir, resume_state, on_epoch, sess)
+        _train_shard(req, method, params, resume.state, sess)
         return {}
-    with TrackedRun(
-        run_name or f"train@{method_name}-seed{params.seed}",
-        experiment=registry.experiment(params.tracking.experiment, method_name), params=logged,
-        tags=_run_tags(data, params.seed, str(device)) | {"stage": "train", "method": method_name} | (tags or {})
-        | init_tags | {"threads": str(torch.get_num_threads()), "threads_choice": threads_choice, "steps": str(total)}
-        | ({"resume": resume_mode} if resume else {}) | sess.tags(),
-        run_id=resume_run_id, parent_run_id=parent_run_id,
-        system_metrics=params.tracking.system_metrics,
-    ) as run:
-        write_json(ckpt_dir / RUN_FILE, {"run_id": run.run_id, "method": method_name, "steps": total,
-                                         "fingerprint": fingerprint})
-        sess.run_id = sess.broadcast(run.run_id)  # the others settle it if rank 0 dies (Session.settle_on_failure)
-        if resume_state is None:
-            run.log_dataset(data, "training")
-            batch = method.preview_batch()
-            names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
-            fig = sample_grid(batch[0][:32], names, title=f"{method_name}: first training minibatch")
-            run.log_figure(fig, "samples/train_batch.png")
-            plt.close(fig)
-            run.log_dict(logged, "config/resolved.yaml")
+    logged = {"method": req.method, "seed": params.seed, "methods": {req.method: to_dict(cfg)},
+              "train": asdict(params.train), "benchmark": data.spec.name}
+    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice} | sess.tags(),
+                    resume, total) as run:
+        write_json(req.checkpoints / RUN_FILE, {"run_id": run.run_id, "method": req.method, "steps": total,
+                                                "fingerprint": fingerprint})
+        sess.run_id = sess.broadcast(run.run_id)  # the other ranks settle it if rank 0 dies (_train_shard)
+        if resume.state is None:
+            _log_inputs(run, method, logged)
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                     ckpt_dir=ckpt_dir, run=run, resume_state=resume_state, on_epoch=on_epoch,
+                     ckpt_dir=req.checkpoints, run=run, resume_state=resume.state, on_epoch=req.on_epoch,
                      log_every=log_interval(params.tracking.log_every, total), session=sess)
-        final = result.history[-1] if result.history else {}
-        verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
-        run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
-        model = method.export_model()
-        out = Path(out)
-        save_trained(out, method_name, method, params.seed, run.run_id)
-        _plot_history(result.history, method_name, run, plots_out)
-        model_id = ""
-        if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
-            model_uri, model_id = run.log_model(
-                model.cpu(), method.example_input(), f"{method_name}-seed{params.seed}", step=total,
-                params={"seed": params.seed, **asdict(cfg)}, tags={"method": method_name, "seed": str(params.seed)})
-            run.set_tags({"model_uri": model_uri, "model_id": model_id})
-            model.to(device)
-        summary = {
-            **{k: v for k, v in final.items() if k != "epoch"},
-            "epochs": cfg.epochs, "steps": total, "seconds": round(result.seconds_total, 2),
-            "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
-            "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
-            "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
-            "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
-            "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
-        }
-        if metrics_out:
-            write_json(Path(metrics_out), summary)
-            run.log_artifact(metrics_out, "metrics")
+        summary = _save_outputs(req, method, result, run, params, cfg.epochs, total)
+        if req.metrics_out:
+            write_json(Path(req.metrics_out), summary)
+            run.log_artifact(req.metrics_out, "metrics")
     return summary
 
 
-def _train_shard(method: Any, cfg: Any, params: Params, ckpt_dir: Path, resume_state: dict[str, Any] | None,
-                 on_epoch: Callable[[int, dict[str, float]], None] | None, sess: Any) -> None:
+def method_config(params: Params, name: str) -> Schedule:
+    """The typed config of params block `methods.<name>` (every block has a training schedule)."""
+    cfg: Schedule | None = params.methods.get(name)
+    if cfg is None:
+        raise DataError(f"params.yaml has no section methods.{name}")
+    return cfg
+
+
+def _plan_resume(req: TrainRequest, fingerprint: str, total: int) -> _Resume:
+    """`--resume`: the checkpoint and MLflow run to continue (mode FINISHED: nothing left to do). Without it: a fresh
+    start, and an older run's checkpoint is deleted so it can never be resumed into this one if it dies early."""
+    from s2r.train import CHECKPOINT, load_checkpoint
+
+    ckpt_dir = req.checkpoints
+    if not req.resume:
+        (ckpt_dir / CHECKPOINT).unlink(missing_ok=True)
+        (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+        return _Resume()
+    state = load_checkpoint(ckpt_dir)
+    _check_fingerprint(ckpt_dir, fingerprint)
+    run_id, mode = _resume_plan(ckpt_dir, state, total)
+    done = _finished_summary(state, run_id, Path(req.out), req.metrics_out, total)
+    if done is not None:
+        notice(f"--resume: run {run_id} already finished ({total} steps, model in {req.out}); nothing to do")
+    else:
+        notice(f"--resume: {mode}")
+    return _Resume(state, run_id, mode, done)
+
+
+def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, params: Params, sess: Session
+                  ) -> tuple[Method[Any], dict[str, str]]:
+    """Seed, construct the method under its block's name, start it from `--init`, set it up on the device."""
+    from s2r.methods import registry
+    from s2r.train import amp_dtype, seed_everything, select_device
+
+    seed_everything(params.seed)
+    method = registry.method_class(req.method)(cfg, data, params.seed)
+    method.name = req.method  # an instance of a method under another name (e.g. mrgan) keeps that name
+    init_tags = method.init_from(Path(req.init)) if req.init is not None else {}
+    device = sess.device if sess.active else select_device(params.train.device)  # cuda:<LOCAL_RANK> under torchrun
+    method.setup(device, amp_dtype(device, params.train.amp), cfg.epochs * cfg.steps_per_epoch)
+    return method, init_tags
+
+
+def _train_run(req: TrainRequest, params: Params, method: Method[Any], logged: JsonDict, tags: dict[str, str],
+               resume: _Resume, total: int) -> TrackedRun:
+    """The MLflow run of the training (the resumed one with --resume) in its paper's experiment, tagged."""
+    import torch
+
+    from s2r.methods import registry
+    from s2r.tracking import TrackedRun
+
+    return TrackedRun(
+        req.run_name or f"train@{req.method}-seed{params.seed}",
+        experiment=registry.experiment(params.tracking.experiment, req.method), params=logged,
+        tags=_run_tags(method.data, params.seed, str(method.device)) | {"stage": "train", "method": req.method}
+        | dict(req.tags) | tags | {"threads": str(torch.get_num_threads()), "steps": str(total)}
+        | ({"resume": resume.mode} if req.resume else {}),
+        run_id=resume.run_id, parent_run_id=req.parent_run_id, system_metrics=params.tracking.system_metrics)
+
+
+def _train_shard(req: TrainRequest, method: Method[Any], params: Params, state: State | None, sess: Session) -> None:
     """A rank > 0 of a distributed training: train its shards, log nothing. If the training fails (a peer died,
     torchrun's SIGTERM), settle rank 0's MLflow run when rank 0 is gone, so it is never left RUNNING."""
     from s2r import tracking
     from s2r.train import fit
 
     sess.run_id = sess.broadcast("")
+    total = method.cfg.epochs * method.cfg.steps_per_epoch
     try:
-        fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, ckpt_dir=ckpt_dir,
-            resume_state=resume_state, on_epoch=on_epoch, session=sess,
-            log_every=tracking.log_interval(params.tracking.log_every, cfg.epochs * cfg.steps_per_epoch))  # as rank 0
+        fit(method, train=params.train, epochs=method.cfg.epochs, steps_per_epoch=method.cfg.steps_per_epoch,
+            ckpt_dir=req.checkpoints, resume_state=state, on_epoch=req.on_epoch, session=sess,
+            log_every=tracking.log_interval(params.tracking.log_every, total))  # windows as rank 0's
     except BaseException:
         if sess.run_id:
             try:
@@ -214,13 +232,54 @@ def _train_shard(method: Any, cfg: Any, params: Params, ckpt_dir: Path, resume_s
         raise
 
 
-def save_trained(out: Path, method_name: str, method: Any, seed: int, run_id: str) -> Path:
+def _log_inputs(run: TrackedRun, method: Method[Any], logged: JsonDict) -> None:
+    """A new run's inputs: the dataset, a grid of the first training minibatch, the resolved config."""
+    import matplotlib.pyplot as plt
+
+    data = method.data
+    run.log_dataset(data, "training")
+    batch = method.preview_batch()
+    names = [data.spec.classes[i] for i in batch[1][:32]] if data.spec.classes else None
+    fig = sample_grid(batch[0][:32], names, title=f"{method.name}: first training minibatch")
+    run.log_figure(fig, "samples/train_batch.png")
+    plt.close(fig)
+    run.log_dict(logged, "config/resolved.yaml")
+
+
+def _save_outputs(req: TrainRequest, method: Method[Any], result: FitResult, run: TrackedRun, params: Params,
+                  epochs: int, steps: int) -> JsonDict:
+    """Health verdict, model.pt, curves, the MLflow model; returns the summary (train.json)."""
+    final = result.history[-1] if result.history else {}
+    verdict = health.assess(result.history, method.health_checks())  # COLLAPSED reasons for `s2r report`
+    run.set_tags({"health": verdict["health"], "health_reasons": "; ".join(verdict["health_reasons"])[:5000]})
+    model = method.export_model()
+    save_trained(Path(req.out), req.method, method, params.seed, run.run_id)
+    _plot_history(result.history, req.method, run, req.plots_out)
+    model_id = ""
+    if params.tracking.log_model:  # a LoggedModel per trained model: the Models tab's row (s2r.tracking)
+        model_uri, model_id = run.log_model(
+            model.cpu(), method.example_input(), f"{req.method}-seed{params.seed}", step=steps,
+            params={"seed": params.seed, **to_dict(method.cfg)}, tags={"method": req.method, "seed": str(params.seed)})
+        run.set_tags({"model_uri": model_uri, "model_id": model_id})
+        model.to(method.device)
+    return {
+        **{k: v for k, v in final.items() if k != "epoch"},
+        "epochs": epochs, "steps": steps, "seconds": round(result.seconds_total, 2),
+        "images_per_second": round(result.samples / max(result.seconds_step + result.seconds_data, 1e-9), 1),
+        "data_share": round(result.seconds_data / max(result.seconds_total, 1e-9), 4),
+        "tracking_share": round(result.seconds_tracking / max(result.seconds_total, 1e-9), 4),
+        "tracking_seconds_total": round(run.log_seconds, 2),  # + run start, params, figures, model
+        "mlflow_run_id": run.run_id, "mlflow_model_id": model_id, **verdict,
+    }
+
+
+def save_trained(out: Path, method_name: str, method: Method[Any], seed: int, run_id: str) -> Path:
     """Write `<out>/model.pt` (method, config, weights, seed, data version, MLflow run): what load_trained reads."""
     from s2r.train import save_checkpoint
 
     path = Path(out) / "model.pt"
     save_checkpoint(path, {
-        "method": method_name, "config": asdict(method.cfg), "state": method.state_dict(), "seed": seed,
+        "method": method_name, "config": to_dict(method.cfg), "state": method.state_dict(), "seed": seed,
         "data_version": method.data.data_version, "mlflow_run_id": run_id,
     })
     return path
@@ -284,7 +343,8 @@ def _finished_summary(state: dict[str, Any] | None, run_id: str | None, out: Pat
     if run_status(run_id) != "FINISHED":
         return None  # killed after the model was written (e.g. while logging it): finish the run's work
     if metrics_out and Path(metrics_out).is_file():
-        return json.loads(Path(metrics_out).read_text()) | {"resume": "already finished"}
+        summary: JsonDict = json.loads(Path(metrics_out).read_text())
+        return summary | {"resume": "already finished"}
     final = state["history"][-1] if state["history"] else {}
     return {**{k: v for k, v in final.items() if k != "epoch"}, "steps": total, "mlflow_run_id": run_id,
             "resume": "already finished"}
@@ -339,7 +399,7 @@ def _plot_history(history: list[dict[str, float]], name: str, run: Any, plots_ou
     plt.close(fig)
 
 
-def load_trained(model_dir: Path, data_dir: Path, params: Params) -> Any:
+def load_trained(model_dir: Path, data_dir: Path, params: Params) -> tuple[Method[Any], State]:
     """Rebuild a trained method from `<model_dir>/model.pt` with the config it was trained with."""
     import torch
 
@@ -386,20 +446,19 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
              params: Params) -> dict[str, Any]:
     """Score a trained method on the target domain's test split with the evaluator it declares.
 
-    A method names its evaluator (`Method.evaluator`, a module of s2r.evaluators providing
-    `evaluate(method, run, plots_out, params) -> dict`): evaluators belong to the task, not the method.
+    A method names its evaluator (`Method.evaluator`, a module of s2r.evaluators registering one
+    `s2r.evaluators.base.Evaluator`): evaluators belong to the task, not the method.
     """
-    import importlib
-
+    from s2r.evaluators import base as evaluators
     from s2r.tracking import TrackedRun, log_model_metrics
 
     method, saved = load_trained(model_dir, data_dir, params)
     if saved["method"] != method_name:
         raise DataError(f"{model_dir}/model.pt holds method {saved['method']!r}, not {method_name!r}")
-    evaluator_name = getattr(method, "evaluator", "")
+    evaluator_name = method.evaluator
     if not evaluator_name:
         raise DataError(f"method {method_name!r} declares no evaluator (Method.evaluator) to score it with")
-    evaluator = importlib.import_module(f"s2r.evaluators.{evaluator_name}")
+    evaluator = evaluators.evaluator(evaluator_name)
     data = method.data
     train = _under_training(saved["mlflow_run_id"], method_name, params)
     with TrackedRun(
@@ -411,9 +470,7 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
             "train_run_id": saved["mlflow_run_id"]},
     ) as run:
         dataset = run.log_dataset(data, "evaluation")
-        if plots_out:
-            Path(plots_out).mkdir(parents=True, exist_ok=True)
-        metrics = evaluator.evaluate(method, run, plots_out, params)
+        metrics = evaluator(method, run, plots_out, params)
         if train["parent_run_id"]:  # the training run's row (and its LoggedModel) shows the test metrics too
             log_model_metrics(train["parent_run_id"], train["model_id"], {k: m.value for k, m in run.latest.items()},
                               step=train["steps"], dataset=dataset)
@@ -427,21 +484,22 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
 
 
 def report_columns(evaluator: str) -> list[str] | None:
-    """The headline numbers an evaluator declares (`REPORT_COLUMNS` in its module), None if it declares none."""
-    import importlib
-    import importlib.util
+    """The headline numbers an evaluator declares (`Evaluator.report_columns`), None if it declares none."""
+    from s2r.evaluators import base as evaluators
 
-    if not evaluator or importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
+    if not evaluators.exists(evaluator):
         return None
-    return getattr(importlib.import_module(f"s2r.evaluators.{evaluator}"), "REPORT_COLUMNS", None)
+    return list(evaluators.evaluator(evaluator).report_columns) or None
 
 
-def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | None = None) -> str:
+def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = None,
+           readme: Path | None = None, compare: Path | None = None) -> str:
     """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
 
     A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
     COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
-    `readme`: rewrite its generated results block (s2r.verdicts).
+    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power);
+    `compare`: another run's verdicts JSON, whose differing verdicts are listed at the end.
     """
     from s2r import verdicts
 
@@ -463,11 +521,15 @@ def report(metrics_dir: Path, verdicts_out: Path | None = None, readme: Path | N
     if not groups:
         return f"no results yet under {metrics_dir} (run `dvc repro`)"
     lines: list[str] = []
-    for cols, rows in groups.items():
-        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in cols)
+    for columns, rows in groups.items():
+        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in columns)
         lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
-    rows_v = verdicts.verdicts(Path(metrics_dir))
-    lines += ["", "Paper verdicts (mean ± sample std over the seeds that ran; s2r.verdicts)", verdicts.text(rows_v)]
+    rows_v = verdicts.verdicts(Path(metrics_dir), level=rule.level, power=rule.power)
+    lines += ["", f"Paper verdicts (mean ± sample std over independent seeds; Welch's t-test, {100 * rule.level:g} % "
+              "interval of the difference; s2r.verdicts)", verdicts.text(rows_v)]
+    if compare:
+        diff = verdicts.differences(rows_v, json.loads(Path(compare).read_text()))
+        lines += ["", f"Verdicts that differ from {compare}: " + (f"{len(diff)}" if diff else "none"), *diff]
     if verdicts_out:
         write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
     if readme:
@@ -510,9 +572,9 @@ def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_o
     ) as run:
         # one-sided translators (CUT, paper 5) declare `directions = ("a2b",)`: only <A>_<method> is written
         run.log_dataset(data, "refine")
-        directions = getattr(method, "directions", ("a2b", "b2a"))
-        pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in directions]
-        derive(data, Path(out), {new: (orig, lambda x, d=d: method.translate(x, d)) for d, orig, new in pairs},
+        pairs = [(d, orig, new) for d, orig, new in (("a2b", a, ra), ("b2a", b, rb)) if d in method.directions]
+        derive(data, Path(out), {new: (orig, functools.partial(method.translate, direction=d))
+                                 for d, orig, new in pairs},
                source=ra, target=b, version_salt=model_sha)
         refined = PreparedBenchmark(out)
         run.set_tags({"refined_data_version": refined.data_version})

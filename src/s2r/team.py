@@ -131,7 +131,7 @@ def _as_owner(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], what: str, log: Path | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
         tail = f"\n--- last lines of {log}:\n{_tail(log)}" if log else ""
@@ -194,7 +194,8 @@ def _pg_start(team_dir: Path, host: str, port: int, password: str) -> None:
     def sql(q: str, db: str = "postgres") -> str:
         r = _run(_as_owner([str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(pg), "-p", str(port),
                             "-U", "postgres", "-d", db, "-tAc", q]), f"psql: {q[:40]}...", log)
-        return r.stdout.strip()
+        out: str = r.stdout.strip()
+        return out
 
     quoted = password.replace("'", "''")
     verb = "ALTER" if sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'") == "1" else "CREATE"
@@ -249,7 +250,8 @@ def _healthy(uri: str, timeout: float = 2.0) -> bool:
 
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as r:
-            return r.status == 200
+            out: bool = r.status == 200
+            return out
     except OSError:
         return False
 
@@ -467,7 +469,7 @@ def plan_workers(*, workers: int | None, gpus: str | None, workers_per_gpu: int 
         if workers is not None and workers != n:
             raise click.UsageError(f"--workers {workers} disagrees with --gpus {gpus} x --workers-per-gpu "
                                    f"{workers_per_gpu} = {n} workers; give one or the other")
-        gpu_of = [ids[i % len(ids)] for i in range(n)]
+        gpu_of: list[str | None] = [ids[i % len(ids)] for i in range(n)]
     else:
         assert workers is not None
         n, gpu_of = workers, [None] * workers
@@ -541,59 +543,79 @@ def launch(command: click.Command, params: dict[str, Any], plan: list[Slot], fir
         except KeyError:
             pass
     base = [sys.executable, "-m", "s2r.cli", "tune", *cli_args(command, params, skip=(*LAUNCHER_OPTS, "restart"))]
-    logs = out_dir / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[Slot, subprocess.Popen, Path]] = []
-
-    def start(slot: Slot) -> subprocess.Popen:
-        cmd = base if slot.index == 0 or "--resume" in base else [*base, "--resume"]
-        log = logs / f"worker-{slot.index}.log"
-        with open(log, "wb") as f:
-            p = subprocess.Popen(cmd, env=worker_env(slot), stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
-        gpu = f"GPU {slot.gpu}" if slot.gpu is not None else "CPU"
-        click.echo(f"worker {slot.index}: pid {p.pid}, {gpu}, {slot.threads} thread(s), log {log}")
-        procs.append((slot, p, log))
-        return p
-
-    def forward(signum: int, frame: Any) -> None:
-        for _, p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    old = signal.signal(signal.SIGTERM, forward)
+    workers = _Workers(base, out_dir / "workers")
+    old = signal.signal(signal.SIGTERM, workers.forward)
     try:
-        first = start(plan[0])
+        first = workers.start(plan[0])
         if len(plan) > 1:
-            deadline = time.monotonic() + first_timeout
-            while not _parent_ready(storage, name):
-                if first.poll() is not None:
-                    if first.returncode != 0:
-                        click.secho(f"worker 0 failed (exit {first.returncode}):\n{_tail(procs[0][2])}", fg="red",
-                                    err=True)
-                        return first.returncode or 1
-                    break  # it finished the whole study already
-                if time.monotonic() > deadline:
-                    click.secho(f"warning: study {name!r} has no MLflow parent run after {first_timeout:.0f} s; "
-                                "starting the other workers anyway", fg="yellow", err=True)
-                    break
-                time.sleep(0.5)
+            failed = _wait_for_first(first, workers, storage, name, first_timeout)
+            if failed:
+                return failed
             for slot in plan[1:]:
-                start(slot)
-        try:
-            codes = [p.wait() for _, p, _ in procs]
-        except KeyboardInterrupt:
-            forward(signal.SIGTERM, None)
-            codes = [p.wait() for _, p, _ in procs]
+                workers.start(slot)
+        codes = workers.wait()
     finally:
         signal.signal(signal.SIGTERM, old)
-    bad = [(s.index, c, log) for (s, _, log), c in zip(procs, codes) if c != 0]
+    bad = [(s.index, c, log) for (s, _, log), c in zip(workers.procs, codes) if c != 0]
     for i, c, log in bad:
         click.secho(f"worker {i} exited with code {c}; last lines of {log}:\n{_tail(log, 15)}", fg="red", err=True)
     metrics = out_dir / "metrics.json"
     if metrics.is_file():
         click.echo(" ".join(f"{k}={v}" for k, v in json.loads(metrics.read_text()).items()))
     return 1 if bad else 0
+
+
+class _Workers:
+    """The launched worker processes (slot, process, log file); SIGTERM is forwarded to the running ones."""
+
+    def __init__(self, base: list[str], logs: Path) -> None:
+        self.base, self.logs = base, logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[Slot, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, slot: Slot) -> subprocess.Popen[bytes]:
+        """Worker `slot.index` (every one but the first joins with --resume), its output in its log file."""
+        cmd = self.base if slot.index == 0 or "--resume" in self.base else [*self.base, "--resume"]
+        log = self.logs / f"worker-{slot.index}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen(cmd, env=worker_env(slot), stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        gpu = f"GPU {slot.gpu}" if slot.gpu is not None else "CPU"
+        click.echo(f"worker {slot.index}: pid {p.pid}, {gpu}, {slot.threads} thread(s), log {log}")
+        self.procs.append((slot, p, log))
+        return p
+
+    def forward(self, signum: int, frame: Any) -> None:
+        for _, p, _ in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def wait(self) -> list[int]:
+        """Every worker's exit code (Ctrl-C is passed on to them first)."""
+        try:
+            return [p.wait() for _, p, _ in self.procs]
+        except KeyboardInterrupt:
+            self.forward(signal.SIGTERM, None)
+            return [p.wait() for _, p, _ in self.procs]
+
+
+def _wait_for_first(first: subprocess.Popen[bytes], workers: _Workers, storage: Any, name: str, timeout: float
+                    ) -> int:
+    """Wait until worker 0 created the study's MLflow parent run; its exit code if it failed first, else 0."""
+    deadline = time.monotonic() + timeout
+    while not _parent_ready(storage, name):
+        if first.poll() is not None:
+            if first.returncode != 0:
+                click.secho(f"worker 0 failed (exit {first.returncode}):\n{_tail(workers.procs[0][2])}", fg="red",
+                            err=True)
+                return first.returncode or 1
+            return 0  # it finished the whole study already
+        if time.monotonic() > deadline:
+            click.secho(f"warning: study {name!r} has no MLflow parent run after {timeout:.0f} s; "
+                        "starting the other workers anyway", fg="yellow", err=True)
+            return 0
+        time.sleep(0.5)
+    return 0
 
 
 # --- `s2r team` commands ----------------------------------------------------------------------------------------

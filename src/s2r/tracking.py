@@ -312,7 +312,8 @@ def _experiment_id(mlflow: Any, uri: str, experiment: str) -> str:
     if exp is None or EXPERIMENT_KIND[0] not in (exp.tags or {}):  # a kind chosen in the UI is kept
         mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    out: str = exp_id
+    return out
 
 
 # MLflow 3's UI shows an experiment as GenAI (traces overview) or as classic ML (training runs). The tag is what
@@ -551,6 +552,7 @@ class TrackedRun:
         else:
             run = mlflow.start_run(run_name=self.name, tags=tags, nested=nested,
                                    log_system_metrics=self.system_metrics)
+            self.run_id = run.info.run_id
             self.log_params(self.params)
         self.run_id = run.info.run_id
         HEARTBEAT.add(self.run_id, tracking_uri())
@@ -595,7 +597,7 @@ class TrackedRun:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flat.items()]
         client = mlflow.MlflowClient()
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            client.log_batch(self.run_id or mlflow.active_run().info.run_id, params=items[i : i + 100])
+            client.log_batch(self.run_id, params=items[i : i + 100])
         self.log_seconds += time.perf_counter() - t
 
     def set_tags(self, tags: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import queue
@@ -11,10 +12,10 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -23,8 +24,11 @@ from torch import nn
 from s2r import distributed, health
 from s2r.config import TrainParams
 from s2r.files import atomic_path
-from s2r.methods.base import Method
+from s2r.methods.base import Method, State
 from s2r.tracking import TrackedRun
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 CHECKPOINT = "last.pt"
 
@@ -95,17 +99,18 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: State) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
+def load_checkpoint(ckpt_dir: Path) -> State | None:
     path = Path(ckpt_dir) / CHECKPOINT
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state: State = torch.load(path, map_location="cpu", weights_only=False)
+    return state
 
 
 @dataclass
@@ -135,7 +140,7 @@ class LossSums:
         self.dev: dict[str, torch.Tensor] = {}
         self.order: list[str] = list(self.host)  # keys in first-seen order (the metric order of the history)
 
-    def add(self, losses: dict[str, Any]) -> None:
+    def add(self, losses: Mapping[str, torch.Tensor | float]) -> None:
         for k, v in losses.items():
             if k not in self.host and k not in self.dev:
                 self.order.append(k)
@@ -192,13 +197,17 @@ class Prefetcher:
             for j in range(first, total):  # j = steps done before the batch being drawn is used
                 if j > first and pause_before(j):
                     with self.cond:
-                        self.cond.wait_for(lambda j=j: self.released >= j or self.stopped)
+                        self.cond.wait_for(functools.partial(self._may_draw, j))
                 if self.stopped:
                     return
                 batch = next(batches)
                 self._put(pin_batch(batch) if pin else batch)
         except BaseException as e:  # handed to the training thread, raised there
             self._put(_Failed(e))
+
+    def _may_draw(self, steps_done: int) -> bool:
+        """The checkpoint before this batch is written (or the loop stopped)."""
+        return self.released >= steps_done or self.stopped
 
     def _put(self, item: Any) -> None:
         while not self.stopped:
@@ -272,7 +281,7 @@ def use_channels_last(train: TrainParams, device: torch.device) -> bool:
     return device.type == "cuda" and resolve_auto(train.channels_last, device)
 
 
-def apply_train_options(method: Method, train: TrainParams) -> Callable[[], None]:
+def apply_train_options(method: Method[Any], train: TrainParams) -> Callable[[], None]:
     """channels_last and torch.compile on the method's networks; returns the undo (before export/pickling)."""
     compiled: list[nn.Module] = []
     if use_channels_last(train, method.device):
@@ -291,14 +300,14 @@ def apply_train_options(method: Method, train: TrainParams) -> Callable[[], None
 
 
 def fit(
-    method: Method,
+    method: Method[Any],
     *,
     train: TrainParams,
     epochs: int,
     steps_per_epoch: int,
     ckpt_dir: Path,
     run: TrackedRun | None = None,
-    resume_state: dict[str, Any] | None = None,
+    resume_state: State | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 0,
     session: distributed.Session | None = None,
@@ -318,152 +327,194 @@ def fit(
     `session` (s2r.distributed, under torchrun): this rank trains its shard of every global batch with the
     networks wrapped in DDP; losses are means over ranks; only rank 0 writes checkpoints (pass `run` there only).
     """
-    from tqdm import tqdm
-
-    total = epochs * steps_per_epoch
-    result = FitResult()
-    start = 0
-    if resume_state is not None:
-        method.load_train_state(resume_state["method"])
-        torch.set_rng_state(resume_state["torch_rng"])
-        if resume_state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])  # randn_like etc. on the GPU resume exactly
-        start = int(resume_state["step"])
-        result.history = list(resume_state["history"])
-        sums = LossSums(resume_state.get("epoch_sums", {}))
-        window = LossSums(resume_state.get("window_sums", {}))
-    else:
-        sums, window = LossSums(), LossSums()
-    ckpt_path = Path(ckpt_dir) / CHECKPOINT
-    verified = start  # every step up to here had finite losses
-
-    sess = session or distributed.Session()
-
-    def checked(sums_: LossSums, step: int) -> dict[str, float]:
-        """Read (the one sync: waiting for queued GPU work counts as step time), average over ranks, check NaN/inf."""
-        nonlocal verified
-        t = time.perf_counter()
-        values = sess.mean(sums_.read())
-        result.seconds_step += time.perf_counter() - t
-        for k, v in values.items():
-            if not math.isfinite(v):
-                first = verified + 1
-                e0, e1 = (first - 1) // steps_per_epoch + 1, (step - 1) // steps_per_epoch + 1
-                raise NonFiniteLossError(
-                    f"{method.name}: loss {k!r} is {v} in steps {first}-{step} (epoch {e0}"
-                    f"{f'-{e1}' if e1 != e0 else ''}; losses are checked where they are logged and checkpointed); "
-                    f"lower the learning rate or check the data. Last checkpoint (before these steps): {ckpt_path}")
-        verified = step
-        return values
-
-    pending: list[tuple[int, LossSums]] = []  # finished log_every windows, read at the next epoch end/checkpoint
-
-    def log_windows() -> None:
-        """Log the loss means of the finished windows at their global steps (read now: no sync when they ended)."""
-        while pending:
-            at, finished = pending.pop(0)
-            means = {f"train_{k}": v / log_every for k, v in checked(finished, at).items()}
-            if run is not None:
-                run.log_metrics(means, step=at)
-
-    def checkpoint(step: int) -> None:
-        log_windows()
-        epoch_sums = checked(sums, step)  # never save weights that a NaN already reached
-        window_sums = checked(window, step)
-        if not sess.writer:
-            return
-        if run is not None:
-            run.flush()  # what the checkpoint covers is in MLflow before it: a resumed run logs nothing twice
-        save_checkpoint(ckpt_path, {
-            "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
-            "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
-            "history": result.history, "run_id": run.run_id if run else None, "epoch_sums": epoch_sums,
-            "window_sums": window_sums,
-        })
-
-    tracking_before = run.log_seconds if run else 0.0
-    every = train.checkpoint_every
-
-    def is_checkpoint(done: int) -> bool:
-        return done % every == 0 or done == total
-
-    pin = method.device.type == "cuda"
-    undo_options = apply_train_options(method, train)
-    try:
-        step_scope = _step_scope(method, sess)
-        with step_scope():  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
-            method.before_training()
-    except BaseException:
-        undo_options()
-        raise
-    source: Prefetcher | _Serial = (
-        Prefetcher(method.batches(), start, total, is_checkpoint, train.prefetch, pin) if train.prefetch > 0
-        else _Serial(method.batches()))
+    loop = _Loop(method, train, epochs * steps_per_epoch, steps_per_epoch, Path(ckpt_dir) / CHECKPOINT, run,
+                 log_every, session or distributed.Session())
+    source = loop.prepare(resume_state)
+    bar = loop.progress_bar()
     t_start = time.perf_counter()
     method.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step",
-               disable=not (train.progress and sess.writer),
-               mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
     try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            batch = source.get()
-            if sess.world > 1:
-                batch = method.shard_batch(batch, sess.shard)  # this rank's rows of the global batch
-            t1 = time.perf_counter()
-            with step_scope():
-                losses = method.train_step(batch)
-            result.seconds_data += t1 - t0
-            result.seconds_step += time.perf_counter() - t1
-            result.samples += method.batch_size  # the global batch
-            sums.add(losses)
-            if log_every > 0:
-                window.add(losses)
-            result.steps += 1
+        for step in range(loop.start, loop.total):
+            loop.train_step(source)
             bar.update(1)
             done = step + 1
             if log_every > 0 and done % log_every == 0:
-                pending.append((done, window))  # read at the epoch end: the device runs on meanwhile
-                window = LossSums()
+                loop.end_window(done)
             if done % steps_per_epoch == 0:
-                epoch = done // steps_per_epoch
-                n = steps_per_epoch
-                log_windows()
-                train_sums = checked(sums, done)
-                tv = time.perf_counter()
-                method.eval()
-                with torch.no_grad():
-                    val = method.validate()
-                method.train()
-                result.seconds_validate += time.perf_counter() - tv
-                metrics = {f"train_{k}": v / max(n, 1) for k, v in train_sums.items()} | val
-                metrics["lr"] = _first_lr(method)
-                metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
-                result.history.append({"epoch": epoch, **metrics})
-                sums = LossSums()
-                if run is not None:  # the training curves are the windows' means when log_every > 0
-                    run.log_metrics({k: v for k, v in metrics.items() if not (log_every and k.startswith("train_"))},
-                                    step=done)
-                    run.flush()
+                metrics = loop.end_epoch(done)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]})
-            if is_checkpoint(done):
-                checkpoint(done)
+            if loop.is_checkpoint(done):
+                loop.checkpoint(done)
                 source.release(done)
             if on_epoch is not None and done % steps_per_epoch == 0:
-                on_epoch(done // steps_per_epoch, result.history[-1])  # may raise to stop/prune
-        log_windows()  # a last window that ended between the last epoch end and the last step
+                on_epoch(done // steps_per_epoch, loop.result.history[-1])  # may raise to stop/prune
+        loop.log_windows()  # a last window that ended between the last epoch end and the last step
         if run is not None:
             run.flush()
     finally:
         source.close()
-        undo_options()
+        loop.undo_options()
         bar.close()
-    result.seconds_total = time.perf_counter() - t_start
-    result.seconds_tracking = (run.log_seconds - tracking_before) if run else 0.0  # logging during training only
-    return result
+    return loop.finish(time.perf_counter() - t_start)
 
 
-def _step_scope(method: Method, sess: distributed.Session) -> Callable[[], contextlib.AbstractContextManager[None]]:
+class _Loop:
+    """The state of one `fit`: step counters, loss sums, timings; each step of the loop is a method."""
+
+    def __init__(self, method: Method[Any], train: TrainParams, total: int, steps_per_epoch: int, ckpt_path: Path,
+                 run: TrackedRun | None, log_every: int, sess: distributed.Session) -> None:
+        self.method, self.train, self.run, self.log_every, self.sess = method, train, run, log_every, sess
+        self.scope: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        self.undo_options: Callable[[], None] = lambda: None
+        self.total, self.steps_per_epoch, self.ckpt_path = total, steps_per_epoch, ckpt_path
+        self.result = FitResult()
+        self.start = 0
+        self.sums, self.window = LossSums(), LossSums()  # per epoch; per `log_every` window
+        self.pending: list[tuple[int, LossSums]] = []  # finished windows, read at the next epoch end/checkpoint
+        self.verified = 0  # every step up to here had finite losses
+        self.tracking_before = run.log_seconds if run else 0.0
+
+    def restore(self, state: State | None) -> None:
+        """Continue from a checkpoint: method, RNGs, step, history and the partial loss sums."""
+        if state is None:
+            return
+        self.method.load_train_state(state["method"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])  # randn_like etc. on the GPU resume exactly
+        self.start = self.verified = int(state["step"])
+        self.result.history = list(state["history"])
+        self.sums = LossSums(state.get("epoch_sums", {}))
+        self.window = LossSums(state.get("window_sums", {}))
+
+    def prepare(self, state: State | None) -> Prefetcher | _Serial:
+        """Restore a checkpoint, apply the train options, wrap the networks in DDP (under torchrun), run the
+        method's before_training; returns the batch source."""
+        self.restore(state)
+        self.undo_options = apply_train_options(self.method, self.train)
+        try:
+            self.scope = _step_scope(self.method, self.sess)
+            with self.scope():  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
+                self.method.before_training()
+            return self.batch_source()
+        except BaseException:
+            self.undo_options()
+            raise
+
+    def is_checkpoint(self, done: int) -> bool:
+        return done % self.train.checkpoint_every == 0 or done == self.total
+
+    def batch_source(self) -> Prefetcher | _Serial:
+        """The method's batches, drawn ahead in a thread (`train.prefetch`) or in this one."""
+        batches = self.method.batches()
+        if self.train.prefetch <= 0:
+            return _Serial(batches)
+        return Prefetcher(batches, self.start, self.total, self.is_checkpoint, self.train.prefetch,
+                          pin=self.method.device.type == "cuda")
+
+    def progress_bar(self) -> tqdm[NoReturn]:
+        from tqdm import tqdm
+
+        return tqdm(total=self.total, initial=self.start, desc=f"train {self.method.name}", unit="step",
+                    disable=not (self.train.progress and self.sess.writer),
+                    mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
+
+    def train_step(self, source: Prefetcher | _Serial) -> None:
+        """One optimisation step on the next batch (this rank's shard of it under torchrun); its losses are added
+        on the device (no sync)."""
+        t0 = time.perf_counter()
+        batch = source.get()
+        if self.sess.world > 1:
+            batch = self.method.shard_batch(batch, self.sess.shard)  # this rank's rows of the global batch
+        t1 = time.perf_counter()
+        with self.scope():
+            losses = self.method.train_step(batch)
+        self.result.seconds_data += t1 - t0
+        self.result.seconds_step += time.perf_counter() - t1
+        self.result.samples += self.method.batch_size  # the global batch
+        self.sums.add(losses)
+        if self.log_every > 0:
+            self.window.add(losses)
+        self.result.steps += 1
+
+    def checked(self, sums: LossSums, step: int) -> dict[str, float]:
+        """Read (the one sync: waiting for queued GPU work counts as step time), average over ranks, check NaN/inf."""
+        t = time.perf_counter()
+        values = self.sess.mean(sums.read())
+        self.result.seconds_step += time.perf_counter() - t
+        for k, v in values.items():
+            if not math.isfinite(v):
+                first, n = self.verified + 1, self.steps_per_epoch
+                e0, e1 = (first - 1) // n + 1, (step - 1) // n + 1
+                raise NonFiniteLossError(
+                    f"{self.method.name}: loss {k!r} is {v} in steps {first}-{step} (epoch {e0}"
+                    f"{f'-{e1}' if e1 != e0 else ''}; losses are checked where they are logged and checkpointed); "
+                    f"lower the learning rate or check the data. Last checkpoint (before these steps): "
+                    f"{self.ckpt_path}")
+        self.verified = step
+        return values
+
+    def end_window(self, done: int) -> None:
+        """A `log_every` window ended: keep its sums (read at the epoch end: the device runs on meanwhile)."""
+        self.pending.append((done, self.window))
+        self.window = LossSums()
+
+    def log_windows(self) -> None:
+        """Log the loss means of the finished windows at their global steps (read now: no sync when they ended)."""
+        while self.pending:
+            at, finished = self.pending.pop(0)
+            means = {f"train_{k}": v / self.log_every for k, v in self.checked(finished, at).items()}
+            if self.run is not None:
+                self.run.log_metrics(means, step=at)
+
+    def end_epoch(self, done: int) -> dict[str, float]:
+        """Mean training losses, validation metrics, learning rate and health signals of the epoch; logged."""
+        method, n = self.method, self.steps_per_epoch
+        self.log_windows()
+        train_sums = self.checked(self.sums, done)
+        tv = time.perf_counter()
+        method.eval()
+        with torch.no_grad():
+            val = method.validate()
+        method.train()
+        self.result.seconds_validate += time.perf_counter() - tv
+        metrics = {f"train_{k}": v / max(n, 1) for k, v in train_sums.items()} | val
+        metrics["lr"] = _first_lr(method)
+        metrics |= health.epoch_signals(method, metrics)  # declared failure-mode signals (s2r.health)
+        self.result.history.append({"epoch": done // n, **metrics})
+        self.sums = LossSums()
+        if self.run is not None:  # the training curves are the windows' means when log_every > 0
+            self.run.log_metrics({k: v for k, v in metrics.items()
+                                  if not (self.log_every and k.startswith("train_"))}, step=done)
+            self.run.flush()
+        return metrics
+
+    def checkpoint(self, step: int) -> None:
+        """Method, RNGs, history and partial sums, atomically; never weights that a NaN already reached."""
+        self.log_windows()
+        epoch_sums = self.checked(self.sums, step)
+        window_sums = self.checked(self.window, step)
+        if not self.sess.writer:  # rank 0 alone writes (every rank holds the same state)
+            return
+        if self.run is not None:
+            self.run.flush()  # what the checkpoint covers is in MLflow before it: a resumed run logs nothing twice
+        method = self.method
+        save_checkpoint(self.ckpt_path, {
+            "method": method.train_state(), "torch_rng": torch.get_rng_state(), "step": step,
+            "cuda_rng": torch.cuda.get_rng_state_all() if method.device.type == "cuda" else None,
+            "history": self.result.history, "run_id": self.run.run_id if self.run else None,
+            "epoch_sums": epoch_sums, "window_sums": window_sums,
+        })
+
+    def finish(self, seconds: float) -> FitResult:
+        self.result.seconds_total = seconds
+        run = self.run  # logging during training only:
+        self.result.seconds_tracking = (run.log_seconds - self.tracking_before) if run else 0.0
+        return self.result
+
+
+def _step_scope(method: Method[Any], sess: distributed.Session
+                ) -> Callable[[], contextlib.AbstractContextManager[None]]:
     """What every training step runs inside: under torchrun, the method's networks wrapped in DDP (s2r.distributed);
     otherwise nothing."""
     if not sess.active:
@@ -473,7 +524,7 @@ def _step_scope(method: Method, sess: distributed.Session) -> Callable[[], conte
     return distributed.Training(method, method.distributed_networks(), optimised, sess).step
 
 
-def _first_lr(method: Method) -> float:
+def _first_lr(method: Method[Any]) -> float:
     for o in method.optimizers.values():
         return float(o.param_groups[0]["lr"])
     return 0.0

@@ -25,11 +25,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from s2r.config import ConfigError, SearchParam, StudySpec
-from s2r.files import write_json, write_text
+from s2r.config import ConfigError, Params, SearchParam, StudySpec
+from s2r.files import JsonDict, write_json, write_text
 from s2r.params import load_params
+
+if TYPE_CHECKING:  # optuna and MLflow stay lazy imports (the CLI starts without them)
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from s2r.tracking import TrackedRun
 
 TUNING_DIR = Path("data/tuning")
 
@@ -109,6 +115,7 @@ def build_storage(opts: TuneOptions, out_dir: Path) -> Any:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    assert opts.storage is not None  # journal_path is None only for an RDB URL
     return RDBStorage(
         opts.storage,
         heartbeat_interval=opts.heartbeat_interval,
@@ -267,6 +274,7 @@ def suggest(trial: Any, spec: StudySpec) -> dict[str, Any]:
         if p.type == "categorical":
             out[key] = trial.suggest_categorical(key, p.choices)
         elif p.type == "int":
+            assert p.low is not None and p.high is not None  # SearchParam.validate: int and float need both
             out[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
             out[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
@@ -295,166 +303,37 @@ def refine_chain(data_dir: Path, params: Any, work: Path, *, on_epoch: Callable[
     if seg not in params.methods:
         raise ConfigError(f"methods.{method}.downstream: no params block methods.{seg}")
     work = Path(work)
-    first = stages.train(method, data_dir, work / "translator", params, ckpt_dir=work / "translator-ckpt",
-                         parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}", tags=tags)
+    first = stages.train(stages.TrainRequest(method, data_dir, work / "translator", ckpt_dir=work / "translator-ckpt",
+                                             parent_run_id=parent_run_id, run_name=f"{run_name}/train@{method}",
+                                             tags=tags), params)
     stages.refine(method, work / "translator", data_dir, work / "refined", None, params)
-    summary = stages.train(seg, work / "refined", work / "seg", params, ckpt_dir=work / "seg-ckpt",
-                           on_epoch=on_epoch, parent_run_id=parent_run_id, run_name=f"{run_name}/train@{seg}",
-                           tags=tags)
+    summary = stages.train(stages.TrainRequest(seg, work / "refined", work / "seg", ckpt_dir=work / "seg-ckpt",
+                                               on_epoch=on_epoch, parent_run_id=parent_run_id,
+                                               run_name=f"{run_name}/train@{seg}", tags=tags), params)
     return summary | {f"{method}_seconds": first["seconds"], f"{method}_mlflow_run_id": first["mlflow_run_id"]}
 
 
 def run(opts: TuneOptions) -> dict[str, Any]:
     """Run (or continue) one study with this process as a worker; write best.yaml and metrics.json."""
-    import optuna
     import yaml
-    from optuna.trial import TrialState
-    from tqdm import tqdm
-
-    from s2r import stages
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun, reconcile
 
     base = load_params(opts.params_path)
-    if opts.study not in base.studies:
-        known = sorted(base.studies)
-        raise ConfigError(f"{opts.params_path}: no study {opts.study!r} under 'studies' (known: {known})")
-    spec = base.studies[opts.study]
-    n_trials = opts.n_trials or spec.n_trials
+    spec = _study_spec(base, opts)
     out_dir = Path(opts.out_dir or TUNING_DIR / opts.study)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or opts.study
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = build_storage(opts, out_dir)
-    if opts.restart:
-        try:
-            optuna.delete_study(study_name=name, storage=storage)
-        except KeyError:
-            pass
-    directions = [o.direction for o in spec.objectives]
+    study, creator = _open_study(opts, spec, name, out_dir)
     journal = journal_path(opts, out_dir)
     workers_dir = (journal.with_name(journal.name + ".workers") if journal else out_dir / "workers") / name
-    kwargs = {"storage": storage, "study_name": name, "sampler": build_sampler(spec), "pruner": build_pruner(spec),
-              "directions": directions}
-    try:  # creating the study is atomic in every storage: it elects the worker that creates the parent run
-        study, creator = optuna.create_study(**kwargs, load_if_exists=False), True
-    except optuna.exceptions.DuplicatedStudyError:
-        if not opts.resume:
-            raise ConfigError(f"study {name!r} already exists in {opts.storage or out_dir / 'journal.log'}; "
-                              "pass --resume to continue it or --restart to start over") from None
-        study, creator = optuna.create_study(**kwargs, load_if_exists=True), False
-    study.set_user_attr("method", spec.method)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-
-    def n_done() -> int:
-        return len(study.get_trials(deepcopy=False, states=finished))
-
-    experiment = registry.experiment(base.tracking.experiment, spec.method)  # the tuned paper's experiment
     with contextlib.ExitStack() as stack:
         workers = stack.enter_context(Workers(workers_dir, opts.heartbeat_interval))
         stack.callback(os.environ.pop, "S2R_LOCAL_WORKERS", None)
         with workers.lock():  # one parent run per study, even for workers started at the same instant
-            parent_id = study.user_attrs.get(PARENT_ATTR)
-            if parent_id is None and not creator and journal is None:  # an RDB study's creator may be elsewhere
-                parent_id = _wait_for_parent(study)
-            parent = stack.enter_context(TrackedRun(
-                f"tune@{opts.study}", experiment=experiment, run_id=parent_id, section="tune",
-                params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
-                tags={"stage": "tune", "study": name, "method": spec.method}))
-            if parent_id is None:
+            parent = stack.enter_context(_parent_run(study, creator, journal is not None, opts, spec, name, base))
+            if study.user_attrs.get(PARENT_ATTR) is None:
                 study.set_user_attr(PARENT_ATTR, parent.run_id)
-
-        def settle() -> int:
-            """Settle dead workers' trials; the number of RUNNING trials whose fate is not known yet."""
-            if journal is None:
-                optuna.storages.fail_stale_trials(study)  # RDB heartbeats
-                return 0
-            failed, undecided = settle_dead_trials(study, workers, opts)
-            if failed:  # their MLflow runs too, now rather than when the next s2r process starts
-                reconcile()
-            return undecided
-
-        settle()
-        bar = tqdm(total=n_trials, initial=min(n_done(), n_trials), desc=f"tune {opts.study}", unit="trial")
-
-        def objective(trial: optuna.Trial) -> Any:
-            trial.set_user_attr("worker", workers.me)  # whoever finds it RUNNING with this process gone fails it
-            trial.set_user_attr("worker_pid", os.getpid())
-            os.environ["S2R_LOCAL_WORKERS"] = str(workers.local_count())  # train.threads: auto (s2r.stages)
-            overrides = suggest(trial, spec) | {"train.progress": False}
-            single = len(spec.objectives) == 1
-            twin = _completed_twin(study, trial)
-            if twin is not None:  # same params + same seed = same deterministic training: reuse its result
-                trial.set_user_attr("duplicate_of", twin.number)
-                trial.set_user_attr("mlflow_run_id", twin.user_attrs.get("mlflow_run_id"))
-                return twin.values[0] if single else list(twin.values)
-
-            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-                if not single:
-                    return  # Optuna prunes single-objective studies only
-                trial.report(_metric(metrics, spec.objectives[0].metric), epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-            try:
-                params = load_params(opts.params_path, overrides)
-                run_name, tags = f"trial@{opts.study}#{trial.number}", {"optuna_study": name,
-                                                                       "optuna_trial": str(trial.number)}
-                # A translator whose params block names a `downstream` method (paper 5's cut_patch: train CUT,
-                # refine, train a segmenter) is scored by the chain `refine_chain`, not by its own training.
-                chained = bool(getattr(params.methods[spec.method], "downstream", ""))
-                with tempfile.TemporaryDirectory(prefix=f"s2r-trial{trial.number}-") as tmp:
-                    if chained:
-                        summary = refine_chain(opts.data_dir, params, Path(tmp), on_epoch=on_epoch,
-                                               parent_run_id=parent.run_id, run_name=run_name, tags=tags,
-                                               method=spec.method)
-                    else:
-                        summary = stages.train(
-                            spec.method, opts.data_dir, Path(tmp) / "model", params, ckpt_dir=Path(tmp) / "ckpt",
-                            on_epoch=on_epoch, parent_run_id=parent.run_id, run_name=run_name, tags=tags,
-                        )
-            except optuna.TrialPruned:
-                raise
-            except Exception as e:  # recorded on the trial; the study goes on
-                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
-                raise
-            trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
-            for k in ("seconds", "tracking_seconds_total"):  # to measure the overhead around training
-                if k in summary:
-                    trial.set_user_attr(f"train_{k}", summary[k])
-            values = [_metric(summary, o.metric) for o in spec.objectives]
-            if any(not math.isfinite(v) for v in values):
-                trial.set_user_attr("fail_reason", f"objective is not finite: {values}")
-                return float("nan")  # Optuna records a NaN objective as FAIL
-            return values[0] if single else values
-
-        def progress(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-            bar.n = min(n_done(), n_trials)
-            states = [t.state for t in st.get_trials(deepcopy=False)]
-            post = {"trial": ft.number, "pruned": states.count(TrialState.PRUNED),
-                    "failed": states.count(TrialState.FAIL)}
-            if len(directions) == 1 and any(s == TrialState.COMPLETE for s in states):
-                post["best"] = f"{st.best_value:.4g}"
-            bar.set_postfix(post)
-            bar.refresh()
-            parent.log_metrics({"trials_finished": n_done()}, step=ft.number)
-
-        def stop_when_done(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-            """Stop at n_trials finished trials (all workers), or when as many have failed (a broken setup)."""
-            failed = len(st.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-            if n_done() >= n_trials or failed >= max(n_trials, 3):
-                st.stop()
-
-        def settle_after(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-            settle()
-
-        if n_done() < n_trials:
-            study.optimize(objective, timeout=spec.timeout, catch=(Exception,),
-                           callbacks=[settle_after, progress, stop_when_done])
-        waiting = _settle_stale_trials(study, opts, settle, rdb=journal is None)
-        if waiting:  # retries of trials whose worker died: run them so every trial is accounted for
-            study.optimize(objective, n_trials=waiting, catch=(Exception,), callbacks=[settle_after, progress])
-        bar.close()
+        worker = _Worker(opts, spec, name, study, workers, parent, rdb=journal is None)
+        worker.optimize()
         result = summarise(study, spec, opts.study)
         with workers.lock():  # workers finishing together would write the same tags and files at once
             _tag_trial_runs(study)
@@ -462,6 +341,193 @@ def run(opts: TuneOptions) -> dict[str, Any]:
             write_text(out_dir / "best.yaml", yaml.safe_dump(result["best"], sort_keys=False))
             write_json(out_dir / "metrics.json", result["metrics"])
     return result
+
+
+def _study_spec(base: Params, opts: TuneOptions) -> StudySpec:
+    """The study `opts.study` declared under `studies` in params.yaml."""
+    if opts.study not in base.studies:
+        known = sorted(base.studies)
+        raise ConfigError(f"{opts.params_path}: no study {opts.study!r} under 'studies' (known: {known})")
+    return base.studies[opts.study]
+
+
+def _open_study(opts: TuneOptions, spec: StudySpec, name: str, out_dir: Path) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it with --resume (--restart deletes it first); True if this worker created it.
+
+    Creating a study is atomic in every storage: it elects the worker that creates the parent run."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = build_storage(opts, out_dir)
+    if opts.restart:
+        try:
+            optuna.delete_study(study_name=name, storage=storage)
+        except KeyError:
+            pass
+    kwargs = {"storage": storage, "study_name": name, "sampler": build_sampler(spec), "pruner": build_pruner(spec),
+              "directions": [o.direction for o in spec.objectives]}
+    try:
+        study, creator = optuna.create_study(**kwargs, load_if_exists=False), True
+    except optuna.exceptions.DuplicatedStudyError:
+        if not opts.resume:
+            raise ConfigError(f"study {name!r} already exists in {opts.storage or out_dir / 'journal.log'}; "
+                              "pass --resume to continue it or --restart to start over") from None
+        study, creator = optuna.create_study(**kwargs, load_if_exists=True), False
+    study.set_user_attr("method", spec.method)
+    return study, creator
+
+
+def _parent_run(study: optuna.Study, creator: bool, journal: bool, opts: TuneOptions, spec: StudySpec, name: str,
+                base: Params) -> TrackedRun:
+    """The study's MLflow parent run (in the tuned paper's experiment): created once, joined by other workers."""
+    from s2r.methods import registry
+    from s2r.tracking import TrackedRun
+
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if parent_id is None and not creator and not journal:  # an RDB study's creator may be elsewhere
+        parent_id = _wait_for_parent(study)
+    return TrackedRun(
+        f"tune@{opts.study}", experiment=registry.experiment(base.tracking.experiment, spec.method),
+        run_id=parent_id, section="tune",
+        params={"study": {opts.study: _spec_dict(spec)}, "storage": opts.storage or "journal"},
+        tags={"stage": "tune", "study": name, "method": spec.method})
+
+
+class _Worker:
+    """This process's share of one study: the objective (one training per trial) and the study callbacks."""
+
+    def __init__(self, opts: TuneOptions, spec: StudySpec, name: str, study: optuna.Study, workers: Workers,
+                 parent: TrackedRun, *, rdb: bool) -> None:
+        self.opts, self.spec, self.name, self.study, self.workers, self.parent, self.rdb = (
+            opts, spec, name, study, workers, parent, rdb)
+        self.n_trials = opts.n_trials or spec.n_trials
+        self.single = len(spec.objectives) == 1
+        self.bar: Any = None
+
+    def n_done(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def optimize(self) -> None:
+        """Trials until the study has n_trials finished ones, then the retries of dead workers' trials."""
+        from tqdm import tqdm
+
+        self.settle()
+        self.bar = tqdm(total=self.n_trials, initial=min(self.n_done(), self.n_trials), desc=f"tune {self.opts.study}",
+                        unit="trial")
+        if self.n_done() < self.n_trials:
+            self.study.optimize(self.objective, timeout=self.spec.timeout, catch=(Exception,),
+                                callbacks=[self.settle_after, self.progress, self.stop_when_done])
+        waiting = _settle_stale_trials(self.study, self.opts, self.settle, rdb=self.rdb)
+        if waiting:  # retries of trials whose worker died: run them so every trial is accounted for
+            self.study.optimize(self.objective, n_trials=waiting, catch=(Exception,),
+                                callbacks=[self.settle_after, self.progress])
+        self.bar.close()
+
+    def settle(self) -> int:
+        """Settle dead workers' trials; the number of RUNNING trials whose fate is not known yet."""
+        import optuna
+
+        from s2r.tracking import reconcile
+
+        if self.rdb:
+            optuna.storages.fail_stale_trials(self.study)  # RDB heartbeats
+            return 0
+        failed, undecided = settle_dead_trials(self.study, self.workers, self.opts)
+        if failed:  # their MLflow runs too, now rather than when the next s2r process starts
+            reconcile()
+        return undecided
+
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        """Train with the trial's suggested params; its objective value(s), NaN (a FAIL) when not finite."""
+        trial.set_user_attr("worker", self.workers.me)  # whoever finds it RUNNING with this process gone fails it
+        trial.set_user_attr("worker_pid", os.getpid())
+        os.environ["S2R_LOCAL_WORKERS"] = str(self.workers.local_count())  # train.threads: auto (s2r.stages)
+        overrides = suggest(trial, self.spec) | {"train.progress": False}  # before the twin check: it compares them
+        twin = _completed_twin(self.study, trial)
+        if twin is not None:  # same params + same seed = same deterministic training: reuse its result
+            trial.set_user_attr("duplicate_of", twin.number)
+            trial.set_user_attr("mlflow_run_id", twin.user_attrs.get("mlflow_run_id"))
+            return twin.values[0] if self.single else list(twin.values)
+        summary = self.train(trial, overrides)
+        trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
+        for k in ("seconds", "tracking_seconds_total"):  # to measure the overhead around training
+            if k in summary:
+                trial.set_user_attr(f"train_{k}", summary[k])
+        values = [_metric(summary, o.metric) for o in self.spec.objectives]
+        if any(not math.isfinite(v) for v in values):
+            trial.set_user_attr("fail_reason", f"objective is not finite: {values}")
+            return float("nan")  # Optuna records a NaN objective as FAIL
+        return values[0] if self.single else values
+
+    def train(self, trial: optuna.Trial, overrides: dict[str, Any]) -> JsonDict:
+        """One trial's training (a nested MLflow run); its failure is recorded on the trial."""
+        import optuna
+
+        from s2r import stages
+        from s2r.methods import registry
+
+        opts, spec = self.opts, self.spec
+        try:
+            params = load_params(opts.params_path, overrides)
+            run_name, tags = f"trial@{opts.study}#{trial.number}", {"optuna_study": self.name,
+                                                                   "optuna_trial": str(trial.number)}
+            on_epoch = self.pruning(trial)
+            with tempfile.TemporaryDirectory(prefix=f"s2r-trial{trial.number}-") as tmp:
+                # A translator whose params block names a `downstream` method (paper 5's cut_patch: train CUT,
+                # refine, train a segmenter) is scored by the chain `refine_chain`, not by its own training.
+                if registry.entry(spec.method).downstream(params.methods[spec.method]):
+                    return refine_chain(opts.data_dir, params, Path(tmp), on_epoch=on_epoch,
+                                        parent_run_id=self.parent.run_id, run_name=run_name, tags=tags,
+                                        method=spec.method)
+                return stages.train(stages.TrainRequest(spec.method, opts.data_dir, Path(tmp) / "model",
+                                                        ckpt_dir=Path(tmp) / "ckpt", on_epoch=on_epoch,
+                                                        parent_run_id=self.parent.run_id, run_name=run_name,
+                                                        tags=tags), params)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # recorded on the trial; the study goes on
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+            raise
+
+    def pruning(self, trial: optuna.Trial) -> Callable[[int, dict[str, float]], None]:
+        """The per-epoch hook that reports the objective and prunes (single-objective studies only)."""
+        import optuna
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if not self.single:
+                return  # Optuna prunes single-objective studies only
+            trial.report(_metric(metrics, self.spec.objectives[0].metric), epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        return on_epoch
+
+    def progress(self, st: optuna.Study, ft: FrozenTrial) -> None:
+        """Study callback: the progress bar and `trials_finished` on the parent run."""
+        from optuna.trial import TrialState
+
+        self.bar.n = min(self.n_done(), self.n_trials)
+        states = [t.state for t in st.get_trials(deepcopy=False)]
+        post: dict[str, object] = {"trial": ft.number, "pruned": states.count(TrialState.PRUNED),
+                                   "failed": states.count(TrialState.FAIL)}
+        if self.single and any(s == TrialState.COMPLETE for s in states):
+            post["best"] = f"{st.best_value:.4g}"
+        self.bar.set_postfix(post)
+        self.bar.refresh()
+        self.parent.log_metrics({"trials_finished": self.n_done()}, step=ft.number)
+
+    def stop_when_done(self, st: optuna.Study, ft: FrozenTrial) -> None:
+        """Stop at n_trials finished trials (all workers), or when as many have failed (a broken setup)."""
+        from optuna.trial import TrialState
+
+        failed = len(st.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if self.n_done() >= self.n_trials or failed >= max(self.n_trials, 3):
+            st.stop()
+
+    def settle_after(self, st: optuna.Study, ft: FrozenTrial) -> None:
+        self.settle()
 
 
 def _completed_twin(study: Any, trial: Any) -> Any:
@@ -563,8 +629,9 @@ def _log_parent(parent: Any, study: Any, result: dict[str, Any], out_dir: Path) 
     if "params" in best:
         parent.set_tags({f"best.{k}": v for k, v in best["params"].items()})
     parent.log_dict(best, "best.yaml")
-    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
+    plots: dict[str, Callable[..., Any]] = {
+        "optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
+        "parallel_coordinate": vis.plot_parallel_coordinate}
     for name, fn in plots.items():
         try:
             multi = len(study.directions) > 1

@@ -25,16 +25,16 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from s2r.config import SPLITS
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     FACTOR_BINS,
     MANIFEST_COLUMNS,
     NO_LABEL,
-    SPLITS,
     BenchmarkSpec,
     DataError,
     DomainSpec,
@@ -154,34 +154,9 @@ def from_image_folder(
     found: list[tuple[str, str, str, Path]] = []  # (domain, split, class, file)
     bad: list[tuple[Path, str]] = []  # entries that would silently change the sample count
     for ddir in domains:
-        _reject_stray_images(ddir, "<split>/<class>/")
-        for sdir in _subdirs(ddir):
-            if sdir.name not in SPLITS:
-                raise DataError(f"{sdir}: unknown split folder {sdir.name!r}; expected one of {list(SPLITS)}")
-        for split in SPLITS:
-            sdir = ddir / split
-            if not sdir.is_dir():
-                raise DataError(f"{ddir}: no {split!r} folder; every domain needs {list(SPLITS)}")
-            _reject_stray_images(sdir, "<class>/")
-            cdirs = _subdirs(sdir)
-            if not cdirs:
-                raise DataError(f"{sdir}: empty folder: expected one sub-folder per class")
-            for cdir in cdirs:
-                if decl.classes is not None and cdir.name not in decl.classes:
-                    raise DataError(f"{cdir}: class folder {cdir.name!r} is not in the declared classes "
-                                    f"{decl.classes} (add it to the declaration or remove the folder)")
-                files = []
-                for f in sorted(cdir.iterdir()):
-                    if f.name.startswith(".") or f.name.lower() in JUNK_FILES:
-                        continue  # hidden files (.DS_Store, ._x.png) and OS litter are not samples
-                    problem = _entry_problem(f)
-                    if problem:
-                        bad.append((f, problem))
-                    else:
-                        files.append(f)
-                if not files and not bad:
-                    raise DataError(f"{cdir}: empty class folder: no {'/'.join(IMAGE_SUFFIXES)} images")
-                found += [(ddir.name, split, cdir.name, f) for f in files]
+        for split, cdir in _class_folders(ddir, decl.classes):
+            files = _class_files(cdir, bad)
+            found += [(ddir.name, split, cdir.name, f) for f in files]
     _bad_entries(bad, skip_bad_files)
     classes_ = list(decl.classes) if decl.classes is not None else sorted({c for _, _, c, _ in found})
     index = {c: i for i, c in enumerate(classes_)}
@@ -195,6 +170,46 @@ def from_image_folder(
     return _finish(records, Path(out), name=name, source=source, target=target, decl=decl, unlabelled=unlabelled,
                    description=f"image folder {src}", data_root=src, allow_outside_root=allow_outside_root,
                    skip_bad_files=skip_bad_files)
+
+
+def _class_folders(ddir: Path, classes: list[str] | None) -> list[tuple[str, Path]]:
+    """(split, class folder) of one domain folder: every split present, no stray split, images or classes."""
+    _reject_stray_images(ddir, "<split>/<class>/")
+    for sdir in _subdirs(ddir):
+        if sdir.name not in SPLITS:
+            raise DataError(f"{sdir}: unknown split folder {sdir.name!r}; expected one of {list(SPLITS)}")
+    out = []
+    for split in SPLITS:
+        sdir = ddir / split
+        if not sdir.is_dir():
+            raise DataError(f"{ddir}: no {split!r} folder; every domain needs {list(SPLITS)}")
+        _reject_stray_images(sdir, "<class>/")
+        cdirs = _subdirs(sdir)
+        if not cdirs:
+            raise DataError(f"{sdir}: empty folder: expected one sub-folder per class")
+        for cdir in cdirs:
+            if classes is not None and cdir.name not in classes:
+                raise DataError(f"{cdir}: class folder {cdir.name!r} is not in the declared classes "
+                                f"{classes} (add it to the declaration or remove the folder)")
+            out.append((split, cdir))
+    return out
+
+
+def _class_files(cdir: Path, bad: list[tuple[Path, str]]) -> list[Path]:
+    """The image files of a class folder; entries that are not images go to `bad` (hidden files and OS litter
+    are skipped); a folder without either is an error."""
+    files = []
+    for f in sorted(cdir.iterdir()):
+        if f.name.startswith(".") or f.name.lower() in JUNK_FILES:
+            continue  # hidden files (.DS_Store, ._x.png) and OS litter are not samples
+        problem = _entry_problem(f)
+        if problem:
+            bad.append((f, problem))
+        else:
+            files.append(f)
+    if not files and not bad:
+        raise DataError(f"{cdir}: empty class folder: no {'/'.join(IMAGE_SUFFIXES)} images")
+    return files
 
 
 def _entry_problem(f: Path) -> str | None:
@@ -246,27 +261,8 @@ def from_manifest(
     decl = _merge_declared(declared, classes=classes, factors=factors, channels=channels, image_size=image_size)
     df = _read_table(manifest)
     root = Path(root) if root is not None else manifest.parent
-    for col in ("path", "domain", "split"):
-        if col not in df.columns:
-            raise DataError(f"{manifest}: missing column {col!r} (columns: {list(df.columns)})")
-    if len(df) == 0:
-        raise DataError(f"{manifest}: the manifest has no rows")
-    csv = manifest.suffix.lower() == ".csv"
-
-    def where(i: int) -> str:
-        v = df["id"].iat[i] if "id" in df.columns else None
-        pos = f"line {i + 2}" if csv else f"row {i}"
-        if v is None or _missing(v) or not str(v).strip():
-            return f"{manifest} {pos}"
-        return f"{manifest} id {str(v)!r} ({pos})"
-
-    for col in ("path", "domain", "split"):
-        bad = [i for i, v in enumerate(df[col]) if not isinstance(v, str) or not v.strip()]
-        if bad:
-            raise DataError(f"{where(bad[0])}: column {col!r} is empty ({len(bad)} rows in all)")
-    for i, s in enumerate(df["split"]):
-        if s not in SPLITS:
-            raise DataError(f"{where(i)}: unknown split {s!r}; expected one of {list(SPLITS)}")
+    where = _row_names(manifest, df)
+    _check_cells(manifest, df, where)
     ids = _ids(df, where)
     labels, class_names = _labels(df, decl.classes, where, manifest)
     fac_cols = [c for c in df.columns if str(c).startswith("factor_")]
@@ -282,26 +278,48 @@ def from_manifest(
     records = []
     for i in range(len(df)):
         file = _path_cell(df, "path", i, root)
-        assert file is not None
-        records.append(
-            _Record(
-                id=ids[i],
-                domain=str(df["domain"].iat[i]),
-                split=str(df["split"].iat[i]),
-                file=file,
-                where=f"{where(i)} (file {file})",
-                label=labels[i] if labels is not None else NO_LABEL,
-                factors={k: v[i] for k, v in fac_values.items()},
-                extra={c: v[i] for c, v in extras.items() if v[i] is not None},
-                depth=aux["depth_path"][i],
-                mask=aux["mask_path"][i],
-            )
-        )
+        assert file is not None  # _check_cells: no empty path
+        records.append(_Record(
+            id=ids[i], domain=str(df["domain"].iat[i]), split=str(df["split"].iat[i]), file=file,
+            where=f"{where(i)} (file {file})", label=labels[i] if labels is not None else NO_LABEL,
+            factors={k: v[i] for k, v in fac_values.items()},
+            extra={c: v[i] for c, v in extras.items() if v[i] is not None},
+            depth=aux["depth_path"][i], mask=aux["mask_path"][i]))
     _check_out_apart(Path(out), [manifest, *(r.file for r in records)])
     decl.classes, decl.factors = class_names, fac_sizes
     return _finish(records, Path(out), name=name, source=source, target=target, decl=decl, unlabelled=unlabelled,
                    description=f"manifest {manifest}", data_root=root, allow_outside_root=allow_outside_root,
                    skip_bad_files=skip_bad_files)
+
+
+def _row_names(manifest: Path, df: Any) -> Callable[[int], str]:
+    """How errors name manifest row i: its id and CSV line (header = line 1) or Parquet row."""
+    csv = manifest.suffix.lower() == ".csv"
+
+    def where(i: int) -> str:
+        v = df["id"].iat[i] if "id" in df.columns else None
+        pos = f"line {i + 2}" if csv else f"row {i}"
+        if v is None or _missing(v) or not str(v).strip():
+            return f"{manifest} {pos}"
+        return f"{manifest} id {str(v)!r} ({pos})"
+
+    return where
+
+
+def _check_cells(manifest: Path, df: Any, where: Callable[[int], str]) -> None:
+    """Rows exist; path, domain and split are present and non-empty; every split is a known one."""
+    for col in ("path", "domain", "split"):
+        if col not in df.columns:
+            raise DataError(f"{manifest}: missing column {col!r} (columns: {list(df.columns)})")
+    if len(df) == 0:
+        raise DataError(f"{manifest}: the manifest has no rows")
+    for col in ("path", "domain", "split"):
+        bad = [i for i, v in enumerate(df[col]) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise DataError(f"{where(bad[0])}: column {col!r} is empty ({len(bad)} rows in all)")
+    for i, s in enumerate(df["split"]):
+        if s not in SPLITS:
+            raise DataError(f"{where(i)}: unknown split {s!r}; expected one of {list(SPLITS)}")
 
 
 def _path_cell(df: Any, col: str, i: int, root: Path) -> Path | None:
@@ -332,8 +350,27 @@ def _finish(
     skip_bad_files: bool = False,
 ) -> Path:
     """Inspect every file, check the set is consistent, then write spec + manifest atomically to `out`."""
-    import pandas as pd
+    unlabelled = [unlabelled] if isinstance(unlabelled, str) else list(unlabelled)
+    domains = _check_roles(records, name, source, target, unlabelled)
+    records = _check_paths(records, Path(data_root), allow_outside_root, skip_bad_files)
+    infos = inspect_images([r.file for r in records])
+    records, infos = _unreadable(records, infos, skip_bad_files)
+    _check_bits(records, infos, decl.convert_16bit)
+    channels = _check_channels(records, infos, decl.channels)
+    image_size, resize = _check_size(records, infos, decl.image_size)
+    labelled = {d: d not in unlabelled for d in domains}
+    has_depth, has_mask = _check_labels(records, infos, labelled, decl)
+    frame = _manifest(records, infos, decl, has_depth, has_mask)
+    if resize:
+        description += f"; images of other sizes are resized to {image_size}x{image_size} by prepare"
+    spec = _spec(decl, name=name, domains=domains, source=source, target=target, labelled=labelled,
+                 image_size=image_size, resize=resize, channels=channels, has_depth=has_depth, has_mask=has_mask,
+                 description=description, data_root=data_root, allow_outside_root=allow_outside_root)
+    return _write_atomically(out, spec, frame)
 
+
+def _check_roles(records: list[_Record], name: str, source: str, target: str, unlabelled: list[str]) -> list[str]:
+    """A name, and source / target / unlabelled domains that exist in the data; the domains, sorted."""
     if not name or not isinstance(name, str):
         raise DataError(f"key 'name': a benchmark needs a non-empty name, got {name!r}")
     domains = sorted({r.domain for r in records})
@@ -342,61 +379,43 @@ def _finish(
             raise DataError(f"key {key!r}: domain {value!r} not found in the data; domains are {domains}")
     if source == target:
         raise DataError(f"keys 'source'/'target': both are {source!r}; they must be different domains")
-    unlabelled = [unlabelled] if isinstance(unlabelled, str) else list(unlabelled)
     for u in unlabelled:
         if u not in domains:
             raise DataError(f"key 'unlabelled': domain {u!r} not found in the data; domains are {domains}")
-    records = _check_paths(records, Path(data_root), allow_outside_root, skip_bad_files)
-    infos = inspect_images([r.file for r in records])
-    records, infos = _unreadable(records, infos, skip_bad_files)
-    _check_bits(records, infos, decl.convert_16bit)
-    channels = _check_channels(records, infos, decl.channels)
-    image_size, resize = _check_size(records, infos, decl.image_size)
-    labelled = {d: d not in unlabelled for d in domains}
-    classes, factors = list(decl.classes or []), dict(decl.factors or {})
-    if classes:
+    return domains
+
+
+def _check_labels(records: list[_Record], infos: list[ImageInfo], labelled: dict[str, bool], decl: Declared
+                  ) -> tuple[bool, bool]:
+    """Labelled domains carry every declared label, factor, depth and mask; (has depth, has masks)."""
+    if decl.classes:
         _require_labels(records, labelled, "label", lambda r: r.label)
-    for k in factors:
+    for k in decl.factors or {}:
         if k in decl.factor_ranges:  # continuous: None = empty cell (-1.0 is a valid value)
             _require_labels(records, labelled, f"factor_{k}",
                             lambda r, k=k: NO_LABEL if r.factors.get(k) is None else 0)
         else:
             _require_labels(records, labelled, f"factor_{k}", lambda r, k=k: r.factors.get(k, NO_LABEL))
     has_depth, has_mask = any(r.depth for r in records), any(r.mask for r in records)
-    for kind, has in (("depth", has_depth), ("mask", has_mask)):
-        if has:
-            _require_labels(records, labelled, f"{kind}_path", lambda r, kind=kind: getattr(r, kind) or NO_LABEL)
-            _check_aux(records, infos, kind)
+    if has_depth:
+        _require_labels(records, labelled, "depth_path", lambda r: r.depth or NO_LABEL)
+        _check_aux(records, infos, "depth")
+    if has_mask:
+        _require_labels(records, labelled, "mask_path", lambda r: r.mask or NO_LABEL)
+        _check_aux(records, infos, "mask")
     if has_mask and not decl.mask_classes:
         raise DataError("key 'mask_classes': masks are given (mask_path) but no mask class names are declared; "
                         "list them in the declaration (mask id i = mask_classes[i])")
+    return has_depth, has_mask
 
-    rows: list[dict[str, Any]] = []
-    for r, info in zip(records, infos):
-        row: dict[str, Any] = {
-            "id": r.id,
-            "domain": r.domain,
-            "split": r.split,
-            "path": str(r.file),
-            "width": info.width,
-            "height": info.height,
-            "channels": info.channels,
-            "sha256": info.sha256,
-        }
-        if classes:
-            row["label"] = int(r.label)
-        for k in factors:
-            if k in decl.factor_ranges:
-                v = r.factors.get(k)
-                row[f"factor_{k}"] = float("nan") if v is None else float(v)
-            else:
-                row[f"factor_{k}"] = int(r.factors.get(k, NO_LABEL))
-        if has_depth:
-            row["depth_path"] = str(r.depth) if r.depth else None
-        if has_mask:
-            row["mask_path"] = str(r.mask) if r.mask else None
-        row.update(r.extra)
-        rows.append(row)
+
+def _manifest(records: list[_Record], infos: list[ImageInfo], decl: Declared, has_depth: bool, has_mask: bool
+              ) -> Any:
+    """The manifest DataFrame: one row per sample, the MANIFEST_COLUMNS first, integer columns typed."""
+    import pandas as pd
+
+    factors = dict(decl.factors or {})
+    rows = [_manifest_row(r, info, decl, has_depth, has_mask) for r, info in zip(records, infos)]
     frame = pd.DataFrame(rows)
     frame = frame[[*MANIFEST_COLUMNS, *(c for c in frame.columns if c not in MANIFEST_COLUMNS)]]
     discrete = [f"factor_{k}" for k in factors if k not in decl.factor_ranges]
@@ -406,44 +425,54 @@ def _finish(
     for c in ("scene_id", "variation"):
         if c in frame.columns:
             frame[c] = frame[c].astype("Int64")
+    return frame
 
+
+def _manifest_row(r: _Record, info: ImageInfo, decl: Declared, has_depth: bool, has_mask: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": r.id, "domain": r.domain, "split": r.split, "path": str(r.file),
+                           "width": info.width, "height": info.height, "channels": info.channels,
+                           "sha256": info.sha256}
+    if decl.classes:
+        row["label"] = int(r.label)
+    for k in decl.factors or {}:
+        if k in decl.factor_ranges:
+            v = r.factors.get(k)
+            row[f"factor_{k}"] = float("nan") if v is None else float(v)
+        else:
+            row[f"factor_{k}"] = int(r.factors.get(k, NO_LABEL))
+    if has_depth:
+        row["depth_path"] = str(r.depth) if r.depth else None
+    if has_mask:
+        row["mask_path"] = str(r.mask) if r.mask else None
+    row.update(r.extra)
+    return row
+
+
+def _spec(decl: Declared, *, name: str, domains: list[str], source: str, target: str, labelled: dict[str, bool],
+          image_size: int, resize: bool, channels: int, has_depth: bool, has_mask: bool, description: str,
+          data_root: Path, allow_outside_root: bool) -> BenchmarkSpec:
+    """The benchmark.yaml of the imported data (validated: a bad declaration is a DataError naming the key)."""
+    from s2r.config import ConfigError
+
+    classes, factors = list(decl.classes or []), dict(decl.factors or {})
     tasks = ((["classification"] if classes else []) + (["factors"] if factors else [])
              + (["depth"] if has_depth else []) + (["segmentation"] if has_mask else []))
     roles = {source: "source", target: "target"}
-    spec_kwargs: dict[str, Any] = {}
-    if resize:
-        description += f"; images of other sizes are resized to {image_size}x{image_size} by prepare"
-        spec_kwargs["resize"] = True
     spec = BenchmarkSpec(
-        name=name,
-        tasks=tasks,
+        name=name, tasks=tasks,
         domains=[DomainSpec(name=d, role=roles.get(d, "auxiliary"), labelled=labelled[d]) for d in domains],
-        source=source,
-        target=target,
-        image_size=image_size,
-        channels=channels,
-        classes=classes,
-        factors=factors,
-        seg_classes=list(decl.mask_classes or []) if has_mask else [],
-        has_depth=has_depth,
-        has_mask=has_mask,
-        description=description,
-        depth_scale=float(decl.depth_scale),
+        source=source, target=target, image_size=image_size, channels=channels, classes=classes, factors=factors,
+        seg_classes=list(decl.mask_classes or []) if has_mask else [], has_depth=has_depth, has_mask=has_mask,
+        description=description, depth_scale=float(decl.depth_scale),
         factor_ranges={k: [float(v) for v in rng] for k, rng in decl.factor_ranges.items() if k in factors},
-        depth_invalid=float(decl.depth_invalid),
-        mask_ignore=int(decl.mask_ignore),
-        convert_16bit=bool(decl.convert_16bit),
-        data_root=str(Path(data_root).resolve()),
-        allow_outside_root=bool(allow_outside_root),
-        **spec_kwargs,
-    )
-    from s2r.config import ConfigError
-
+        depth_invalid=float(decl.depth_invalid), mask_ignore=int(decl.mask_ignore),
+        convert_16bit=bool(decl.convert_16bit), data_root=str(Path(data_root).resolve()),
+        allow_outside_root=bool(allow_outside_root), resize=resize)
     try:
         spec.validate()
     except ConfigError as e:
         raise DataError(str(e)) from e
-    return _write_atomically(out, spec, frame)
+    return spec
 
 
 def _write_atomically(out: Path, spec: BenchmarkSpec, frame: Any) -> Path:

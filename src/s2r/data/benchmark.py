@@ -138,9 +138,10 @@ class BenchmarkSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         # the adapter fields are left out at their defaults, so existing benchmark.yaml files stay byte-identical
-        defaults = (("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
-                    ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
-                    ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
+        defaults: tuple[tuple[str, object], ...] = (
+            ("depth_scale", DEPTH_SCALE), ("dataset", ""), ("expectations", {}), ("factor_ranges", {}),
+            ("depth_invalid", 0.0), ("mask_ignore", 255), ("convert_16bit", False), ("data_root", ""),
+            ("allow_outside_root", False), ("image_height", 0), ("mirror_classes", []), ("class_parts", []))
         for key, default in defaults:
             if d[key] == default:
                 del d[key]
@@ -317,7 +318,8 @@ def bin_factor(values: np.ndarray, low: float, high: float, bins: int) -> np.nda
 def bin_centres(low: float, high: float, bins: int) -> np.ndarray:
     """(bins,) centre of every bin of :func:`bin_factor` (thresholds in OOD splits are rounded to edges)."""
     edges = np.histogram_bin_edges([low, high], bins=bins, range=(low, high))
-    return (edges[:-1] + edges[1:]) / 2
+    out: np.ndarray = (edges[:-1] + edges[1:]) / 2
+    return out
 
 
 def read_manifest(root: Path) -> Any:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from s2r.data.benchmark import SPLITS, BenchmarkSpec, DataError, DomainSpec, Sample
+from s2r.config import SPLITS
+from s2r.data.benchmark import BenchmarkSpec, DataError, DomainSpec, Sample
 
 if TYPE_CHECKING:
     from PIL import ImageFont
@@ -74,12 +75,13 @@ def _probe_glyphs(path: Path) -> list[np.ndarray | None]:
         im = Image.new("L", (2 * _PROBE_SIZE, 2 * _PROBE_SIZE))
         ImageDraw.Draw(im).text((_PROBE_SIZE, _PROBE_SIZE), d, font=font, fill=255, anchor="mm")
         box = im.getbbox()
-        out.append(None if box is None else np.asarray(im.crop(box).resize((16, 16), Image.BILINEAR), float))
+        out.append(None if box is None else np.asarray(im.crop(box).resize((16, 16), Image.Resampling.BILINEAR), float))
     return out
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / (x.std() + 1e-8)
+    out: np.ndarray = (x - x.mean()) / (x.std() + 1e-8)
+    return out
 
 
 def available_fonts() -> list[Path]:
@@ -234,8 +236,8 @@ def _digit_mask(digit: int, geometry: DigitGeometry, image_size: int) -> np.ndar
     inv = np.linalg.inv(forward)
     offset = np.array([cx_in, cy_in]) - inv @ np.array([cx_out, cy_out])
     coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
-    hi = glyph.transform((big, big), Image.AFFINE, coeffs, resample=Image.BILINEAR)
-    lo = hi.resize((image_size, image_size), Image.BOX)  # exact 4x4 area average = antialiasing
+    hi = glyph.transform((big, big), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+    lo = hi.resize((image_size, image_size), Image.Resampling.BOX)  # exact 4x4 area average = antialiasing
     mask = np.asarray(lo, dtype=np.float32) / 255.0
     mask.setflags(write=False)
     return mask
@@ -257,7 +259,7 @@ def _background(n: Nuisance, image_size: int, rng: np.random.Generator) -> np.nd
     elif n.background == "smooth":
         cells = max(2, round(n.frequency))
         grid = rng.uniform(0.0, 1.0, (cells, cells)).astype(np.float32)
-        up = Image.fromarray(grid).resize((image_size, image_size), Image.BICUBIC)
+        up = Image.fromarray(grid).resize((image_size, image_size), Image.Resampling.BICUBIC)
         field = np.asarray(up, dtype=np.float32)
         field = (field - field.min()) / max(float(field.max() - field.min()), 1e-6)
     else:
@@ -275,7 +277,8 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     h, w = img.shape
     pad = np.pad(img, r, mode="reflect") if r < min(h, w) else np.pad(img, r, mode="edge")
     rows = sum(k[i] * pad[:, i : i + w] for i in range(2 * r + 1))  # (H+2r, W)
-    return sum(k[i] * rows[i : i + h, :] for i in range(2 * r + 1))  # (H, W)
+    out: np.ndarray = sum(k[i] * rows[i : i + h, :] for i in range(2 * r + 1))  # (H, W)
+    return out
 
 
 def render_digit(digit: int, geometry: DigitGeometry, nuisance: Nuisance, image_size: int) -> np.ndarray:
@@ -303,7 +306,7 @@ def real_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty((len(d.images), image_size, image_size), dtype=np.uint8)
     for i, small in enumerate(d.images):
         src = Image.fromarray((small * (255.0 / 16.0)).astype(np.float32))
-        up = np.asarray(src.resize((image_size, image_size), Image.BICUBIC))
+        up = np.asarray(src.resize((image_size, image_size), Image.Resampling.BICUBIC))
         out[i] = np.clip(np.round(up), 0, 255).astype(np.uint8)  # bicubic overshoots: clip
     return out, d.target.astype(np.int64)
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import SPLITS
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     NO_LABEL,
-    SPLITS,
     BenchmarkSpec,
     DataError,
     bin_factor,
@@ -177,7 +177,7 @@ def _aux(path: Any, kind: str, wh: tuple[int, int], row: int, sid: str, spec: Be
         return (np.zeros(shape, np.float32) if kind == "depth"
                 else np.full(shape, spec.mask_ignore, np.uint8))
     try:
-        arr = read_aux(path, kind)
+        arr = read_aux(Path(path), kind)
     except DataError as e:
         raise DataError(f"manifest id {sid!r} (row {row}): {e}") from e
     if kind == "depth":
@@ -207,7 +207,8 @@ def _factor_indices(rows: Any, spec: BenchmarkSpec) -> np.ndarray:
 def pd_to_float(v: Any) -> np.ndarray:
     import pandas as pd
 
-    return pd.to_numeric(v, errors="coerce").to_numpy(np.float64)
+    out: np.ndarray = pd.to_numeric(v, errors="coerce").to_numpy(np.float64)
+    return out
 
 
 def save_split(d: Path, part: PreparedSplit) -> None:
@@ -227,6 +228,15 @@ def save_split(d: Path, part: PreparedSplit) -> None:
         np.save(d / "factor_values.npy", np.asarray(part.factor_values, np.float64))
     pd.DataFrame({"id": part.ids, "scene_id": np.asarray(part.scene_ids, np.int64),
                   "variation": np.asarray(part.variations, np.int64)}).to_parquet(d / "index.parquet", index=False)
+
+
+def _transformed(part: PreparedSplit, fn: Callable[[np.ndarray], np.ndarray], name: str) -> np.ndarray:
+    """`fn` applied to a split's images; it must keep their shape and uint8 type."""
+    pixels = fn(np.asarray(part.images)) if len(part) else np.asarray(part.images)
+    if pixels.shape != part.images.shape or pixels.dtype != np.uint8:
+        raise DataError(f"transform for {name!r} returned {pixels.shape} {pixels.dtype}, "
+                        f"expected {part.images.shape} uint8")
+    return pixels
 
 
 def derive(
@@ -266,15 +276,10 @@ def derive(
                                       f"{parent} transformed ({version_salt[:12]}): {base.description}",
                                       labelled=base.labelled, simulated_real=base.simulated_real))
             for split in SPLITS:
-                if not src.has(parent, split):
-                    continue
-                part = src.get(parent, split)
-                pixels = fn(np.asarray(part.images)) if len(part) else np.asarray(part.images)
-                if pixels.shape != part.images.shape or pixels.dtype != np.uint8:
-                    raise DataError(f"transform for {name!r} returned {pixels.shape} {pixels.dtype}, "
-                                    f"expected {part.images.shape} uint8")
-                save_split(tmp / name / split, replace(part, images=pixels))
-                counts.setdefault(name, {})[split] = len(part)
+                if src.has(parent, split):
+                    part = src.get(parent, split)
+                    save_split(tmp / name / split, replace(part, images=_transformed(part, fn, name)))
+                    counts.setdefault(name, {})[split] = len(part)
         source, target = source or spec.source, target or spec.target
         names = [d.name for d in domains]
         for key, name in (("source", source), ("target", target)):
@@ -292,6 +297,43 @@ def derive(
     return out
 
 
+def _prepare_split(d: Path, bench_root: Path, rows: Any, spec: BenchmarkSpec, bar: Any) -> int:
+    """Decode one (domain, split) group of manifest rows into `d` (images through a memmap); the row count."""
+    size, ch = spec.image_size, spec.channels
+    height, wh = spec.height, (spec.image_size, spec.height)
+    factor_cols = [f"factor_{n}" for n in spec.factors]
+    n = len(rows)
+    d.mkdir(parents=True)
+    images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(n, height, size, ch))
+    depth = np.zeros((n, height, size), np.float32) if spec.has_depth else None
+    masks = np.zeros((n, height, size), np.uint8) if spec.has_mask else None
+    for j, (row, r) in enumerate(rows.iterrows()):
+        sid = str(r["id"])
+        images[j] = _decode(resolve_path(bench_root, r["path"]), ch, wh, int(row), sid,
+                            convert_16bit=spec.convert_16bit)
+        for arr, col, kind in ((depth, "depth_path", "depth"), (masks, "mask_path", "mask")):
+            if arr is not None:
+                v = r.get(col)
+                p = str(resolve_path(bench_root, v)) if isinstance(v, str) and v else None
+                arr[j] = _aux(p, kind, wh, int(row), sid, spec)
+        bar.update(1)
+    images.flush()
+    del images
+    save_split(d, PreparedSplit(
+        images=None,  # type: ignore[arg-type]  # already written through the memmap above
+        labels=rows["label"].to_numpy(np.int64) if "label" in rows else np.full(n, NO_LABEL, np.int64),
+        factors=_factor_indices(rows, spec),
+        factor_values=rows[factor_cols].to_numpy(np.float64).reshape(n, len(factor_cols))
+        if spec.factor_ranges else None,
+        ids=rows["id"].astype(str).tolist(),
+        scene_ids=rows["scene_id"].fillna(-1).to_numpy(np.int64) if "scene_id" in rows else np.full(n, -1),
+        variations=rows["variation"].fillna(0).to_numpy(np.int64) if "variation" in rows else np.zeros(n),
+        depth=depth, masks=masks,
+    ))
+    return n
+
+
 def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> Path:
     """Decode every manifest row once into memory-mappable arrays grouped by domain and split."""
     from tqdm import tqdm
@@ -300,7 +342,6 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
     spec, manifest = load_benchmark(bench_root)
     manifest_file = next(p for p in (bench_root / "manifest.parquet", bench_root / "manifest.csv") if p.is_file())
     size, ch = spec.image_size, spec.channels
-    height, wh = spec.height, (spec.image_size, spec.height)
     factor_cols = [f"factor_{n}" for n in spec.factors]
     for col in ["id", "domain", "split", "path", *factor_cols] + (["label"] if spec.classes else []):
         if col not in manifest.columns:
@@ -311,36 +352,7 @@ def prepare(bench_root: str | Path, out: str | Path, progress: bool = True) -> P
         for (domain, split), rows in manifest.groupby(["domain", "split"], sort=True):
             if split not in SPLITS:
                 raise DataError(f"{manifest_file}: row {int(rows.index[0])}: unknown split {split!r}")
-            n = len(rows)
-            d = tmp / str(domain) / str(split)
-            d.mkdir(parents=True)
-            images = np.lib.format.open_memmap(d / "images.npy", mode="w+", dtype=np.uint8,
-                                               shape=(n, height, size, ch))
-            depth = np.zeros((n, height, size), np.float32) if spec.has_depth else None
-            masks = np.zeros((n, height, size), np.uint8) if spec.has_mask else None
-            for j, (row, r) in enumerate(rows.iterrows()):
-                sid = str(r["id"])
-                images[j] = _decode(resolve_path(bench_root, r["path"]), ch, wh, int(row), sid,
-                                    convert_16bit=spec.convert_16bit)
-                for arr, col, kind in ((depth, "depth_path", "depth"), (masks, "mask_path", "mask")):
-                    if arr is not None:
-                        v = r.get(col)
-                        p = str(resolve_path(bench_root, v)) if isinstance(v, str) and v else None
-                        arr[j] = _aux(p, kind, wh, int(row), sid, spec)
-                bar.update(1)
-            images.flush()
-            del images
-            save_split(d, PreparedSplit(
-                images=None,  # type: ignore[arg-type]  # already written through the memmap above
-                labels=rows["label"].to_numpy(np.int64) if "label" in rows else np.full(n, NO_LABEL, np.int64),
-                factors=_factor_indices(rows, spec),
-                factor_values=rows[factor_cols].to_numpy(np.float64).reshape(n, len(factor_cols))
-                if spec.factor_ranges else None,
-                ids=rows["id"].astype(str).tolist(),
-                scene_ids=rows["scene_id"].fillna(-1).to_numpy(np.int64) if "scene_id" in rows else np.full(n, -1),
-                variations=rows["variation"].fillna(0).to_numpy(np.int64) if "variation" in rows else np.zeros(n),
-                depth=depth, masks=masks,
-            ))
+            n = _prepare_split(tmp / str(domain) / str(split), bench_root, rows, spec, bar)
             counts.setdefault(str(domain), {})[str(split)] = n
         bar.close()
         spec.save(tmp / "benchmark.yaml")

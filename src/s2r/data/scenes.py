@@ -46,8 +46,8 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from s2r.config import ScenesParams
-from s2r.data.benchmark import SPLITS, BenchmarkSpec, DomainSpec, Sample
+from s2r.config import SPLITS, ScenesParams
+from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "hue", "size", "pos_x", "pos_y", "rotation", "light")
 DOMAINS: tuple[str, ...] = ("toy", "sim", "pseudo_real")
@@ -245,7 +245,8 @@ def _ray_dirs(m: int) -> np.ndarray:
     d = fwd + c[None, :, None] * right - c[:, None, None] * up  # (m, m, 3): rows top->bottom
     d = d.reshape(m * m, 3)  # (m, m, 3) -> (m*m, 3)
     d.flags.writeable = False
-    return d
+    out: np.ndarray = d
+    return out
 
 
 def _light_dir(light: int) -> np.ndarray:
@@ -399,7 +400,8 @@ def _bounding_hits(o: np.ndarray, d: np.ndarray, centre: np.ndarray, radius: flo
     a = (d * d).sum(-1)
     b = (d * oc).sum(-1)
     c = (oc * oc).sum(-1) - radius * radius
-    return (b * b - a * c >= 0) & ((b <= 0) | (c <= 0))
+    out: np.ndarray = (b * b - a * c >= 0) & ((b <= 0) | (c <= 0))
+    return out
 
 
 def _cast(factors: dict[str, int], m: int) -> _Hits:
@@ -540,12 +542,14 @@ def _shade_lit(geom: _Geometry, table_tex: np.ndarray | None, backdrop: np.ndarr
     if backdrop is not None:
         bg = _resize(backdrop, m).reshape(-1, 3)  # (m, m, 3) -> (P, 3)
         lit = np.where((hits.seg == SEG_BACKGROUND)[:, None], 0.9 * bg, lit)
-    return lit.reshape(m, m, 3)  # (P, 3) -> (m, m, 3)
+    out: np.ndarray = lit.reshape(m, m, 3)  # (P, 3) -> (m, m, 3)
+    return out
 
 
 def _downsample(img: np.ndarray, n: int) -> np.ndarray:
     f = img.shape[0] // n
-    return img.reshape(n, f, n, f, 3).mean(axis=(1, 3))  # (n*f, n*f, 3) -> (n, f, n, f, 3) -> (n, n, 3)
+    out: np.ndarray = img.reshape(n, f, n, f, 3).mean(axis=(1, 3))  # (n*f, n*f, 3) -> (n, f, n, f, 3) -> (n, n, 3)
+    return out
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -564,7 +568,8 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     p = np.pad(img, [(r, r), (0, 0)] + extra, mode="edge")
     img = sum(k[i] * p[i : i + h] for i in range(2 * r + 1))
     p = np.pad(img, [(0, 0), (r, r)] + extra, mode="edge")
-    return sum(k[i] * p[:, i : i + w] for i in range(2 * r + 1))
+    out: np.ndarray = sum(k[i] * p[:, i : i + w] for i in range(2 * r + 1))
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -597,7 +602,7 @@ def _photo_crop(rng: np.random.Generator, split: str) -> np.ndarray:
 def _resize(img: np.ndarray, m: int) -> np.ndarray:
     from PIL import Image
 
-    out = Image.fromarray(_to_uint8(img)).resize((m, m), Image.BILINEAR)
+    out = Image.fromarray(_to_uint8(img)).resize((m, m), Image.Resampling.BILINEAR)
     return np.asarray(out, dtype=np.float32) / 255.0
 
 

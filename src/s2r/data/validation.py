@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s2r.config import SPLITS
 from s2r.data.benchmark import (
     MANIFEST_COLUMNS,
     NO_LABEL,
-    SPLITS,
     BenchmarkSpec,
     DataError,
     read_manifest,
@@ -280,7 +280,7 @@ def _build_suite(df: Any, spec: BenchmarkSpec) -> Any:
     optional = [c for c in have if c in continuous or c in ("depth_path", "mask_path")]
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in have if c not in optional]
     if "domain" in present:
-        cond = {} if not unlabelled else {"row_condition": Column("domain").is_in(labelled)}
+        cond: dict[str, Any] = {} if not unlabelled else {"row_condition": Column("domain").is_in(labelled)}
         exps += [gxe.ExpectColumnValuesToNotBeNull(column=c, **cond) for c in optional if labelled]
     exps += [gxe.ExpectColumnValuesToBeOfType(column=c, type_="str") for c in TEXT_COLUMNS if c in present]
     ints = [c for c in have if c in INT_COLUMNS or c == "label" or (c.startswith("factor_") and c not in continuous)]
@@ -612,7 +612,7 @@ def _expectation_checks(df: Any, spec: BenchmarkSpec, root: Path, check_files: b
     for key, col in (("max_depth_m", "depth_path"), ("mask_values", "mask_path")):
         if key not in exp or col not in df.columns:
             continue
-        bad: list[tuple[int, Any]] = []
+        bad_files: list[tuple[int, Any]] = []
         allowed = set(int(v) for v in exp.get("mask_values", []))
         for i, v in df[col].items():
             if not isinstance(v, str) or not v:
@@ -624,16 +624,16 @@ def _expectation_checks(df: Any, spec: BenchmarkSpec, root: Path, check_files: b
                 continue
             if key == "max_depth_m":
                 if arr.dtype != np.uint16:
-                    bad.append((int(i), f"depth PNG dtype {arr.dtype}, expected uint16"))
+                    bad_files.append((int(i), f"depth PNG dtype {arr.dtype}, expected uint16"))
                 elif arr.max(initial=0) / spec.depth_scale > float(exp[key]):
-                    bad.append((int(i), f"depth {arr.max() / spec.depth_scale:.2f} m > {exp[key]} m "
+                    bad_files.append((int(i), f"depth {arr.max() / spec.depth_scale:.2f} m > {exp[key]} m "
                                         f"(scale {spec.depth_scale} per metre)"))
             else:
                 extra = sorted(set(np.unique(arr).tolist()) - allowed)
                 if extra:
-                    bad.append((int(i), f"mask ids {extra[:8]} not in the class map"))
+                    bad_files.append((int(i), f"mask ids {extra[:8]} not in the class map"))
         name = "expect_depth_within_range" if key == "max_depth_m" else "expect_mask_ids_in_class_map"
-        out.append(_file_result(name, col, df, bad, lambda i, e: e))
+        out.append(_file_result(name, col, df, bad_files, lambda i, e: e))
     return out
 
 

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["accuracy", "balanced_accuracy"]
+from s2r.config import Params
+from s2r.evaluators.base import Evaluator, register
+from s2r.files import JsonDict
+from s2r.methods.base import Method
+from s2r.tracking import TrackedRun
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -69,34 +72,43 @@ def write_confusion_csv(path: Path, y_true: np.ndarray, y_pred: np.ndarray, clas
     )
 
 
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+class Classification(Evaluator[Method[object]]):
     """The evaluate stage for classifiers (`predict` -> class scores) on the target domain's test split."""
-    import matplotlib.pyplot as plt
 
-    from s2r.data.benchmark import DataError
-    from s2r.figures import sample_grid
+    capability = "predict"
+    report_columns = ('accuracy', 'balanced_accuracy')
 
-    if "predict" not in method.capabilities:
-        raise DataError(f"method {method.name!r} has no 'predict' capability to evaluate on classification")
-    data = method.data
-    test = data.get(data.spec.target, "test")
-    pred = method.predict(test.images).argmax(1)
-    m = classification_metrics(test.labels, pred, data.spec.classes)
-    flat = {f"test_{k}": v for k, v in m.items() if isinstance(v, float)}
-    flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items() if v is not None}
-    run.log_metrics(flat, step=0)
-    fig = plot_confusion(np.asarray(m["confusion_matrix"]), data.spec.classes,
-                         f"{method.name} on {data.spec.target}/test: accuracy {m['accuracy']:.3f}")
-    if plots_out:
-        fig.savefig(Path(plots_out) / "confusion.png")
-        write_confusion_csv(Path(plots_out) / "confusion.csv", test.labels, pred, data.spec.classes)
-    run.log_figure(fig, "plots/confusion.png")
-    plt.close(fig)
-    wrong = np.flatnonzero(pred != test.labels)[:32]
-    if len(wrong):
-        cls = data.spec.classes
-        g = sample_grid(test.images[wrong], [f"{cls[test.labels[i]]}->{cls[pred[i]]}" for i in wrong],
-                        title="misclassified (true->pred)")
-        run.log_figure(g, "samples/misclassified.png")
-        plt.close(g)
-    return m
+    def evaluate(self, method: Method[object], run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
+        import matplotlib.pyplot as plt
+
+        from s2r.data.benchmark import DataError
+        from s2r.figures import sample_grid
+
+        data = method.data
+        test = data.get(data.spec.target, "test")
+        probs = method.predict(test.images)
+        if isinstance(probs, dict):
+            raise DataError(f"method {method.name!r} predicts {sorted(probs)} maps, not class scores (N, K)")
+        pred = probs.argmax(1)
+        m = classification_metrics(test.labels, pred, data.spec.classes)
+        flat = {f"test_{k}": v for k, v in m.items() if isinstance(v, float)}
+        flat |= {f"test_accuracy_class_{c}": v for c, v in m["per_class_accuracy"].items() if v is not None}
+        run.log_metrics(flat, step=0)
+        fig = plot_confusion(np.asarray(m["confusion_matrix"]), data.spec.classes,
+                             f"{method.name} on {data.spec.target}/test: accuracy {m['accuracy']:.3f}")
+        if plots_out:
+            fig.savefig(Path(plots_out) / "confusion.png")
+            write_confusion_csv(Path(plots_out) / "confusion.csv", test.labels, pred, data.spec.classes)
+        run.log_figure(fig, "plots/confusion.png")
+        plt.close(fig)
+        wrong = np.flatnonzero(pred != test.labels)[:32]
+        if len(wrong):
+            cls = data.spec.classes
+            g = sample_grid(test.images[wrong], [f"{cls[test.labels[i]]}->{cls[pred[i]]}" for i in wrong],
+                            title="misclassified (true->pred)")
+            run.log_figure(g, "samples/misclassified.png")
+            plt.close(g)
+        return m
+
+
+EVALUATOR = register(Classification())

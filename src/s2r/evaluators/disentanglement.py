@@ -58,8 +58,12 @@ from typing import Any
 
 import numpy as np
 
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["dci_disentanglement", "mig", "sap", "elbo", "ood2a_gbt", "ood2b_gbt"]
+from s2r.config import Params
+from s2r.evaluators.base import Evaluator, register
+from s2r.files import JsonDict
+from s2r.methods.base import to_uint8
+from s2r.methods.betavae import Method as BetavaeMethod
+from s2r.tracking import TrackedRun
 
 METRIC_KEYS = ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "sap", "modularity",
                "betavae_score", "factorvae_score")
@@ -86,7 +90,8 @@ def split_points(n: int, num_train: int, num_test: int, seed: int = 0) -> tuple[
 def _norm_entropy(p: np.ndarray, base: int, axis: int) -> np.ndarray:
     """scipy.stats.entropy(p, base=base) along `axis`: p is normalised to sum 1 along it first."""
     p = p / p.sum(axis, keepdims=True)
-    return -(p * np.log(p)).sum(axis) / np.log(base)
+    out: np.ndarray = -(p * np.log(p)).sum(axis) / np.log(base)
+    return out
 
 
 def dci_from_importance(r: np.ndarray) -> tuple[float, float]:
@@ -375,7 +380,7 @@ def factor_max_abs_corr(y: np.ndarray) -> float:
 # Plots
 
 
-def traversal_grid(method: Any, image: np.ndarray, steps: int = 7, span: float = 2.0) -> np.ndarray:
+def traversal_grid(method: BetavaeMethod, image: np.ndarray, steps: int = 7, span: float = 2.0) -> np.ndarray:
     """Latent traversals (paper Fig. 2): row i varies latent i over [-span, span] around the image's code."""
     z0 = method.encode(image[None])[0]
     d = len(z0)
@@ -386,11 +391,10 @@ def traversal_grid(method: Any, image: np.ndarray, steps: int = 7, span: float =
     return method.decode(zs)  # (d*steps, S, S, C)
 
 
-def recon_rows(method: Any, images: np.ndarray) -> np.ndarray:
+def recon_rows(method: BetavaeMethod, images: np.ndarray) -> np.ndarray:
     """Originals (at the model resolution) followed by their reconstructions."""
     x = method.to_input(images)
-    orig = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B,C,H,W) -> (B,H,W,C)
-    return np.concatenate([orig, method.reconstruct(images)])
+    return np.concatenate([to_uint8(x), method.reconstruct(images)])
 
 
 def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
@@ -406,12 +410,12 @@ def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
 # The evaluate stage
 
 
-def evaluation_sets(method: Any) -> dict[str, Any]:
+def evaluation_sets(method: BetavaeMethod) -> dict[str, Any]:
     """The labelled sets of the study: source-domain in-distribution / held-out values, target domain."""
-    from s2r.data.benchmark import SPLITS
+    from s2r.config import SPLITS
 
     data = method.data
-    cap = int(getattr(method.cfg, "eval_images", 0) or 0)  # methods.<name>.eval_images: 0 = every image
+    cap = method.cfg.eval_images  # methods.<name>.eval_images: 0 = every image
     sets: dict[str, Any] = {}
     for dom in (data.spec.source, data.spec.target):
         parts = [data.get(dom, s) for s in SPLITS if data.has(dom, s)]
@@ -431,30 +435,57 @@ def evaluation_sets(method: Any) -> dict[str, Any]:
     return sets
 
 
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+Sets = dict[str, tuple[np.ndarray, np.ndarray]]  # domain -> (images, factors)
+
+
+class Disentanglement(Evaluator[BetavaeMethod]):
     """Disentanglement metrics + OOD transfer scores + traversals / reconstructions for an `encode` method."""
-    import pandas as pd
+
+    capability = "encode"
+    report_columns = ('dci_disentanglement', 'mig', 'sap', 'elbo', 'ood2a_gbt', 'ood2b_gbt')
+
+    def evaluate(self, method: BetavaeMethod, run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
+        from s2r.data.benchmark import DataError
+
+        data = method.data
+        sets = evaluation_sets(method)
+        src, tgt = data.spec.source, data.spec.target
+        if src not in sets:
+            raise DataError(f"{data.root}: no labelled {src} images to evaluate on")
+        imgs, facs = sets[src]
+        ind = method.in_distribution(facs)
+        t0 = time.perf_counter()
+        z_src = method.encode(imgs)
+        t_encode = time.perf_counter() - t0
+        tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1]) if tgt in sets and tgt != src else None
+        metrics, transfer, info = scores(method, z_src, facs, ind, tgt_set, params)
+        elbo = method.elbo_terms(imgs[ind][:512])
+        seconds = {"seconds_encode": round(t_encode, 2), "seconds_metrics": info.pop("seconds_metrics"),
+                   "seconds_transfer": info.pop("seconds_transfer")}
+        result: JsonDict = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],
+                            **transfer["scores"], "factor_max_abs_corr": factor_max_abs_corr(facs[ind]),
+                            "n_in_distribution": int(ind.sum()), "n_ood_values": int((~ind).sum()),
+                            "n_target": int(len(tgt_set[0])) if tgt_set else 0, **info, **seconds,
+                            "per_factor": transfer["per_factor"]}
+        run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
+        if plots_out:
+            import pandas as pd
+
+            rows = [{"scenario": s, "regressor": r, "mae": v} for s, regs in transfer["table"].items()
+                    for r, v in regs.items()]
+            pd.DataFrame(rows).to_csv(Path(plots_out) / "transfer.csv", index=False)
+        _figures(method, sets, ind, run, plots_out)
+        return result
+
+
+def scores(method: BetavaeMethod, z_src: np.ndarray, facs: np.ndarray, ind: np.ndarray,
+           tgt_set: tuple[np.ndarray, np.ndarray] | None, params: Params) -> tuple[JsonDict, JsonDict, JsonDict]:
+    """(disentanglement metrics on in-distribution latents, the OOD transfer study, the settings and timings),
+    computed with one BLAS thread."""
     from threadpoolctl import threadpool_limits
 
-    from s2r.data.benchmark import DataError
     from s2r.evaluators import ood_transfer
-    from s2r.figures import sample_grid
 
-    if "encode" not in method.capabilities:
-        raise DataError(f"method {method.name!r} has no 'encode' capability to score disentanglement on")
-    data = method.data
-    sets = evaluation_sets(method)
-    src, tgt = data.spec.source, data.spec.target
-    if src not in sets:
-        raise DataError(f"{data.root}: no labelled {src} images to evaluate on")
-    imgs, facs = sets[src]
-    ind = method.in_distribution(facs)
-    t0 = time.perf_counter()
-    z_src = method.encode(imgs)
-    t_encode = time.perf_counter() - t0
-    tgt_set = None
-    if tgt in sets and tgt != src:
-        tgt_set = (method.encode(sets[tgt][0]), sets[tgt][1])
     cfg = params.reports.disentanglement
     z_ind, f_ind = z_src[ind], facs[ind]
     tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
@@ -468,28 +499,24 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         transfer = ood_transfer.transfer_study(z_src, facs, method.factor_names, method.factor_sizes,
                                                method.cfg.ood_factor, method.holdout.get(method.cfg.ood_factor, []),
                                                tgt_set, seed=method.seed, clip=cfg.ood_clip,
-                                               order=list(getattr(method.cfg, "ood_order", [])))
+                                               order=list(method.cfg.ood_order))
         t_transfer = time.perf_counter() - t0
-    elbo = method.elbo_terms(imgs[ind][:512])
-    result: dict[str, Any] = {**metrics, "elbo": elbo["elbo"], "recon": elbo["recon"], "kl": elbo["kl"],
-                              **transfer["scores"],
-                              "factor_max_abs_corr": factor_max_abs_corr(facs[ind]),
-                              "n_in_distribution": int(ind.sum()), "n_ood_values": int((~ind).sum()),
-                              "n_target": int(len(tgt_set[0])) if tgt_set else 0,
-                              "metric_points_train": int(len(tr)), "metric_points_test": int(len(te)),
-                              "dci_estimator": cfg.estimator, "sap_form": cfg.sap_form, "ood_clip": cfg.ood_clip,
-                              "seconds_encode": round(t_encode, 2), "seconds_metrics": round(t_metrics, 2),
-                              "seconds_transfer": round(t_transfer, 2), "per_factor": transfer["per_factor"]}
-    run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))}, step=0)
-    rows = [{"scenario": s, "regressor": r, "mae": v} for s, regs in transfer["table"].items() for r, v in regs.items()]
-    if plots_out:
-        pd.DataFrame(rows).to_csv(Path(plots_out) / "transfer.csv", index=False)
-    # latent traversals (Fig. 2 / 13) and reconstructions of OOD images (Fig. 16-17)
+    info = {"metric_points_train": int(len(tr)), "metric_points_test": int(len(te)), "dci_estimator": cfg.estimator,
+            "sap_form": cfg.sap_form, "ood_clip": cfg.ood_clip, "seconds_metrics": round(t_metrics, 2),
+            "seconds_transfer": round(t_transfer, 2)}
+    return metrics, transfer, info
+
+def _figures(method: BetavaeMethod, sets: Sets, ind: np.ndarray, run: TrackedRun, plots_out: Path | None) -> None:
+    """Latent traversals (Fig. 2 / 13) and reconstructions of OOD images (Fig. 16-17)."""
+    from s2r.figures import sample_grid
+
+    src, tgt = method.data.spec.source, method.data.spec.target
+    imgs = sets[src][0]
     steps = 7
     grid = traversal_grid(method, imgs[np.flatnonzero(ind)[0]], steps)
     _save(sample_grid(grid, cols=steps, title=f"{method.name}: latent traversals (row = latent, +-2)"),
           run, plots_out, "traversals.png")
-    if tgt_set is not None:
+    if tgt in sets and tgt != src:
         x = sets[tgt][0][:8]
         _save(sample_grid(recon_rows(method, x), cols=8, title=f"{method.name}: {tgt} (OOD2-B) / reconstructions"),
               run, plots_out, "reconstructions_target.png")
@@ -498,4 +525,6 @@ def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict
         _save(sample_grid(recon_rows(method, x), cols=8,
                           title=f"{method.name}: held-out {method.cfg.ood_factor} (OOD2-A) / reconstructions"),
               run, plots_out, "reconstructions_ood2a.png")
-    return result
+
+
+EVALUATOR = register(Disentanglement())

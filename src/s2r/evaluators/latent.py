@@ -15,14 +15,33 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from s2r.config import Params
 from s2r.data.benchmark import NO_LABEL
+from s2r.evaluators.base import Evaluator, register
+from s2r.files import JsonDict
+from s2r.methods.base import Method
+from s2r.tracking import TrackedRun
 
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["knn_accuracy", "rf_accuracy", "svm_accuracy"]
+
+class LatentConfig(Protocol):
+    """The settings of a method's Config this evaluator reads (paper 1's `ae` blocks have them)."""
+
+    @property
+    def knn_k(self) -> int: ...  # 0 = floor(sqrt(N))
+    @property
+    def rf_trees(self) -> int: ...
+    @property
+    def svm_c(self) -> float: ...
+    @property
+    def ssim_win_size(self) -> int: ...
+    @property
+    def fit_one_per_scene(self) -> bool: ...  # classifiers see a single image per scene (Section 4.7)
+    @property
+    def hflip(self) -> bool: ...  # + flipped training latents, labels through the mirror map
 
 
 def knn_default_k(n_train: int) -> int:
@@ -63,13 +82,15 @@ def ssim_per_image(a: np.ndarray, b: np.ndarray, win_size: int = 11) -> np.ndarr
     y = torch.from_numpy(np.asarray(b, np.float32) / 255.0).permute(0, 3, 1, 2)
     s = min(x.shape[-2:])
     win = max(3, min(win_size, s if s % 2 else s - 1))
-    return ssim(x, y, data_range=1.0, size_average=False, win_size=win).numpy()
+    out: np.ndarray = ssim(x, y, data_range=1.0, size_average=False, win_size=win).numpy()
+    return out
 
 
 def l1_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Mean absolute pixel difference in [0, 1] per image (the paper's Table 1 reports the sum over pixels)."""
     d = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) / 255.0
-    return d.reshape(len(d), -1).mean(1)
+    out: np.ndarray = d.reshape(len(d), -1).mean(1)
+    return out
 
 
 def lpips_status() -> tuple[bool, str]:
@@ -98,7 +119,8 @@ def lpips_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y
 
     with torch.no_grad():
-        return net(t(a), t(b)).flatten().numpy()
+        out: np.ndarray = net(t(a), t(b)).flatten().numpy()
+        return out
 
 
 def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.ndarray:
@@ -107,31 +129,21 @@ def paired_indices(target_scenes: np.ndarray, source_scenes: np.ndarray) -> np.n
     return np.array([lookup.get(int(s), -1) if s >= 0 else -1 for s in target_scenes], np.int64)
 
 
-def source_training_latents(method: Any) -> tuple[np.ndarray, np.ndarray]:
+def source_training_latents(method: Method[LatentConfig]) -> tuple[np.ndarray, np.ndarray]:
     """Source train latents and labels the classifiers are fitted on (one per scene, + flips if allowed)."""
     from s2r.data.prepared import one_per_scene
 
-    data = method.data
-    source = getattr(method, "source", data.spec.source)
+    data, source, cfg = method.data, method.source, method.cfg
     src = data.get(source, "train")
-    cfg = getattr(method, "cfg", None)
-    keep = one_per_scene(src) if getattr(cfg, "fit_one_per_scene", True) else np.arange(len(src))
+    keep = one_per_scene(src) if cfg.fit_one_per_scene else np.arange(len(src))
     keep = keep[src.labels[keep] != NO_LABEL]
-    z = _encode(method, source, "train")[keep]
+    z = method.encode_split(source, "train")[keep]
     y = src.labels[keep]
-    if getattr(cfg, "hflip", False):  # flipped training latents too (Section 4.7), labels through the mirror map
+    if cfg.hflip:  # flipped training latents too (Section 4.7), labels through the mirror map
         mirror = data.spec.mirror_classes
-        z = np.concatenate([z, _encode(method, source, "train", flipped=True)[keep]])
+        z = np.concatenate([z, method.encode_split(source, "train", flipped=True)[keep]])
         y = np.concatenate([y, np.asarray(mirror, np.int64)[y] if mirror else y])
     return z, y
-
-
-def _encode(method: Any, domain: str, split: str, flipped: bool = False) -> np.ndarray:
-    """Latents of a split, through the method's cache where it has one (frozen extractor features)."""
-    if hasattr(method, "encode_split"):
-        return np.asarray(method.encode_split(domain, split, flipped=flipped))
-    images = np.asarray(method.data.get(domain, split).images)
-    return np.asarray(method.encode(images[:, :, ::-1].copy() if flipped else images))
 
 
 def plot_tsne(z_src: np.ndarray, z_tgt: np.ndarray, names: tuple[str, str], title: str, seed: int = 0,
@@ -164,75 +176,115 @@ def plot_tsne(z_src: np.ndarray, z_tgt: np.ndarray, names: tuple[str, str], titl
     return fig
 
 
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+class Latent(Evaluator[Method[LatentConfig]]):
     """The evaluate stage for `encode` methods: latent classifiers on target test + reconstruction metrics."""
-    import matplotlib.pyplot as plt
 
-    from s2r.data.benchmark import DataError
-    from s2r.figures import sample_grid
+    capability = "encode"
+    report_columns = ('knn_accuracy', 'rf_accuracy', 'svm_accuracy')
 
-    if "encode" not in method.capabilities:
-        raise DataError(f"method {method.name!r} has no 'encode' capability to evaluate in latent space")
-    data = method.data
-    target = data.spec.target
-    source = getattr(method, "source", data.spec.source)
-    test = data.get(target, "test")
-    cfg = getattr(method, "cfg", None)
-    z_train, y_train = source_training_latents(method)
-    z_test = _encode(method, target, "test")
+    def evaluate(self, method: Method[LatentConfig], run: TrackedRun, plots_out: Path | None, params: Params
+                 ) -> JsonDict:
+        data = method.data
+        test = data.get(data.spec.target, "test")
+        z_train, y_train = source_training_latents(method)
+        z_test = method.encode_split(data.spec.target, "test")
+        result = latent_classifiers(method, z_train, y_train, z_test, int(params.seed))
+        _tsne_plot(method, z_train, z_test, run, plots_out)
+        recon = method.reconstruct(np.asarray(test.images))
+        if recon is not None:
+            result |= reconstruction_scores(method, recon)
+            _reconstruction_grid(method, recon, run, plots_out)
+        run.log_metrics({f"test_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)}, step=0)
+        return result
+
+
+def latent_classifiers(method: Method[LatentConfig], z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray,
+                       seed: int) -> JsonDict:
+    """KNN / random forest / SVM fitted on source train latents, scored on labelled target test latents."""
+    data, cfg = method.data, method.cfg
+    test = data.get(data.spec.target, "test")
     ok = test.labels != NO_LABEL
-    result: dict[str, Any] = {"source": source, "n_train": int(len(z_train)), "n": int(ok.sum()),
-                              "latent_dim": int(z_test.shape[1])}
+    result: JsonDict = {"source": method.source, "n_train": int(len(z_train)), "n": int(ok.sum()),
+                        "latent_dim": int(z_test.shape[1])}
     if ok.any() and len(np.unique(y_train)) > 1:
-        scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=getattr(cfg, "knn_k", 0),
-                                   trees=getattr(cfg, "rf_trees", 100), svm_c=getattr(cfg, "svm_c", 1.0),
-                                   seed=int(params.seed))
+        scores = classifier_scores(z_train, y_train, z_test[ok], test.labels[ok], k=cfg.knn_k, trees=cfg.rf_trees,
+                                   svm_c=cfg.svm_c, seed=seed)
         result |= {"knn_k": int(scores.pop("knn_k"))} | scores
         result["accuracy"] = scores["knn_accuracy"]  # the headline number (`s2r report`)
-    names = (source, target)
-    z_src_plot = z_train if len(z_train) else _encode(method, source, "train")  # unlabelled source (MPI3D): all
-    fig = plot_tsne(z_src_plot, z_test, names, f"{method.name}: t-SNE of latents ({source} train, {target} test)")
+    return result
+
+
+def _tsne_plot(method: Method[LatentConfig], z_train: np.ndarray, z_test: np.ndarray, run: TrackedRun,
+               plots_out: Path | None) -> None:
+    """t-SNE of source train latents (all of them for an unlabelled source: MPI3D) and target test latents."""
+    import matplotlib.pyplot as plt
+
+    source, target = method.source, method.data.spec.target
+    z_src = z_train if len(z_train) else method.encode_split(source, "train")
+    fig = plot_tsne(z_src, z_test, (source, target),
+                    f"{method.name}: t-SNE of latents ({source} train, {target} test)")
     _save(fig, run, plots_out, "tsne.png")
     plt.close(fig)
 
-    if hasattr(method, "reconstruct"):
-        win = getattr(cfg, "ssim_win_size", 11)
-        recon = method.reconstruct(np.asarray(test.images))
-        inp = np.asarray(test.images)
-        result["recon_l1_real"] = float(l1_per_image(recon, inp).mean())
-        result["recon_ssim_real"] = float(ssim_per_image(recon, inp, win).mean())
-        src_test = data.get(source, "test") if data.has(source, "test") else None
-        pairs = paired_indices(test.scene_ids, src_test.scene_ids) if src_test is not None else np.full(len(inp), -1)
-        have = pairs >= 0
+
+def _paired_source(method: Method[LatentConfig]) -> tuple[np.ndarray, np.ndarray]:
+    """For every target test image the index of the source test image of its scene (-1: none), and those images."""
+    data, source = method.data, method.source
+    test = data.get(data.spec.target, "test")
+    if not data.has(source, "test"):
+        return np.full(len(test), -1), np.asarray(test.images)[:0]
+    src_test = data.get(source, "test")
+    return paired_indices(test.scene_ids, src_test.scene_ids), np.asarray(src_test.images)
+
+
+def reconstruction_scores(method: Method[LatentConfig], recon: np.ndarray) -> JsonDict:
+    """L1 / SSIM / LPIPS of target test reconstructions against the input (real) and the paired synthetic image."""
+    data, source, target, win = method.data, method.source, method.data.spec.target, method.cfg.ssim_win_size
+    inp = np.asarray(data.get(target, "test").images)
+    pairs, src_images = _paired_source(method)
+    have = pairs >= 0
+    synth = src_images[pairs[have]]
+    result: JsonDict = {"recon_l1_real": float(l1_per_image(recon, inp).mean()),
+                        "recon_ssim_real": float(ssim_per_image(recon, inp, win).mean())}
+    if have.any():
+        result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
+        result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
+        result["paired"] = int(have.sum())
+    else:
+        result["recon_l1_synth"] = result["recon_ssim_synth"] = None
+        result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
+    avail, why = lpips_status()
+    result["lpips_status"] = why
+    if avail:
+        result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
         if have.any():
-            synth = np.asarray(src_test.images)[pairs[have]]
-            result["recon_l1_synth"] = float(l1_per_image(recon[have], synth).mean())
-            result["recon_ssim_synth"] = float(ssim_per_image(recon[have], synth, win).mean())
-            result["paired"] = int(have.sum())
-        else:
-            result["recon_l1_synth"] = result["recon_ssim_synth"] = None
-            result["paired_status"] = f"not applicable: {target} images have no paired {source} scene"
-        avail, why = lpips_status()
-        result["lpips_status"] = why
-        if avail:
-            result["lpips_real"] = float(lpips_per_image(recon, inp).mean())
-            if have.any():
-                result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
-        else:
-            result["lpips_real"] = result["lpips_synth"] = None
-        n = min(8, len(inp))
-        rows = [inp[:n], recon[:n]]
-        labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
-        if have[:n].all():
-            rows.append(np.asarray(src_test.images)[pairs[:n]])
-            labels += [f"paired {source}"] + [""] * (n - 1)
-        g = sample_grid(np.concatenate(rows), labels, cols=n,
-                        title=f"{method.name}: {target}/test inputs and reconstructions")
-        _save(g, run, plots_out, "reconstructions.png")
-        plt.close(g)
-    run.log_metrics({f"test_{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
-                     and not isinstance(v, bool)}, step=0)
+            result["lpips_synth"] = float(lpips_per_image(recon[have], synth).mean())
+    else:
+        result["lpips_real"] = result["lpips_synth"] = None
     return result
+
+
+def _reconstruction_grid(method: Method[LatentConfig], recon: np.ndarray, run: TrackedRun, plots_out: Path | None
+                         ) -> None:
+    """Target test inputs, their reconstructions and (where every shown image has one) the paired source image."""
+    import matplotlib.pyplot as plt
+
+    from s2r.figures import sample_grid
+
+    target = method.data.spec.target
+    inp = np.asarray(method.data.get(target, "test").images)
+    pairs, src_images = _paired_source(method)
+    n = min(8, len(inp))
+    rows = [inp[:n], recon[:n]]
+    labels = [f"{target}"] + [""] * (n - 1) + ["recon"] + [""] * (n - 1)
+    if (pairs[:n] >= 0).all():
+        rows.append(src_images[pairs[:n]])
+        labels += [f"paired {method.source}"] + [""] * (n - 1)
+    g = sample_grid(np.concatenate(rows), labels, cols=n, title=f"{method.name}: {target}/test inputs and "
+                                                                 "reconstructions")
+    _save(g, run, plots_out, "reconstructions.png")
+    plt.close(g)
 
 
 def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
@@ -240,3 +292,6 @@ def _save(fig: Any, run: Any, plots_out: Path | None, name: str) -> None:
         Path(plots_out).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(plots_out) / name, bbox_inches="tight")
     run.log_figure(fig, f"plots/{name}")
+
+
+EVALUATOR = register(Latent())

@@ -24,57 +24,65 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import Params
+from s2r.evaluators.base import Evaluator, register
 from s2r.evaluators.segmentation import segmentation_metrics
+from s2r.files import JsonDict
+from s2r.methods.segmenter import Method as SegmenterMethod
+from s2r.tracking import TrackedRun
 
-# the headline numbers of evaluate.json, in the order `s2r report` prints them
-REPORT_COLUMNS = ["test_miou_lastk_median", "test_miou_lastk_iqr", "test_pixel_accuracy"]
 
-
-def evaluate(method: Any, run: Any, plots_out: Path | None, params: Any) -> dict[str, Any]:
+class SegmentationLastK(Evaluator[SegmenterMethod]):
     """Final-model test metrics, last-K distribution (box/violin), per-class IoU and the t-SNE analysis."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
+    capability = "predict"
+    report_columns = ('test_miou_lastk_median', 'test_miou_lastk_iqr', 'test_pixel_accuracy')
 
-    from s2r.methods.segmenter import MIOU, lastk_summary
+    def evaluate(self, method: SegmenterMethod, run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
+        import matplotlib
 
-    cfg = method.cfg
-    test = method.test
-    final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
-                                 miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
-    done = int(method.epochs_done)
-    hist = method.miou_history[:done].cpu().numpy()  # buffers live on the GPU: copy to host first
-    per_class = method.class_history[:done].cpu().numpy()
-    k = cfg.last_k
-    result: dict[str, Any] = {
-        "train_data": cfg.train_data, "test_miou": final["miou"], "test_pixel_accuracy": final["pixel_accuracy"],
-        "per_class_iou": final["per_class_iou"], "last_k": k, "epochs": done,
-        **lastk_summary(hist[:, 1], k, "test_miou"), **lastk_summary(hist[:, 0], k, "val_miou"),
-        "per_class_iou_lastk_median": {c: _nanmedian(per_class[-k:, i]) for i, c in enumerate(method.classes)},
-        "test_miou_lastk": [float(v) for v in hist[-k:, 1]],
-    }
-    out = Path(plots_out) if plots_out else None
-    df = pd.DataFrame({"epoch": np.arange(1, done + 1), "val_miou": hist[:, 0], "test_miou": hist[:, 1]})
-    if out:
-        df.to_csv(out / "miou_history.csv", index=False)
-    figs = {"plots/miou_lastk.png": plot_distributions({cfg.train_data: hist[-k:, 1]},
-                                                       f"target-test mIoU, last {k} epochs"),
-            "plots/per_class_iou.png": _plot_per_class(final["per_class_iou"], result["per_class_iou_lastk_median"])}
-    tsne = tsne_analysis(method)
-    if tsne is not None:
-        fig, stats = tsne
-        figs["plots/tsne.png"] = fig
-        result |= stats
-    for name, fig in figs.items():
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        from s2r.methods.segmenter import MIOU, lastk_summary
+
+        cfg = method.cfg
+        test = method.test
+        final = segmentation_metrics(np.asarray(test.masks), method.predict(np.asarray(test.images)), method.classes,
+                                     miou=MIOU)  # the segmenter's per-epoch convention (paper 5: classes present)
+        done = int(method.epochs_done)
+        hist = method.miou_history[:done].cpu().numpy()  # buffers live on the GPU: copy to host first
+        per_class = method.class_history[:done].cpu().numpy()
+        k = cfg.last_k
+        result: dict[str, Any] = {
+            "train_data": cfg.train_data, "test_miou": final["miou"], "test_pixel_accuracy": final["pixel_accuracy"],
+            "per_class_iou": final["per_class_iou"], "last_k": k, "epochs": done,
+            **lastk_summary(hist[:, 1], k, "test_miou"), **lastk_summary(hist[:, 0], k, "val_miou"),
+            "per_class_iou_lastk_median": {c: _nanmedian(per_class[-k:, i]) for i, c in enumerate(method.classes)},
+            "test_miou_lastk": [float(v) for v in hist[-k:, 1]],
+        }
+        out = Path(plots_out) if plots_out else None
+        df = pd.DataFrame({"epoch": np.arange(1, done + 1), "val_miou": hist[:, 0], "test_miou": hist[:, 1]})
         if out:
-            fig.savefig(out / Path(name).name, bbox_inches="tight")
-        run.log_figure(fig, name)
-        plt.close(fig)
-    run.log_metrics({k2: float(v) for k2, v in result.items() if isinstance(v, (int, float))
-                     and np.isfinite(v)}, step=0)
-    return result
+            df.to_csv(out / "miou_history.csv", index=False)
+        figs = {"plots/miou_lastk.png": plot_distributions({cfg.train_data: hist[-k:, 1]},
+                                                           f"target-test mIoU, last {k} epochs"),
+                "plots/per_class_iou.png": _plot_per_class(final["per_class_iou"],
+                                                           result["per_class_iou_lastk_median"])}
+        tsne = tsne_analysis(method)
+        if tsne is not None:
+            fig, stats = tsne
+            figs["plots/tsne.png"] = fig
+            result |= stats
+        for name, fig in figs.items():
+            if out:
+                fig.savefig(out / Path(name).name, bbox_inches="tight")
+            run.log_figure(fig, name)
+            plt.close(fig)
+        run.log_metrics({k2: float(v) for k2, v in result.items() if isinstance(v, (int, float))
+                         and np.isfinite(v)}, step=0)
+        return result
 
 
 def _nanmedian(v: np.ndarray) -> float | None:
@@ -193,3 +201,6 @@ def tsne_analysis(method: Any, n: int = 100) -> tuple[Any, dict[str, float]] | N
             if k in feats:
                 stats[f"feature_gap_{k}"] = float(np.linalg.norm(feats[k].mean(0) - mu)) / scale
     return fig, stats
+
+
+EVALUATOR = register(SegmentationLastK())

@@ -51,21 +51,13 @@ from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
 from s2r.files import atomic_path
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.extractors import EXTRACTOR_CHANNELS, IMAGENET_MEAN, IMAGENET_STD, build_extractor
 from s2r.methods.registry import register
 
 log = logging.getLogger(__name__)
 
-# torchvision constructor, weights enum and the cut at the paper's layer "level -3" (appendix A.2.1).
-EXTRACTORS: dict[str, tuple[str, str]] = {
-    "vgg11": ("vgg11", "VGG11_Weights"),
-    "resnet50": ("resnet50", "ResNet50_Weights"),
-    "densenet121": ("densenet121", "DenseNet121_Weights"),
-}
-EXTRACTOR_CHANNELS = {"vgg11": 512, "resnet50": 1024, "densenet121": 1024}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLED = 7  # the summariser's avg-pool output: 14x14 -> 7x7 at the paper's 224 input
 
 
@@ -148,7 +140,9 @@ def recon_loss(kind: str, logits: torch.Tensor, target: torch.Tensor, win_size: 
         from pytorch_msssim import ssim
 
         win = min(win_size, min(target.shape[-2:]) - (1 - min(target.shape[-2:]) % 2))  # odd, <= image size
-        return 1.0 - ssim(recon.float(), target.float(), data_range=1.0, size_average=False, win_size=max(win, 3))
+        out: torch.Tensor = 1.0 - ssim(recon.float(), target.float(), data_range=1.0, size_average=False,
+                                       win_size=max(win, 3))
+        return out
     raise ValueError(f"unknown reconstruction loss {kind!r}; known: ssim, bce, mse")
 
 
@@ -209,7 +203,8 @@ class ConvEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cin * 16, 256), nn.ReLU(inplace=True), nn.Linear(256, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.convs(x).flatten(1))  # (B, C, 4, 4) -> (B, 16C)
+        out: torch.Tensor = self.mlp(self.convs(x).flatten(1))  # (B, C, 4, 4) -> (B, 16C)
+        return out
 
 
 class Summariser(nn.Module):
@@ -221,6 +216,9 @@ class Summariser(nn.Module):
     conv's pre-activations were then so small that Adam's first bias updates switched every ReLU off (seed 1 of
     II-E-TAE: 0 of 4,096 conv units alive, constant latent codes, marked COLLAPSED by s2r.health).
     """
+
+    in_mean: torch.Tensor  # a buffer (register_buffer)
+    in_std: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, in_channels: int, out_dim: int) -> None:
         super().__init__()
@@ -239,7 +237,8 @@ class Summariser(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C, 7, 7) pooled extractor features -> (B, out_dim)."""
         h = (pooled - self.in_mean) / self.in_std
-        return self.mlp(self.conv(h).flatten(1))  # (B, 256, 4, 4) -> (B, 4096)
+        out: torch.Tensor = self.mlp(self.conv(h).flatten(1))  # (B, 256, 4, 4) -> (B, 4096)
+        return out
 
 
 class Decoder(nn.Module):
@@ -264,7 +263,8 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent) -> (B, C, H, W) logits (the Sigmoid of the tables is applied by the loss / reconstruct)."""
         h = self.mlp(z).view(z.shape[0], self.fc_channels, 4, 4)  # (B, 16c) -> (B, c, 4, 4)
-        return self.deconvs(h)
+        out: torch.Tensor = self.deconvs(h)
+        return out
 
 
 class Discriminator(nn.Module):
@@ -281,82 +281,15 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
-def expected_weights_file(name: str) -> Path:
-    """Where torchvision looks for `name`'s ImageNet weights: $TORCH_HOME/hub/checkpoints/<file of its URL>."""
-    import torchvision
-
-    enum = getattr(torchvision.models, EXTRACTORS[name][1])
-    url = enum.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-
-
-def build_extractor(name: str, weights: str, seed: int = 0) -> nn.Module:
-    """The frozen backbone cut at layer "level -3" (appendix A.2.1), weights as `extractor_weights` says."""
-    cut = cut_level3(name, load_torchvision_model(name, weights, seed))
-    cut.eval()
-    for p in cut.parameters():
-        p.requires_grad_(False)
-    return cut
-
-
-def load_torchvision_model(name: str, weights: str, seed: int = 0) -> nn.Module:
-    """The whole torchvision model `name` with `extractor_weights` (shared with the classification baselines).
-
-    `imagenet` goes through torchvision's own weights API, which reads the torchvision cache layout
-    ($TORCH_HOME/hub/checkpoints/<file>) before trying to download; offline, a missing file is an error naming
-    it (never a silent fallback). `none` is a random initialisation from `seed`, logged as such. Any other
-    value is a path to a state dict of the full torchvision model.
-    """
-    import torchvision
-
-    if name not in EXTRACTORS:
-        raise ConfigError(f"key 'methods.ae.extractor': unknown extractor {name!r}; known: {sorted(EXTRACTORS)}")
-    ctor = getattr(torchvision.models, EXTRACTORS[name][0])
-    if weights == "imagenet":
-        path = expected_weights_file(name)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"methods.ae.extractor_weights: imagenet: {name}'s ImageNet weights are not in the torchvision "
-                f"cache; expected {path} (set TORCH_HOME, copy the file there, or set extractor_weights to a "
-                f"local file or to 'none' for a random initialisation)"
-            )
-        model = ctor(weights=getattr(torchvision.models, EXTRACTORS[name][1]).IMAGENET1K_V1)
-        log.info("extractor %s: ImageNet weights from %s", name, path)
-    elif weights == "none":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ctor(weights=None)
-        log.warning("extractor %s: RANDOM initialisation (extractor_weights: none, seed %d) - NOT ImageNet "
-                    "features; set extractor_weights: imagenet with the weights file in the torchvision cache",
-                    name, seed)
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"methods.ae.extractor_weights: {path} does not exist")
-        model = ctor(weights=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"methods.ae.extractor_weights: {path} is not a {name} state dict: {e}") from e
-        log.info("extractor %s: weights from %s", name, path)
-    return model
-
-
-def cut_level3(name: str, model: nn.Module) -> nn.Module:
-    """The layers of a torchvision model up to the paper's layer "level -3" (appendix A.2.1), sharing its modules."""
-    if name == "vgg11":
-        return model.features[:18]  # (16) Conv2d(512, 512) + (17) ReLU: the 7th conv
-    if name == "resnet50":
-        return nn.Sequential(*list(model.children())[:-3])  # conv1 ... layer3 (ends in Bottleneck (5))
-    return model.features[:-3]  # conv0 ... denseblock3 (ends in denselayer24)
+        out: torch.Tensor = self.net(z)
+        return out
 
 
 class FrozenExtractor(nn.Module):
     """Resize to the extractor's input, grey -> 3 channels, ImageNet normalisation, backbone, avg-pool to 7x7."""
+
+    mean: torch.Tensor  # a buffer (register_buffer)
+    std: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, backbone: nn.Module, input_size: int) -> None:
         super().__init__()
@@ -389,7 +322,8 @@ class EncoderModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.extractor(x) if self.extractor is not None else x
-        return self.encoder(h)[:, : self.latent_dim]
+        out: torch.Tensor = self.encoder(h)[:, : self.latent_dim]
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -449,7 +383,8 @@ class TargetSampler:
     def targets(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Eq. 1 (vanilla): the input; Eq. 2 (I): other variation, same scene; Eq. 3 (II): other scene, same class."""
         if self.sampling == "vanilla":
-            return idx.copy()
+            result: np.ndarray = idx.copy()
+            return result
         out = np.empty_like(idx)
         for k, i in enumerate(idx):
             if self.sampling == "I":
@@ -466,13 +401,13 @@ class TargetSampler:
 
     def negative_classes(self, c: int) -> np.ndarray:
         """Classes a negative of an anchor of class `c` may have (appendix A.2), among those in the split."""
-        others = self.classes[self.classes != c]
+        others: np.ndarray = self.classes[self.classes != c]
         if self.parts is None:
             return others
         if self.exclude_empty:
             others = others[(self.parts[others] != 0).any(1)]  # no scene with every seat empty
         if self.negative_rule == "one_part":
-            hard = others[(self.parts[others] != self.parts[c]).sum(1) == 1]  # exactly one seat differs
+            hard: np.ndarray = others[(self.parts[others] != self.parts[c]).sum(1) == 1]  # one seat differs
             if len(hard):
                 return hard
         return others  # no class one seat away in this split: any other allowed class
@@ -500,11 +435,11 @@ class TargetSampler:
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Autoencoder family of paper 1 (AE / VAE / beta-VAE / FactorVAE, E-, I-, II-, T- variants)."""
 
-    name: ClassVar[str] = "ae"
-    paper: ClassVar[str] = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
+    name = "ae"
+    paper = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "latent"  # s2r.evaluators.latent: latent classifiers + reconstruction metrics
 
@@ -524,7 +459,7 @@ class Method(BaseMethod):
         self.sampler = TargetSampler(self.train_split, cfg.sampling, where, spec.class_parts, cfg.triplet_negatives,
                                      cfg.triplet_exclude_empty)
         self.mirror = np.asarray(spec.mirror_classes, np.int64) if spec.mirror_classes else None
-        self.pool = IndexPool(np.arange(len(self.train_split)))
+        self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.train_split))))
         self.batch_size = cfg.batch_size
         self.is_vae = cfg.model in ("vae", "factorvae")
         out_dim = 2 * cfg.latent_dim if self.is_vae else cfg.latent_dim
@@ -685,7 +620,7 @@ class Method(BaseMethod):
             l_rec = rec.mean()
             l_tri = torch.zeros((), device=rec.device)
         loss = c.alpha * l_tri + c.beta * l_rec
-        out: dict[str, torch.Tensor] = {"recon": l_rec.detach()}  # on the device: the loop syncs when it logs
+        out: dict[str, torch.Tensor | float] = {"recon": l_rec.detach()}  # on the device: the loop syncs when it logs
         if c.triplet:
             out["triplet"] = l_tri.detach()
         if logvar is not None:
@@ -745,7 +680,7 @@ class Method(BaseMethod):
     def decode(self, z: np.ndarray) -> np.ndarray:
         """(N, latent) -> uint8 (N, H, W, C) reconstructions."""
         x = torch.sigmoid(self.decoder(torch.from_numpy(np.asarray(z, np.float32)).to(self.device)).float())
-        return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
+        return to_uint8(x)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 images -> uint8 reconstructions through the posterior mean."""
@@ -798,21 +733,15 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return EncoderModule(self.extractor, self.encoder, self.cfg.latent_dim)
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
 
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """Trainable modules only: the frozen extractor is rebuilt from its config (and fixed seed/weights)."""
         sd = super().state_dict(*args, **kwargs)
         for k in [k for k in sd if k.startswith("extractor.")]:
             del sd[k]
         return sd
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         missing_ok = {k for k in super().state_dict() if k.startswith("extractor.")}
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         if strict:

@@ -78,7 +78,7 @@ from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.files import atomic_path
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
@@ -165,7 +165,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.leaky_relu(x, self.slope))
         h = self.conv2(F.leaky_relu(h, self.slope))
-        return x + self.gate * h
+        out: torch.Tensor = x + self.gate * h
+        return out
 
 
 def _pair(c: int, slope: float) -> list[nn.Module]:
@@ -174,7 +175,8 @@ def _pair(c: int, slope: float) -> list[nn.Module]:
 
 def final_spatial(image_size: int, n_pairs: int) -> int:
     """Spatial size after the stride-2 conv and (n_pairs - 1) poolings."""
-    return image_size // 2 ** n_pairs
+    out: int = image_size // 2 ** n_pairs
+    return out
 
 
 class Encoder(nn.Module):
@@ -245,7 +247,8 @@ class Decoder(nn.Module):
         if self.hidden is not None:
             z = F.leaky_relu(self.hidden(z), self.slope)
         h = self.fc(z).view(-1, self.c0, self.s, self.s)  # (B, C*s*s) -> (B, C, s, s)
-        return self.out(F.leaky_relu(self.body(h), self.slope))
+        out: torch.Tensor = self.out(F.leaky_relu(self.body(h), self.slope))
+        return out
 
 
 class VAE(nn.Module):
@@ -261,7 +264,8 @@ class VAE(nn.Module):
         self.decoder = Decoder(channels, size, cfg.widths, cfg.latent_dim, cfg.leaky_slope, cfg.fc_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)[0]
+        out: torch.Tensor = self.encoder(x)[0]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,11 +478,11 @@ def check_ood_values(cfg: Config, size: int, where: str) -> None:
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """beta-VAE / Ada-GVAE; `encode` gives the posterior mean, scored by the disentanglement evaluator."""
 
-    name: ClassVar[str] = "betavae"
-    paper: ClassVar[str] = "disentanglement-transfer-ood"  # its MLflow experiment (registry.experiment)
+    name = "betavae"
+    paper = "disentanglement-transfer-ood"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode"})
     evaluator: ClassVar[str] = "disentanglement"
 
@@ -505,6 +509,7 @@ class Method(BaseMethod):
         self.vae = VAE(self.channels, self.size, cfg)
         self.noise_gen = torch.Generator().manual_seed(seed + 17)
         self.step = 0
+        self.total_steps = 1  # set by configure_schedulers (the loop's setup)
         mode = cfg.pairs
         if mode == "auto":
             mode = "render" if spec.name == "scenes" and self.channels == 3 else "match"
@@ -517,7 +522,7 @@ class Method(BaseMethod):
             imgs, facs, labels = self._rendered_pool()
             self.pair_images = imgs  # (P, 2, H, W, C)
             self.pair_labels = facs[:, :, 0]
-            self.pool = IndexPool(np.arange(len(imgs)))
+            self.pool = self.sampler_part("pool", IndexPool(np.arange(len(imgs))))
         else:
             train = data.get(self.domain, "train")
             keep = self.in_distribution(train.factors)
@@ -528,9 +533,9 @@ class Method(BaseMethod):
             if cfg.supervision == "weak":
                 pairs, self.pair_distance = matching_pairs(train.factors[self.train_idx], cfg.k, cfg.match_pairs)
                 self.pairs = self.train_idx[pairs]
-                self.pool = IndexPool(np.arange(len(self.pairs)))
+                self.pool = self.sampler_part("pool", IndexPool(np.arange(len(self.pairs))))
             else:
-                self.pool = IndexPool(self.train_idx)
+                self.pool = self.sampler_part("pool", IndexPool(self.train_idx))
         val = data.get(self.domain, "val")
         vi = np.flatnonzero(self.in_distribution(val.factors))[: cfg.val_images]
         if len(vi) == 0:  # a tiny val split with only held-out values: score all of it rather than nothing
@@ -561,7 +566,8 @@ class Method(BaseMethod):
             raise ConfigError("keys 'methods.betavae.ood_holdout' / '.ood_threshold': give one of them, not both")
         n = spec.factors[name]
         if name in spec.factor_ranges:
-            values = bin_centres(*(float(v) for v in spec.factor_ranges[name]), n)
+            low, high = spec.factor_ranges[name]
+            values = bin_centres(float(low), float(high), n)
         else:
             values = np.arange(n, dtype=np.float64)
         held = [int(b) for b in np.flatnonzero(values >= cfg.ood_threshold)]
@@ -636,7 +642,7 @@ class Method(BaseMethod):
 
     def beta_now(self) -> float:
         """Linear deterministic KL warm-up over the first warmup_fraction of the run, to beta_scale(cfg, size)."""
-        warm = self.cfg.warmup_fraction * getattr(self, "total_steps", 1)
+        warm = self.cfg.warmup_fraction * self.total_steps
         return beta_scale(self.cfg, self.size) * (1.0 if warm <= 0 else min(1.0, self.step / warm))
 
     def noisy(self, x: torch.Tensor) -> torch.Tensor:
@@ -676,7 +682,8 @@ class Method(BaseMethod):
         opt.step()
         self.step_schedulers()
         self.step += 1
-        res = {k: v.detach() for k, v in out.items()} | {"beta": beta, "grad_norm": gnorm.detach()}
+        res: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in out.items()}
+        res |= {"beta": beta, "grad_norm": gnorm.detach()}
         if self.pair_mode == "match" and self.cfg.supervision == "weak":
             res["pair_distance"] = float(self.pair_distance)
         return res
@@ -733,7 +740,7 @@ class Method(BaseMethod):
         """Latents (N, d) -> uint8 images (N, S, S, C): the Bernoulli means."""
         self.vae.eval()
         x = torch.sigmoid(self.vae.decoder(torch.as_tensor(z, dtype=torch.float32, device=self.device)).float())
-        return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B,C,H,W) -> (B,H,W,C)
+        return to_uint8(x)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(images))
@@ -752,9 +759,3 @@ class Method(BaseMethod):
         self.step = int(state["step"])
         self.noise_gen.set_state(state["noise_gen"])
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])

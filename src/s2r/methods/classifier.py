@@ -36,9 +36,9 @@ from torch import nn
 from s2r.config import ConfigError
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.ae import EXTRACTORS, IMAGENET_MEAN, IMAGENET_STD, cut_level3, load_torchvision_model
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.extractors import EXTRACTORS, IMAGENET_MEAN, IMAGENET_STD, cut_level3, load_torchvision_model
 from s2r.methods.registry import register
 
 
@@ -74,7 +74,7 @@ class Config:
 
 def split_model(name: str, weights: str, seed: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """(layers up to the paper's cut "level -3", the rest of the torchvision classifier with a K-way last layer)."""
-    full = load_torchvision_model(name, weights, seed)
+    full: Any = load_torchvision_model(name, weights, seed)  # torchvision's layer names (an untyped library)
     cut = cut_level3(name, full)
     if name == "vgg11":
         last = full.classifier[-1]
@@ -92,6 +92,9 @@ def split_model(name: str, weights: str, seed: int, num_classes: int) -> tuple[n
 
 class Network(nn.Module):
     """Exported classifier: (B, C, H, W) in [0, 1] -> (B, K) logits (resize, grey -> RGB, ImageNet norm inside)."""
+
+    mean: torch.Tensor  # a buffer (register_buffer)
+    std: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, cut: nn.Module, rest: nn.Module, input_size: int, frozen_cut: bool) -> None:
         super().__init__()
@@ -116,15 +119,16 @@ class Network(nn.Module):
                 h = self.cut(x)
         else:
             h = self.cut(x)
-        return self.rest(h)
+        out: torch.Tensor = self.rest(h)
+        return out
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Scratch / Pre-trained classification baseline of paper 1 on the extractor's own network."""
 
-    name: ClassVar[str] = "classifier"
-    paper: ClassVar[str] = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
+    name = "classifier"
+    paper = "extractor-autoencoder-pirl-triplet"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"
 
@@ -139,7 +143,7 @@ class Method(BaseMethod):
         keep = np.flatnonzero(self.train_split.labels != NO_LABEL)
         if len(keep) == 0:
             raise DataError(f"{data.root}: {self.source}/train has no labelled images to train a classifier on")
-        self.pool = IndexPool(keep)
+        self.pool = self.sampler_part("pool", IndexPool(keep))
         self.mirror = np.asarray(spec.mirror_classes, np.int64) if spec.mirror_classes else None
         self.batch_size = cfg.batch_size
         cut, rest = split_model(cfg.extractor, cfg.extractor_weights, cfg.extractor_seed, len(spec.classes))
@@ -205,9 +209,3 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.net
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pool": self.pool.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool.load(state["pool"])

@@ -48,7 +48,6 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -63,7 +62,16 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.cyclegan import Discriminator, Generator, Refiner, _spread, _stat_gap, lsgan_d_loss, lsgan_g_loss
+from s2r.methods.common import (
+    EMA,
+    lsgan_d_loss,
+    lsgan_g_loss,
+    spread,
+    stat_gap,
+    translate_images,
+    translation_domains,
+)
+from s2r.methods.cyclegan import Discriminator, Generator, Refiner
 from s2r.methods.registry import register
 
 
@@ -240,22 +248,6 @@ def build_networks(cfg: Config, channels: int) -> tuple[Generator, Discriminator
     return g, d, heads
 
 
-class EMA(nn.Module):
-    """Exponential moving average of a module's weights (copies buffers): avg <- d * avg + (1 - d) * current."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        super().__init__()
-        self.decay = decay
-        self.module = copy.deepcopy(module).requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, current: nn.Module) -> None:
-        for a, c in zip(self.module.parameters(), current.parameters()):
-            a.lerp_(c.detach(), 1.0 - self.decay)
-        for a, c in zip(self.module.buffers(), current.buffers()):
-            a.copy_(c)
-
-
 def linear_decay_schedulers(optimizers: dict[str, torch.optim.Optimizer], total_steps: int,
                             decay_start: float) -> dict[str, Any]:
     """Constant lr, then linear decay to 0 at the last step (CUT's `linear` policy, in steps)."""
@@ -278,25 +270,19 @@ class PatchBatch(NamedTuple):
     b: np.ndarray  # (B, p, p, C) uint8 target patches (independent images: unpaired)
 
 
-@register(Config)
-class Method(BaseMethod):
+@register(Config, downstream=lambda cfg: cfg.downstream)
+class Method(BaseMethod[Config]):
     """CUT from domain A (synthetic) to B (real) on random patches; translates full images A -> B."""
 
-    name: ClassVar[str] = "cut"
-    paper: ClassVar[str] = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
+    name = "cut"
+    paper = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
     directions: ClassVar[tuple[str, ...]] = ("a2b",)  # one-sided: refine writes only <A>_cut
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
         cfg.validate()
-        spec = data.spec
-        self.domain_a = cfg.domain_a or spec.source
-        self.domain_b = cfg.domain_b or spec.target
-        for d in (self.domain_a, self.domain_b):
-            if not data.has(d, "train"):
-                known = sorted(p.parent.name for p in data.root.glob("*/train/images.npy"))
-                raise DataError(f"{data.root}: cut needs a train split of domain {d!r}; prepared domains: {known}")
+        self.domain_a, self.domain_b = translation_domains(self, cfg.domain_a, cfg.domain_b)
         self.a, self.b = data.get(self.domain_a, "train"), data.get(self.domain_b, "train")
         self.a_val, self.b_val = self._val_split(self.domain_a), self._val_split(self.domain_b)
         channels = int(self.a.images.shape[-1])
@@ -310,7 +296,8 @@ class Method(BaseMethod):
             raise ConfigError(f"key 'disc_channels': {len(cfg.disc_channels) - 1} stride-2 layers leave no patch "
                               f"for {self.train_size}px training patches; use fewer layers or a larger patch_size")
         self.batch_size = cfg.batch_size
-        self.pool_a, self.pool_b = IndexPool(np.arange(len(self.a))), IndexPool(np.arange(len(self.b)))
+        self.pool_a = self.sampler_part("a", IndexPool(np.arange(len(self.a))))
+        self.pool_b = self.sampler_part("b", IndexPool(np.arange(len(self.b))))
         self.g, self.d, self.heads = build_networks(cfg, channels)
         self.g_ema = EMA(self.g, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -358,7 +345,8 @@ class Method(BaseMethod):
         """G on cat(a, b) (b only with the identity term): (2B or B, C, p, p), as CUT's forward()."""
         c = self.cfg
         with self.autocast():
-            return self.g(torch.cat([a, b]) if c.nce_idt and c.lambda_nce > 0 else a)
+            out: torch.Tensor = self.g(torch.cat([a, b]) if c.nce_idt and c.lambda_nce > 0 else a)
+            return out
 
     def generator_loss(self, a: torch.Tensor, b: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 2: lambda_GAN L_GAN + lambda_NCE (L_PatchNCE(G, H, X) + L_PatchNCE(G, H, Y)), fake = G(cat(a, b))."""
@@ -396,7 +384,7 @@ class Method(BaseMethod):
         if self.g_ema is not None:
             self.g_ema.update(self.g)
         self.step_schedulers()
-        out = {k: v.detach() for k, v in g_out.items()}  # on the device: the loop syncs when it logs
+        out: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in g_out.items()}  # synced when logged
         return out | {"loss_d": loss_d.detach(), "d_real": real_s.float().mean().detach(),
                       "d_fake": fake_s.float().mean().detach()}
 
@@ -411,24 +399,19 @@ class Method(BaseMethod):
         if direction != "a2b":
             raise ValueError(f"cut is one-sided: only direction 'a2b' exists, got {direction!r}")
         gen = self.refiner()
-        was_training = self.training
-        self.eval()
-        try:
-            out = np.empty((len(images), *images.shape[1:]), np.uint8)
-            for i in range(0, len(images), batch_size):
-                x = to_float(images[i : i + batch_size], self.device)
-                with self.autocast():
-                    y = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
-                out[i : i + batch_size] = (y * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            return out
-        finally:
-            self.train(was_training)
+
+        def refine(x: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                y: torch.Tensor = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
+            return y
+
+        return translate_images(self, images, refine, batch_size)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """PatchNCE on full val images (fixed locations), content change and pixel-statistics gap to real B."""
-        xa = to_float(self.a_val.images[_spread(len(self.a_val), 32)], self.device)
-        xb = to_float(self.b_val.images[_spread(len(self.b_val), 32)], self.device)
+        xa = to_float(self.a_val.images[spread(len(self.a_val), 32)], self.device)
+        xb = to_float(self.b_val.images[spread(len(self.b_val), 32)], self.device)
         gen = self.refiner()
         fake = (gen(xa * 2 - 1).float() + 1) / 2
         layers = self.cfg.nce_layers
@@ -437,7 +420,7 @@ class Method(BaseMethod):
         k, q = self.heads(feat_k, ids), self.heads(feat_q, ids)
         nce = torch.stack([patch_nce_loss(qi, ki, self.cfg.nce_temperature) for qi, ki in zip(q, k)]).mean()
         return {"val_nce_x": float(nce), "val_l1_a2b": float((fake - xa).abs().mean()),
-                "val_gap_original": _stat_gap(xa, xb), "val_gap_refined": _stat_gap(fake.clamp(0, 1), xb)}
+                "val_gap_original": stat_gap(xa, xb), "val_gap_refined": stat_gap(fake.clamp(0, 1), xb)}
 
     def example_input(self) -> np.ndarray:
         return to_float(self.a_val.images[:2], torch.device("cpu")).numpy()
@@ -452,10 +435,3 @@ class Method(BaseMethod):
         """The A -> B refiner with [0, 1] images in and out (EMA weights when enabled)."""
         return Refiner(self.refiner())
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {"a": self.pool_a.state(), "b": self.pool_b.state()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.pool_a.load(state["pools"]["a"])
-        self.pool_b.load(state["pools"]["b"])

@@ -62,6 +62,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.common import lsgan_d_loss, lsgan_g_loss, spread, stat_gap, translate_images, translation_domains
 from s2r.methods.registry import register
 
 INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we use it as the standard deviation
@@ -103,9 +104,10 @@ class Config:
             raise ConfigError("key 'gen_width' must be >= 1 and 'gen_blocks' >= 0")
         if not self.disc_channels or any(c < 1 for c in self.disc_channels):
             raise ConfigError(f"key 'disc_channels' must be non-empty positive widths, got {self.disc_channels}")
-        for key in ("lambda_cycle", "lambda_identity", "lambda_l1"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"key {key!r} must be >= 0, got {getattr(self, key)}")
+        for key, value in (("lambda_cycle", self.lambda_cycle), ("lambda_identity", self.lambda_identity),
+                           ("lambda_l1", self.lambda_l1)):
+            if value < 0:
+                raise ConfigError(f"key {key!r} must be >= 0, got {value}")
         if self.lr_g <= 0 or self.lr_d <= 0:
             raise ConfigError("keys 'lr_g' and 'lr_d' must be > 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -114,8 +116,7 @@ class Config:
             raise ConfigError("key 'g_steps_per_d' must be >= 1")
         if not 0.0 <= self.d_label_flip_prob <= 1.0:
             raise ConfigError(f"key 'd_label_flip_prob' must be in [0, 1], got {self.d_label_flip_prob}")
-        for key in ("real_label_range", "fake_label_range"):
-            r = getattr(self, key)
+        for key, r in (("real_label_range", self.real_label_range), ("fake_label_range", self.fake_label_range)):
             if len(r) != 2 or r[0] > r[1]:
                 raise ConfigError(f"key {key!r} must be [low, high] with low <= high, got {r}")
         if self.pool_size < 0 or self.pretrain_g_steps < 0 or self.pretrain_d_steps < 0:
@@ -148,6 +149,8 @@ def _blur_filter(size: int) -> torch.Tensor:
 class BlurDownsample(nn.Module):
     """Anti-aliased stride-2 downsampling (Zhang 2019; CUT networks.Downsample: reflect pad 1, 3x3 binomial)."""
 
+    filt: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.register_buffer("filt", _blur_filter(3)[None, None].repeat(channels, 1, 1, 1))
@@ -159,6 +162,8 @@ class BlurDownsample(nn.Module):
 
 class BlurUpsample(nn.Module):
     """Anti-aliased x2 upsampling (CUT networks.Upsample: replicate pad 1, 4x4 binomial transposed conv x 4)."""
+
+    filt: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -182,7 +187,8 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        out: torch.Tensor = x + self.body(x)
+        return out
 
 
 class Generator(nn.Module):
@@ -224,7 +230,8 @@ class Generator(nn.Module):
         ph, pw = (-h) % 4, (-w) % 4
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        return self.net(x)[..., :h, :w]
+        out: torch.Tensor = self.net(x)[..., :h, :w]
+        return out
 
 
 class Discriminator(nn.Module):
@@ -258,7 +265,8 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, 1, h, w) patch scores."""
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
     @staticmethod
     def out_size(size: int, n_layers: int, n_stride1: int = 0) -> int:
@@ -302,29 +310,20 @@ class Refiner(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> refined (B, C, H, W) in [0, 1]."""
-        return (self.generator(x * 2 - 1) + 1) / 2
+        out: torch.Tensor = (self.generator(x * 2 - 1) + 1) / 2
+        return out
 
 
-# -- losses --------------------------------------------------------------------------------------------------
-def lsgan_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor, real_targets: torch.Tensor,
-                 fake_targets: torch.Tensor) -> torch.Tensor:
-    """Mao et al. 2017, eq. (2): 1/2 E[(D(x) - b)^2] + 1/2 E[(D(G(z)) - a)^2], with per-image targets b, a."""
-    return 0.5 * (F.mse_loss(real_scores.float(), real_targets.expand_as(real_scores))
-                  + F.mse_loss(fake_scores.float(), fake_targets.expand_as(fake_scores)))
-
-
-def lsgan_g_loss(fake_scores: torch.Tensor) -> torch.Tensor:
-    """Mao et al. 2017, eq. (2) with c = 1 (as CycleGAN, without the 1/2): E[(D(G(z)) - 1)^2]."""
-    return F.mse_loss(fake_scores.float(), torch.ones_like(fake_scores, dtype=torch.float32))
-
-
+# -- losses (LSGAN: s2r.methods.common) ----------------------------------------------------------------------
 def d_targets(n: int, real: bool, cfg: Config, rng: np.random.Generator) -> np.ndarray:
     """Smoothed, occasionally flipped discriminator targets for n images (appendix 6.2), float32 (n,)."""
     flip = rng.random(n) < cfg.d_label_flip_prob
-    real_t = rng.uniform(*cfg.real_label_range, size=n)
-    fake_t = rng.uniform(*cfg.fake_label_range, size=n)
+    (real_lo, real_hi), (fake_lo, fake_hi) = cfg.real_label_range, cfg.fake_label_range
+    real_t = rng.uniform(real_lo, real_hi, size=n)
+    fake_t = rng.uniform(fake_lo, fake_hi, size=n)
     is_real = ~flip if real else flip  # a flipped real image gets a fake target and vice versa
-    return np.where(is_real, real_t, fake_t).astype(np.float32)
+    out: np.ndarray = np.where(is_real, real_t, fake_t).astype(np.float32)
+    return out
 
 
 class ImagePool:
@@ -418,22 +417,16 @@ class PairSampler:
 
 # -- method --------------------------------------------------------------------------------------------------
 @register(Config, aliases=("mrgan",))  # mrgan: MrGAN's later stages between refined domains (paper 4 Fig. 5B)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """CycleGAN between domain A (synthetic) and B (real) with MrGAN's training recipe; translates A -> B."""
 
-    name: ClassVar[str] = "cyclegan"
-    paper: ClassVar[str] = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
+    name = "cyclegan"
+    paper = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"translate"})
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
-        spec = data.spec
-        self.domain_a = cfg.domain_a or spec.source
-        self.domain_b = cfg.domain_b or spec.target
-        for d in (self.domain_a, self.domain_b):
-            if not data.has(d, "train"):
-                known = sorted(p.parent.name for p in data.root.glob("*/train/images.npy"))
-                raise DataError(f"{data.root}: cyclegan needs a train split of domain {d!r}; prepared domains: {known}")
+        self.domain_a, self.domain_b = translation_domains(self, cfg.domain_a, cfg.domain_b)
         self.a = data.get(self.domain_a, "train")
         self.b = data.get(self.domain_b, "train")
         self.a_val = self._val_split(self.domain_a)
@@ -450,7 +443,8 @@ class Method(BaseMethod):
         # aligned pairs read B's labels: only the labelled budget (the classifier's images, appendix 5 + Section 3.3)
         subset_rng = np.random.default_rng(cfg.real_subset_seed)
         self.b_labelled = limited_indices(self.b.labels, cfg.real_per_class, subset_rng) if self.aligned else None
-        self.sampler = PairSampler(self.a.labels, self.b.labels, self.aligned, self.b_labelled)
+        self.sampler = self.sampler_part("pairs", PairSampler(self.a.labels, self.b.labels, self.aligned,
+                                                              self.b_labelled))
         self.batch_size = cfg.batch_size  # samples per step = (A, B) pairs
         self.g_ab = Generator(channels, cfg.gen_width, cfg.gen_blocks)
         self.g_ba = Generator(channels, cfg.gen_width, cfg.gen_blocks)
@@ -623,28 +617,19 @@ class Method(BaseMethod):
         if gen is None:
             raise ValueError(f"direction must be 'a2b' or 'b2a', got {direction!r}")
         with self.autocast():
-            return ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
+            out: torch.Tensor = ((gen(x * 2 - 1).float() + 1) / 2).clamp_(0, 1)
+            return out
 
     @torch.no_grad()
     def translate(self, images: np.ndarray, direction: str = "a2b", batch_size: int = 256) -> np.ndarray:
         """uint8 (N, H, W, C) -> refined uint8 (N, H, W, C); a2b = synthetic -> real. Any H, W >= 8."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = np.empty((len(images), *images.shape[1:]), np.uint8)
-            for i in range(0, len(images), batch_size):
-                y = self._refine(to_float(images[i : i + batch_size], self.device), direction)
-                # (B, C, H, W) -> (B, H, W, C)
-                out[i : i + batch_size] = (y * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            return out
-        finally:
-            self.train(was_training)
+        return translate_images(self, images, lambda x: self._refine(x, direction), batch_size)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Cycle and refinement L1 on fixed val images, and a pixel-statistics gap between refined A and real B."""
-        xa = to_float(self.a_val.images[_spread(len(self.a_val), 64)], self.device)
-        xb = to_float(self.b_val.images[_spread(len(self.b_val), 64)], self.device)
+        xa = to_float(self.a_val.images[spread(len(self.a_val), 64)], self.device)
+        xb = to_float(self.b_val.images[spread(len(self.b_val), 64)], self.device)
         fake_b, fake_a = self._refine(xa, "a2b"), self._refine(xb, "b2a")
         rec_a, rec_b = self._refine(fake_b, "b2a"), self._refine(fake_a, "a2b")
         return {
@@ -652,8 +637,8 @@ class Method(BaseMethod):
             "val_cycle_b": float((rec_b - xb).abs().mean()),
             "val_l1_a2b": float((fake_b - xa).abs().mean()),
             "val_l1_b2a": float((fake_a - xb).abs().mean()),
-            "val_gap_original": _stat_gap(xa, xb),
-            "val_gap_refined": _stat_gap(fake_b, xb),
+            "val_gap_original": stat_gap(xa, xb),
+            "val_gap_refined": stat_gap(fake_b, xb),
             **self.pretrain_losses,
         }
 
@@ -671,12 +656,6 @@ class Method(BaseMethod):
         return Refiner(self.g_ab)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pairs": self.sampler.state()}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        self.sampler.load(state["pairs"])
 
     def train_state(self) -> dict[str, Any]:
         """Adds the step counter, pretraining flag, noise rng and fake-image pools to the base state."""
@@ -698,14 +677,3 @@ class Method(BaseMethod):
         self.noise_rng.bit_generator.state = copy.deepcopy(gan["noise_rng"])
         self.pool_a.load(gan["pool_a"], self.device)
         self.pool_b.load(gan["pool_b"], self.device)
-
-
-def _spread(n: int, k: int) -> np.ndarray:
-    """min(n, k) indices spread evenly over 0..n-1 (a fixed, class-covering validation subset)."""
-    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
-
-
-def _stat_gap(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean |per-pixel mean difference| + mean |per-pixel std difference| of two (B, C, H, W) sets in [0, 1]."""
-    gap = (x.mean(0) - y.mean(0)).abs().mean() + (x.std(0, correction=0) - y.std(0, correction=0)).abs().mean()
-    return float(gap)

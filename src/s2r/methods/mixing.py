@@ -50,6 +50,7 @@ class Config:
     augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
     aug_crop_padding: int = 4
     aug_hflip: bool = False
+    image_size: int = 16  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks_per_stage: int = 3
     batch_size: int = 128
@@ -68,12 +69,15 @@ class Config:
             raise ConfigError(f"key 'methods.mixing.real_fraction' must be in [0, 1], got {self.real_fraction}")
         if self.real_per_class == 0 or self.real_per_class < -1:
             raise ConfigError("key 'methods.mixing.real_per_class' must be > 0, or -1 for all")
+        if self.image_size < 0:
+            raise ConfigError("key 'methods.mixing.image_size' must be >= 0 (0 = the benchmark's size)")
         if self.batch_size < 1 or self.epochs < 1 or self.steps_per_epoch < 1:
             raise ConfigError("keys 'methods.mixing.batch_size/epochs/steps_per_epoch' must be >= 1")
         if len(self.widths) < 1 or self.blocks_per_stage < 1:
             raise ConfigError("key 'methods.mixing.widths' must be non-empty and blocks_per_stage >= 1")
-        for key in ("lr_milestones", "real_only_lr_milestones"):
-            if any(not 0.0 < m < 1.0 for m in getattr(self, key)):
+        for key, fractions in (("lr_milestones", self.lr_milestones),
+                               ("real_only_lr_milestones", self.real_only_lr_milestones)):
+            if any(not 0.0 < m < 1.0 for m in fractions):
                 raise ConfigError(f"key 'methods.mixing.{key}' are fractions of training in (0, 1)")
 
     def milestones(self) -> list[float]:
@@ -124,15 +128,16 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, K) logits."""
         h = self.stages(self.stem(x))
-        return self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
+        out: torch.Tensor = self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
+        return out
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
 
-    name: ClassVar[str] = "mixing"
-    paper: ClassVar[str] = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
+    name = "mixing"
+    paper = "mixing-ratio-mrgan"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "classification"  # s2r.evaluators.classification scores it
 
@@ -150,8 +155,17 @@ class Method(BaseMethod):
         self.n_syn = cfg.batch_size - self.n_real
         self.real_idx = limited_indices(self.real.labels, cfg.real_per_class,
                                         np.random.default_rng(cfg.real_subset_seed))
-        self.pools = {"real": IndexPool(self.real_idx), "syn": IndexPool(np.arange(len(self.syn)))}
+        self.pools = {"real": self.sampler_part("real", IndexPool(self.real_idx)),
+                      "syn": self.sampler_part("syn", IndexPool(np.arange(len(self.syn))))}
         self.net = SmallResNet(spec.channels, len(self.classes), cfg.widths, cfg.blocks_per_stage)
+        self.size = cfg.image_size or spec.image_size
+
+    def _input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
+        x = to_float(images, self.device)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        return x
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
@@ -182,10 +196,10 @@ class Method(BaseMethod):
         """Random crop after zero padding (+ optional horizontal flip), per image."""
         p = self.cfg.aug_crop_padding
         b, h, w, _ = images.shape
-        padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        dy = self.rng.integers(0, 2 * p + 1, b)
-        dx = self.rng.integers(0, 2 * p + 1, b)
-        flip = self.rng.random(b) < 0.5 if self.cfg.aug_hflip else np.zeros(b, bool)
+        padded: np.ndarray = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        dy = np.asarray(self.rng.integers(0, 2 * p + 1, b))
+        dx = np.asarray(self.rng.integers(0, 2 * p + 1, b))
+        flip = np.asarray(self.rng.random(b) < 0.5 if self.cfg.aug_hflip else np.zeros(b, bool))
         out = np.empty_like(images)
         for i in range(b):
             crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
@@ -194,7 +208,7 @@ class Method(BaseMethod):
 
     def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor | float]:
         images, labels = batch
-        x = to_float(images, self.device)
+        x = self._input(images)
         y = to_device(np.asarray(labels), self.device)
         with self.autocast():
             logits = self.net(x)
@@ -210,7 +224,7 @@ class Method(BaseMethod):
         self.net.eval()
         out = []
         for i in range(0, len(images), batch_size):
-            x = to_float(images[i : i + batch_size], self.device)
+            x = self._input(images[i : i + batch_size])
             with self.autocast():
                 out.append(torch.softmax(self.net(x).float(), 1).cpu())
         return torch.cat(out).numpy()
@@ -235,15 +249,8 @@ class Method(BaseMethod):
         return [health.single_class_check("class predictions")]
 
     def example_input(self) -> np.ndarray:
-        return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
+        return self._input(self.real_val.images[:2]).cpu().numpy()
 
     def export_model(self) -> nn.Module:
         return self.net
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for k, p in self.pools.items():
-            p.load(state["pools"][k])

@@ -1,14 +1,17 @@
 """Method registry: a method registers where it is defined; its module name is its name everywhere.
 
-Every module of `s2r.methods` (except `base` and this one) decorates its `Method` class with `@register(Config)`:
+Every module of `s2r.methods` that holds a method (all but NOT_METHODS) decorates its `Method` class with
+`@register(Config)`:
 
     @register(Config, aliases=("mrgan",))
-    class Method(BaseMethod):
+    class Method(BaseMethod[Config]):
         name = "cyclegan"; capabilities = frozenset({"translate"}); evaluator = ""; paper = "mixing-ratio-mrgan"
 
-The entry holds what the rest of s2r needs (Method and Config classes, capabilities, evaluator, paper); the registry
-finds the modules by discovery over the `s2r.methods` package, so adding a method is one new module (plus its
-`params.yaml` block). `<method>_<suffix>` names another params block of `<method>` (e.g. `segmenter_refined`).
+`register` and `Entry` are generic over the Config type: mypy checks that the decorated class is a
+`Method[Config]` of the Config it registers with. The entry holds what the rest of s2r needs (Method and Config
+classes, capabilities, evaluator, paper); the registry finds the modules by discovery over the `s2r.methods`
+package, so adding a method is one new module (plus its `params.yaml` block). `<method>_<suffix>` names another
+params block of `<method>` (e.g. `segmenter_refined`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from s2r.config import ConfigError
+from s2r.methods.base import Method
+
+C = TypeVar("C")
 
 # What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
 CAPABILITIES = {
@@ -30,7 +36,7 @@ CAPABILITIES = {
     "predict": "uint8 images (N, H, W, C) -> class probabilities (N, K) summing to 1, or per-pixel maps "
                "(N, H, W) (integer masks, finite depth), or a dict of such arrays",
 }
-NOT_METHODS = frozenset({"base", "registry"})  # modules of s2r.methods that hold no method
+NOT_METHODS = frozenset({"base", "common", "extractors", "registry"})  # modules of s2r.methods that hold no method
 
 # The five papers, numbered as the docs and verdicts number them; a method names the one it implements
 # (`Method.paper`) and its runs go to that paper's MLflow experiment (`experiment`).
@@ -39,20 +45,26 @@ PAPERS = ("extractor-autoencoder-pirl-triplet", "twin-vae-depth-segmentation", "
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One registered method."""
+class Entry(Generic[C]):
+    """One registered method, typed by its Config dataclass `C`."""
 
     name: str
     module: str  # e.g. "s2r.methods.cut"
-    method: type[Any]
-    config: type[Any]
+    method: type[Method[C]]
+    config: type[C]
     capabilities: frozenset[str]
     evaluator: str  # module of s2r.evaluators run by `s2r evaluate` ("" = none)
     aliases: tuple[str, ...] = ()
     paper: str = ""  # one of PAPERS ("" = none)
-    block_capabilities: Callable[[Any], Iterable[str]] | None = None
+    block_capabilities: Callable[[C], Iterable[str]] | None = None
+    block_downstream: Callable[[C], str] | None = None
 
-    def capabilities_for(self, cfg: Any) -> frozenset[str]:
+    def downstream(self, cfg: C) -> str:
+        """The params block whose training scores a tuning trial of this block (CUT: the segmenter on its
+        refined data, paper 5); "" = the block's own training."""
+        return self.block_downstream(cfg) if self.block_downstream is not None else ""
+
+    def capabilities_for(self, cfg: C) -> frozenset[str]:
         """The capabilities one params block provides (a subset of the method's, e.g. twin-VAE stage 'vae' has no
         heads to predict with); the method's own where it declares no `capabilities_for`."""
         if self.block_capabilities is None:
@@ -64,37 +76,46 @@ class Entry:
         return caps
 
 
-_ENTRIES: dict[str, Entry] = {}  # name and aliases -> entry
+# Registered methods of any Config type: looked up by the name a params block or the CLI gives (a string edge).
+_ENTRIES: dict[str, Entry[Any]] = {}  # name and aliases -> entry
 _discovered = False
 
 
-def register(config: type[Any], *, aliases: tuple[str, ...] = (),
-             capabilities_for: Callable[[Any], Iterable[str]] | None = None) -> Any:
+def _defines(cls: type[Method[Any]], hook: str) -> bool:
+    """Whether `cls` (or a base below Method) overrides the base class's `hook`."""
+    below = cls.__mro__[: cls.__mro__.index(Method)]
+    return any(hook in vars(k) for k in below)
+
+
+def register(config: type[C], *, aliases: tuple[str, ...] = (),
+             capabilities_for: Callable[[C], Iterable[str]] | None = None,
+             downstream: Callable[[C], str] | None = None) -> Callable[[type[Method[C]]], type[Method[C]]]:
     """Class decorator for a module's `Method`: register it under `Method.name` (= the module's name) and aliases.
 
     `capabilities_for(cfg)`: where a params block provides only some of the class's capabilities.
+    `downstream(cfg)`: where a block's tuning trials are scored by another block's training (Entry.downstream).
     """
 
-    def deco(cls: type[Any]) -> type[Any]:
+    def deco(cls: type[Method[C]]) -> type[Method[C]]:
         module = cls.__module__
         where = f"{module}.{cls.__name__}"
-        name = getattr(cls, "name", "")
+        name = cls.name
         if name != module.rsplit(".", 1)[-1]:
             raise ConfigError(f"{where}: Method.name {name!r} must equal the module's name (one name everywhere)")
-        caps = frozenset(getattr(cls, "capabilities", frozenset()))
+        caps = frozenset(cls.capabilities)
         unknown = sorted(caps - set(CAPABILITIES))
         if unknown:
             raise ConfigError(f"{where}: unknown capabilities {unknown}; known: {list(CAPABILITIES)}")
-        missing = [c for c in sorted(caps) if not callable(getattr(cls, c, None))]
+        missing = [c for c in sorted(caps) if not _defines(cls, c)]
         if missing:
             raise ConfigError(f"{where}: declares capabilities {missing} but defines no such method")
-        evaluator = getattr(cls, "evaluator", "")
+        evaluator = cls.evaluator
         if evaluator and importlib.util.find_spec(f"s2r.evaluators.{evaluator}") is None:
             raise ConfigError(f"{where}: evaluator {evaluator!r} is not a module of s2r.evaluators")
-        paper = getattr(cls, "paper", "")
+        paper = cls.paper
         if paper and paper not in PAPERS:
             raise ConfigError(f"{where}: paper {paper!r} is not one of {list(PAPERS)}")
-        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), paper, capabilities_for)
+        entry = Entry(name, module, cls, config, caps, evaluator, tuple(aliases), paper, capabilities_for, downstream)
         for key in (name, *aliases):
             old = _ENTRIES.get(key)
             if old is not None and old.module != module:
@@ -106,14 +127,14 @@ def register(config: type[Any], *, aliases: tuple[str, ...] = (),
 
 
 def method_modules() -> list[str]:
-    """The modules of s2r.methods that hold a method (discovery: every module but base and registry)."""
+    """The modules of s2r.methods that hold a method (discovery: every module but NOT_METHODS)."""
     import s2r.methods
 
     return sorted(f"s2r.methods.{m.name}" for m in pkgutil.iter_modules(s2r.methods.__path__)
                   if m.name not in NOT_METHODS and not m.name.startswith("_"))
 
 
-def discover(force: bool = False) -> dict[str, Entry]:
+def discover(force: bool = False) -> dict[str, Entry[Any]]:
     """Import every method module once (they register themselves); returns name/alias -> entry."""
     global _discovered
     if force or not _discovered:
@@ -123,7 +144,7 @@ def discover(force: bool = False) -> dict[str, Entry]:
     return _ENTRIES
 
 
-def entries() -> dict[str, Entry]:
+def entries() -> dict[str, Entry[Any]]:
     """Registered methods by name (aliases left out)."""
     return {k: e for k, e in discover().items() if k == e.name}
 
@@ -133,7 +154,7 @@ def names() -> list[str]:
     return sorted(discover())
 
 
-def entry(name: str, where: str = "params.yaml") -> Entry:
+def entry(name: str, where: str = "params.yaml") -> Entry[Any]:
     """The entry of `name`; `<method>_<suffix>` (e.g. `mrgan_stage3`) is another params block of `<method>`."""
     found = discover().get(name) or (discover().get(name.split("_", 1)[0]) if "_" in name else None)
     if found is None:
@@ -157,7 +178,7 @@ def config_class(name: str, where: str = "params.yaml") -> type[Any]:
     return entry(name, where).config
 
 
-def method_class(name: str) -> type[Any]:
+def method_class(name: str) -> type[Method[Any]]:
     return entry(name).method
 
 

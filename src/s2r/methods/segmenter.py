@@ -38,7 +38,7 @@ from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
 from s2r.methods.base import IndexPool, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.cut import EMA
+from s2r.methods.common import EMA
 from s2r.methods.registry import register
 
 TRAIN_DATA = ("synthetic", "refined", "target", "target+synthetic", "target+refined")
@@ -109,7 +109,8 @@ class UNet(nn.Module):
         f = self.features(x)
         d2 = self.dec2(torch.cat([self.up2(f["bottleneck"]), f["enc2"]], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), f["enc1"]], 1))
-        return self.head(d1)[..., :h, :w]
+        out: torch.Tensor = self.head(d1)[..., :h, :w]
+        return out
 
 
 def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,12 @@ def lastk_summary(values: np.ndarray, k: int, prefix: str) -> dict[str, float]:
             f"{prefix}_lastk_min": float(v.min()), f"{prefix}_lastk_max": float(v.max()), f"{prefix}_lastk_n": len(v)}
 
 
+def _masks(part: PreparedSplit) -> np.ndarray:
+    """A split's masks (Method._split refuses a split without them)."""
+    assert part.masks is not None
+    return part.masks
+
+
 class SegBatch(NamedTuple):
     """Fields 0 and 1 are (images, class labels) like other methods' batches (sample grids)."""
 
@@ -141,13 +148,17 @@ class SegBatch(NamedTuple):
 
 
 @register(Config)
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """From-scratch segmentation network; predicts masks of target-domain images."""
 
-    name: ClassVar[str] = "segmenter"
-    paper: ClassVar[str] = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
+    name = "segmenter"
+    paper = "cut-patch-refinement"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"predict"})
     evaluator: ClassVar[str] = "segmentation_lastk"
+
+    miou_history: torch.Tensor  # a buffer (register_buffer)
+    class_history: torch.Tensor  # a buffer (register_buffer)
+    epochs_done: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
@@ -167,7 +178,7 @@ class Method(BaseMethod):
         self.train_sets = [self._split(d, "train", f"train_data={cfg.train_data!r}") for d in sets]
         self.val = self._split(self.target_domain, "val", "validation")
         self.test = self._split(self.target_domain, "test", "the reported score")
-        self.pools = [IndexPool(np.arange(len(s))) for s in self.train_sets]
+        self.pools = [self.sampler_part(str(i), IndexPool(np.arange(len(s)))) for i, s in enumerate(self.train_sets)]
         self.batch_size = cfg.batch_size
         self.net = UNet(int(self.val.images.shape[-1]), len(self.classes), cfg.widths)
         self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -200,7 +211,7 @@ class Method(BaseMethod):
             idx = self.pools[s].draw(self.cfg.batch_size, self.rng)
             part = self.train_sets[s]
             labels = np.asarray(part.labels[idx]) if len(part.labels) else np.zeros(len(idx), np.int64)
-            yield SegBatch(np.asarray(part.images[idx]), np.maximum(labels, 0), np.asarray(part.masks[idx]))
+            yield SegBatch(np.asarray(part.images[idx]), np.maximum(labels, 0), np.asarray(_masks(part)[idx]))
 
     def train_step(self, batch: SegBatch) -> dict[str, torch.Tensor]:
         x = to_float(batch.images, self.device)
@@ -216,7 +227,7 @@ class Method(BaseMethod):
     # -- use -----------------------------------------------------------------------------------------------
     def model(self) -> UNet:
         """The network that is evaluated: the EMA weights when enabled (Section IV-C)."""
-        return self.ema.module if self.ema is not None else self.net  # type: ignore[return-value]
+        return self.ema.module if self.ema is not None else self.net
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -248,7 +259,7 @@ class Method(BaseMethod):
     def score(self, part: PreparedSplit) -> dict[str, Any]:
         """mIoU / per-class IoU / pixel accuracy on (the first eval_images of) a split."""
         n = self.cfg.eval_images or len(part)
-        cm = confusion(np.asarray(part.masks[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
+        cm = confusion(np.asarray(_masks(part)[:n]), self.predict(np.asarray(part.images[:n])), len(self.classes))
         # paper 5 (Sec. IV-A): "mean IoU ... over all classes present in the dataset": absent classes left out
         return metrics_from_confusion(cm, self.classes, miou=MIOU)
 
@@ -274,7 +285,7 @@ class Method(BaseMethod):
 
         n = min(self.cfg.eval_images or len(self.val), 64)
         return health.class_usage(self.predict(np.asarray(self.val.images[:n])), len(self.classes),
-                                  np.asarray(self.val.masks[:n]), 255)
+                                  np.asarray(_masks(self.val)[:n]), 255)
 
     def health_checks(self) -> list[Any]:
         from s2r import health
@@ -287,10 +298,3 @@ class Method(BaseMethod):
     def export_model(self) -> nn.Module:
         return self.model()
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": [p.state() for p in self.pools]}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for p, s in zip(self.pools, state["pools"]):
-            p.load(s)

@@ -66,7 +66,7 @@ Images are [0, 1] at the method's edges and [-1, 1] inside the networks. Adam (0
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -79,8 +79,9 @@ from s2r import distributed
 from s2r.config import ConfigError
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
-from s2r.methods.base import IndexPool, to_device, to_float
+from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.common import spread
 from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
@@ -139,9 +140,12 @@ class Config:
         if bad:
             raise ConfigError(f"key 'pack_d': unpacking to {bad} channels needs 4 * channels divisible by pack_d "
                               f"({self.pack_d})")
-        for k in ("w_kl", "w_mse", "w_mmd", "w_cycle", "w_kl2", "w_mmd2", "w_depth", "w_seg", "init_std"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"key {k!r} must be >= 0, got {getattr(self, k)}")
+        weights = {"w_kl": self.w_kl, "w_mse": self.w_mse, "w_mmd": self.w_mmd, "w_cycle": self.w_cycle,
+                   "w_kl2": self.w_kl2, "w_mmd2": self.w_mmd2, "w_depth": self.w_depth, "w_seg": self.w_seg,
+                   "init_std": self.init_std}
+        for k, v in weights.items():
+            if v < 0:
+                raise ConfigError(f"key {k!r} must be >= 0, got {v}")
         if self.mmd_sigma2_per_dim <= 0 or self.depth_max <= 0 or self.lr <= 0:
             raise ConfigError("keys 'mmd_sigma2_per_dim', 'depth_max' and 'lr' must be > 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -227,7 +231,8 @@ class PrivateEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 class SharedEncoder(nn.Module):
@@ -257,7 +262,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Latent:
         """(B, C, H, W) in [-1, 1] -> Latent of (B, L, H / 2^P, W / 2^P)."""
-        return self.shared(self.private(x))
+        out: Latent = self.shared(self.private(x))
+        return out
 
 
 class SharedDecoder(nn.Module):
@@ -275,7 +281,8 @@ class SharedDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        out: torch.Tensor = self.net(z)
+        return out
 
 
 class PrivateDecoder(nn.Module):
@@ -296,7 +303,8 @@ class PrivateDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        out: torch.Tensor = self.net(h)
+        return out
 
 
 class Decoder(nn.Module):
@@ -309,7 +317,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, L, h, w) latent -> (B, out, h * 2^P, w * 2^P)."""
-        return self.private(self.shared(z))
+        out: torch.Tensor = self.private(self.shared(z))
+        return out
 
 
 class TwinVAE(nn.Module):
@@ -354,7 +363,9 @@ def init_logvar(shared: SharedEncoder, bias: float) -> None:
     (bias 0) would hide it from the decoders and heads for the first hundreds of steps (paper 3's custom
     log-variance init, Table 3, does the same for its VAEs)."""
     with torch.no_grad():
-        shared.logvar.bias.fill_(bias)
+        bias_param = shared.logvar.bias
+        assert bias_param is not None  # nn.Conv2d/Linear built with bias=True
+        bias_param.fill_(bias)
 
 
 # -- losses --------------------------------------------------------------------------------------------------
@@ -446,7 +457,8 @@ class Translator(nn.Module):
         self.twin = twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.twin.dec_r(self.twin.enc_s(x * 2 - 1).mu) + 1) / 2
+        out: torch.Tensor = (self.twin.dec_r(self.twin.enc_s(x * 2 - 1).mu) + 1) / 2
+        return out
 
 
 class DensePredictor(nn.Module):
@@ -475,11 +487,11 @@ class TwinBatch(NamedTuple):
 
 @register(Config, capabilities_for=lambda cfg: {"vae": {"encode", "translate"}, "supervised": {"encode", "predict"},
                                                 "heads": {"encode", "translate", "predict"}}[cfg.stage])
-class Method(BaseMethod):
+class Method(BaseMethod[Config]):
     """Twin VAE (stage vae), its depth/segmentation heads (stage heads) and the supervised baselines."""
 
-    name: ClassVar[str] = "twinvae"
-    paper: ClassVar[str] = "twin-vae-depth-segmentation"  # its MLflow experiment (registry.experiment)
+    name = "twinvae"
+    paper = "twin-vae-depth-segmentation"  # its MLflow experiment (registry.experiment)
     capabilities: ClassVar[frozenset[str]] = frozenset({"encode", "translate", "predict"})
     evaluator: ClassVar[str] = "depth_segmentation"
 
@@ -511,7 +523,8 @@ class Method(BaseMethod):
                               f"divisible by {factor}; {data.root} has {size}px images")
         self.batch_size = cfg.batch_size
         self.sigma2 = cfg.mmd_sigma2_per_dim * cfg.latent_channels * (size // factor) ** 2
-        self.pools = {"sim": IndexPool(np.arange(len(self.sim))), "real": IndexPool(np.arange(len(self.real)))}
+        self.pools = {"sim": self.sampler_part("sim", IndexPool(np.arange(len(self.sim)))),
+                      "real": self.sampler_part("real", IndexPool(np.arange(len(self.real))))}
         self.twin: TwinVAE | None = None
         self.encoder: Encoder | None = None  # supervised baselines: one encoder, no twin
         self.heads: Heads | None = None
@@ -520,7 +533,7 @@ class Method(BaseMethod):
                                                                                  cfg.latent_channels))
             gaussian_init(self.encoder, cfg.init_std)
             init_logvar(self.encoder.shared, cfg.logvar_bias_init)
-            self.pools["sup"] = IndexPool(np.arange(len(self.sup)))
+            self.pools["sup"] = self.sampler_part("sup", IndexPool(np.arange(len(self.sup))))
         else:
             self.twin = TwinVAE(channels, cfg)
         if cfg.stage != "vae":
@@ -529,6 +542,7 @@ class Method(BaseMethod):
         self.seg_weight: torch.Tensor | None = None  # class weights of the CE (seg_weighting), from the train masks
         if cfg.seg_weighting == "median_frequency" and cfg.stage != "vae":
             labelled = self.sup if cfg.stage == "supervised" else self.sim
+            assert labelled.masks is not None  # checked above (_check_dense)
             self.seg_weight = torch.from_numpy(median_frequency_weights(labelled.masks, len(self.seg_classes)))
         self.init_info: dict[str, str] = {}
 
@@ -561,10 +575,11 @@ class Method(BaseMethod):
         if registry.resolve(saved.get("method", "")) != __name__ or saved["config"].get("stage") != "vae":
             raise DataError(f"--init {path}: holds {saved.get('method')!r} (stage {saved['config'].get('stage')!r}), "
                             "not a stage-1 twin VAE (stage 'vae')")
-        diff = [k for k in ARCH_KEYS if saved["config"].get(k) != getattr(self.cfg, k)]
+        mine = asdict(self.cfg)
+        diff = [k for k in ARCH_KEYS if saved["config"].get(k) != mine[k]]
         if diff:
             was = {k: saved["config"].get(k) for k in diff}
-            now = {k: getattr(self.cfg, k) for k in diff}
+            now = {k: mine[k] for k in diff}
             raise ConfigError(f"--init {path}: architecture keys {diff} differ from methods.{self.name} "
                               f"({was} vs {now})")
         state = {k[len("twin."):]: v for k, v in saved["state"].items() if k.startswith("twin.")}
@@ -718,7 +733,8 @@ class Method(BaseMethod):
     # -- capabilities ----------------------------------------------------------------------------------------
     def _latent(self, enc: Encoder, x: torch.Tensor) -> torch.Tensor:
         lat = enc(x)
-        return lat.z if self.cfg.inference_sample else lat.mu
+        out: torch.Tensor = lat.z if self.cfg.inference_sample else lat.mu
+        return out
 
     def _predict_encoder(self) -> Encoder:
         """The encoder that reads target (real) images: E_R for the twin, the baseline's own encoder otherwise."""
@@ -766,7 +782,7 @@ class Method(BaseMethod):
         enc, dec = pair
         ys = self._batched(images, lambda x: dec(self._latent(enc, x)), batch_size)
         y = ((torch.cat(ys) + 1) / 2).clamp(0, 1)
-        return (y * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, C, H, W) -> (N, H, W, C)
+        return to_uint8(y)
 
     def predict(self, images: np.ndarray, batch_size: int = 64, domain: str = "real") -> dict[str, np.ndarray]:
         """Images of `domain` -> {"depth": (N, H, W) float32 metres, "mask": (N, H, W) int64 class ids}.
@@ -796,7 +812,7 @@ class Method(BaseMethod):
         trained on), `val_real_*` = the real encoder E_R on real val images (the evaluated path)."""
         n = self.cfg.val_images
         sv, rv = self.sim_val, self.real_val
-        si, ri = _spread(len(sv), n), _spread(len(rv), n)
+        si, ri = spread(len(sv), n), spread(len(rv), n)
         if self.cfg.stage == "vae":
             zs = torch.from_numpy(self.encode(sv.images[si], "sim"))
             zr = torch.from_numpy(self.encode(rv.images[ri], "real"))
@@ -826,7 +842,7 @@ class Method(BaseMethod):
         from s2r import health
 
         rv = self.real_val
-        ri = _spread(len(rv), self.cfg.val_images)
+        ri = spread(len(rv), self.cfg.val_images)
         if self.heads is None:
             lat = self._predict_encoder()(self._t(rv.images[ri]))
             return health.active_units(lat.mu.float().cpu(), lat.logvar.float().cpu())
@@ -851,21 +867,9 @@ class Method(BaseMethod):
             return Translator(self.twin)
         return DensePredictor(self._predict_encoder(), self.heads, self.cfg.depth_max)
 
-    def sampler_state(self) -> dict[str, Any]:
-        return super().sampler_state() | {"pools": {k: p.state() for k, p in self.pools.items()}}
-
-    def load_sampler_state(self, state: dict[str, Any]) -> None:
-        super().load_sampler_state(state)
-        for k, p in self.pools.items():
-            p.load(state["pools"][k])
 
 
 def _arr(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
     if a is None:
         return np.zeros((len(idx), 0, 0), np.float32)
     return np.asarray(a[idx])
-
-
-def _spread(n: int, k: int) -> np.ndarray:
-    """min(n, k) indices spread evenly over 0..n-1 (a fixed validation subset)."""
-    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))

@@ -10,7 +10,6 @@ target test images against their paired synthetic scene ("Synth.") and against t
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from s2r.config import Params
+from s2r.data.benchmark import DataError
 from s2r.params import load_params
-from s2r.tables import fmt_percent, markdown
+from s2r.tables import TablesRun, fmt_percent
 
 # row name -> overrides of methods.ae (paper Table 10)
 TABLE10_ROWS: dict[str, dict[str, Any]] = {
@@ -50,8 +50,8 @@ def _train_and_score(data_dir: Path, params: Params, tmp: Path, run_name: str, p
     from s2r import stages
     from s2r.evaluators import latent
 
-    summary = stages.train("ae", data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt", run_name=run_name,
-                           parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest("ae", data_dir, tmp / "model", ckpt_dir=tmp / "ckpt", run_name=run_name,
+                                               parent_run_id=parent_run_id), params)
     m, _ = stages.load_trained(tmp / "model", data_dir, params)
     out: dict[str, Any] = {"val_knn_accuracy": summary.get("val_knn_accuracy"), "train_seconds": summary["seconds"]}
     data = m.data
@@ -64,6 +64,8 @@ def _train_and_score(data_dir: Path, params: Params, tmp: Path, run_name: str, p
         return out
     images = np.asarray(test.images)
     rec = m.reconstruct(images)
+    if rec is None:
+        raise DataError(f"method {m.name!r} has no decoder to reconstruct with (Table 10)")
     src = data.get(m.source, "test")
     pairs = latent.paired_indices(test.scene_ids, src.scene_ids)
     have = pairs >= 0
@@ -86,75 +88,70 @@ def _overrides(row: dict[str, Any], extractor: str, extra: dict[str, Any]) -> di
 
 def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: Path) -> dict[str, Any]:
     """Run Table 10 (digits, all seeds) and/or Table 1 (scenes, first seed); write md/CSV/JSON, log to MLflow."""
-    import pandas as pd
-
-    from s2r.files import write_json
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun
-
     if digits is None and scenes is None:
         raise ValueError("s2r tables ae needs --digits and/or --scenes")
     base = load_params(params_path)
     cfg = base.reports.ae_tables
-    out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     result: dict[str, Any] = {}
     logged = {"reports": {"ae_tables": asdict(cfg)}, "methods": {"ae": asdict(base.methods["ae"])},
               "digits": str(digits), "scenes": str(scenes)}
-    with TrackedRun("tables@ae", experiment=registry.experiment(base.tracking.experiment, "ae"),
-                    section="test", params=logged,
-                    tags={"stage": "tables", "method": "ae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
-        files: list[str] = []
+    with TablesRun("ae", out, base, logged) as t:
         if digits is not None:
-            rows = []
-            for name, row in TABLE10_ROWS.items():
-                for seed in cfg.seeds:
-                    p = load_params(params_path, _overrides(row, cfg.extractor, {
-                        "seed": seed, "methods.ae.epochs": cfg.epochs,
-                        "methods.ae.steps_per_epoch": cfg.steps_per_epoch}))
-                    tmp = Path(tempfile.mkdtemp(dir=tmpd))
-                    r = _train_and_score(digits, p, tmp, f"table10@ae[{name},seed={seed}]", parent.run_id, False)
-                    rows.append({"model": name, "seed": seed, **r})
-            runs = pd.DataFrame(rows)
-            runs.to_csv(out / "table10_runs.csv", index=False)
-            table = table10(runs)
-            table.to_csv(out / "table10.csv", index=False)
-            title = f"Table 10 format: accuracy on real digits (test), mean ± std over {len(cfg.seeds)} seeds"
-            (out / "table10.md").write_text(markdown(table[["Model", "KNN", "RForest", "SVM", "seeds"]], title))
-            files += ["table10.md", "table10.csv", "table10_runs.csv"]
-            for r in table.to_dict("records"):
-                for c in ("knn", "rf", "svm"):
-                    metrics[f"table10.{r['Model']}.{c}"] = r[f"{c}_mean"]
-            result["table10"] = table
+            result["table10"] = _table10(t, digits, params_path, metrics)
         if scenes is not None:
-            rows = []
-            seed = cfg.seeds[0]
-            for source in cfg.scenes_sources:
-                for model, variant, row in TABLE1_ROWS:
-                    p = load_params(params_path, _overrides(row, cfg.extractor, {
-                        "seed": seed, "methods.ae.epochs": cfg.scenes_epochs, "methods.ae.source_domain": source,
-                        "methods.ae.steps_per_epoch": cfg.scenes_steps_per_epoch,
-                        "methods.ae.latent_dim": cfg.scenes_latent_dim, "methods.ae.sampling": "vanilla",
-                        "methods.ae.triplet": False}))
-                    tmp = Path(tempfile.mkdtemp(dir=tmpd))
-                    r = _train_and_score(scenes, p, tmp, f"table1@ae[{source},{model},{variant}]", parent.run_id, True)
-                    rows.append({"Trained on": source, "Model": model, "Variant": variant, **r})
-            t1 = pd.DataFrame(rows)
-            t1.to_csv(out / "table1.csv", index=False)
-            (out / "table1.md").write_text(table1_markdown(t1))
-            files += ["table1.md", "table1.csv"]
-            for r in rows:
-                k = f"table1.{r['Trained on']}.{r['Model']}.{r['Variant']}".replace(" ", "").replace(",", "_")
-                metrics[k + ".ssim_real"] = r["ssim_real"]
-            result["table1"] = t1
-        write_json(out / "metrics.json", metrics)
-        safe = {k.replace("β", "beta").replace("γ", "gamma").replace("=", ""): float(v) for k, v in metrics.items()
-                if v is not None and np.isfinite(v)}
-        parent.log_metrics(safe, step=0)
-        for name in files + ["metrics.json"]:
-            parent.log_artifact(out / name, "tables")
+            result["table1"] = _table1(t, scenes, params_path, metrics)
+        t.finish(metrics)
     result["metrics"] = metrics
     return result
+
+
+def _table10(t: TablesRun, digits: Path, params_path: Path, metrics: dict[str, Any]) -> Any:
+    """Table 10: latent-space classifiers on real digits, every row x every seed; adds its numbers to `metrics`."""
+    import pandas as pd
+
+    cfg = t.params.reports.ae_tables
+    rows = []
+    for name, row in TABLE10_ROWS.items():
+        for seed in cfg.seeds:
+            p = load_params(params_path, _overrides(row, cfg.extractor, {
+                "seed": seed, "methods.ae.epochs": cfg.epochs, "methods.ae.steps_per_epoch": cfg.steps_per_epoch}))
+            r = _train_and_score(digits, p, t.workdir(), f"table10@ae[{name},seed={seed}]", t.run_id, False)
+            rows.append({"model": name, "seed": seed, **r})
+    runs = pd.DataFrame(rows)
+    table = table10(runs)
+    title = f"Table 10 format: accuracy on real digits (test), mean ± std over {len(cfg.seeds)} seeds"
+    t.table(table, "table10", title, shown=table[["Model", "KNN", "RForest", "SVM", "seeds"]])
+    t.csv(runs, "table10_runs.csv")
+    for r in table.to_dict("records"):
+        for c in ("knn", "rf", "svm"):
+            metrics[f"table10.{r['Model']}.{c}"] = r[f"{c}_mean"]
+    return table
+
+
+def _table1(t: TablesRun, scenes: Path, params_path: Path, metrics: dict[str, Any]) -> Any:
+    """Table 1: reconstructions of target test images per source domain and model (first seed)."""
+    import pandas as pd
+
+    cfg = t.params.reports.ae_tables
+    rows = []
+    seed = cfg.seeds[0]
+    for source in cfg.scenes_sources:
+        for model, variant, row in TABLE1_ROWS:
+            p = load_params(params_path, _overrides(row, cfg.extractor, {
+                "seed": seed, "methods.ae.epochs": cfg.scenes_epochs, "methods.ae.source_domain": source,
+                "methods.ae.steps_per_epoch": cfg.scenes_steps_per_epoch,
+                "methods.ae.latent_dim": cfg.scenes_latent_dim, "methods.ae.sampling": "vanilla",
+                "methods.ae.triplet": False}))
+            r = _train_and_score(scenes, p, t.workdir(), f"table1@ae[{source},{model},{variant}]", t.run_id, True)
+            rows.append({"Trained on": source, "Model": model, "Variant": variant, **r})
+    t1 = pd.DataFrame(rows)
+    t.text("table1.md", table1_markdown(t1))
+    t.csv(t1, "table1.csv")
+    for r in rows:
+        k = f"table1.{r['Trained on']}.{r['Model']}.{r['Variant']}".replace(" ", "").replace(",", "_")
+        metrics[k + ".ssim_real"] = r["ssim_real"]
+    return t1
 
 
 def table10(runs: Any) -> Any:

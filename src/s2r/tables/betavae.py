@@ -16,7 +16,6 @@ lowers the OOD2 transfer error (Fig. 6).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ import numpy as np
 
 from s2r.config import Params
 from s2r.evaluators.disentanglement import METRIC_KEYS
+from s2r.files import JsonDict
 from s2r.params import load_params
-from s2r.tables import markdown as _markdown
+from s2r.tables import TablesRun, markdown
 
 ROW_KEYS = (*METRIC_KEYS, "elbo", "recon", "input_noise", "weak_supervision")
 FIG3_ROWS = ("elbo", "recon", "gbt10000_error")  # Fig. 3 right: unsupervised scores vs disentanglement metrics
@@ -39,18 +39,20 @@ def train_and_score(data_dir: Path, params: Params, tmp: Path, name: str, parent
     from s2r import stages
     from s2r.evaluators import disentanglement
     from s2r.methods import registry
+    from s2r.methods.betavae import Method as BetavaeMethod
     from s2r.tracking import TrackedRun
 
-    summary = stages.train("betavae", data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt",
-                           run_name=f"table@betavae[{name}]", parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest("betavae", data_dir, tmp / "model", ckpt_dir=tmp / "ckpt",
+                                               run_name=f"table@betavae[{name}]", parent_run_id=parent_run_id), params)
     method, saved = stages.load_trained(tmp / "model", data_dir, params)
+    assert isinstance(method, BetavaeMethod)  # trained as "betavae" just above
     if plots_out:
         plots_out.mkdir(parents=True, exist_ok=True)
     with TrackedRun(f"table-evaluate@betavae[{name}]", section="test",
                     experiment=registry.experiment(params.tracking.experiment, "betavae"),
                     params={"model": name}, parent_run_id=parent_run_id,
                     tags={"stage": "tables", "method": "betavae", "train_run_id": saved["mlflow_run_id"]}) as run:
-        res = disentanglement.evaluate(method, run, plots_out, params)
+        res = disentanglement.EVALUATOR.evaluate(method, run, plots_out, params)
     return res | {"train_seconds": float(summary["seconds"]), "val_elbo": float(summary["val_elbo"])}
 
 
@@ -196,81 +198,79 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
 
     `overrides` (dotted params keys, e.g. {"methods.betavae.ood_factor": "object_color"}) apply to every model:
     one params file can serve several benchmarks (the paper-3 recipe: MPI3D and TriFinger)."""
-    import matplotlib.pyplot as plt
     import pandas as pd
-
-    from s2r.files import write_json
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun
 
     overrides = dict(overrides or {})
     base = load_params(params_path, overrides)
     cfg = base.reports.betavae_tables
-    out.mkdir(parents=True, exist_ok=True)
-    grid = model_grid(cfg)
-    rows: list[dict[str, Any]] = []
-    factor_rows: list[dict[str, Any]] = []  # per-factor transfer errors (paper 3 Fig. 15)
     logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir), "overrides": overrides}
-    with TrackedRun("tables@betavae", experiment=registry.experiment(base.tracking.experiment, "betavae"),
-                    section="test", params=logged,
-                    tags={"stage": "tables", "method": "betavae"}) as parent, tempfile.TemporaryDirectory() as tmpd:
-        for g in grid:
-            beta, sup, noise, seed, name, slug = (g[k] for k in ("beta", "supervision", "noise", "seed", "name",
-                                                                 "slug"))
+    with TablesRun("betavae", out, base, logged) as t:
+        rows: list[dict[str, Any]] = []
+        factor_rows: list[dict[str, Any]] = []  # per-factor transfer errors (paper 3 Fig. 15)
+        for g in model_grid(cfg):
             p = load_params(params_path, {
                 **overrides, **g["overrides"], "methods.betavae.epochs": cfg.epochs,
                 "methods.betavae.steps_per_epoch": cfg.steps_per_epoch, "train.threads": cfg.threads,
                 "train.progress": False, "tracking.log_model": False})
-            tmp = Path(tempfile.mkdtemp(dir=tmpd))
-            res = train_and_score(data_dir, p, tmp, name, parent.run_id, out / "models" / slug)
-            dims = {"latent_dim": g["latent_dim"]} if g["latent_dim"] is not None else {}
-            warm = {"warmup_fraction": g["warmup_fraction"]} if g["warmup_fraction"] is not None else {}
-            rows.append({"model": slug, "beta": beta, "supervision": sup, "input_noise": int(noise), "seed": seed,
-                         **dims, **warm, "weak_supervision": int(sup == "weak"),
-                         **{k: v for k, v in res.items() if isinstance(v, (int, float))}})
-            factor_rows += [{"model": slug, "input_noise": int(noise), "weak_supervision": int(sup == "weak"),
-                             "scenario": sc, "regressor": kind, "factor": f, "mae": v}
-                            for sc, regs in res.get("per_factor", {}).items() for kind, fs in regs.items()
-                            for f, v in fs.items()]
+            res = train_and_score(data_dir, p, t.workdir(), g["name"], t.run_id, t.out / "models" / g["slug"])
+            rows.append(_grid_row(g, res))
+            factor_rows += _factor_rows(g, res)
         runs = pd.DataFrame(rows)
-        runs.to_csv(out / "runs.csv", index=False)
+        t.csv(runs, "runs.csv")
         transfer_cols = [c for c in runs.columns if c.startswith(TRANSFER_PREFIXES)]
-        corr = spearman_table(runs, [r for r in ROW_KEYS if r in runs.columns], transfer_cols)
-        found = findings(runs)
-        write_json(out / "spearman.json", {"n_models": len(runs), "rows": list(corr), "columns": transfer_cols,
-                                           "spearman": corr})
-        fig = plot_heatmap(corr, f"Spearman rank correlation across {len(runs)} models (transfer = MAE, lower "
-                                 "is better)")
-        fig.savefig(out / "spearman.png", bbox_inches="tight")
-        parent.log_figure(fig, "tables/spearman.png")
-        plt.close(fig)
-        f3 = fig3_right(runs)
-        write_json(out / "fig3_right.json", {"n_models": {k: int((runs["supervision"] == k).sum()) for k in f3},
-                                             "spearman": f3})
-        fig3 = plot_fig3_right(f3)
-        fig3.savefig(out / "fig3_right.png", bbox_inches="tight")
-        parent.log_figure(fig3, "tables/fig3_right.png")
-        plt.close(fig3)
-        table = runs[["model", "beta", "supervision", "input_noise", "seed", "dci_disentanglement", "mig", "elbo",
-                      *transfer_cols]].copy()
-        table.to_csv(out / "transfer.csv", index=False)
-        fmt = table.copy()
-        for c in fmt.columns[5:]:
-            fmt[c] = fmt[c].map(lambda v: f"{v:.4g}")
-        (out / "transfer.md").write_text(_markdown(fmt, "OOD transfer scores (mean absolute error over factors, "
-                                                        "normalised to [0, 1]; lower is better)"))
-        per_factor = pd.DataFrame(factor_rows, columns=["model", "input_noise", "weak_supervision", "scenario",
-                                                        "regressor", "factor", "mae"])
-        per_factor.to_csv(out / "per_factor.csv", index=False)
-        (out / "per_factor.md").write_text(_markdown(per_factor_table(per_factor), (
-            "Per-factor transfer error (Fig. 15): mean absolute error per factor, mean over models, by input noise")))
-        metrics = {"n_models": len(runs), **found,
+        corr = _write_correlations(t, runs, transfer_cols)
+        _write_transfer_tables(t, runs, transfer_cols, factor_rows)
+        metrics = {"n_models": len(runs), **findings(runs),
                    "train_seconds_mean": float(runs["train_seconds"].mean()),
                    "evaluate_seconds_mean": float((runs["seconds_encode"] + runs["seconds_metrics"]
                                                    + runs["seconds_transfer"]).mean())}
-        write_json(out / "metrics.json", metrics)
-        parent.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
-        for name in ("runs.csv", "transfer.csv", "transfer.md", "per_factor.csv", "per_factor.md", "spearman.json",
-                     "fig3_right.json", "metrics.json"):
-            parent.log_artifact(out / name, "tables")
+        t.finish(metrics)
     return {"runs": runs, "spearman": corr, "metrics": metrics}
+
+
+def _grid_row(g: dict[str, Any], res: JsonDict) -> dict[str, Any]:
+    """One model's row of runs.csv: its grid settings and its numeric scores."""
+    sup = g["supervision"]
+    dims = {"latent_dim": g["latent_dim"]} if g["latent_dim"] is not None else {}
+    warm = {"warmup_fraction": g["warmup_fraction"]} if g["warmup_fraction"] is not None else {}
+    return {"model": g["slug"], "beta": g["beta"], "supervision": sup, "input_noise": int(g["noise"]),
+            "seed": g["seed"], **dims, **warm, "weak_supervision": int(sup == "weak"),
+            **{k: v for k, v in res.items() if isinstance(v, (int, float))}}
+
+
+def _factor_rows(g: dict[str, Any], res: JsonDict) -> list[dict[str, Any]]:
+    """One model's per-factor transfer errors (Fig. 15), one row per scenario, regressor and factor."""
+    return [{"model": g["slug"], "input_noise": int(g["noise"]), "weak_supervision": int(g["supervision"] == "weak"),
+             "scenario": sc, "regressor": kind, "factor": f, "mae": v}
+            for sc, regs in res.get("per_factor", {}).items() for kind, fs in regs.items() for f, v in fs.items()]
+
+
+def _write_correlations(t: TablesRun, runs: Any, transfer_cols: list[str]) -> Any:
+    """Spearman correlations of the scores with transfer (heat map) and paper 3's Fig. 3 right."""
+    corr = spearman_table(runs, [r for r in ROW_KEYS if r in runs.columns], transfer_cols)
+    t.json("spearman.json", {"n_models": len(runs), "rows": list(corr), "columns": transfer_cols, "spearman": corr})
+    t.figure(plot_heatmap(corr, f"Spearman rank correlation across {len(runs)} models (transfer = MAE, lower "
+                                "is better)"), "spearman.png")
+    f3 = fig3_right(runs)
+    t.json("fig3_right.json", {"n_models": {k: int((runs["supervision"] == k).sum()) for k in f3}, "spearman": f3})
+    t.figure(plot_fig3_right(f3), "fig3_right.png")
+    return corr
+
+
+def _write_transfer_tables(t: TablesRun, runs: Any, transfer_cols: list[str], factor_rows: list[dict[str, Any]]
+                           ) -> None:
+    """The OOD transfer table (one row per model) and the per-factor errors (Fig. 15)."""
+    import pandas as pd
+
+    table = runs[["model", "beta", "supervision", "input_noise", "seed", "dci_disentanglement", "mig", "elbo",
+                  *transfer_cols]].copy()
+    fmt = table.copy()
+    for c in fmt.columns[5:]:
+        fmt[c] = fmt[c].map(lambda v: f"{v:.4g}")
+    t.table(table, "transfer", "OOD transfer scores (mean absolute error over factors, normalised to [0, 1]; lower "
+                               "is better)", shown=fmt)
+    per_factor = pd.DataFrame(factor_rows, columns=["model", "input_noise", "weak_supervision", "scenario",
+                                                    "regressor", "factor", "mae"])
+    t.csv(per_factor, "per_factor.csv")
+    t.text("per_factor.md", markdown(per_factor_table(per_factor), (
+        "Per-factor transfer error (Fig. 15): mean absolute error per factor, mean over models, by input noise")))

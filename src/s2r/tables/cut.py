@@ -11,7 +11,6 @@ on this machine (an epoch = `cut_steps_per_epoch` steps of `batch_size` patches;
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from s2r.params import load_params
-from s2r.tables import markdown as _markdown
+from s2r.tables import TablesRun
 
 PAPER_HEIGHT = 480  # YCB-Video frames the paper's patch sizes refer to (640x480)
 
@@ -29,7 +28,8 @@ def _lastk(plots: Path, k: int) -> np.ndarray:
     import pandas as pd
 
     df = pd.read_csv(plots / "train_history.csv")
-    return df["test_miou"].to_numpy(np.float64)[-k:]
+    out: np.ndarray = df["test_miou"].to_numpy(np.float64)[-k:]
+    return out
 
 
 def cut_tables(data_dir: Path, out: Path, params_path: Path,
@@ -39,91 +39,89 @@ def cut_tables(data_dir: Path, out: Path, params_path: Path,
     `overrides` ({"reports.cut_tables.lambda_nce": 2.0}, `s2r tables cut --set`) apply to every params load, e.g.
     one recipe params file serving several tables (paper 5's Table III per lambda_NCE).
     """
-    sets = dict(overrides or {})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    from s2r import stages
     from s2r.evaluators.segmentation_lastk import plot_distributions
-    from s2r.files import write_json
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun
 
-    base = load_params(params_path, sets)
-    cfg = base.reports.cut_tables
-    size = base.benchmarks.scenes.image_size if data_dir.name.startswith("scenes") else None
-    out.mkdir(parents=True, exist_ok=True)
-
-    def seg_params(train_data: str) -> Any:
-        return load_params(params_path, {**sets,
-            "methods.segmenter_target.train_data": train_data, "methods.segmenter_target.epochs": cfg.seg_epochs,
-            "methods.segmenter_target.steps_per_epoch": cfg.seg_steps_per_epoch,
-            "methods.segmenter_target.last_k": cfg.last_k, "train.progress": False, "tracking.log_model": False})
-
-    dists: dict[str, np.ndarray] = {}
-    rows1: list[dict[str, Any]] = []
+    cells = _Cells(data_dir, params_path, dict(overrides or {}))
+    cfg = cells.cfg
     logged = {"reports": {"cut_tables": asdict(cfg)}, "data": str(data_dir)}
-    with TrackedRun("tables@cut", experiment=registry.experiment(base.tracking.experiment, "cut"),
-                    section="test", params=logged,
-                    tags={"stage": "tables", "method": "cut"}) as parent, tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-
-        def segment(label: str, data: Path, train_data: str) -> None:
-            work = tmp / f"seg-{len(dists)}"
-            stages.train("segmenter_target", data, work / "model", seg_params(train_data), ckpt_dir=work / "ckpt",
-                         plots_out=work / "plots", parent_run_id=parent.run_id, run_name=f"table@cut[{label}]")
-            dists[label] = _lastk(work / "plots", cfg.last_k)
-
-        segment("synthetic", data_dir, "synthetic")
-        refined: dict[int, Path] = {}
-        for p in cfg.patch_sizes:
-            cp = load_params(params_path, {**sets, "methods.cut.patch_size": p,
-                                           "methods.cut.lambda_nce": cfg.lambda_nce,
-                                           "methods.cut.epochs": cfg.cut_epochs,
-                                           "methods.cut.steps_per_epoch": cfg.cut_steps_per_epoch,
-                                           "train.progress": False, "tracking.log_model": False})
-            work = tmp / f"cut-{p}"
-            summary = stages.train("cut", data_dir, work / "model", cp, ckpt_dir=work / "ckpt",
-                                   parent_run_id=parent.run_id, run_name=f"table@cut[CUT {p}px]")
-            refined[p] = work / "refined"
-            stages.refine("cut", work / "model", data_dir, refined[p], None, cp)
-            paper_px = f" (~{round(p * PAPER_HEIGHT / size)} px at 480)" if size else ""
-            rows1.append({"patch size [px]": f"{p}x{p}{paper_px}", "trained on [px]": _trained_side(p, size),
-                          "time [s]": round(summary["seconds"] / cfg.cut_epochs, 2),
-                          "steps/epoch": cfg.cut_steps_per_epoch, "patches/step": cp.methods["cut"].batch_size})
-            segment(f"CUT {p}px", refined[p], "refined")
-        segment("target", data_dir, "target")
+    with TablesRun("cut", out, cells.base, logged) as t:
+        cells.segment(t, "synthetic", data_dir, "synthetic")
+        refined = {p: cells.refine(t, p) for p in cfg.patch_sizes}  # + a segmenter on each refined benchmark
+        cells.segment(t, "target", data_dir, "target")
         mix = refined.get(cfg.mix_patch_size) or refined[cfg.patch_sizes[0]]
-        segment("target + synthetic", data_dir, "target+synthetic")
-        segment("target + refined", mix, "target+refined")
-
-        table2 = table2_rows(dists)
-        table1 = pd.DataFrame(rows1)
-        (out / "table2.md").write_text(_markdown(table2, "Table II format: target-test mIoU (median of the last "
-                                                         f"{cfg.last_k} epochs)"))
-        (out / "table1.md").write_text(_markdown(table1, "Table I format: CUT training epoch time per patch size"))
-        table2.to_csv(out / "table2.csv", index=False)
-        table1.to_csv(out / "table1.csv", index=False)
-        pd.DataFrame({k: pd.Series(v) for k, v in dists.items()}).to_csv(out / "miou_lastk.csv", index=False)
-        fig = plot_distributions(dists, f"target-test mIoU over the last {cfg.last_k} epochs")
-        fig.savefig(out / "miou_lastk.png", bbox_inches="tight")
-        parent.log_figure(fig, "tables/miou_lastk.png")
-        plt.close(fig)
-        syn = float(np.median(dists["synthetic"]))
-        best = max((k for k in dists if k.startswith("CUT")), key=lambda k: float(np.median(dists[k])))
-        metrics = {"synthetic_miou": syn, "target_miou": float(np.median(dists["target"])),
-                   "best_refined": best, "best_refined_miou": float(np.median(dists[best])),
-                   "refined_beats_synthetic": bool(float(np.median(dists[best])) > syn),
-                   "n_refined_beating_synthetic": int(sum(float(np.median(v)) > syn for k, v in dists.items()
-                                                          if k.startswith("CUT")))}
-        write_json(out / "metrics.json", metrics)
-        parent.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-        for name in ("table2.md", "table1.md", "table2.csv", "table1.csv", "miou_lastk.csv", "metrics.json"):
-            parent.log_artifact(out / name, "tables")
+        cells.segment(t, "target + synthetic", data_dir, "target+synthetic")
+        cells.segment(t, "target + refined", mix, "target+refined")
+        dists = cells.dists
+        table2, table1 = table2_rows(dists), pd.DataFrame(cells.rows1)
+        t.table(table2, "table2", f"Table II format: target-test mIoU (median of the last {cfg.last_k} epochs)")
+        t.table(table1, "table1", "Table I format: CUT training epoch time per patch size")
+        t.csv(pd.DataFrame({k: pd.Series(v) for k, v in dists.items()}), "miou_lastk.csv")
+        t.figure(plot_distributions(dists, f"target-test mIoU over the last {cfg.last_k} epochs"), "miou_lastk.png")
+        metrics = summary_metrics(dists)
+        t.finish(metrics)
     return {"table2": table2, "table1": table1, "metrics": metrics}
+
+
+class _Cells:
+    """Paper 5's tables: one segmenter per training mode (last-K target-test mIoU), one CUT per patch size."""
+
+    def __init__(self, data_dir: Path, params_path: Path, sets: dict[str, Any]) -> None:
+        self.data_dir, self.params_path, self.sets = data_dir, params_path, sets
+        self.base = load_params(params_path, sets)
+        self.cfg = self.base.reports.cut_tables
+        self.size = self.base.benchmarks.scenes.image_size if data_dir.name.startswith("scenes") else None
+        self.dists: dict[str, np.ndarray] = {}  # training mode -> last-K target-test mIoU
+        self.rows1: list[dict[str, Any]] = []  # Table I
+
+    def segment(self, t: TablesRun, label: str, data: Path, train_data: str) -> None:
+        """Train the segmenter on `train_data` of `data`; keep its last-K target-test mIoU under `label`."""
+        from s2r import stages
+
+        c = self.cfg
+        params = load_params(self.params_path, {
+            **self.sets, "methods.segmenter_target.train_data": train_data,
+            "methods.segmenter_target.epochs": c.seg_epochs, "methods.segmenter_target.steps_per_epoch":
+            c.seg_steps_per_epoch, "methods.segmenter_target.last_k": c.last_k, "train.progress": False,
+            "tracking.log_model": False})
+        work = t.workdir()
+        stages.train(stages.TrainRequest("segmenter_target", data, work / "model", ckpt_dir=work / "ckpt",
+                                         plots_out=work / "plots", parent_run_id=t.run_id,
+                                         run_name=f"table@cut[{label}]"), params)
+        self.dists[label] = _lastk(work / "plots", c.last_k)
+
+    def refine(self, t: TablesRun, p: int) -> Path:
+        """CUT on p x p patches (a Table I row), the refined benchmark, a segmenter trained on it; its path."""
+        from s2r import stages
+
+        c, size = self.cfg, self.size
+        cp = load_params(self.params_path, {
+            **self.sets, "methods.cut.patch_size": p, "methods.cut.lambda_nce": c.lambda_nce,
+            "methods.cut.epochs": c.cut_epochs, "methods.cut.steps_per_epoch": c.cut_steps_per_epoch,
+            "train.progress": False, "tracking.log_model": False})
+        work = t.workdir()
+        summary = stages.train(stages.TrainRequest("cut", self.data_dir, work / "model", ckpt_dir=work / "ckpt",
+                                                   parent_run_id=t.run_id, run_name=f"table@cut[CUT {p}px]"), cp)
+        refined = work / "refined"
+        stages.refine("cut", work / "model", self.data_dir, refined, None, cp)
+        paper_px = f" (~{round(p * PAPER_HEIGHT / size)} px at 480)" if size else ""
+        self.rows1.append({"patch size [px]": f"{p}x{p}{paper_px}", "trained on [px]": _trained_side(p, size),
+                           "time [s]": round(summary["seconds"] / c.cut_epochs, 2),
+                           "steps/epoch": c.cut_steps_per_epoch, "patches/step": cp.methods["cut"].batch_size})
+        self.segment(t, f"CUT {p}px", refined, "refined")
+        return refined
+
+
+def summary_metrics(dists: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The headline numbers: synthetic / target / best refined median mIoU, and whether refining helped."""
+    syn = float(np.median(dists["synthetic"]))
+    best = max((k for k in dists if k.startswith("CUT")), key=lambda k: float(np.median(dists[k])))
+    return {"synthetic_miou": syn, "target_miou": float(np.median(dists["target"])),
+            "best_refined": best, "best_refined_miou": float(np.median(dists[best])),
+            "refined_beats_synthetic": bool(float(np.median(dists[best])) > syn),
+            "n_refined_beating_synthetic": int(sum(float(np.median(v)) > syn for k, v in dists.items()
+                                                   if k.startswith("CUT")))}
 
 
 def _trained_side(p: int, size: int | None) -> int:

@@ -14,7 +14,6 @@ come from one CycleGAN / MrGAN training each; the seeds vary the classifier (ini
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import numpy as np
 
 from s2r.config import Params
 from s2r.params import load_params
+from s2r.tables import TablesRun
 from s2r.tables import fmt_percent as _fmt
-from s2r.tables import markdown as _markdown
 
 
 def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_name: str,
@@ -33,11 +32,13 @@ def train_and_test(method: str, data_dir: Path, params: Params, tmp: Path, run_n
     from s2r import stages
     from s2r.evaluators.classification import classification_metrics
 
-    summary = stages.train(method, data_dir, tmp / "model", params, ckpt_dir=tmp / "ckpt", run_name=run_name,
-                           parent_run_id=parent_run_id)
+    summary = stages.train(stages.TrainRequest(method, data_dir, tmp / "model", ckpt_dir=tmp / "ckpt",
+                                               run_name=run_name, parent_run_id=parent_run_id), params)
     trained, _ = stages.load_trained(tmp / "model", data_dir, params)
     test = trained.data.get(trained.data.spec.target, "test")
-    m = classification_metrics(test.labels, trained.predict(test.images).argmax(1), trained.data.spec.classes)
+    probs = trained.predict(test.images)
+    assert not isinstance(probs, dict)  # the mixing classifier predicts class probabilities (N, K)
+    m = classification_metrics(test.labels, probs.argmax(1), trained.data.spec.classes)
     return {"val_accuracy": float(summary["val_accuracy"]), "test_accuracy": float(m["accuracy"]),
             "train_seconds": float(summary["seconds"]), "tracking_share": float(summary["tracking_share"])}
 
@@ -78,93 +79,74 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     `datasets`: `synthetic` (required), `cyclegan` and `mrgan` (both, for Table 3). `stage2`: label -> benchmark
     refined by one MrGAN stage-2 mapping (Fig. 7), e.g. {"RR-RS": ..., "R-RS": ..., "RR-S": ...}.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from s2r.files import write_json
-    from s2r.methods import registry
-    from s2r.tracking import TrackedRun
-
     base = load_params(params_path)
     cfg = base.reports.mixing_tables
-    ratios = list(cfg.ratios)
     stage2 = dict(stage2 or {})
+    table3_on = _check_datasets(datasets, stage2)
+    datasets = {**datasets, **stage2}
+    logged = {"reports": {"mixing_tables": asdict(cfg)}, "datasets": {k: str(v) for k, v in datasets.items()}}
+    with TablesRun("mixing", out, base, logged) as t:
+        runs, n_trained = _train_cells(t, datasets, table_cells(list(cfg.ratios), table3_on, list(stage2)),
+                                       params_path)
+        t.csv(runs, "runs.csv")
+        summary: dict[str, float] = {}
+        result: dict[str, Any] = {}
+        if table3_on:
+            result["table3"] = table3 = _table(runs[~runs["augment"]], TABLE3)
+            t.table(table3, "table3", "Table 3 format: real-test accuracy, no 2D augmentation")
+            summary |= {f"table3.{r['setting']}": r["mean"] for r in table3.to_dict("records")}
+        if stage2:
+            result["fig7"] = fig7 = _table(runs, [f"Stage 2 {k}" for k in stage2])
+            t.table(fig7, "fig7", "Fig. 7 format: real-test accuracy of each MrGAN stage-2 mapping (refined "
+                                  "synthetic only)")
+            summary |= {f"fig7.{r['setting'][len('Stage 2 '):]}": r["mean"] for r in fig7.to_dict("records")}
+        table2 = _ratio_table(runs[runs["setting"].isin(["Real + Synthetic", "Real only"])])
+        t.table(table2, "table2", "Table 2 format: real-test accuracy vs mixing ratio")
+        for r in table2.to_dict("records"):
+            suffix = " aug" if r["augmentation"].startswith("with") else ""
+            summary[f"table2.{r['setting']} {r['mixing_ratio']}{suffix}"] = r["mean"]
+        t.figure(_plot_ratio(runs), "table2.png")
+        metrics = {"n_runs": n_trained, **summary}
+        t.finish(metrics)
+    return {**result, "table2": table2, "metrics": metrics}
+
+
+def _check_datasets(datasets: dict[str, Path], stage2: dict[str, Path]) -> bool:
+    """The inputs are consistent; True when Table 3 can be computed (both refined benchmarks given)."""
     if "synthetic" not in datasets:
         raise FileNotFoundError("mixing tables need the prepared benchmark with the original synthetic domain")
     half = sorted({"cyclegan", "mrgan"} & set(datasets))
     if len(half) == 1:
         raise FileNotFoundError(f"Table 3 needs both the CycleGAN and MrGAN refined benchmarks; got only {half}")
-    table3_on = len(half) == 2
     clash = sorted(set(stage2) & {"synthetic", "cyclegan", "mrgan"})
     if clash:
         raise ValueError(f"stage-2 labels {clash} clash with the Table 3 dataset keys")
-    datasets = {**datasets, **stage2}
-    cells = table_cells(ratios, table3_on, list(stage2))
-    out.mkdir(parents=True, exist_ok=True)
+    return len(half) == 2
+
+
+def _train_cells(t: TablesRun, datasets: dict[str, Path], cells: list[tuple[str, str, list[float], bool]],
+                 params_path: Path) -> tuple[Any, int]:
+    """One classifier per (dataset, ratio, augmentation, seed), shared by the cells that ask for the same one
+    (RR-RS is Table 3's MrGAN); one row per cell and seed. Returns (runs DataFrame, classifiers trained)."""
+    import pandas as pd
+
+    cfg = t.params.reports.mixing_tables
     rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}  # by dataset path: RR-RS is Table 3's MrGAN
-    logged = {"reports": {"mixing_tables": asdict(cfg)}, "datasets": {k: str(v) for k, v in datasets.items()}}
-    with TrackedRun("tables@mixing", experiment=registry.experiment(base.tracking.experiment, "mixing"),
-                    section="test", params=logged,
-                    tags={"stage": "tables", "method": "mixing"}) as parent, tempfile.TemporaryDirectory() as tmpd:
-        for setting, key, fractions, aug in cells:
-            for seed in cfg.seeds:
-                for f in fractions:
-                    ident = (str(datasets[key]), f, aug, seed)
-                    if ident not in done:
-                        p = load_params(params_path, {
-                            "seed": seed, "methods.mixing.real_fraction": f, "methods.mixing.augment": aug,
-                            "methods.mixing.epochs": cfg.epochs, "methods.mixing.steps_per_epoch": cfg.steps_per_epoch,
-                            "train.progress": False, "tracking.log_model": False})
-                        tmp = Path(tempfile.mkdtemp(dir=tmpd))
-                        done[ident] = train_and_test("mixing", datasets[key], p, tmp,
-                                                     f"table@mixing[{key},f={f},aug={aug},seed={seed}]", parent.run_id)
-                    rows.append({"setting": setting, "dataset": key, "augment": aug, "seed": seed,
-                                 "real_fraction": f, **done[ident]})
-        runs = pd.DataFrame(rows)
-        runs.to_csv(out / "runs.csv", index=False)
-        names = ["table2.md", "table2.csv"]
-        summary: dict[str, float] = {}
-        result: dict[str, Any] = {}
-        if table3_on:
-            table3 = _table(runs[~runs["augment"]], TABLE3)
-            (out / "table3.md").write_text(_markdown(table3, "Table 3 format: real-test accuracy, no 2D augmentation"))
-            table3.to_csv(out / "table3.csv", index=False)
-            names += ["table3.md", "table3.csv"]
-            summary |= {f"table3.{r['setting']}": r["mean"] for r in table3.to_dict("records")}
-            result["table3"] = table3
-        if stage2:
-            fig7 = _table(runs, [f"Stage 2 {k}" for k in stage2])
-            (out / "fig7.md").write_text(_markdown(
-                fig7, "Fig. 7 format: real-test accuracy of each MrGAN stage-2 mapping (refined synthetic only)"))
-            fig7.to_csv(out / "fig7.csv", index=False)
-            names += ["fig7.md", "fig7.csv"]
-            summary |= {f"fig7.{r['setting'][len('Stage 2 '):]}": r["mean"] for r in fig7.to_dict("records")}
-            result["fig7"] = fig7
-        table2 = _ratio_table(runs[runs["setting"].isin(["Real + Synthetic", "Real only"])])
-        (out / "table2.md").write_text(_markdown(table2, "Table 2 format: real-test accuracy vs mixing ratio"))
-        table2.to_csv(out / "table2.csv", index=False)
-        for r in table2.to_dict("records"):
-            aug = " aug" if r["augmentation"].startswith("with") else ""
-            summary[f"table2.{r['setting']} {r['mixing_ratio']}{aug}"] = r["mean"]
-        fig = _plot_ratio(runs)
-        fig.savefig(out / "table2.png", bbox_inches="tight")
-        parent.log_figure(fig, "tables/table2.png")
-        plt.close(fig)
-        metrics = {"n_runs": len(done), **summary}
-        write_json(out / "metrics.json", metrics)
-        parent.log_metrics({_metric_key(k): v for k, v in metrics.items()}, step=0)
-        for name in (*names, "runs.csv", "metrics.json"):
-            parent.log_artifact(out / name, "tables")
-    return {**result, "table2": table2, "metrics": metrics}
-
-
-def _metric_key(k: str) -> str:
-    """An MLflow-safe metric name (letters, digits, _ - . / and spaces are allowed; ':' and '+' are not)."""
-    return k.replace("+", "plus").replace(":", "to").replace(" ", "_")
+    done: dict[tuple[str, float, bool, int], dict[str, float]] = {}
+    for setting, key, fractions, aug in cells:
+        for seed in cfg.seeds:
+            for f in fractions:
+                ident = (str(datasets[key]), f, aug, seed)
+                if ident not in done:
+                    p = load_params(params_path, {
+                        "seed": seed, "methods.mixing.real_fraction": f, "methods.mixing.augment": aug,
+                        "methods.mixing.epochs": cfg.epochs, "methods.mixing.steps_per_epoch": cfg.steps_per_epoch,
+                        "train.progress": False, "tracking.log_model": False})
+                    done[ident] = train_and_test("mixing", datasets[key], p, t.workdir(),
+                                                 f"table@mixing[{key},f={f},aug={aug},seed={seed}]", t.run_id)
+                rows.append({"setting": setting, "dataset": key, "augment": aug, "seed": seed,
+                             "real_fraction": f, **done[ident]})
+    return pd.DataFrame(rows), len(done)
 
 
 def _table(runs: Any, order: list[str]) -> Any:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.data.benchmark import SPLITS, DataError
+from s2r.config import SPLITS
+from s2r.data.benchmark import DataError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -231,7 +232,8 @@ def to_uint8_grey(arr: np.ndarray, path: Path) -> np.ndarray:
     """Grey uint8 from a grey/RGB/16-bit frame (16-bit IR amplitude images are min-max scaled)."""
     if arr.ndim == 3:
         arr = (arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round()
-        return np.clip(arr, 0, 255).astype(np.uint8)
+        out: np.ndarray = np.clip(arr, 0, 255).astype(np.uint8)
+        return out
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype in (np.uint16, np.int32, np.float32):

@@ -73,7 +73,8 @@ def class_set(options: dict[str, Any]) -> str:
     name = option(options, "classes", "shared", str)
     if name not in CLASS_SETS:
         raise DataError(f"option 'classes': {name!r} must be one of {sorted(CLASS_SETS)}")
-    return name
+    out: str = name
+    return out
 
 KITTI_INFO = SourceInfo(
     name="kitti", title="KITTI (depth + semantics, real)", url="https://www.cvlibs.net/datasets/kitti/ (raw data, "
@@ -124,12 +125,13 @@ def read_colors(path: Path | None, mapping: dict[str, int] | None = None) -> dic
                 continue
             if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
                 raise DataError(f"{path}: line {n}: expected 'Category r g b', got {line!r}")
-            table[parts[0]] = tuple(int(p) for p in parts[1:])  # type: ignore[assignment]
-    out = {}
+            r, g, b = (int(p) for p in parts[1:])
+            table[parts[0]] = (r, g, b)
+    out: dict[tuple[int, int, int], int] = {}
     for cat, rgb in table.items():
         if cat not in mapping:
             raise DataError(f"{path}: unknown VKITTI 2 category {cat!r}")
-        out[tuple(rgb)] = mapping[cat]
+        out[rgb] = mapping[cat]
     return out
 
 
@@ -200,29 +202,34 @@ def build_kitti(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
         expectations={"max_depth_m": 120.0, "mask_values": MASK_VALUES},
     )
 
-    def samples() -> Iterator[Sample]:
-        for sid, split, rgb, dfile, mfile in records:
-            img = frame_to_square(read_image(rgb, "RGB"), size, crop)
-            depth = np.zeros((size, size), np.float32)
-            mask = np.full((size, size), IGNORE, np.uint8)
-            if dfile is not None:
-                raw = read_image(dfile)
-                if raw.dtype != np.uint16:
-                    raise DataError(f"{dfile}: depth PNG is {raw.dtype}; KITTI depth maps are uint16 (m * 256)")
-                d = raw.astype(np.float32) / KITTI_DEPTH_SCALE
-                if crop == "center":
-                    from s2r.data.sources.common import center_square
+    return write_benchmark(out, spec, (_kitti_sample(r, domain, size, crop) for r in records))
 
-                    d = center_square(d)
-                depth = sparse_depth_resize(d, size)
-            if mfile is not None:
-                ids = read_image(mfile)
-                if ids.ndim != 2:
-                    raise DataError(f"{mfile}: semantic map must be one channel of Cityscapes label ids")
-                mask = frame_to_square(cityscapes_to_shared(ids), size, crop, nearest=True)
-            yield Sample(id=sid, domain=domain, split=split, image=img, depth=depth, mask=mask)
 
-    return write_benchmark(out, spec, samples())
+KittiRecord = tuple[str, str, Path, Path | None, Path | None]  # id, split, rgb, depth file, semantic file
+
+
+def _kitti_sample(record: KittiRecord, domain: str, size: int, crop: str) -> Sample:
+    """One KITTI frame: its sparse LiDAR depth (metres) or its semantic mask (shared classes); the other empty."""
+    sid, split, rgb, dfile, mfile = record
+    img = frame_to_square(read_image(rgb, "RGB"), size, crop)
+    depth = np.zeros((size, size), np.float32)
+    mask = np.full((size, size), IGNORE, np.uint8)
+    if dfile is not None:
+        raw = read_image(dfile)
+        if raw.dtype != np.uint16:
+            raise DataError(f"{dfile}: depth PNG is {raw.dtype}; KITTI depth maps are uint16 (m * 256)")
+        d = raw.astype(np.float32) / KITTI_DEPTH_SCALE
+        if crop == "center":
+            from s2r.data.sources.common import center_square
+
+            d = center_square(d)
+        depth = sparse_depth_resize(d, size)
+    if mfile is not None:
+        ids = read_image(mfile)
+        if ids.ndim != 2:
+            raise DataError(f"{mfile}: semantic map must be one channel of Cityscapes label ids")
+        mask = frame_to_square(cityscapes_to_shared(ids), size, crop, nearest=True)
+    return Sample(id=sid, domain=domain, split=split, image=img, depth=depth, mask=mask)
 
 
 def build_vkitti2(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
@@ -253,7 +260,7 @@ def build_vkitti2(src: Path, out: Path, name: str, options: dict[str, Any]) -> P
     frames = sorted({(p.parents[4].name, int(re.sub(r"\D", "", p.stem))) for p in rgbs})[::step]
     keep = set(frames)
     scene_index = {f: k for k, f in enumerate(frames)}
-    records = []
+    records: list[VkittiRecord] = []
     frame_split = assign_splits([f"{s}:{f}" for s, f in frames], fractions, seed)
     for p in rgbs:
         scene, var, frame = p.parents[4].name, p.parents[3].name, int(re.sub(r"\D", "", p.stem))
@@ -275,24 +282,30 @@ def build_vkitti2(src: Path, out: Path, name: str, options: dict[str, Any]) -> P
         dataset="vkitti2", description=f"Virtual KITTI 2 from {src}: {cam}, variations {variations}",
         expectations={"max_depth_m": max_depth, "mask_values": list(range(len(classes))) + [IGNORE]},
     )
+    return write_benchmark(out, spec, _vkitti2_samples(records, src, mapping, domain, variations, size, crop,
+                                                       max_depth))
+
+
+VkittiRecord = tuple[str, str, Path, Path, Path, str, str, int]  # id, split, rgb, depth, mask, scene, var, scene_id
+
+
+def _vkitti2_samples(records: list[VkittiRecord], src: Path, mapping: dict[str, int], domain: str,
+                     variations: list[str], size: int, crop: str, max_depth: float) -> Iterator[Sample]:
+    """The frames with depth (metres, clipped at max_depth) and class masks from each scene's colour table."""
     colour_cache: dict[tuple[str, str], dict[tuple[int, int, int], int]] = {}
-
-    def samples() -> Iterator[Sample]:
-        for sid, split, p, d, m, scene, var, scene_id in records:
-            if (scene, var) not in colour_cache:
-                colour_cache[(scene, var)] = read_colors(src / "vkitti_2.0.3_textgt" / scene / var / "colors.txt",
-                                                         mapping)
-            raw = read_image(d)
-            if raw.dtype != np.uint16:
-                raise DataError(f"{d}: depth PNG is {raw.dtype}; VKITTI 2 depth is uint16 centimetres")
-            depth = np.minimum(raw.astype(np.float32) / VKITTI_DEPTH_SCALE, max_depth)
-            mask = vkitti_mask(read_image(m, "RGB"), colour_cache[(scene, var)], m)
-            yield Sample(id=sid, domain=domain, split=split, image=frame_to_square(read_image(p, "RGB"), size, crop),
-                         depth=frame_to_square(depth, size, crop, nearest=True),
-                         mask=frame_to_square(mask, size, crop, nearest=True), scene_id=scene_id,
-                         variation=variations.index(var))
-
-    return write_benchmark(out, spec, samples())
+    for sid, split, p, d, m, scene, var, scene_id in records:
+        if (scene, var) not in colour_cache:
+            colour_cache[(scene, var)] = read_colors(src / "vkitti_2.0.3_textgt" / scene / var / "colors.txt",
+                                                     mapping)
+        raw = read_image(d)
+        if raw.dtype != np.uint16:
+            raise DataError(f"{d}: depth PNG is {raw.dtype}; VKITTI 2 depth is uint16 centimetres")
+        depth = np.minimum(raw.astype(np.float32) / VKITTI_DEPTH_SCALE, max_depth)
+        mask = vkitti_mask(read_image(m, "RGB"), colour_cache[(scene, var)], m)
+        yield Sample(id=sid, domain=domain, split=split, image=frame_to_square(read_image(p, "RGB"), size, crop),
+                     depth=frame_to_square(depth, size, crop, nearest=True),
+                     mask=frame_to_square(mask, size, crop, nearest=True), scene_id=scene_id,
+                     variation=variations.index(var))
 
 
 # ----------------------------------------------------------------------------------------------------------

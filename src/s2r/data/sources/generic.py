@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from s2r.config import SPLITS
 from s2r.data import adapters
 from s2r.data.adapters import _finish, _Record
-from s2r.data.benchmark import NO_LABEL, SPLITS, BenchmarkSpec, DataError, read_manifest, resolve_path, staged_dir
+from s2r.data.benchmark import NO_LABEL, BenchmarkSpec, DataError, read_manifest, resolve_path, staged_dir
 from s2r.data.sources.common import assign_splits, check_fractions
+from s2r.files import JsonDict
 
 DECLARATION_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
                     "domains", "description", "factor_ranges", "depth_scale", "depth_invalid", "mask_classes",
@@ -92,6 +95,9 @@ def _layout_regex(layout: str) -> tuple[str, re.Pattern[str]]:
     return glob, re.compile(f"^{rx}$")
 
 
+Found = tuple[list[_Record], list[str | None]]  # the samples of one domain and their raw class names
+
+
 def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     """A folder with a declaration benchmark.yaml -> a benchmark (files referenced in place)."""
     if options:
@@ -99,106 +105,128 @@ def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     decl_file = src / "benchmark.yaml" if src.is_dir() else src
     decl = load_declaration(decl_file)
     base = decl_file.parent
-    data_keys = {k: decl[k] for k in adapters.DECLARED_KEYS if k in decl}
-    declared = adapters.declared_from_dict(data_keys, str(decl_file))
-    ranges = declared.factor_ranges
+    declared = adapters.declared_from_dict({k: decl[k] for k in adapters.DECLARED_KEYS if k in decl}, str(decl_file))
     cmap: dict[str, Any] = dict(decl.get("class_map") or {})
+    factors: dict[str, int] = dict(decl.get("factors") or {})
     records: list[_Record] = []
     raw_labels: list[str | None] = []
-    factors: dict[str, int] = dict(decl.get("factors") or {})
-    unlabelled = [d for d, s in decl["domains"].items() if not s.get("labelled", True)]
     for d, ds in decl["domains"].items():
         fractions = check_fractions(ds.get("splits", {"train": 0.8, "val": 0.1, "test": 0.1}), f"domains.{d}.splits")
         if "layout" in ds:
-            root = base / str(ds.get("path", "."))
-            glob, rx = _layout_regex(str(ds["layout"]))
-            if not root.is_dir():
-                raise DataError(f"{decl_file}: domains.{d}.path {root} is not a folder")
-            matched = sorted(p for p in root.glob(glob) if not p.name.startswith("."))
-            bad = [(p, adapters._entry_problem(p)) for p in matched if p.is_symlink() and not p.exists()
-                   or p.is_dir() and p.suffix.lower() in adapters.IMAGE_SUFFIXES]
-            adapters._bad_entries([(p, str(why)) for p, why in bad], bool(decl.get("skip_bad_files", False)))
-            found = [p for p in matched if p.is_file()]
-            if not found:
-                raise DataError(f"{decl_file}: domains.{d}: no files match {root}/{ds['layout']}")
-            hashed = assign_splits([f"{d}:{f.relative_to(root).as_posix()}" for f in found], fractions,
-                                   int(ds.get("seed", 0)))
-            for f in found:
-                m = rx.match(f.relative_to(root).as_posix())
-                if m is None:
-                    continue
-                gd = m.groupdict()
-                split = gd.get("split") or hashed[f"{d}:{f.relative_to(root).as_posix()}"]
-                if split not in SPLITS:
-                    raise DataError(f"{f}: split folder {split!r} not in {list(SPLITS)}")
-                cls = gd.get("cls")
-                if cls is not None and cls in cmap and cmap[cls] is None:
-                    continue
-                aux = {}
-                for kind in ("depth", "mask"):
-                    if kind in ds:  # e.g. depth: "depth/{split}/{stem}.png" (relative to the domain's path)
-                        aux[kind] = Path(os.path.abspath(root / str(ds[kind]).format(
-                            split=gd.get("split") or "", stem=f.stem, name=f.name, **{"class": cls or ""})))
-                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)), f"file {f}",
-                                       **aux))
-                raw_labels.append(cmap.get(cls, cls) if cls is not None else None)
+            found = _from_layout(decl_file, d, ds, fractions, cmap, bool(decl.get("skip_bad_files", False)))
         else:
-            man = base / str(ds["manifest"])
-            df = adapters._read_table(man)
-            if "path" not in df.columns:
-                raise DataError(f"{man}: missing column 'path'")
-            hashed = assign_splits([f"{d}:{x}" for x in df["path"]], fractions, int(ds.get("seed", 0)))
-            for i, r in df.iterrows():
-                f = resolve_path(man.parent, str(r["path"]))
-                at = f"{man} id {str(r['id'])!r} (row {i})" if "id" in df.columns else f"{man} row {i}"
-                split = str(r["split"]) if "split" in df.columns else hashed[f"{d}:{r['path']}"]
-                if split not in SPLITS:
-                    raise DataError(f"{at}: split {split!r} not in {list(SPLITS)}")
-                lab = r.get("label") if "label" in df.columns else None
-                lab = None if lab is None or adapters._missing(lab) else str(lab)
-                if lab is not None and lab in cmap and cmap[lab] is None:
-                    continue
-                fac: dict[str, Any] = {}
-                for k, n in factors.items():
-                    col = f"factor_{k}"
-                    if col not in df.columns:
-                        raise DataError(f"{man}: missing column {col!r} (key 'factors' declares {k!r})")
-                    v = r[col]
-                    if k in ranges:  # continuous: finite and inside the declared [low, high]
-                        fac[k] = None if adapters._missing(v) else _number(v, f"{at}: {col}")
-                        lo, hi = ranges[k]
-                        if fac[k] is not None and not float(lo) <= fac[k] <= float(hi):
-                            raise DataError(f"{at}: {col} = {v} outside the declared range [{lo}, {hi}]")
-                        continue
-                    if not adapters._missing(v) and not float(_number(v, f"{at}: {col}")).is_integer():
-                        raise DataError(f"{at}: {col} = {v} is not an integer; declare factor_ranges.{k} for a "
-                                        "continuous factor")
-                    fac[k] = NO_LABEL if adapters._missing(v) else int(float(v))
-                    if fac[k] != NO_LABEL and not 0 <= fac[k] < n:
-                        raise DataError(f"{at}: {col} = {v} outside 0..{n - 1}")
-                aux = {}
-                for kind in ("depth", "mask"):
-                    col = f"{kind}_path"
-                    if col in df.columns and not adapters._missing(r[col]) and str(r[col]).strip():
-                        aux[kind] = Path(os.path.abspath(resolve_path(man.parent, str(r[col]))))
-                records.append(_Record(f"{d}-{len(records)}", d, split, Path(os.path.abspath(f)),
-                                       f"{at} (file {f})", factors=fac, **aux))
-                raw_labels.append(cmap.get(lab, lab) if lab is not None else None)
-    classes: list[str] = []
-    if decl["task"] == "classification":
-        classes = [str(c) for c in decl.get("classes") or sorted({lb for lb in raw_labels if lb is not None})]
-        index = {c: k for k, c in enumerate(classes)}
-        for r, lb in zip(records, raw_labels):
-            if lb is None:
-                continue
-            if str(lb) not in index:
-                raise DataError(f"{r.where}: class {lb!r} is not in classes {classes} (add it or map it in class_map)")
-            r.label = index[str(lb)]
-    declared.classes, declared.factors = classes, factors
+            found = _from_manifest(base / str(ds["manifest"]), d, ds, fractions, cmap, factors,
+                                   declared.factor_ranges)
+        for r in found[0]:
+            r.id = f"{d}-{len(records)}"  # ids number the samples of all domains in order
+            records.append(r)
+        raw_labels += found[1]
+    declared.classes = _label(records, raw_labels, decl) if decl["task"] == "classification" else []
+    declared.factors = factors
+    unlabelled = [d for d, s in decl["domains"].items() if not s.get("labelled", True)]
     return _finish(records, out, name=name, source=decl["source"], target=decl["target"], decl=declared,
                    unlabelled=unlabelled, description=str(decl.get("description", f"declared in {decl_file}")),
                    data_root=base, allow_outside_root=bool(decl.get("allow_outside_root", False)),
                    skip_bad_files=bool(decl.get("skip_bad_files", False)))
+
+
+def _from_layout(decl_file: Path, d: str, ds: JsonDict, fractions: dict[str, float], cmap: dict[str, Any],
+                 skip_bad: bool) -> Found:
+    """Domain `d` declared by a folder `layout` ("{split}/{class}/*.png"); splits hashed where the layout has none."""
+    root = decl_file.parent / str(ds.get("path", "."))
+    glob, rx = _layout_regex(str(ds["layout"]))
+    if not root.is_dir():
+        raise DataError(f"{decl_file}: domains.{d}.path {root} is not a folder")
+    matched = sorted(p for p in root.glob(glob) if not p.name.startswith("."))
+    bad = [(p, adapters._entry_problem(p)) for p in matched if p.is_symlink() and not p.exists()
+           or p.is_dir() and p.suffix.lower() in adapters.IMAGE_SUFFIXES]
+    adapters._bad_entries([(p, str(why)) for p, why in bad], skip_bad)
+    found = [p for p in matched if p.is_file()]
+    if not found:
+        raise DataError(f"{decl_file}: domains.{d}: no files match {root}/{ds['layout']}")
+    hashed = assign_splits([f"{d}:{f.relative_to(root).as_posix()}" for f in found], fractions, int(ds.get("seed", 0)))
+    records: list[_Record] = []
+    labels: list[str | None] = []
+    for f in found:
+        m = rx.match(f.relative_to(root).as_posix())
+        if m is None:
+            continue
+        gd = m.groupdict()
+        split = gd.get("split") or hashed[f"{d}:{f.relative_to(root).as_posix()}"]
+        if split not in SPLITS:
+            raise DataError(f"{f}: split folder {split!r} not in {list(SPLITS)}")
+        cls = gd.get("cls")
+        if cls is not None and cls in cmap and cmap[cls] is None:
+            continue
+        aux = {kind: Path(os.path.abspath(root / str(ds[kind]).format(  # e.g. depth: "depth/{split}/{stem}.png"
+            split=gd.get("split") or "", stem=f.stem, name=f.name, **{"class": cls or ""})))
+            for kind in ("depth", "mask") if kind in ds}
+        records.append(_Record("", d, split, Path(os.path.abspath(f)), f"file {f}", depth=aux.get("depth"),
+                               mask=aux.get("mask")))
+        labels.append(cmap.get(cls, cls) if cls is not None else None)
+    return records, labels
+
+
+def _from_manifest(man: Path, d: str, ds: JsonDict, fractions: dict[str, float], cmap: dict[str, Any],
+                   factors: dict[str, int], ranges: dict[str, list[float]]) -> Found:
+    """Domain `d` declared by a manifest CSV/Parquet (path[, split, id, label, factor_*, depth_path, mask_path])."""
+    df = adapters._read_table(man)
+    if "path" not in df.columns:
+        raise DataError(f"{man}: missing column 'path'")
+    hashed = assign_splits([f"{d}:{x}" for x in df["path"]], fractions, int(ds.get("seed", 0)))
+    records: list[_Record] = []
+    labels: list[str | None] = []
+    for i, r in df.iterrows():
+        f = resolve_path(man.parent, str(r["path"]))
+        at = f"{man} id {str(r['id'])!r} (row {i})" if "id" in df.columns else f"{man} row {i}"
+        split = str(r["split"]) if "split" in df.columns else hashed[f"{d}:{r['path']}"]
+        if split not in SPLITS:
+            raise DataError(f"{at}: split {split!r} not in {list(SPLITS)}")
+        lab = r.get("label") if "label" in df.columns else None
+        lab = None if lab is None or adapters._missing(lab) else str(lab)
+        if lab is not None and lab in cmap and cmap[lab] is None:
+            continue
+        fac = {k: _factor(r, df.columns, k, n, ranges, man, at) for k, n in factors.items()}
+        aux = {kind: Path(os.path.abspath(resolve_path(man.parent, str(r[f"{kind}_path"]))))
+               for kind in ("depth", "mask") if f"{kind}_path" in df.columns
+               and not adapters._missing(r[f"{kind}_path"]) and str(r[f"{kind}_path"]).strip()}
+        records.append(_Record("", d, split, Path(os.path.abspath(f)), f"{at} (file {f})", factors=fac,
+                               depth=aux.get("depth"), mask=aux.get("mask")))
+        labels.append(cmap.get(lab, lab) if lab is not None else None)
+    return records, labels
+
+
+def _factor(r: Any, columns: Any, k: str, n: int, ranges: dict[str, list[float]], man: Path, at: str) -> Any:
+    """Factor `k` of manifest row `r`: a value in the declared range (continuous) or an integer in 0..n-1."""
+    col = f"factor_{k}"
+    if col not in columns:
+        raise DataError(f"{man}: missing column {col!r} (key 'factors' declares {k!r})")
+    v = r[col]
+    if k in ranges:  # continuous: finite and inside the declared [low, high]
+        value = None if adapters._missing(v) else _number(v, f"{at}: {col}")
+        lo, hi = ranges[k]
+        if value is not None and not float(lo) <= value <= float(hi):
+            raise DataError(f"{at}: {col} = {v} outside the declared range [{lo}, {hi}]")
+        return value
+    if not adapters._missing(v) and not float(_number(v, f"{at}: {col}")).is_integer():
+        raise DataError(f"{at}: {col} = {v} is not an integer; declare factor_ranges.{k} for a continuous factor")
+    level = NO_LABEL if adapters._missing(v) else int(float(v))
+    if level != NO_LABEL and not 0 <= level < n:
+        raise DataError(f"{at}: {col} = {v} outside 0..{n - 1}")
+    return level
+
+
+def _label(records: list[_Record], raw_labels: list[str | None], decl: JsonDict) -> list[str]:
+    """The class list (declared, or the sorted names found) and every record's label index."""
+    classes = [str(c) for c in decl.get("classes") or sorted({lb for lb in raw_labels if lb is not None})]
+    index = {c: k for k, c in enumerate(classes)}
+    for r, lb in zip(records, raw_labels):
+        if lb is None:
+            continue
+        if str(lb) not in index:
+            raise DataError(f"{r.where}: class {lb!r} is not in classes {classes} (add it or map it in class_map)")
+        r.label = index[str(lb)]
+    return classes
 
 
 def _number(v: Any, where: str) -> float:
@@ -211,6 +239,11 @@ def _number(v: Any, where: str) -> float:
     return f
 
 
+Part = tuple[Path, BenchmarkSpec, Any]  # a benchmark folder, its spec and its manifest (pandas)
+SHARED_KEYS = ("classes", "seg_classes", "factors", "channels", "has_depth", "has_mask", "depth_scale",
+               "mirror_classes", "class_parts")  # what merged benchmarks must agree on
+
+
 def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
           image_size: int | None = None) -> Path:
     """One benchmark from several (e.g. SVIRO + TICaM, VKITTI 2 + KITTI): domains side by side, same task.
@@ -219,35 +252,45 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
     agree; domain names must be distinct. Files are not copied: manifest paths point at the parts' files,
     relative to `out` (so the parts must stay beside it, as DVC stage outputs under data/benchmarks do).
     """
-    from dataclasses import replace
-
-    import pandas as pd
-
     if len(parts) < 2:
         raise DataError("merge needs at least two benchmarks")
-    loaded = []
-    for p in parts:
-        spec = BenchmarkSpec.load(Path(p) / "benchmark.yaml")
-        loaded.append((Path(p), spec, read_manifest(Path(p))))
+    loaded = [(Path(p), BenchmarkSpec.load(Path(p) / "benchmark.yaml"), read_manifest(Path(p))) for p in parts]
+    _check_mergeable(loaded, source, target)
+    size = image_size or max(spec.image_size for _, spec, _ in loaded)
+    merged = _merged_spec(loaded, name=name, source=source, target=target, size=size)
+    manifest = _merged_manifest(loaded, out)
+    with staged_dir(out) as tmp:
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        merged.save(tmp / "benchmark.yaml")
+    return out
+
+
+def _check_mergeable(loaded: list[Part], source: str, target: str) -> None:
+    """The parts agree on SHARED_KEYS, their domain names are distinct, source and target are among them."""
     first = loaded[0][1]
+    mine = asdict(first)
     for p, spec, _ in loaded[1:]:
-        for key in ("classes", "seg_classes", "factors", "channels", "has_depth", "has_mask", "depth_scale",
-                    "mirror_classes", "class_parts"):
-            if getattr(spec, key) != getattr(first, key):
-                raise DataError(f"{p}: {key} = {getattr(spec, key)!r} differs from {loaded[0][0]}'s "
-                                f"{getattr(first, key)!r}; merged benchmarks must share them")
-    domains = [d for _, spec, _ in loaded for d in spec.domains]
-    names = [d.name for d in domains]
+        theirs = asdict(spec)
+        for key in SHARED_KEYS:
+            if theirs[key] != mine[key]:
+                raise DataError(f"{p}: {key} = {theirs[key]!r} differs from {loaded[0][0]}'s {mine[key]!r}; merged "
+                                "benchmarks must share them")
+    names = [d.name for _, spec, _ in loaded for d in spec.domains]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DataError(f"domain {dup[0]!r} appears in more than one benchmark; rename it (adapter option 'domain')")
     for key, v in (("source", source), ("target", target)):
         if v not in names:
             raise DataError(f"{key} {v!r} is not a domain of the merged benchmarks {names}")
-    size = image_size or max(spec.image_size for _, spec, _ in loaded)
     wide = [str(p) for p, spec, _ in loaded if spec.image_height]
     if wide:
         raise DataError(f"{wide[0]}: non-square frames (image_height) cannot be merged yet; build the parts square")
+
+
+def _merged_manifest(loaded: list[Part], out: Path) -> Any:
+    """The parts' manifests one after another: disjoint scene ids, paths relative to `out`, unique ids."""
+    import pandas as pd
+
     frames = []
     offset = 0
     for p, _, df in loaded:
@@ -269,6 +312,13 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
     for col in ("scene_id", "variation"):
         if col in manifest.columns:
             manifest[col] = manifest[col].astype("Int64")
+    return manifest
+
+
+def _merged_spec(loaded: list[Part], *, name: str, source: str, target: str, size: int) -> BenchmarkSpec:
+    """The first part's spec with the union of tasks, domains (roles reassigned), expectations and roots."""
+    from dataclasses import replace
+
     exp: dict[str, Any] = {}
     for _, spec, _ in loaded:
         for k, v in spec.expectations.items():
@@ -278,22 +328,19 @@ def merge(parts: list[Path], out: Path, *, name: str, source: str, target: str,
                 exp[k] = sorted(set(exp.get(k, [])) | set(v))
             elif k == "max_depth_m":
                 exp[k] = max(exp.get(k, 0.0), float(v))
-    resize = any(spec.image_size != size or spec.resize for _, spec, _ in loaded)
     # the merged files live in the parts' roots: containment is checked against their common folder
     roots = [os.path.abspath(spec.data_root or p) for p, spec, _ in loaded]
+    order = ("classification", "factors", "depth", "segmentation")
     merged = replace(
-        first, name=name, source=source, target=target, image_size=size, resize=resize,
-        tasks=sorted({t for _, spec, _ in loaded for t in spec.tasks}, key=("classification", "factors", "depth",
-                                                                             "segmentation").index),
+        loaded[0][1], name=name, source=source, target=target, image_size=size,
+        resize=any(spec.image_size != size or spec.resize for _, spec, _ in loaded),
+        tasks=sorted({t for _, spec, _ in loaded for t in spec.tasks}, key=order.index),
         domains=[replace(d, role="source" if d.name == source else "target" if d.name == target else "auxiliary")
-                 for d in domains],
+                 for _, spec, _ in loaded for d in spec.domains],
         dataset="+".join(spec.dataset or spec.name for _, spec, _ in loaded), expectations=exp,
         data_root=str(Path(os.path.commonpath(roots)).resolve()),
         allow_outside_root=any(spec.allow_outside_root for _, spec, _ in loaded),
         description="merged: " + "; ".join(f"{spec.name} ({p})" for p, spec, _ in loaded),
     )
     merged.validate()
-    with staged_dir(out) as tmp:
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
-        merged.save(tmp / "benchmark.yaml")
-    return out
+    return merged

@@ -194,34 +194,16 @@ def build_sviro(src: Path, out: Path, name: str, options: dict[str, Any], illumi
             if pub == "train" and not fs:
                 raise layout_error(info, src, f"{d}: no .png images")
             for f in fs:
-                m = SVIRO_NAME.search(f.stem)
-                if m is None:
-                    raise DataError(f"{f}: file name has no 'imageID_<id>_GT_<l>_<m>_<r>' label part "
-                                    f"(expected layout: {info.layout.splitlines()[0]})")
-                try:
-                    per_seat = [sviro_seat(int(m.group(k))) for k in ("l", "m", "r")]
-                except ValueError as e:
-                    raise DataError(f"{f}: {e}") from e
-                if any(s is None for s in per_seat):
+                labelled = _sviro_label(f, seats, info)
+                if labelled is None:  # an empty infant/child seat: no class of paper 1 (A.1.2)
                     dropped += 1
                     continue
-                chosen = per_seat if seats == "all" else [per_seat[0], per_seat[2]]
-                scene = int(m.group("scene"))
                 split = "test" if pub == "test" else "?"  # train folder: assigned per scene below
-                records.append((v, split, f, joint_label(chosen), scene, int(m.group("var") or 0)))
+                records.append((v, split, f, *labelled))
     scenes = assign_splits([f"{v}:{sc}" for v, sp, _, _, sc, _ in records if sp == "?"], fr, seed)
     records = [(v, scenes[f"{v}:{sc}"] if sp == "?" else sp, f, lb, sc, var) for v, sp, f, lb, sc, var in records]
     n_seats = 3 if seats == "all" else 2
-    preferred = "kodiaq" if illumination else "tesla"  # the vehicles paper 1 trains on (A.1.2, Section 4.5)
-    source = option(options, "source", preferred if preferred in vehicles else vehicles[0], str)
-    others = [v for v in vehicles if v != source]
-    target = option(options, "target", others[0] if others else source, str)
-    if source == target:
-        raise DataError(f"{src}: only vehicle {source!r} found; SVIRO needs two vehicles (or merge it with TICaM: "
-                        "s2r data merge)")
-    for k, v in (("source", source), ("target", target)):
-        if v not in vehicles:
-            raise DataError(f"option {k!r}: vehicle {v!r} not found in {src} ({vehicles})")
+    source, target = _sviro_roles(src, options, vehicles, illumination)
     spec = BenchmarkSpec(
         name=name, tasks=["classification"], source=source, target=target, image_size=size, channels=1,
         domains=[DomainSpec(v, "source" if v == source else "target" if v == target else "auxiliary",
@@ -238,6 +220,38 @@ def build_sviro(src: Path, out: Path, name: str, options: dict[str, Any], illumi
                          domain=v, split=split, image=img, label=label, scene_id=scene, variation=var)
 
     return write_benchmark(out, spec, samples())
+
+
+def _sviro_label(f: Path, seats: str, info: SourceInfo) -> tuple[int, int, int] | None:
+    """(joint seat label, scene, variation) from a SVIRO file name; None for an empty infant/child seat."""
+    m = SVIRO_NAME.search(f.stem)
+    if m is None:
+        raise DataError(f"{f}: file name has no 'imageID_<id>_GT_<l>_<m>_<r>' label part "
+                        f"(expected layout: {info.layout.splitlines()[0]})")
+    try:
+        per_seat = [sviro_seat(int(m.group(k))) for k in ("l", "m", "r")]
+    except ValueError as e:
+        raise DataError(f"{f}: {e}") from e
+    known = [s for s in per_seat if s is not None]
+    if len(known) < len(per_seat):
+        return None
+    chosen = known if seats == "all" else [known[0], known[2]]
+    return joint_label(chosen), int(m.group("scene")), int(m.group("var") or 0)
+
+
+def _sviro_roles(src: Path, options: dict[str, Any], vehicles: list[str], illumination: bool) -> tuple[str, str]:
+    """(source, target) vehicles: the options', else the ones paper 1 trains on (A.1.2, Section 4.5)."""
+    preferred = "kodiaq" if illumination else "tesla"
+    source = option(options, "source", preferred if preferred in vehicles else vehicles[0], str)
+    others = [v for v in vehicles if v != source]
+    target = option(options, "target", others[0] if others else source, str)
+    if source == target:
+        raise DataError(f"{src}: only vehicle {source!r} found; SVIRO needs two vehicles (or merge it with TICaM: "
+                        "s2r data merge)")
+    for k, v in (("source", source), ("target", target)):
+        if v not in vehicles:
+            raise DataError(f"option {k!r}: vehicle {v!r} not found in {src} ({vehicles})")
+    return source, target
 
 
 def ticam_preprocess(img: np.ndarray, path: Path, crop: tuple[int, int, int, int], size: int,
@@ -286,7 +300,7 @@ def build_ticam(src: Path, out: Path, name: str, options: dict[str, Any]) -> Pat
 
     def samples() -> Iterator[Sample]:
         for k, (split, f, left, right) in enumerate(records):
-            img = ticam_preprocess(read_image(f), f, crop, size, eq)  # type: ignore[arg-type]
+            img = ticam_preprocess(read_image(f), f, crop, size, eq)
             yield Sample(id=f"{split}-{f.stem}", domain=domain, split=split, image=img,
                          label=joint_label([left, right]), scene_id=k, variation=0)
             if flips:  # mirrored: the left seat becomes the right one

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from s2r.data.benchmark import SPLITS, BenchmarkSpec, DataError, DomainSpec, Sample, write_benchmark
+from s2r.config import SPLITS
+from s2r.data.benchmark import BenchmarkSpec, DataError, DomainSpec, Sample, write_benchmark
 from s2r.data.sources.common import (
     SourceInfo,
     assign_splits,
@@ -84,7 +85,8 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
         raise DataError(f"{path}: file not found (CIFAR python version)")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")  # noqa: S301 - the user's own CIFAR download
+            batch: dict[bytes, Any] = pickle.load(f, encoding="bytes")  # noqa: S301 - the user's own CIFAR download
+            return batch
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: not a readable CIFAR pickle: {e}") from e
 
@@ -118,41 +120,13 @@ def build_cifar_da(src: Path, out: Path, name: str, options: dict[str, Any]) -> 
     for p in (c10, c100, visda):
         if not p.is_dir():
             raise layout_error(CIFAR_DA_INFO, src, f"missing folder {p.relative_to(src)}")
-    pools: dict[str, dict[str, list[np.ndarray]]] = {c: {"train": [], "test": []} for c in classes}
-    tr10 = [_cifar_images(_unpickle(c10 / f"data_batch_{i}"), c10 / f"data_batch_{i}", b"labels") for i in range(1, 6)]
-    te10 = _cifar_images(_unpickle(c10 / "test_batch"), c10 / "test_batch", b"labels")
-    meta100 = _unpickle(c100 / "meta")
-    fine = [s.decode() for s in meta100.get(b"fine_label_names", [])]
-    if not fine:
-        raise DataError(f"{c100 / 'meta'}: no 'fine_label_names'")
-    tr100 = _cifar_images(_unpickle(c100 / "train"), c100 / "train", b"fine_labels")
-    te100 = _cifar_images(_unpickle(c100 / "test"), c100 / "test", b"fine_labels")
+    pools = _cifar_pools(c10, c100, classes)
     for c in classes:
-        if c in CIFAR10:
-            ids = [CIFAR10_NAMES.index(x) for x in CIFAR10[c]]
-            pools[c]["train"] = [im for imgs, lab in tr10 for im, y in zip(imgs, lab) if y in ids]
-            pools[c]["test"] = [im for im, y in zip(*te10) if y in ids]
-        else:
-            missing = [x for x in CIFAR100[c] if x not in fine]
-            if missing:
-                raise DataError(f"{c100 / 'meta'}: fine classes {missing} not found")
-            ids = [fine.index(x) for x in CIFAR100[c]]
-            pools[c]["train"] = [im for im, y in zip(*tr100) if y in ids]
-            pools[c]["test"] = [im for im, y in zip(*te100) if y in ids]
         if len(pools[c]["train"]) < need["train"] or len(pools[c]["test"]) < need["test"]:
             raise DataError(f"{src}: CIFAR has {len(pools[c]['train'])} train / {len(pools[c]['test'])} test images "
                             f"of class {c!r}; need {need['train']} / {need['test']} (real_train {n['train']}, "
                             f"real_val {n['val']} from the {val_from} pickle, real_test {n['test']})")
-    syn: list[tuple[str, Path, int]] = []
-    for k, c in enumerate(classes):
-        folder = visda / VISDA_NAMES.get(c, c)
-        fs = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not fs:
-            raise layout_error(CIFAR_DA_INFO, src, f"no renders in {folder}")
-        if syn_max is not None and len(fs) > syn_max:
-            fs = fs[:: -(-len(fs) // syn_max)][:syn_max]
-        sp = assign_splits([p.name for p in fs], {"train": 0.9, "val": 0.05, "test": 0.05}, seed)
-        syn += [(sp[p.name], p, k) for p in fs]
+    syn = _visda_renders(src, visda, classes, syn_max, seed)
     spec = BenchmarkSpec(
         name=name, tasks=["classification"], source="synthetic", target="real", image_size=size, channels=3,
         domains=[DomainSpec("synthetic", "source", "VisDA-2017 synthetic renders"),
@@ -179,6 +153,48 @@ def build_cifar_da(src: Path, out: Path, name: str, options: dict[str, Any]) -> 
                                  label=k)
 
     return write_benchmark(out, spec, samples())
+
+
+def _cifar_pools(c10: Path, c100: Path, classes: list[str]) -> dict[str, dict[str, list[np.ndarray]]]:
+    """class -> {"train", "test"} -> the CIFAR-10/100 images of its CIFAR classes (pickle order)."""
+    pools: dict[str, dict[str, list[np.ndarray]]] = {c: {"train": [], "test": []} for c in classes}
+    tr10 = [_cifar_images(_unpickle(c10 / f"data_batch_{i}"), c10 / f"data_batch_{i}", b"labels") for i in range(1, 6)]
+    te10 = _cifar_images(_unpickle(c10 / "test_batch"), c10 / "test_batch", b"labels")
+    meta100 = _unpickle(c100 / "meta")
+    fine = [s.decode() for s in meta100.get(b"fine_label_names", [])]
+    if not fine:
+        raise DataError(f"{c100 / 'meta'}: no 'fine_label_names'")
+    tr100 = _cifar_images(_unpickle(c100 / "train"), c100 / "train", b"fine_labels")
+    te100 = _cifar_images(_unpickle(c100 / "test"), c100 / "test", b"fine_labels")
+    for c in classes:
+        if c in CIFAR10:
+            ids = [CIFAR10_NAMES.index(x) for x in CIFAR10[c]]
+            pools[c]["train"] = [im for imgs, lab in tr10 for im, y in zip(imgs, lab) if y in ids]
+            pools[c]["test"] = [im for im, y in zip(*te10) if y in ids]
+        else:
+            missing = [x for x in CIFAR100[c] if x not in fine]
+            if missing:
+                raise DataError(f"{c100 / 'meta'}: fine classes {missing} not found")
+            ids = [fine.index(x) for x in CIFAR100[c]]
+            pools[c]["train"] = [im for im, y in zip(*tr100) if y in ids]
+            pools[c]["test"] = [im for im, y in zip(*te100) if y in ids]
+    return pools
+
+
+def _visda_renders(src: Path, visda: Path, classes: list[str], syn_max: int | None, seed: int
+                   ) -> list[tuple[str, Path, int]]:
+    """(split, file, class index) of the VisDA renders of every class (at most `syn_max`, evenly thinned)."""
+    syn: list[tuple[str, Path, int]] = []
+    for k, c in enumerate(classes):
+        folder = visda / VISDA_NAMES.get(c, c)
+        fs = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not fs:
+            raise layout_error(CIFAR_DA_INFO, src, f"no renders in {folder}")
+        if syn_max is not None and len(fs) > syn_max:
+            fs = fs[:: -(-len(fs) // syn_max)][:syn_max]
+        sp = assign_splits([p.name for p in fs], {"train": 0.9, "val": 0.05, "test": 0.05}, seed)
+        syn += [(sp[p.name], p, k) for p in fs]
+    return syn
 
 
 def build_trifinger(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:

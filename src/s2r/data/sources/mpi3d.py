@@ -100,7 +100,8 @@ def open_images(path: Path, key: str = KEY) -> np.ndarray:
                 raise DataError(f"{path}: truncated ({path.stat().st_size} bytes, {member} needs {need})")
             return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
         try:
-            return np.load(path)[key]
+            array: np.ndarray = np.load(path)[key]
+            return array
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: cannot read array {key!r}: {e}") from e
 

@@ -45,7 +45,7 @@ Frames are centre cropped to a square and resized to ``image_size`` (``crop: cen
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ def frame_height(first: Path, size: int, crop: str) -> int:
 
     with Image.open(first) as im:
         w, h = im.size
-    return max(1, round(size * h / w))
+    out: int = max(1, round(size * h / w))
+    return out
 
 
 def _lines(path: Path) -> list[str]:
@@ -182,24 +183,35 @@ def build_ycb(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
         expectations={"mask_values": list(range(n_ids)) + [255]},
     )
 
-    def samples() -> Iterator[Sample]:
-        for domain, split, stem in records:
-            color = Path(f"{stem}-color.png")
-            label = read_image(Path(f"{stem}-label.png"))
-            if label.ndim != 2:
-                raise DataError(f"{stem}-label.png: label image must have one channel of object ids")
-            if label.max(initial=0) >= n_ids:
-                raise DataError(f"{stem}-label.png: object id {int(label.max())} outside 0..{n_ids - 1}")
-            depth = None
-            if with_depth:
-                d = read_image(Path(f"{stem}-depth.png")).astype(np.float32) / YCB_DEPTH_FACTOR
-                depth = fit_frame(d, size, crop, True, height)
-            sid = f"{domain}-{stem.parent.name}-{stem.name}" if domain == "real" else f"syn-{stem.name}"
-            image = fit_frame(read_image(color, "RGB"), size, crop, False, height)
-            yield Sample(id=sid, domain=domain, split=split, image=image,
-                         mask=fit_frame(label.astype(np.uint8), size, crop, True, height), depth=depth)
+    frame = _Frame(size, crop, height)
+    return write_benchmark(out, spec, (_ycb_sample(r, n_ids, with_depth, frame) for r in records))
 
-    return write_benchmark(out, spec, samples())
+
+@dataclass(frozen=True)
+class _Frame:
+    """How frames are fitted to the benchmark's images (fit_frame): square side, crop mode, height."""
+
+    size: int
+    crop: str
+    height: int
+
+
+def _ycb_sample(record: tuple[str, str, Path], n_ids: int, with_depth: bool, frame: _Frame) -> Sample:
+    """One YCB-Video frame: RGB, object-id mask (checked against the ids), depth in metres if asked."""
+    domain, split, stem = record
+    label = read_image(Path(f"{stem}-label.png"))
+    if label.ndim != 2:
+        raise DataError(f"{stem}-label.png: label image must have one channel of object ids")
+    if label.max(initial=0) >= n_ids:
+        raise DataError(f"{stem}-label.png: object id {int(label.max())} outside 0..{n_ids - 1}")
+    depth = None
+    if with_depth:
+        d = read_image(Path(f"{stem}-depth.png")).astype(np.float32) / YCB_DEPTH_FACTOR
+        depth = fit_frame(d, frame.size, frame.crop, True, frame.height)
+    sid = f"{domain}-{stem.parent.name}-{stem.name}" if domain == "real" else f"syn-{stem.name}"
+    image = fit_frame(read_image(Path(f"{stem}-color.png"), "RGB"), frame.size, frame.crop, False, frame.height)
+    return Sample(id=sid, domain=domain, split=split, image=image,
+                  mask=fit_frame(label.astype(np.uint8), frame.size, frame.crop, True, frame.height), depth=depth)
 
 
 def _bop_frames(split_dir: Path) -> list[tuple[Path, str, dict[str, Any], dict[str, Any]]]:
@@ -270,13 +282,7 @@ def build_bop(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     fractions = check_fractions(option(options, "fractions", {"train": 0.6, "val": 0.2, "test": 0.2}, dict))
     max_frames = option(options, "max_frames", None, int)
     seed = int(option(options, "seed", 0, int))
-    syn_splits = option(options, "synthetic_splits", ["train_pbr"], list)
-    test_split = option(options, "test_split", "test_primesense" if (src / "test_primesense").is_dir() else "hash",
-                        str)
-    default_real = ["val_primesense"] if (src / "val_primesense").is_dir() else sorted(
-        d.name for d in src.iterdir() if d.is_dir() and d.name not in (*syn_splits, test_split) and
-        any((s / "scene_gt.json").is_file() for s in d.iterdir() if s.is_dir())) if src.is_dir() else []
-    real_splits = option(options, "real_splits", default_real, list)
+    syn_splits, real_splits, test_split = _bop_splits(src, options)
     official = test_split != "hash"
     objects = option(options, "objects", "test" if official else "all", str)
     if objects not in ("test", "all"):
@@ -286,46 +292,27 @@ def build_bop(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
     val_f = float(option(options, "val_fraction", 0.1, (int, float)))
     syn = _thin(_bop_split_frames(src, syn_splits, "synthetic"), max_frames)
     real = _thin(_bop_split_frames(src, real_splits, "real"), max_frames)
-    test: list[tuple[str, Path, str, Any, Any]] = []
-    if official:
-        test = _bop_split_frames(src, [test_split], "test")
-        tfile = src / option(options, "test_targets", "test_targets_bop19.json", str)
-        if "test_targets" in options and not tfile.is_file():
-            raise DataError(f"option 'test_targets': {tfile} not found")
-        if tfile.is_file():
-            targets = _test_targets(tfile)
-            test = [fr for fr in test if (int(fr[1].name), int(fr[2])) in targets]
-            if not test:
-                raise DataError(f"{tfile}: none of its images is in {src / test_split}")
+    test = _bop_test_frames(src, options, test_split) if official else []
     subset = sorted({int(i["obj_id"]) for *_, gt, _ in test for i in gt}) if objects == "test" else None
 
     def shows_subset(gt: list[dict[str, Any]]) -> bool:
         return subset is None or any(int(i.get("obj_id", -1)) in subset for i in gt)
 
-    records: list[tuple[str, str, Path, str, dict[str, Any], list[dict[str, Any]]]] = []
+    records: list[BopRecord] = []
     sp = assign_splits([f"{fo}:{sc.name}:{im}" for fo, sc, im, _, _ in syn], {"train": 0.8, "val": 0.1, "test": 0.1}
                        if official else fractions, seed)
     records += [("synthetic", sp[f"{fo}:{sc.name}:{im}"], sc, im, cam, gt) for fo, sc, im, gt, cam in syn
                 if shows_subset(gt)]
     if official:
-        scenes = sorted({f"{fo}:{sc.name}" for fo, sc, im, gt, cam in real if shows_subset(gt)})
-        if len(scenes) < 2:
-            raise DataError(f"{src}: real splits {real_splits} have {len(scenes)} scene(s) showing the test objects; "
-                            "a scene-level train/val split needs at least 2")
-        n_val = max(1, round(val_f * len(scenes)))
-        order = sorted(scenes, key=lambda k: hashlib_key(k, seed))
-        val_scenes = set(order[:n_val])
+        real = [fr for fr in real if shows_subset(fr[3])]
+        val_scenes = _bop_val_scenes(src, real, real_splits, val_f, seed)
         records += [("real", "val" if f"{fo}:{sc.name}" in val_scenes else "train", sc, im, cam, gt)
-                    for fo, sc, im, gt, cam in real if shows_subset(gt)]
+                    for fo, sc, im, gt, cam in real]
         records += [("real", "test", sc, im, cam, gt) for fo, sc, im, gt, cam in test]
     else:
         sp = assign_splits([f"{fo}:{sc.name}:{im}" for fo, sc, im, _, _ in real], fractions, seed)
         records += [("real", sp[f"{fo}:{sc.name}:{im}"], sc, im, cam, gt) for fo, sc, im, gt, cam in real]
-    info_file = src / "models" / "models_info.json"
-    if info_file.is_file():
-        obj_ids = sorted(int(k) for k in json.loads(info_file.read_text()))
-    else:
-        obj_ids = sorted({int(i["obj_id"]) for *_, gt in records for i in gt})
+    obj_ids = _bop_object_ids(src, records)
     keep_ids = subset if subset is not None else obj_ids
     n_classes = max(obj_ids) + 1
     height = frame_height(_bop_rgb(records[0][2], records[0][3]), size, crop)
@@ -341,21 +328,73 @@ def build_bop(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
         expectations={"mask_values": [0, *keep_ids, 255]},
     )
 
-    def samples() -> Iterator[Sample]:
-        for domain, split, scene, im, cam, gt in records:
-            rgb = read_image(_bop_rgb(scene, im), "RGB")
-            mask = bop_mask(scene, im, gt, rgb.shape[:2])
-            if subset is not None:
-                mask[~np.isin(mask, [0, *subset])] = 255  # objects outside S: ignored, not background
-            depth = None
-            if with_depth:
-                raw = read_image(scene / "depth" / f"{int(im):06d}.png").astype(np.float32)
-                depth = fit_frame(raw * float(cam.get("depth_scale", 1.0)) / 1000.0, size, crop, True, height)
-            yield Sample(id=f"{domain}-{scene.parent.name}-{scene.name}-{int(im):06d}", domain=domain, split=split,
-                         image=fit_frame(rgb, size, crop, False, height),
-                         mask=fit_frame(mask, size, crop, True, height), depth=depth)
+    frame = _Frame(size, crop, height)
+    return write_benchmark(out, spec, (_bop_sample(r, subset, with_depth, frame) for r in records))
 
-    return write_benchmark(out, spec, samples())
+
+BopRecord = tuple[str, str, Path, str, dict[str, Any], list[dict[str, Any]]]  # domain, split, scene, im, cam, gt
+
+
+def _bop_sample(record: BopRecord, subset: list[int] | None, with_depth: bool, frame: _Frame) -> Sample:
+    """One BOP frame: RGB, object-id mask (objects outside `subset` ignored), depth in metres if asked."""
+    domain, split, scene, im, cam, gt = record
+    rgb = read_image(_bop_rgb(scene, im), "RGB")
+    mask = bop_mask(scene, im, gt, rgb.shape[:2])
+    if subset is not None:
+        mask[~np.isin(mask, [0, *subset])] = 255  # objects outside S: ignored, not background
+    depth = None
+    if with_depth:
+        raw = read_image(scene / "depth" / f"{int(im):06d}.png").astype(np.float32)
+        depth = fit_frame(raw * float(cam.get("depth_scale", 1.0)) / 1000.0, frame.size, frame.crop, True,
+                          frame.height)
+    return Sample(id=f"{domain}-{scene.parent.name}-{scene.name}-{int(im):06d}", domain=domain, split=split,
+                  image=fit_frame(rgb, frame.size, frame.crop, False, frame.height),
+                  mask=fit_frame(mask, frame.size, frame.crop, True, frame.height), depth=depth)
+
+
+def _bop_object_ids(src: Path, records: list[BopRecord]) -> list[int]:
+    """The dataset's object ids: from models/models_info.json, else the ids annotated in the frames."""
+    info_file = src / "models" / "models_info.json"
+    if info_file.is_file():
+        return sorted(int(k) for k in json.loads(info_file.read_text()))
+    return sorted({int(i["obj_id"]) for *_, gt in records for i in gt})
+
+
+def _bop_splits(src: Path, options: dict[str, Any]) -> tuple[list[str], list[str], str]:
+    """(synthetic, real, test) split folders: the options', else PBR renders, the PrimeSense val/test folders
+    (or every other folder with annotated scenes, and a hashed test split)."""
+    syn_splits = option(options, "synthetic_splits", ["train_pbr"], list)
+    test_split = option(options, "test_split", "test_primesense" if (src / "test_primesense").is_dir() else "hash",
+                        str)
+    default_real = ["val_primesense"] if (src / "val_primesense").is_dir() else sorted(
+        d.name for d in src.iterdir() if d.is_dir() and d.name not in (*syn_splits, test_split) and
+        any((s / "scene_gt.json").is_file() for s in d.iterdir() if s.is_dir())) if src.is_dir() else []
+    return syn_splits, option(options, "real_splits", default_real, list), test_split
+
+
+def _bop_val_scenes(src: Path, real: list[tuple[str, Path, str, Any, Any]], real_splits: list[str], val_f: float,
+                    seed: int) -> set[str]:
+    """The real scenes held out for validation (a scene-level split, hashed from `seed`)."""
+    scenes = sorted({f"{fo}:{sc.name}" for fo, sc, *_ in real})
+    if len(scenes) < 2:
+        raise DataError(f"{src}: real splits {real_splits} have {len(scenes)} scene(s) showing the test objects; "
+                        "a scene-level train/val split needs at least 2")
+    n_val = max(1, round(val_f * len(scenes)))
+    return set(sorted(scenes, key=lambda k: hashlib_key(k, seed))[:n_val])
+
+
+def _bop_test_frames(src: Path, options: dict[str, Any], test_split: str) -> list[tuple[str, Path, str, Any, Any]]:
+    """The official test split's frames, limited to the BOP test targets file where there is one."""
+    test = _bop_split_frames(src, [test_split], "test")
+    tfile = src / option(options, "test_targets", "test_targets_bop19.json", str)
+    if "test_targets" in options and not tfile.is_file():
+        raise DataError(f"option 'test_targets': {tfile} not found")
+    if tfile.is_file():
+        targets = _test_targets(tfile)
+        test = [fr for fr in test if (int(fr[1].name), int(fr[2])) in targets]
+        if not test:
+            raise DataError(f"{tfile}: none of its images is in {src / test_split}")
+    return test
 
 
 def hashlib_key(key: str, seed: int) -> str:
@@ -426,7 +465,8 @@ def bop_fixture(root: Path, w: int = 16, h: int = 12, n: int = 10, test_split: b
         for im in range(n):
             k += 1
             img = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(img).save(scene / "rgb" / f"{im:06d}.{ext}", **({"quality": 95} if ext == "jpg" else {}))
+            opts: dict[str, Any] = {"quality": 95} if ext == "jpg" else {}
+            Image.fromarray(img).save(scene / "rgb" / f"{im:06d}.{ext}", **opts)
             Image.fromarray(np.full((h, w), 5000, np.uint16)).save(scene / "depth" / f"{im:06d}.png")
             objs = {"000002": [2] if im % 2 == 0 else [1, 2], "000003": [1, 3]}.get(scene_name, [1 + im % 3, 3])
             gt[str(im)] = [{"obj_id": o} for o in objs]
