@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from conftest import tiny_params_dict
+from conftest import tiny_block, tiny_section
 from s2r import distributed
 from s2r.config import TrainParams, from_dict
 from s2r.data.prepared import PreparedBenchmark
@@ -73,7 +72,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {}  # block -> params the equivalence tes
 
 
 def config(block: str, data: PreparedBenchmark) -> Any:
-    raw = dict(tiny_params_dict()["methods"][block]) | OVERRIDES.get(block, {})
+    raw = tiny_block(block, **OVERRIDES.get(block, {}))
     domains = {d.name for d in data.spec.domains}
     for key in ("domain_a", "domain_b"):
         if raw.get(key) and raw[key] not in domains:
@@ -97,8 +96,8 @@ def train_block(block: str, data_dir: Path, init: str, ckpt: Path, epochs: int, 
         method.init_from(Path(init))
     method.setup(torch.device("cpu"), None, epochs * steps_per_epoch)
     init_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
-    train = replace(from_dict(TrainParams, tiny_params_dict()["train"], "tiny params"), progress=False,
-                    checkpoint_every=steps_per_epoch)
+    train = tiny_section(TrainParams, "train", progress=False, checkpoint_every=steps_per_epoch)
+    assert isinstance(train, TrainParams)
     state = sess.on_writer(lambda: load_checkpoint(resume)) if resume is not None else None
     rec = Recorder()
 

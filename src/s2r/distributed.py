@@ -221,7 +221,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         # sums accumulated in float64 (no float64 copy of x): statistics as exact as one process's BatchNorm kernel
         mean: torch.Tensor = (_SumOverRanks.apply(xf.sum(dims, dtype=torch.float64)) / n).float()
         centred = xf - mean.view(shape)
-        var: torch.Tensor = (_SumOverRanks.apply(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()  # biased, as BN
+        # biased variance, as BatchNorm normalises with
+        var: torch.Tensor = (_SumOverRanks.apply(centred.pow(2).sum(dims, dtype=torch.float64)) / n).float()
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)

@@ -29,7 +29,7 @@ from s2r.methods.base import Method
 
 C = TypeVar("C")
 
-# What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
+# What a method can provide, as tests/test_contract.py checks it on every params block.
 CAPABILITIES = {
     "encode": "uint8 images (N, H, W, C) -> float latents (N, D)",
     "translate": "uint8 images (N, H, W, C) -> uint8 images of the same shape",
