@@ -77,7 +77,7 @@ def config(block: str, data: PreparedBenchmark) -> Any:
     for key in ("domain_a", "domain_b"):
         if raw.get(key) and raw[key] not in domains:
             raw[key] = ""  # the benchmark's own source / target (as tests/test_contract.py)
-    return from_dict(registry.config_class(block), raw, "tiny params", f"methods.{block}", strict=True)
+    return from_dict(registry.config_class(block), raw, "tiny params", f"methods.{block}")
 
 
 def train_block(block: str, data_dir: Path, init: str, ckpt: Path, epochs: int, steps_per_epoch: int,
