@@ -327,11 +327,14 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path, monkeypatch:
 
 
 def test_loop_vs_bare_step_measures_both(tiny_prepared: Path) -> None:
-    """Numbers are reported, not asserted (shared machines): both positive, the loop's data wait is a share."""
+    """Numbers are reported, not asserted (shared machines): the loop's per-step time is a difference of two timings
+    (its fixed costs cancel), which a loaded machine can make negative, so only finiteness is checked."""
+    import math
+
     from s2r.bench import loop_vs_step
 
     res = loop_vs_step(lambda: make("mixing", tiny_prepared), train_params(), steps=(2, 4))
-    assert res["bare_step_s"] > 0 and res["loop_step_s"] > 0 and res["loop_over_bare"] > 0
+    assert res["bare_step_s"] > 0 and math.isfinite(res["loop_step_s"]) and math.isfinite(res["loop_over_bare"])
     assert 0 <= res["data_wait_share"] < 1 and res["steps"] == 4
 
 

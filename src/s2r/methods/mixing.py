@@ -133,6 +133,24 @@ class SmallResNet(nn.Module):
         return out
 
 
+def area_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size) by area averaging (unchanged when already that size)."""
+    return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="area")
+
+
+class AtResolution(nn.Module):
+    """The exported classifier: images at the benchmark's size (float (B, C, H, W) in [0, 1], as the registry feeds
+    them) are area-resized to the model resolution first, as in training; -> logits (B, K)."""
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(area_resize(x, self.size))
+        return out
+
+
 @register(Config)
 class Method(BaseMethod[Config]):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
@@ -163,10 +181,7 @@ class Method(BaseMethod[Config]):
 
     def _input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
-        x = to_float(images, self.device)
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="area")
-        return x
+        return area_resize(to_float(images, self.device), self.size)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
@@ -250,8 +265,8 @@ class Method(BaseMethod[Config]):
         return [health.single_class_check("class predictions")]
 
     def example_input(self) -> np.ndarray:
-        return self._input(self.real_val.images[:2]).cpu().numpy()
+        return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
 
     def export_model(self) -> nn.Module:
-        return self.net
+        return AtResolution(self.net, self.size)
 
