@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, to_dict
 from s2r.data.benchmark import DataError
 
 # CUT's default networks (Park et al. 2020, options/: ngf 64, resnet_9blocks, basic D n_layers 3, netF_nc 256,
@@ -195,7 +195,6 @@ def _params_path() -> str:
 def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda", path: str | None = None) -> Any:
     """params.yaml shrunk for the check: 2 epochs of `steps` steps, GAN pretraining and last-K windows that fit,
     small generated benchmarks, bf16 on CUDA, runs in experiment s2r-gpu-check."""
-    import dataclasses
 
     from s2r.params import load_params
 
@@ -210,10 +209,10 @@ def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda", 
     for n in names or list(base.methods):
         cfg = base.methods[n]
         over |= {f"methods.{n}.epochs": 2, f"methods.{n}.steps_per_epoch": steps}
-        settings = {f.name for f in dataclasses.fields(cfg)}
+        settings = to_dict(cfg)
         for key, value in (("pretrain_g_steps", 1), ("pretrain_d_steps", 1), ("last_k", 2)):
             if key in settings:
-                over[f"methods.{n}.{key}"] = min(getattr(cfg, key), value)
+                over[f"methods.{n}.{key}"] = min(settings[key], value)
     return load_params(path, over)
 
 
@@ -276,9 +275,8 @@ def _fit_domains(cfg: Any, data: Any) -> Any:
     import dataclasses
 
     domains = {d.name for d in data.spec.domains}
-    blank = {f.name: "" for f in dataclasses.fields(cfg)
-             if f.name in ("domain_a", "domain_b") and getattr(cfg, f.name) and getattr(cfg, f.name) not in domains}
-    return dataclasses.replace(cfg, **blank)
+    named = {k: v for k, v in to_dict(cfg).items() if k in ("domain_a", "domain_b")}
+    return dataclasses.replace(cfg, **{k: "" for k, v in named.items() if v and v not in domains})
 
 
 class _Interrupt(Exception):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2r import distributed
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
@@ -63,7 +63,7 @@ POOLED = 7  # the summariser's avg-pool output: 14x14 -> 7x7 at the paper's 224 
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.ae` (and every `methods.ae_<suffix>` variant) in params.yaml."""
 
     model: Literal["ae", "vae", "factorvae"]

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2r import distributed
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.files import atomic_path
@@ -84,7 +84,7 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.betavae` (and variants such as `methods.betavae_weak`) in params.yaml."""
 
     supervision: Literal["unsupervised", "weak"]

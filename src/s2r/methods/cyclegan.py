@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2r import distributed
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
@@ -69,7 +69,7 @@ INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we us
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.cyclegan` (and `methods.mrgan`, MrGAN's second stage) in params.yaml."""
 
     domain_a: str  # synthetic side; "" = the benchmark's source domain

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2r import distributed
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
@@ -46,7 +46,7 @@ MIOU = "present_classes"  # paper 5's mIoU convention (s2r.evaluators.segmentati
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.segmenter` (variants `segmenter_<suffix>`, e.g. one per training set)."""
 
     train_data: Literal["synthetic", "refined", "target", "target+synthetic", "target+refined"]

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2r import distributed
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
@@ -90,7 +90,7 @@ ARCH_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", 
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.twinvae` (stage 1), `methods.twinvae_heads` (stage 2) and the baselines in params.yaml."""
 
     stage: Literal["vae", "heads", "supervised"]
