@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TEST_PARAMS, tiny_params_dict
-from s2r.config import ConfigError, flatten, load_yaml, need
+from s2r.config import ConfigError, Schema, flatten, from_dict, load_yaml, need
 from s2r.params import load_params
 
 
@@ -180,12 +180,16 @@ def test_the_schema_holds_no_values() -> None:
 
 
 @dataclasses.dataclass
-class _Inner:
+class _Inner(Schema):
     lr: float = 1e-3
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("key 'lr' must be > 0")
 
 
 @dataclasses.dataclass
-class _Toy:
+class _Toy(Schema):
     inner: _Inner
     widths: list[int] = dataclasses.field(default_factory=lambda: [8, 16])
     section: _Inner | None = dataclasses.field(default=None, metadata={"section": True})
@@ -193,3 +197,17 @@ class _Toy:
 
 def test_the_no_values_check_sees_a_default() -> None:
     assert _defaults(_Toy, "m") == ["m.inner.lr", "m.widths", "m.section.lr"]
+
+
+def test_every_schema_is_validated_and_a_plain_dataclass_is_refused() -> None:
+    """from_dict calls Schema.validate on every section it builds (no probing for the hook); a dataclass that is not
+    a Schema is a programming error named at the first load."""
+    with pytest.raises(ConfigError, match=r"f.yaml: in 'inner': key 'lr' must be > 0"):
+        from_dict(_Toy, {"inner": {"lr": -1.0}}, "f.yaml")
+
+    @dataclasses.dataclass
+    class Plain:
+        x: int
+
+    with pytest.raises(TypeError, match="Schema"):
+        from_dict(Plain, {"x": 1}, "f.yaml")  # type: ignore[type-var]

@@ -282,13 +282,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r.config import Schema
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.NAME` in params.yaml: types only, the values live in the params file."""
 
     lr: float

@@ -17,7 +17,18 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type; the message names key and file."""
 
 
-def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
+class Schema:
+    """Base of every dataclass `from_dict` builds (params sections, method Configs, data declarations): its
+    `validate` runs on every instance built from a file, so no schema can skip its checks."""
+
+    def validate(self) -> None:
+        """Check values that depend on each other; raise ConfigError naming the key. Nothing by default."""
+
+
+S = TypeVar("S", bound=Schema)
+
+
+def from_dict(cls: type[S], raw: Any, where: str, prefix: str = "") -> S:
     """Build dataclass `cls` from `raw`, rejecting unknown keys, missing keys and wrong types.
 
     A field without a default must be given: the params schema (this module's `*Params` classes and every method's
@@ -26,6 +37,7 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
     that needs it says so (`need`). Formats with optional keys (benchmark.yaml, a study's pruner settings) keep
     their documented defaults.
     """
+    _require_schema(cls)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or '<root>'} must be a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
@@ -46,13 +58,17 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "") -> T:
             continue
         kwargs[name] = _convert(hints[name], raw[name], where, key)
     obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}" if not prefix else f"{where}: in {prefix!r}: {e}") from None
+    try:
+        obj.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if not prefix else f"{where}: in {prefix!r}: {e}") from None
     return obj
+
+
+def _require_schema(cls: Any) -> None:
+    """A dataclass read from a file must derive from Schema (a programming error otherwise, found by the first load)."""
+    if not (isinstance(cls, type) and issubclass(cls, Schema) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is read from a file: make it a dataclass deriving from s2r.config.Schema")
 
 
 def need(section: T | None, key: str, where: str = "params.yaml") -> T:
@@ -88,7 +104,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, key)
+        return from_dict(tp, value, where, key)  # type: ignore[type-var]  # a Schema, checked by _require_schema
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: key {key!r} must be a list, got {type(value).__name__}")
@@ -144,9 +160,10 @@ def load_yaml(path: str | Path) -> Any:
         class Loader(yaml.SafeLoader):
             def compose_node(self, parent: Any, index: Any) -> Any:
                 event = self.peek_event()  # type: ignore[no-untyped-call]
-                if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                    raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchor/alias "
-                                      f"{getattr(event, 'anchor', '')!r} (DVC's params rewrite expands them): "
+                if isinstance(event, yaml.NodeEvent) and event.anchor:  # `&name` on a node, or a `*name` alias
+                    line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+                    raise ConfigError(f"line {line}: YAML anchor/alias "
+                                      f"{event.anchor!r} (DVC's params rewrite expands them): "
                                       "write the variant as a block with `base: <block>` and its differences")
                 return super().compose_node(parent, index)
 
@@ -218,7 +235,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str = "override
 
 
 @dataclass
-class DigitsParams:
+class DigitsParams(Schema):
     """The `digits` benchmark: font-rendered synthetic digits vs scikit-learn's real handwritten digits."""
 
     image_size: int
@@ -236,7 +253,7 @@ class DigitsParams:
 
 
 @dataclass
-class ScenesParams:
+class ScenesParams(Schema):
     """The `scenes` benchmark: objects on a table with known factors, RGB + depth + mask, three domains."""
 
     image_size: int
@@ -258,7 +275,7 @@ SECTION = {"section": True}  # field metadata: a section a params file may leave
 
 
 @dataclass
-class BenchmarksParams:
+class BenchmarksParams(Schema):
     """The embedded benchmarks' generators; a recipe on downloaded data leaves them out (`benchmarks: {}`)."""
 
     digits: DigitsParams | None = field(default=None, metadata=SECTION)
@@ -267,7 +284,7 @@ class BenchmarksParams:
 
 
 @dataclass
-class TrainParams:
+class TrainParams(Schema):
     """The shared training loop's settings."""
 
     device: Literal["auto", "cpu", "cuda"]
@@ -281,16 +298,21 @@ class TrainParams:
     prefetch: int  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
     channels_last: Literal["auto"] | bool  # NHWC weights; auto = off (not yet measured on a GPU)
     compile: Literal["auto"] | bool  # torch.compile each network; auto = off (not yet measured on a GPU)
+    # under torchrun (s2r.distributed): BatchNorm statistics over the global batch (false: per rank, as plain DDP)
+    sync_batchnorm: bool
+    dist_timeout: float  # seconds a rank waits in a collective for the others before the run fails
 
     def validate(self) -> None:
         if self.prefetch < 0 or self.checkpoint_every < 1:
             raise ConfigError("keys 'train.prefetch' (>= 0) and 'train.checkpoint_every' (>= 1)")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"key 'train.dist_timeout' must be > 0 seconds, got {self.dist_timeout}")
         if self.threads != "auto" and self.threads < 0:
             raise ConfigError(f"key 'threads' must be 'auto' or an integer >= 0, got {self.threads!r}")
 
 
 @dataclass
-class TrackingParams:
+class TrackingParams(Schema):
     experiment: str  # prefix: a paper's runs go to <experiment>/paper<N>-<paper> (registry.experiment)
     log_model: bool
     # training curves (train/<loss>) = loss means every N steps; auto = about 100 points per run; 0 = epoch means
@@ -303,7 +325,7 @@ class TrackingParams:
 
 
 @dataclass
-class MixingTablesParams:
+class MixingTablesParams(Schema):
     """Paper 4's Tables 2 and 3 (`s2r tables mixing`): classifier runs per cell, shorter than the default."""
 
     seeds: list[int]
@@ -317,7 +339,7 @@ class MixingTablesParams:
 
 
 @dataclass
-class CutTablesParams:
+class CutTablesParams(Schema):
     """Paper 5's Tables I and II (`s2r tables cut`): CUT per patch size -> refine -> segmenter, plus baselines."""
 
     patch_sizes: list[int]
@@ -340,7 +362,7 @@ class CutTablesParams:
 
 
 @dataclass
-class DepthSegmentationParams:
+class DepthSegmentationParams(Schema):
     """Paper 2's evaluation (s2r.evaluators.depth_segmentation): depth metric settings and the scored classes."""
 
     classes: list[str]  # seg_classes to score ([] = all of the benchmark's)
@@ -360,7 +382,7 @@ class DepthSegmentationParams:
 
 
 @dataclass
-class DisentanglementParams:
+class DisentanglementParams(Schema):
     """Paper 3's metrics (s2r.evaluators.disentanglement): disentanglement_lib's definitions by default."""
 
     estimator: Literal["gbt", "lightgbm", "lasso"]  # DCI importances; gbt = sklearn GBT (the reference)
@@ -376,7 +398,7 @@ class DisentanglementParams:
 
 
 @dataclass
-class BetavaeTablesParams:
+class BetavaeTablesParams(Schema):
     """Paper 3's correlation study (`s2r tables betavae`): a grid of beta x supervision x noise x seed models."""
 
     betas: list[float]
@@ -401,7 +423,7 @@ class BetavaeTablesParams:
 
 
 @dataclass
-class AeTablesParams:
+class AeTablesParams(Schema):
     """Paper 1's Table 10 (digits, multi-seed) and Table 1 (scenes) (`s2r tables ae`)."""
 
     seeds: list[int]
@@ -420,7 +442,7 @@ class AeTablesParams:
 
 
 @dataclass
-class VerdictsParams:
+class VerdictsParams(Schema):
     """The rule of the paper verdicts (s2r.verdicts): Welch's t-test at `level`, seeds-needed at `power`."""
 
     level: float
@@ -432,7 +454,7 @@ class VerdictsParams:
 
 
 @dataclass
-class ReportsParams:
+class ReportsParams(Schema):
     """Evaluator conventions and the per-paper tables; a recipe keeps only the ones its stages read."""
 
     verdicts: VerdictsParams | None = field(default=None, metadata=SECTION)  # the paper verdicts' statistical rule
@@ -445,13 +467,13 @@ class ReportsParams:
 
 
 @dataclass
-class ObjectiveSpec:
+class ObjectiveSpec(Schema):
     metric: str
     direction: Literal["maximize", "minimize"]
 
 
 @dataclass
-class SearchParam:
+class SearchParam(Schema):
     """One search dimension over a dotted params key. A declaration format: each type reads only its own keys
     (`choices` for categorical; `low`/`high`, optional `step` and `log` for float / int), as Optuna's suggest_*
     calls do, so the keys a type does not read are absent (None, `log` false) rather than written as values."""
@@ -472,7 +494,7 @@ class SearchParam:
 
 
 @dataclass
-class StudySpec:
+class StudySpec(Schema):
     """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`).
 
     Every setting the study uses is written in the file; the two that only some samplers and pruners read are
@@ -528,7 +550,7 @@ class StudySpec:
 
 
 @dataclass
-class Params:
+class Params(Schema):
     """The whole params.yaml. `studies` and `reports` may be left out whole (recipes): no studies, no reports."""
 
     seed: int

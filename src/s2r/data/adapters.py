@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from s2r.config import SPLITS
+from s2r.config import SPLITS, Schema
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     FACTOR_BINS,
@@ -52,7 +52,7 @@ class IngestWarning(UserWarning):
 
 
 @dataclasses.dataclass
-class Declared:
+class Declared(Schema):
     """What the user declares about their data (CLI flags, ``--declaration`` file, dataset.yaml)."""
 
     classes: list[str] | None = None  # label order; labels outside it are refused

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, to_float
@@ -43,7 +43,7 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.classifier` (and `methods.classifier_<suffix>`) in params.yaml."""
 
     extractor: Literal["vgg11", "resnet50", "densenet121"]

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float
@@ -82,7 +82,7 @@ def encoder_start(antialias: bool) -> int:
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.cut` in params.yaml (variants: `cut_<suffix>`)."""
 
     domain_a: str  # synthetic side; "" = the benchmark's source domain

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
@@ -42,7 +42,7 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.mixing` in params.yaml."""
 
     real_fraction: float  # share of real images in every minibatch (0 = synthetic only, 1 = real only)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.methods.base import Method
 
 C = TypeVar("C")
@@ -102,6 +102,8 @@ def register(config: type[C], *, aliases: tuple[str, ...] = (),
         name = cls.name
         if name != module.rsplit(".", 1)[-1]:
             raise ConfigError(f"{where}: Method.name {name!r} must equal the module's name (one name everywhere)")
+        if not (isinstance(config, type) and issubclass(config, Schema)):
+            raise ConfigError(f"{where}: its Config must derive from s2r.config.Schema (from_dict calls its validate)")
         caps = frozenset(cls.capabilities)
         unknown = sorted(caps - set(CAPABILITIES))
         if unknown:
