@@ -106,7 +106,7 @@ class Config:
     decay_start: float = 0.5  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
     ema_decay: float = 0.0  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
     batch_size: int = 16  # patches per domain per step (paper 40; CPU-sized)
-    epochs: int = 5
+    epochs: int = 10
     steps_per_epoch: int = 40
     downstream: str = "segmenter_refined"  # params block of the segmenter the cut_patch objective trains
 

@@ -74,7 +74,7 @@ class Config:
     domain_a: str = ""  # synthetic side; "" = the benchmark's source domain
     domain_b: str = ""  # real side; "" = the benchmark's target domain
     label_aligned: bool = True  # appendix 5: pair A and B images of the same class (when both have labels)
-    real_per_class: int = 10  # labelled B images per class that aligned pairs may use (= methods.mixing's); -1 = all
+    real_per_class: int = 5  # labelled B images per class that aligned pairs may use (= methods.mixing's); -1 = all
     real_subset_seed: int = 0  # draws them (= methods.mixing.real_subset_seed: the same images)
     gen_width: int = 8  # width of c7s1-k (paper 32); d/R/u layers use 2x and 4x
     gen_blocks: int = 3  # residual blocks Rk (paper 9)

@@ -45,7 +45,7 @@ class Config:
     """`methods.mixing` in params.yaml."""
 
     real_fraction: float = 0.125  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
-    real_per_class: int = 10  # labelled real training images per class ("limited real"); -1 = all
+    real_per_class: int = 5  # labelled real training images per class ("limited real"); -1 = all
     real_subset_seed: int = 0  # draws the labelled real subset (shared with the CycleGAN's; not the run seed)
     augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
     aug_crop_padding: int = 4
