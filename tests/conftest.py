@@ -157,7 +157,9 @@ def prepared_scenes(root: Path, train: int, val: int, test: int) -> Path:
     from s2r.data import scenes
     from s2r.data.prepared import prepare
 
-    spec, samples = scenes.generate(ScenesParams(image_size=16, samples={"train": train, "val": val, "test": test}), 0)
+    cfg = tiny_section(ScenesParams, "benchmarks.scenes", image_size=16,
+                       samples={"train": train, "val": val, "test": test})
+    spec, samples = scenes.generate(cfg, 0)
     return prepare(write_benchmark(root / "bench", spec, samples, progress=False), root / "prepared", progress=False)
 
 
@@ -167,49 +169,57 @@ def scenes16_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepared_scenes(tmp_path_factory.mktemp("scenes16"), 4, 2, 2)
 
 
+TEST_PARAMS = Path(__file__).resolve().parent / "params.yaml"  # the suite's own params: never the project's
+
+
 def tiny_params_dict() -> dict:
-    """The repo's params.yaml shrunk to seconds-long settings."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["benchmarks"]["digits"].update(
-        image_size=16, scenes_per_class={"train": 2, "val": 1, "test": 1}, variations=2
-    )
-    raw["benchmarks"]["scenes"].update(image_size=16, samples={"train": 4, "val": 2, "test": 2})
-    raw["train"].update(checkpoint_every=2, progress=False, device="cpu")
-    for name in [k for k in raw["methods"] if k == "mixing" or k.startswith("mixing_")]:  # paper 4: every ratio
-        raw["methods"][name].update(widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3,
-                                    real_per_class=2)
-    raw["methods"]["mixing"]["real_fraction"] = 0.25
-    for gan in ("cyclegan", "mrgan"):
-        raw["methods"][gan].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2,
-                                   steps_per_epoch=3, pretrain_g_steps=1, pretrain_d_steps=1, g_steps_per_d=1,
-                                   real_per_class=2)
-    # paper 5: CUT on patches of 16 px scenes, tiny segmenters, tiny tables
-    raw["methods"]["cut"].update(gen_width=4, gen_blocks=1, disc_channels=[4, 8], nce_layers=[0, 4, 7, 10],
-                                 nce_mlp_dim=8, num_patches=16, patch_size=9, batch_size=4, epochs=2,
-                                 steps_per_epoch=2)
-    for seg in ("segmenter_synthetic", "segmenter_refined", "segmenter_target"):
-        raw["methods"][seg].update(widths=[4, 4, 4], batch_size=4, epochs=3, steps_per_epoch=2, last_k=2)
-    raw["reports"]["cut_tables"].update(patch_sizes=[8, 9], cut_epochs=1, cut_steps_per_epoch=2, seg_epochs=2,
-                                        seg_steps_per_epoch=2, last_k=2, mix_patch_size=8)
-    for name in ("twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"):  # paper 2
-        raw["methods"][name].update(stem_channels=4, pack_channels=[4, 8], mid_blocks=1, latent_channels=4,
-                                    pack_d=4, batch_size=2, epochs=1, steps_per_epoch=2, val_images=2)
-    for name in ("betavae", "betavae_weak"):  # paper 3: 16-px scenes, two residual pairs, no on-disk pair cache
-        raw["methods"][name].update(image_size=16, widths=[4, 8], latent_dim=4, batch_size=4, epochs=2,
-                                    steps_per_epoch=2, render_pairs=8, cache_dir="", val_images=8)
-    raw["reports"]["betavae_tables"].update(betas=[1.0, 4.0], supervisions=["unsupervised", "weak"],
-                                            noises=[False], seeds=[0], epochs=1, steps_per_epoch=2)
-    # paper 1 (ae): tiny autoencoders, 2 seeds, the tiny benchmark's domains for Table 1
-    for name in [k for k in raw["methods"] if k == "ae" or k.startswith("ae_")]:  # the variants too
-        raw["methods"][name].update(batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
-                                    feature_cache_dir="", ssim_win_size=3, rf_trees=5)
-    raw["reports"]["ae_tables"].update(seeds=[0, 1], epochs=1, steps_per_epoch=2, scenes_epochs=1,
-                                       scenes_steps_per_epoch=2, scenes_latent_dim=4, scenes_sources=["syn"])
-    # paper 1 baselines: the smallest of the three torchvision extractors (DenseNet-121, 8 M parameters; VGG-11's
-    # 4096-wide classifier would make every contract test of this block take a minute)
-    raw["methods"]["classifier"].update(extractor="densenet121", extractor_input_size=32, batch_size=4, epochs=1,
-                                        steps_per_epoch=2)
-    return raw
+    """The test suite's params (tests/params.yaml: every block of params.yaml at seconds-long settings), raw: variant
+    blocks keep their `base:` key, as in the file. A fresh copy per call (tests mutate it)."""
+    from s2r.config import load_yaml
+
+    return load_yaml(TEST_PARAMS)
+
+
+def tiny_block(name: str, **overrides: object) -> dict:
+    """Method block `name` of the test params with its base chain merged in, then `overrides`."""
+    from s2r.params import resolve_methods
+
+    return resolve_methods(tiny_params_dict()["methods"])[name] | overrides
+
+
+def tiny_config(name: str, **overrides: object) -> object:
+    """The typed Config of test params block `name` with `overrides` (a unit test's own settings)."""
+    from s2r.config import from_dict
+    from s2r.methods import registry
+
+    return from_dict(registry.config_class(name), tiny_block(name, **overrides), str(TEST_PARAMS), f"methods.{name}")
+
+
+def tiny_section(cls: type, key: str, **overrides: object) -> object:
+    """A typed fixed section of the test params (`tiny_section(TrainParams, "train", device="cpu")`)."""
+    from s2r.config import from_dict
+
+    node: object = tiny_params_dict()
+    for part in key.split("."):
+        node = node[part]  # type: ignore[index]
+    return from_dict(cls, node | overrides, str(TEST_PARAMS), key)  # type: ignore[operator]
+
+
+def layout_differences(project: dict, suite: dict) -> list[str]:
+    """How the suite's params (raw) differ in layout from the project's: sections, method blocks and their bases,
+    studies, reports, benchmarks (values may differ; that is the point of the suite's own file)."""
+    out = [f"top-level keys {list(suite)} != {list(project)}"] if list(suite) != list(project) else []
+    for section in ("methods", "studies", "reports", "benchmarks"):
+        missing = [k for k in project.get(section) or {} if k not in (suite.get(section) or {})]
+        extra = [k for k in suite.get(section) or {} if k not in (project.get(section) or {})]
+        out += [f"{section}.{k}: in params.yaml, not in tests/params.yaml" for k in missing]
+        out += [f"{section}.{k}: in tests/params.yaml, not in params.yaml" for k in extra]
+    for name, block in (project.get("methods") or {}).items():
+        mine = (suite.get("methods") or {}).get(name)
+        if isinstance(mine, dict) and isinstance(block, dict) and mine.get("base") != block.get("base"):
+            out.append(f"methods.{name}.base: {mine.get('base')!r} in tests/params.yaml, {block.get('base')!r} in "
+                       "params.yaml")
+    return out
 
 
 @pytest.fixture

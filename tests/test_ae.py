@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import paired_samples, paired_spec
+from conftest import paired_samples, paired_spec, tiny_config
 from s2r.data.benchmark import BenchmarkSpec, DomainSpec, Sample, write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.evaluators import latent
@@ -24,7 +24,7 @@ def paired(paired_prepared: Path) -> Path:
 
 
 def _cfg(**kw: object) -> ae.Config:
-    base = ae.Config(batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
+    base = tiny_config("ae", batch_size=6, epochs=1, steps_per_epoch=2, latent_dim=4, extractor_input_size=32,
                      feature_cache_dir="", ssim_win_size=3, rf_trees=5)
     c = replace(base, **kw)
     c.validate()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config, tiny_section
 from s2r.config import BetavaeTablesParams, ConfigError
 from s2r.data.benchmark import DataError
 from s2r.methods import betavae as bv
@@ -32,8 +33,9 @@ def mpi3d_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg(**kw: Any) -> bv.Config:
-    return bv.Config(**{"image_size": 8, "widths": [4, 8], "latent_dim": 3, "batch_size": 4, "cache_dir": "",
-                        "val_images": 8, "ood_factor": "object_color", "ood_holdout": [1], **kw})
+    return tiny_config("betavae", **{"image_size": 8, "widths": [4, 8], "latent_dim": 3, "batch_size": 4,
+                                     "cache_dir": "", "val_images": 8, "ood_factor": "object_color",
+                                     "ood_holdout": [1], **kw})
 
 
 def full_grid(sizes: list[int]) -> np.ndarray:
@@ -120,21 +122,23 @@ def test_transfer_study_on_mpi3d_object_color(mpi3d_prepared: Path) -> None:
     assert "camera_height" not in res["per_factor"]["OOD2-B"]["gbt"]  # a constant factor is never scored
 
 
-def test_sweep_grid_default_unchanged_and_paper_scale() -> None:
+def test_sweep_grid_size_and_paper_scale() -> None:
     from s2r.tables.betavae import model_grid
 
-    default = model_grid(BetavaeTablesParams())
+    default = model_grid(tiny_section(BetavaeTablesParams, "reports.betavae_tables", betas=[1.0, 4.0, 16.0],
+                                      supervisions=["unsupervised", "weak"], noises=[False, True], seeds=[0]))
     assert len(default) == 12 and default[0]["slug"] == "beta1_unsupervised_noise0_seed0"
     assert set(default[0]["overrides"]) == {"seed", "methods.betavae.beta", "methods.betavae.supervision",
                                             "methods.betavae.input_noise"}
-    paper = BetavaeTablesParams(betas=[1.0, 2.0, 4.0], seeds=list(range(10)), latent_dims=[10, 25, 50],
-                                warmup_fractions=[0.0, 0.025, 0.125])
+    paper = tiny_section(BetavaeTablesParams, "reports.betavae_tables", betas=[1.0, 2.0, 4.0], seeds=list(range(10)),
+                         supervisions=["unsupervised", "weak"], noises=[False, True], latent_dims=[10, 25, 50],
+                         warmup_fractions=[0.0, 0.025, 0.125])
     g = model_grid(paper)
     assert len(g) == 1080 and len({x["slug"] for x in g}) == 1080
     assert {x["overrides"]["methods.betavae.latent_dim"] for x in g} == {10, 25, 50}
     assert "beta2_weak_noise1_d25_warm0.025_seed7" in {x["slug"] for x in g}
     with pytest.raises(ConfigError, match="warmup_fractions"):
-        BetavaeTablesParams(warmup_fractions=[1.5]).validate()
+        tiny_section(BetavaeTablesParams, "reports.betavae_tables", warmup_fractions=[1.5]).validate()
 
 
 def test_explicit_ood_order_changes_the_ood1_splits() -> None:

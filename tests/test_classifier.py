@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config, tiny_section
 from s2r.config import ConfigError, TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import classifier, registry
@@ -16,14 +17,14 @@ from s2r.methods.extractors import cut_level3, load_torchvision_model
 from s2r.train import fit
 from test_ae import _seat_bench
 
-TRAIN = TrainParams(device="cpu", checkpoint_every=100, progress=False)
+TRAIN = tiny_section(TrainParams, "train", device="cpu", checkpoint_every=100, progress=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _cfg(**kw: object) -> classifier.Config:
-    c = replace(classifier.Config(extractor="densenet121", extractor_input_size=32, batch_size=4, epochs=1,
+    c = replace(tiny_config("classifier", extractor="densenet121", extractor_input_size=32, batch_size=4, epochs=1,
                                   steps_per_epoch=2), **kw)
     c.validate()
     return c
@@ -99,6 +100,6 @@ def test_flips_carry_mirrored_labels(tmp_path: Path) -> None:
 
 def test_config_errors_name_keys() -> None:
     with pytest.raises(ConfigError, match="train_extractor"):
-        classifier.Config(train_extractor=False, extractor_weights="none").validate()
+        tiny_config("classifier", train_extractor=False, extractor_weights="none").validate()
     with pytest.raises(ConfigError, match="extractor"):
-        classifier.Config(extractor="alexnet").validate()  # type: ignore[arg-type]
+        tiny_config("classifier", extractor="alexnet").validate()  # type: ignore[arg-type]

@@ -40,14 +40,8 @@ def hook_probes(tree: ast.Module) -> list[tuple[int, str]]:
     return found
 
 
-# s2r.config asks a params dataclass for its optional validate(): the config schema's own hook (not a method's),
-# left to the rework of the config schema
-NOT_METHOD_HOOKS = {("config.py", "getattr(obj, 'validate', None)")}
-
-
 def test_no_hook_is_probed_with_hasattr() -> None:
-    probes = [f"{p.relative_to(SRC)}:{line} {call}" for p, tree in _trees() for line, call in hook_probes(tree)
-              if (str(p.relative_to(SRC)), call) not in NOT_METHOD_HOOKS]
+    probes = [f"{p.relative_to(SRC)}:{line} {call}" for p, tree in _trees() for line, call in hook_probes(tree)]
     assert probes == [], "declare the hook on s2r.methods.base.Method with its default and call it"
 
 

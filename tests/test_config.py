@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params_dict
-from s2r.config import ConfigError, flatten, load_yaml
+from conftest import REPO, TEST_PARAMS, tiny_params_dict
+from s2r.config import ConfigError, Schema, flatten, from_dict, load_yaml, need
 from s2r.params import load_params
 
 
@@ -19,10 +20,16 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 
 
 def test_repo_params_load() -> None:
-    params = load_params(REPO / "params.yaml")
-    assert params.methods["mixing"].real_fraction == pytest.approx(0.125)
-    assert "mixing_ratio" in params.studies
-    assert params.studies["mixing_ratio"].search_space["methods.mixing.real_fraction"].choices[-1] == 1.0
+    """The project's params.yaml and every recipe's load strictly. No value is asserted: a user's `dvc exp run -S`
+    may change any of them (the suite's own values are tests/params.yaml)."""
+    from s2r.methods import registry
+
+    for path in [REPO / "params.yaml", *sorted((REPO / "pipelines" / "recipes").glob("*/params.yaml"))]:
+        params = load_params(path)
+        for name, cfg in params.methods.items():
+            assert isinstance(cfg, registry.config_class(name)), (path, name)
+    studies = load_params(REPO / "params.yaml").studies
+    assert "methods.mixing.real_fraction" in studies["mixing_ratio"].search_space
 
 
 @pytest.mark.parametrize(
@@ -82,12 +89,12 @@ def test_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
 
 
-# -- one source of values: params.yaml (strict loading, duplicate keys, defaults equal to the file) ----------------
+# -- one source of values: params.yaml (strict loading, duplicate keys, no values in the schema) --------------------
 
 
-def test_missing_key_is_an_error_even_with_a_dataclass_default(tmp_path: Path) -> None:
+def test_missing_key_is_an_error(tmp_path: Path) -> None:
     raw = tiny_params_dict()
-    del raw["methods"]["cut"]["lr"]  # cut.Config has a default for lr: the file must still give it
+    del raw["methods"]["cut"]["lr"]
     path = _write(tmp_path, raw)
     with pytest.raises(ConfigError, match=r"missing key 'methods.cut.lr'") as e:
         load_params(path)
@@ -99,17 +106,25 @@ def test_missing_key_is_an_error_even_with_a_dataclass_default(tmp_path: Path) -
 
 
 def test_a_whole_section_may_be_left_out(tmp_path: Path) -> None:
-    """Recipes leave out the embedded benchmarks and the tables: a section, not a setting, may be absent."""
+    """Recipes leave out the embedded benchmarks and the tables: a section, not a setting, may be absent; the
+    command that needs it names it and the file."""
+    from s2r import stages
+
     raw = tiny_params_dict()
     raw["benchmarks"] = {}
     del raw["reports"], raw["studies"]
-    params = load_params(_write(tmp_path, raw))
-    assert params.benchmarks.digits.image_size == 32 and params.studies == {}
+    path = _write(tmp_path, raw)
+    params = load_params(path)
+    assert params.benchmarks.digits is None and params.studies == {} and params.reports.mixing_tables is None
+    with pytest.raises(ConfigError, match=rf"{path}: missing section 'reports.mixing_tables'"):
+        need(params.reports.mixing_tables, "reports.mixing_tables", params.source)
+    with pytest.raises(ConfigError, match=rf"{path}: missing section 'benchmarks.digits'"):
+        stages.generate("digits", tmp_path / "out", params)
 
 
 def test_duplicate_key_is_refused_naming_key_and_line(tmp_path: Path) -> None:
-    text = (REPO / "params.yaml").read_text()
-    i = text.index("    batch_size: 128")  # methods.mixing
+    text = TEST_PARAMS.read_text()
+    i = text.index("    batch_size: ")  # the first method block's (methods.mixing)
     path = tmp_path / "params.yaml"
     path.write_text(text[:i] + "    batch_size: 64\n" + text[i:])
     line = text[:i].count("\n") + 2  # the second batch_size
@@ -118,66 +133,81 @@ def test_duplicate_key_is_refused_naming_key_and_line(tmp_path: Path) -> None:
         load_params(path)
 
 
-def test_merge_keys_may_be_overridden_not_repeated(tmp_path: Path) -> None:
+def test_anchors_and_merge_keys_are_refused(tmp_path: Path) -> None:
+    """DVC's `dvc exp run -S` rewrite expands them into copies; a variant says `base: <block>` instead."""
     path = tmp_path / "a.yaml"
     path.write_text("base: &b {x: 1, y: 2}\nvariant: {<<: *b, y: 3}\n")
-    assert load_yaml(path) == {"base": {"x": 1, "y": 2}, "variant": {"x": 1, "y": 3}}
-    path.write_text("variant: {<<: {x: 1}, y: 3, y: 4}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: line 1: YAML anchor/alias 'b'.*base: <block>"):
+        load_yaml(path)
+    path.write_text("a: {x: 1}\nvariant:\n  <<: {x: 1}\n  y: 3\n")
+    with pytest.raises(ConfigError, match=r"line 3: YAML merge key '<<'.*base: <block>"):
+        load_yaml(path)
+    path.write_text("variant: {y: 3, y: 4}\n")
     with pytest.raises(ConfigError, match="duplicate key 'y' at line 1"):
         load_yaml(path)
 
 
-def _dataclass_defaults(cls: type, block: dict, prefix: str) -> list[str]:
-    """Fields whose dataclass default differs from the params block (nested sections recursively)."""
-    import dataclasses
-    from typing import get_type_hints
+def _defaults(cls: type, prefix: str) -> list[str]:
+    """Fields of a schema dataclass (nested sections recursively) that carry a value of their own."""
+    import types
+    from typing import get_args, get_origin, get_type_hints
 
     hints, out = get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += _dataclass_defaults(hints[f.name], block.get(f.name, {}), key)
-        elif f.metadata.get("section"):
-            continue
-        elif f.name not in block:
-            out.append(f"{key}: not in params.yaml")
-        elif default != _typed(hints[f.name], block[f.name]):
-            out.append(f"{key}: dataclass {default!r} != params.yaml {block[f.name]!r}")
+        optional = get_args(hints[f.name]) if get_origin(hints[f.name]) is types.UnionType else ()
+        inner = [a for a in (hints[f.name], *optional) if dataclasses.is_dataclass(a)]
+        if inner:
+            out += _defaults(inner[0], key)
+        if f.metadata.get("section") or f.metadata.get("internal"):
+            continue  # a section left out is None / empty: no value
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            out.append(key)
     return out
 
 
-def _typed(tp: object, value: object) -> object:
-    return float(value) if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool) else value
-
-
-def test_config_defaults_equal_params_yaml() -> None:
-    """Dataclass defaults are a convenience for code and tests; params.yaml holds the values. Each method's base
-    block (the block named as the method, else its first block) and every fixed section must agree with them."""
+def test_the_schema_holds_no_values() -> None:
+    """params.yaml is the one home of every value: the fixed sections and every method's Config declare types,
+    docs and validation, never a default that could disagree with the file. (A study declaration, `studies.<name>`,
+    is a format whose sampler / pruner options are read only where used: StudySpec requires them exactly there.)"""
     from s2r.config import Params
     from s2r.methods import registry
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    bad = _dataclass_defaults(Params, {k: v for k, v in raw.items() if k != "methods"}, "")
+    found = _defaults(Params, "")
     for name, entry in registry.entries().items():
-        blocks = [b for b in raw["methods"] if registry.entry(b) is entry]
-        assert blocks, f"method {name} has no params.yaml block"
-        base = name if name in blocks else blocks[0]
-        bad += _dataclass_defaults(entry.config, raw["methods"][base], f"methods.{base}")
-    assert bad == []
+        found += _defaults(entry.config, f"methods.{name}")
+    assert found == []
 
 
-def test_the_defaults_check_sees_a_disagreement() -> None:
-    import dataclasses
+@dataclasses.dataclass
+class _Inner(Schema):
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("key 'lr' must be > 0")
+
+
+@dataclasses.dataclass
+class _Toy(Schema):
+    inner: _Inner
+    widths: list[int] = dataclasses.field(default_factory=lambda: [8, 16])
+    section: _Inner | None = dataclasses.field(default=None, metadata={"section": True})
+
+
+def test_the_no_values_check_sees_a_default() -> None:
+    assert _defaults(_Toy, "m") == ["m.inner.lr", "m.widths", "m.section.lr"]
+
+
+def test_every_schema_is_validated_and_a_plain_dataclass_is_refused() -> None:
+    """from_dict calls Schema.validate on every section it builds (no probing for the hook); a dataclass that is not
+    a Schema is a programming error named at the first load."""
+    with pytest.raises(ConfigError, match=r"f.yaml: in 'inner': key 'lr' must be > 0"):
+        from_dict(_Toy, {"inner": {"lr": -1.0}}, "f.yaml")
 
     @dataclasses.dataclass
-    class Toy:
-        lr: float = 1e-3
-        widths: list[int] = dataclasses.field(default_factory=lambda: [8, 16])
+    class Plain:
+        x: int
 
-    assert _dataclass_defaults(Toy, {"lr": "1e-3", "widths": [8, 16]}, "m") == []
-    assert _dataclass_defaults(Toy, {"lr": 1e-4, "widths": [8, 16]}, "m") == [
-        "m.lr: dataclass 0.001 != params.yaml 0.0001"]
-    assert _dataclass_defaults(Toy, {"lr": 1e-3}, "m") == ["m.widths: not in params.yaml"]
+    with pytest.raises(TypeError, match="Schema"):
+        from_dict(Plain, {"x": 1}, "f.yaml")  # type: ignore[type-var]

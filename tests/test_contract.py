@@ -28,17 +28,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params_dict
+from conftest import REPO, TEST_PARAMS, layout_differences, tiny_params_dict
 from s2r import stages
 from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, derive
 from s2r.methods import registry
 from s2r.methods.base import Method as BaseMethod
+from s2r.params import resolve_methods
 from s2r.train import fit, load_checkpoint, seed_everything, torch_settings
 
 TINY = tiny_params_dict()
-BLOCKS = sorted(TINY["methods"])  # every params block of params.yaml, each typed by its registered method
+BLOCKS = sorted(TINY["methods"])  # every params block (the suite's params mirror params.yaml's blocks), each typed
+METHODS = resolve_methods(TINY["methods"])  # by its registered method; variants with their base merged in
 TRAIN = from_dict(TrainParams, TINY["train"], "tiny params")
 SEED = 0
 STEPS = 3  # cover GAN schedules: a G pretraining step, a D pretraining step, a joint step (tiny settings)
@@ -86,12 +88,12 @@ _CHOSEN: dict[str, tuple[Path, Any]] = {}
 
 
 def config_for(block: str, data: PreparedBenchmark) -> Any:
-    raw = dict(TINY["methods"][block])
+    raw = dict(METHODS[block])
     domains = {d.name for d in data.spec.domains}
     for key in ("domain_a", "domain_b"):
         if raw.get(key) and raw[key] not in domains:
             raw[key] = ""  # the benchmark's own source / target
-    return from_dict(registry.config_class(block), raw, "tiny params", f"methods.{block}", strict=True)
+    return from_dict(registry.config_class(block), raw, "tiny params", f"methods.{block}")
 
 
 def data_for(block: str, benchmarks: list[Path]) -> tuple[PreparedBenchmark, Any]:
@@ -272,13 +274,6 @@ def test_every_registered_method_has_a_params_block() -> None:
     assert blocks == set(registry.entries()), "a registered method without a params.yaml block is untested"
 
 
-def test_every_declared_evaluator_names_its_report_columns() -> None:
-    for entry in registry.entries().values():
-        if entry.evaluator:
-            cols = stages.report_columns(entry.evaluator)
-            assert cols and all(isinstance(c, str) for c in cols), entry.evaluator
-
-
 NEW_METHOD = '''
 """A throwaway method written by tests/test_contract.py: a linear classifier on flattened pixels."""
 from dataclasses import dataclass
@@ -287,17 +282,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r.config import Schema
 from s2r.methods.base import IndexPool, to_float
 from s2r.methods.base import Method as BaseMethod
 from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
-    lr: float = 0.1
-    batch_size: int = 6
-    epochs: int = 1
-    steps_per_epoch: int = 2
+class Config(Schema):
+    """`methods.NAME` in params.yaml: types only, the values live in the params file."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
 
 
 @register(Config)
@@ -341,14 +339,16 @@ class Method(BaseMethod):
 '''
 
 
-def test_a_new_method_is_one_module_and_one_params_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         paired_prepared: Path, benchmarks: list[Path]) -> None:
-    """README "Add a method": write the module (it registers itself) and a params.yaml block; nothing else.
-    The CLI-facing registry, params validation, `s2r train` / `s2r evaluate` and this module's contract tests
-    pick it up; the DVC deps check covers it (its folder, src/s2r/methods, is a dep of every stage)."""
+def test_a_new_method_is_one_module_and_its_two_params_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              paired_prepared: Path, benchmarks: list[Path]) -> None:
+    """README "Add a method": write the module (it registers itself), its params.yaml block and its block of the test
+    suite's params (tests/params.yaml); nothing else. The CLI-facing registry, params validation, `s2r train` /
+    `s2r evaluate`, the layout check of the two params files and this module's contract tests pick it up; the DVC
+    deps check covers it (its folder, src/s2r/methods, is a dep of every stage)."""
     import sys
 
     import s2r.methods
+    from s2r.config import load_yaml
     from s2r.params import load_params
 
     name = "tmpmethod"
@@ -358,23 +358,32 @@ def test_a_new_method_is_one_module_and_one_params_block(tmp_path: Path, monkeyp
     monkeypatch.setattr(s2r.methods, "__path__", [*s2r.methods.__path__, str(pkg)])
     monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
     monkeypatch.setattr(registry, "_discovered", False)
+
+    def with_block(src: Path, dst: Path, block: str) -> Path:
+        """`src` with `block` written as the first entry under `methods:` (as a user edits the file)."""
+        dst.write_text(src.read_text().replace("\nmethods:\n", f"\nmethods:\n  {name}:\n{block}", 1))
+        return dst
+
     try:
         assert name in registry.names()
         entry = registry.entry(f"{name}_variant")  # <method>_<suffix> blocks work too
         assert entry.capabilities == {"predict"} and entry.evaluator == "classification"
-        raw = tiny_params_dict()
-        raw["tracking"]["log_model"] = False
-        raw["methods"][name] = {"lr": 0.1, "batch_size": 6, "epochs": 1, "steps_per_epoch": 2}  # file 2: params
-        params_path = tmp_path / "params.yaml"
-        params_path.write_text(__import__("yaml").safe_dump(raw))
-        params = load_params(params_path)
+        project = with_block(REPO / "params.yaml", tmp_path / "project.yaml",  # file 2: the params.yaml block
+                             "    lr: 0.1\n    batch_size: 64\n    epochs: 10\n    steps_per_epoch: 100\n")
+        suite = with_block(TEST_PARAMS, tmp_path / "suite.yaml",  # file 3: its tiny settings for the tests
+                           "    lr: 0.1\n    batch_size: 6\n    epochs: 1\n    steps_per_epoch: 2\n")
+        assert load_params(project).methods[name].batch_size == 64
+        assert layout_differences(load_yaml(project), load_yaml(suite)) == []
+        assert layout_differences(load_yaml(project), load_yaml(TEST_PARAMS)) == [
+            f"methods.{name}: in params.yaml, not in tests/params.yaml"]
+        params = load_params(suite, {"tracking.log_model": False})
         summary = stages.train(stages.TrainRequest(name, paired_prepared, tmp_path / "model",
                                                    ckpt_dir=tmp_path / "ckpt"), params)
         assert math.isfinite(summary["train_loss"])
         result = stages.evaluate(name, tmp_path / "model", paired_prepared, tmp_path / "eval.json", None, params)
         assert result["evaluator"] == "classification" and 0.0 <= result["accuracy"] <= 1.0
         # the generated contract tests apply to it unchanged
-        monkeypatch.setitem(TINY["methods"], name, raw["methods"][name])
+        monkeypatch.setitem(METHODS, name, load_yaml(suite)["methods"][name])
         test_losses_finite_gradients_everywhere_and_seeded(name, benchmarks, tmp_path / "c1")
         test_resume_equals_uninterrupted(name, benchmarks, tmp_path / "c2")
         test_capabilities_export_and_reload(name, benchmarks, tmp_path / "c3")

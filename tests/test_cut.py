@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import tiny_params_dict
+from conftest import tiny_params_dict, tiny_section
 from s2r import stages, tune
 from s2r.cli import main
 from s2r.config import ConfigError, TrainParams, from_dict
@@ -24,7 +25,7 @@ from s2r.methods import common, cut, segmenter
 from s2r.params import load_params
 from s2r.train import fit, load_checkpoint
 
-TRAIN = TrainParams(device="cpu", checkpoint_every=100, progress=False)
+TRAIN = tiny_section(TrainParams, "train", device="cpu", checkpoint_every=100, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +164,8 @@ def test_every_parameter_of_g_d_and_heads_gets_a_gradient(scenes16: Path) -> Non
 
 
 def test_eq2_total_and_reduce_options(scenes16: Path) -> None:
-    """Default = the official code (cut_model.compute_G_loss): L_GAN + 0.5 lambda_NCE (X + Y); `sum` = Eq. 2."""
-    assert cut.Config().nce_reduce == "mean" and tiny_cfg().nce_reduce == "mean"  # params.yaml agrees
-    m = make_cut(scenes16, lambda_nce=2.0)
+    """`mean` = the official code (cut_model.compute_G_loss): L_GAN + 0.5 lambda_NCE (X + Y); `sum` = Eq. 2."""
+    m = make_cut(scenes16, lambda_nce=2.0, nce_reduce="mean")
     torch.manual_seed(0)
     a, b = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
     out = m.generator_loss(a, b, m.forward_fake(a, b))
@@ -269,7 +269,7 @@ def test_resume_reproduces_next_losses_exactly(scenes16: Path, tmp_path: Path) -
     part = make_cut(scenes16, **kw)
     torch.manual_seed(0)
     with pytest.raises(Stop):
-        fit(part, train=TrainParams(device="cpu", checkpoint_every=2, progress=False), epochs=2, steps_per_epoch=2,
+        fit(part, train=replace(TRAIN, device="cpu", checkpoint_every=2, progress=False), epochs=2, steps_per_epoch=2,
             ckpt_dir=tmp_path / "b", on_epoch=stop)
     state = load_checkpoint(tmp_path / "b")
     assert state is not None and state["step"] == 2 and "f" in state["method"]["optimizers"]
@@ -501,10 +501,11 @@ def test_tune_hook_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
     monkeypatch.setattr(stages, "train", fake)
     raw = tiny_params_dict()
-    raw["studies"] = {"s": {"method": "segmenter_target", "objectives": [{"metric": "val_miou"}],
+    raw["studies"] = {"s": {"method": "segmenter_target", "objectives": [{"metric": "val_miou",
+                                                                          "direction": "maximize"}],
                             "search_space": {"methods.segmenter_target.lr": {"type": "categorical",
                                                                                "choices": [1e-3]}},
-                            "sampler": "random", "pruner": "none", "n_trials": 1}}
+                            "sampler": "random", "pruner": "none", "n_trials": 1, "seed": 0}}
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(raw))
     tune.run(tune.TuneOptions(study="s", data_dir=scenes16, params_path=params, out_dir=tmp_path / "o",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_block, tiny_config, tiny_section
 from s2r.config import ConfigError, TrainParams, from_dict
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
@@ -23,7 +25,7 @@ from s2r.methods.cyclegan import (
 )
 from s2r.train import fit, load_checkpoint
 
-TRAIN = TrainParams(device="cpu", checkpoint_every=2, progress=False)
+TRAIN = tiny_section(TrainParams, "train", device="cpu", checkpoint_every=2, progress=False)
 TINY = dict(gen_width=4, gen_blocks=1, disc_channels=[4, 8], batch_size=4, epochs=2, steps_per_epoch=3,
             pretrain_g_steps=0, pretrain_d_steps=0, real_per_class=-1)
 
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make(prepared: Path, seed: int = 0, **kw) -> Method:
-    cfg = Config(**(TINY | kw))
+    cfg = tiny_config("cyclegan", **(TINY | kw))
     cfg.validate()
     torch.manual_seed(seed)
     m = Method(cfg, PreparedBenchmark(prepared), seed)
@@ -150,11 +152,10 @@ def test_different_seed_different_loss(tiny_prepared: Path) -> None:
 
 def test_aligned_pairs_use_only_the_classifiers_labelled_real_images(tiny_prepared: Path) -> None:
     """Aligned pairs read real labels: only the mixing classifier's real_per_class images (same subset seed)."""
-    from s2r.methods.mixing import Config as MixConfig
     from s2r.methods.mixing import Method as Mixing
 
     m = make(tiny_prepared, batch_size=7, real_per_class=2, real_subset_seed=1)
-    clf = Mixing(MixConfig(widths=[4], blocks_per_stage=1, real_per_class=2, real_subset_seed=1),
+    clf = Mixing(tiny_config("mixing", widths=[4], blocks_per_stage=1, real_per_class=2, real_subset_seed=1),
                  PreparedBenchmark(tiny_prepared), seed=3)
     assert np.array_equal(m.b_labelled, clf.real_idx) and len(m.b_labelled) == 2 * 3
     budget = {m.b.images[i].tobytes() for i in clf.real_idx}
@@ -205,14 +206,14 @@ def test_discriminator_targets_smoothed_and_flipped(tiny_prepared: Path) -> None
     t = m._targets(500, True)  # what the method feeds its LSGAN loss: one target per image
     assert t.shape == (500, 1, 1, 1) and float(t.min()) >= 0.7 and float(t.max()) <= 1.2 and float(t.std()) > 0.1
     rng = np.random.default_rng(0)
-    cfg = Config(d_label_flip_prob=0.0)
+    cfg = tiny_config("cyclegan", d_label_flip_prob=0.0)
     real, fake = d_targets(20000, True, cfg, rng), d_targets(20000, False, cfg, rng)
     assert real.min() >= 0.7 and real.max() <= 1.2 and real.min() < 0.71 and real.max() > 1.19
     assert fake.min() >= 0.0 and fake.max() <= 0.3 and fake.min() < 0.01 and fake.max() > 0.29
-    flipped = d_targets(20000, True, Config(), rng)  # default: flip with probability 0.1
+    flipped = d_targets(20000, True, tiny_config("cyclegan", d_label_flip_prob=0.1), rng)  # flip with probability 0.1
     assert abs(float((flipped <= 0.3).mean()) - 0.1) < 0.01
     assert float((flipped >= 0.7).mean()) == pytest.approx(1 - float((flipped <= 0.3).mean()))
-    assert (d_targets(100, False, Config(d_label_flip_prob=1.0), rng) >= 0.7).all()
+    assert (d_targets(100, False, tiny_config("cyclegan", d_label_flip_prob=1.0), rng) >= 0.7).all()
 
 
 def test_image_pool_returns_inputs_until_full_then_mixes() -> None:
@@ -281,7 +282,7 @@ def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -
             raise Stop
 
     with pytest.raises(Stop):
-        fit(part, train=TrainParams(device="cpu", checkpoint_every=3, progress=False), epochs=2, steps_per_epoch=3,
+        fit(part, train=replace(TRAIN, device="cpu", checkpoint_every=3, progress=False), epochs=2, steps_per_epoch=3,
             ckpt_dir=tmp_path / "b", on_epoch=stop_after_first)
     state = load_checkpoint(tmp_path / "b")
     assert state is not None and state["step"] == 3 and state["method"]["gan"]["step"] == 3
@@ -299,11 +300,11 @@ def test_resume_matches_uninterrupted_run(tiny_prepared: Path, tmp_path: Path) -
 
 def test_config_errors_name_keys(tiny_prepared: Path) -> None:
     with pytest.raises(ConfigError, match="in 'methods.mrgan'.*'d_label_flip_prob'"):
-        from_dict(Config, {"d_label_flip_prob": 1.5}, "params.yaml", "methods.mrgan")
+        from_dict(Config, tiny_block("mrgan", d_label_flip_prob=1.5), "params.yaml", "methods.mrgan")
     with pytest.raises(ConfigError, match="real_label_range"):
-        Config(real_label_range=[1.2, 0.7]).validate()
+        tiny_config("cyclegan", real_label_range=[1.2, 0.7]).validate()
     with pytest.raises(ConfigError, match="real_per_class"):
-        Config(real_per_class=0).validate()
+        tiny_config("cyclegan", real_per_class=0).validate()
     with pytest.raises(ConfigError, match="disc_channels"):
         make(tiny_prepared, disc_channels=[4, 8, 16, 32])  # 8 px images leave no patch after 4 halvings
     with pytest.raises(DataError, match="'nowhere'.*prepared domains"):
@@ -320,7 +321,7 @@ def test_cuda_bf16_autocast_step(tiny_prepared: Path, tmp_path: Path) -> None:
     device = select_device("auto")
     m = make(tiny_prepared, pretrain_g_steps=1, pretrain_d_steps=1)
     m.setup(device, amp_dtype(device, True), 6)
-    out = fit(m, train=TrainParams(device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
+    out = fit(m, train=replace(TRAIN, device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
               ckpt_dir=tmp_path)
     assert next(m.parameters()).is_cuda and all(np.isfinite(h["train_loss_g"]) for h in out.history)
     y = m.translate(np.array(m.a.images[:3]))

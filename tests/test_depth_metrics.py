@@ -189,7 +189,7 @@ def _params(**kw: object):
 
     s = {"classes": [], "depth_classes": [], "median_scaling": False, "min_depth": 1e-3, "max_depth": 80.0,
          "panels": 2, "depth_average": "images", "miou": "all_classes"} | kw
-    return SimpleNamespace(reports=SimpleNamespace(depth_segmentation=SimpleNamespace(**s)))
+    return SimpleNamespace(reports=SimpleNamespace(depth_segmentation=SimpleNamespace(**s)), source="test params")
 
 
 def test_evaluator_mixed_depth_only_and_mask_only_images(tmp_path) -> None:

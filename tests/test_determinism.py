@@ -44,17 +44,18 @@ _SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_samples, tiny_spec
+    from conftest import tiny_config, tiny_samples, tiny_spec
     from s2r.data.benchmark import write_benchmark
     from s2r.data.prepared import PreparedBenchmark, prepare
-    from s2r.methods.mixing import Config, Method
+    from s2r.methods.mixing import Method
 
     tmp = Path(tempfile.mkdtemp())
     spec = tiny_spec()
     prepared = prepare(write_benchmark(tmp / "b", spec, tiny_samples(spec), progress=False), tmp / "p", progress=False)
 
     def losses(seed):
-        cfg = Config(widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3, real_per_class=2)
+        cfg = tiny_config("mixing", widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3,
+                          real_per_class=2, real_fraction=0.125)
         torch.manual_seed(seed)
         m = Method(cfg, PreparedBenchmark(prepared), seed)
         m.setup(torch.device("cpu"), None, 6)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params_dict, tiny_samples, tiny_spec
+from conftest import tiny_params_dict, tiny_samples, tiny_section, tiny_spec
 from s2r.config import TrainParams
 from s2r.data.benchmark import write_benchmark
 from s2r.data.prepared import PreparedBenchmark, prepare
@@ -26,7 +26,7 @@ from s2r.params import parse_params
 from s2r.train import fit, load_checkpoint
 from standin_device import STANDIN, DeviceTensor, HostDeviceError, standin
 
-TRAIN = TrainParams(device="cpu", checkpoint_every=1, progress=False, prefetch=1)
+TRAIN = tiny_section(TrainParams, "train", device="cpu", checkpoint_every=1, progress=False, prefetch=1)
 
 # every method module, and the variants that take other code paths (extractor, triplet, factor-VAE, Ada-GVAE)
 ON_DIGITS = ["mixing", "cyclegan", "ae", "ae_ii_tae", "ae_factorvae10"]

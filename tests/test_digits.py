@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestCentroid
 
+from conftest import tiny_section
 from s2r.config import DigitsParams
 from s2r.data.benchmark import SPLITS, BenchmarkSpec, Sample, load_benchmark, write_benchmark
 from s2r.data.digits import (
@@ -24,7 +25,8 @@ from s2r.data.digits import (
 )
 
 Small = tuple[BenchmarkSpec, list[Sample]]
-SMALL = DigitsParams(image_size=20, scenes_per_class={"train": 3, "val": 1, "test": 1}, variations=3)
+SMALL = tiny_section(DigitsParams, "benchmarks.digits", image_size=20,
+                     scenes_per_class={"train": 3, "val": 1, "test": 1}, variations=3)
 
 
 def _samples(params: DigitsParams, seed: int) -> tuple[BenchmarkSpec, list[Sample]]:
@@ -182,7 +184,8 @@ def test_stratified_split_keeps_every_class_everywhere() -> None:
 
 
 def test_write_benchmark_manifest(tmp_path: Path) -> None:
-    params = DigitsParams(image_size=16, scenes_per_class={"train": 1, "val": 1, "test": 1}, variations=2)
+    params = tiny_section(DigitsParams, "benchmarks.digits", image_size=16,
+                          scenes_per_class={"train": 1, "val": 1, "test": 1}, variations=2)
     spec, samples = generate(params, 5)
     root = write_benchmark(tmp_path / "digits", spec, samples, progress=False)
     loaded, manifest = load_benchmark(root)
@@ -202,7 +205,8 @@ def test_write_benchmark_manifest(tmp_path: Path) -> None:
 
 def test_synthetic_digits_transfer_to_real_above_chance() -> None:
     """A polarity, orientation or labelling bug in the renderer would drop this to chance (10%)."""
-    params = DigitsParams(image_size=16, scenes_per_class={"train": 30, "val": 1, "test": 1}, variations=1)
+    params = tiny_section(DigitsParams, "benchmarks.digits", image_size=16,
+                          scenes_per_class={"train": 30, "val": 1, "test": 1}, variations=1)
     _, samples = _samples(params, 0)
     train = [s for s in samples if s.domain == "synthetic" and s.split == "train"]
     real = [s for s in samples if s.domain == "real"]

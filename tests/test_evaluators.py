@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import tiny_section
 from s2r.evaluators.classification import classification_metrics, confusion_matrix, plot_confusion
 
 
@@ -40,8 +41,11 @@ def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path
     """`s2r report` (the last line of `make run`) reads every evaluator's evaluate.json without crashing."""
     import json
 
-    from s2r.stages import report
+    from conftest import tiny_section
+    from s2r.config import VerdictsParams
+    from s2r.report import report
 
+    rule = tiny_section(VerdictsParams, "reports.verdicts")
     files = {
         "mixing": {"evaluator": "classification", "domain": "real", "accuracy": 0.9, "balanced_accuracy": 0.8},
         "ae": {"evaluator": "latent", "domain": "real", "accuracy": 0.2, "knn_accuracy": 0.2, "rf_accuracy": 0.1,
@@ -52,11 +56,11 @@ def test_report_has_one_table_per_evaluator_and_survives_missing_values(tmp_path
     for name, m in files.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "evaluate.json").write_text(json.dumps(m))
-    text = report(tmp_path)
-    assert text.count("method") == 4  # one table each
+    text = report(tmp_path, rule)
+    assert sum(line.startswith("method ") for line in text.splitlines()) == 4  # one table each (then the verdicts)
     assert "knn_accuracy" in text and "abs_rel" in text and "score" in text
     assert "n/a" in text and "0.9000" in text and "0.2500" in text
-    assert "no results yet" in report(tmp_path / "empty")
+    assert "no results yet" in report(tmp_path / "empty", rule)
 
 
 # ---- the disentanglement evaluator's settings (reports.disentanglement) and the tables it feeds -----------------
@@ -105,7 +109,8 @@ def _dis_params(**kw):
 
     from s2r.config import DisentanglementParams
 
-    return SimpleNamespace(reports=SimpleNamespace(disentanglement=DisentanglementParams(**kw)))
+    return SimpleNamespace(reports=SimpleNamespace(
+        disentanglement=tiny_section(DisentanglementParams, "reports.disentanglement", **kw)), source="tiny params")
 
 
 def test_disentanglement_evaluator_uses_the_configured_split_estimator_and_forms() -> None:

@@ -11,8 +11,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import tiny_params_dict
+from conftest import TEST_PARAMS, tiny_params_dict, tiny_section
 from s2r.config import ConfigError, TrainParams
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods import registry
@@ -32,7 +33,7 @@ def make(name: str, data: Path, steps: int = 6) -> Any:
 
 
 def train_params(**kw: Any) -> TrainParams:
-    return TrainParams(**({"device": "cpu", "checkpoint_every": 100, "progress": False} | kw))
+    return tiny_section(TrainParams, "train", **({"device": "cpu", "checkpoint_every": 100, "progress": False} | kw))
 
 
 def float_loop(m: Any, epochs: int, steps_per_epoch: int) -> list[dict[str, float]]:
@@ -326,11 +327,14 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path, monkeypatch:
 
 
 def test_loop_vs_bare_step_measures_both(tiny_prepared: Path) -> None:
-    """Numbers are reported, not asserted (shared machines): both positive, the loop's data wait is a share."""
+    """Numbers are reported, not asserted (shared machines): the loop's per-step time is a difference of two timings
+    (its fixed costs cancel), which a loaded machine can make negative, so only finiteness is checked."""
+    import math
+
     from s2r.bench import loop_vs_step
 
     res = loop_vs_step(lambda: make("mixing", tiny_prepared), train_params(), steps=(2, 4))
-    assert res["bare_step_s"] > 0 and res["loop_step_s"] > 0 and res["loop_over_bare"] > 0
+    assert res["bare_step_s"] > 0 and math.isfinite(res["loop_step_s"]) and math.isfinite(res["loop_over_bare"])
     assert 0 <= res["data_wait_share"] < 1 and res["steps"] == 4
 
 
@@ -384,7 +388,27 @@ def test_gpu_check_params_are_valid_for_every_method_block() -> None:
     """The shrunken settings gpu-check trains every block with parse strictly (catchable without a GPU)."""
     from s2r import gpucheck
 
-    p = gpucheck.check_params(None, steps=2)
+    p = gpucheck.check_params(None, steps=2, path=str(TEST_PARAMS))
     assert p.train.device == "cuda" and p.train.amp and p.tracking.experiment == "s2r-gpu-check"
     assert all(c.epochs == 2 and c.steps_per_epoch == 2 for c in p.methods.values())
     assert p.methods["cyclegan"].pretrain_g_steps == 1 and p.methods["segmenter_synthetic"].last_k <= 2
+
+
+def test_gpu_check_places_every_block_from_the_registry(tmp_path: Path, in_tmp: Path) -> None:
+    """Without a list of method names: a block trains on the first benchmark it can be built on, a refined-data block
+    waits for the refiner before it, twin-VAE stage 2 starts from stage 1's model (its init_from), evaluation runs
+    where the block has the capability its evaluator scores (run on the CPU here; `s2r gpu-check` on CUDA)."""
+    from s2r import gpucheck
+
+    raw = tiny_params_dict()
+    raw["tracking"].update(log_model=False, system_metrics=False)  # speed only
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    names = ["segmenter_refined", "twinvae_heads", "cut", "twinvae"]
+    res = gpucheck.check_methods(tmp_path / "w", names, steps=1, device="cpu", params_path=str(tmp_path / "p.yaml"))
+    assert {n: r["status"] for n, r in res.items()} == dict.fromkeys(names, "passed"), res
+    assert list(res) == ["cut", "twinvae", "twinvae_heads", "segmenter_refined"]  # its refined data comes first
+    assert res["segmenter_refined"]["data"] == "refined_cut" and res["cut"]["data"] == "scenes"
+    assert res["twinvae_heads"]["init"].endswith("model_twinvae") and res["twinvae"]["init"] == ""
+    assert res["twinvae"]["evaluated"] == "refine"  # stage 1 translates; it has no heads to predict with
+    assert res["twinvae_heads"]["evaluated"].startswith("depth_segmentation")
+    assert res["segmenter_refined"]["evaluated"] == "segmentation_lastk" and "refine" in res["cut"]["evaluated"]

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import prepared_scenes, tiny_params_dict
+from conftest import prepared_scenes, tiny_config, tiny_params_dict
 from s2r import health
 from s2r.params import load_params
+from s2r.report import report
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_betavae_declares_posterior_collapse(scenes_prepared: Path) -> None:
 
     from s2r.methods import betavae as bv
 
-    cfg = bv.Config(image_size=16, widths=[4, 8], latent_dim=4, batch_size=4, render_pairs=8, cache_dir="",
+    cfg = tiny_config("betavae", image_size=16, widths=[4, 8], latent_dim=4, batch_size=4, render_pairs=8, cache_dir="",
                     val_images=4)
     m = bv.Method(cfg, bv_data(scenes_prepared), 0)
     with torch.no_grad():
@@ -105,10 +106,9 @@ def test_fit_logs_signals_and_the_report_marks_the_collapse(scenes_prepared: Pat
     """The loop logs the declared single-class signal every epoch; the verdict and `s2r report` say COLLAPSED."""
     import torch
 
-    from s2r import stages
     from s2r.evaluators.segmentation import confusion
+    from s2r.files import write_json
     from s2r.methods import registry
-    from s2r.stages import write_json
     from s2r.train import fit
 
     params = _collapsing_params(tmp_path)
@@ -126,7 +126,7 @@ def test_fit_logs_signals_and_the_report_marks_the_collapse(scenes_prepared: Pat
     write_json(d / "evaluate.json", {"method": "twinvae_simonly", "seed": 0, "evaluator": "depth_segmentation",
                                      "domain": "pseudo_real", "miou": 0.1, "abs_rel": 0.2,
                                      "confusion_matrix": cm.tolist(), "classes": m.seg_classes})
-    out = stages.report(tmp_path / "metrics", params.reports.verdicts)
+    out = report(tmp_path / "metrics", params.reports.verdicts)
     line = next(x for x in out.splitlines() if x.startswith("twinvae_simonly"))
     assert "COLLAPSED: single-class segmentation masks" in line and "on pseudo_real/test" in line
     assert "0.1000" not in line  # its numbers are not printed as a result
@@ -155,7 +155,7 @@ def test_collapsed_model_is_marked_by_the_report(scenes_prepared: Path, tmp_path
     assert "single-class segmentation masks" in summary["health_reasons"][0]
     saved = json.loads((metrics / "twinvae_simonly" / "train.json").read_text())
     assert saved["health"] == "collapsed"
-    out = stages.report(metrics, params.reports.verdicts, verdicts_out=tmp_path / "verdicts.json")
+    out = report(metrics, params.reports.verdicts, verdicts_out=tmp_path / "verdicts.json")
     line = next(x for x in out.splitlines() if x.startswith("twinvae_simonly"))
     assert "COLLAPSED: single-class segmentation masks" in line
     v = json.loads((tmp_path / "verdicts.json").read_text())

@@ -122,3 +122,44 @@ def test_dvc_deps_cli(tmp_path: Path) -> None:
         Path("dvc.yaml").write_text(yaml.safe_dump(raw))
         res = CliRunner().invoke(main, ["dvc-deps", "refine", "--check", "dvc.yaml"])
     assert res.exit_code == 1 and "src/s2r/stages.py" in res.output
+
+
+def test_dvc_stages_list_the_params_blocks_they_read() -> None:
+    """Every `s2r train BLOCK` stage lists methods.BLOCK, and every listed variant its `base:` chain (all dvc.yaml)."""
+    assert codegraph.check_dvc_params(REPO) == []
+
+
+def test_a_variant_without_its_base_in_params_fails_the_check(tmp_path: Path) -> None:
+    """An edit of methods.mixing.batch_size must re-run train@mixing_realonly: the check names the missing base."""
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "params.yaml").write_text("methods:\n  mixing:\n    lr: 0.1\n  mixing_realonly:\n    base: mixing\n")
+    stage = {"foreach": {"mixing_realonly": {"base": "mixing"}},
+             "do": {"cmd": "s2r train ${key} --data d", "params": ["methods.${key}"]}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    problems = codegraph.check_dvc_params(tmp_path)
+    assert len(problems) == 1 and "'train@mixing_realonly' lists methods.mixing_realonly but not methods.mixing" \
+        in problems[0] and "dvc.yaml" in problems[0]
+    stage["do"]["params"] = ["methods.${item.base}"]  # and now the block it trains is missing
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    assert [p for p in codegraph.check_dvc_params(tmp_path) if "does not list params.yaml:methods.mixing_realonly"]
+    stage["do"]["params"] = ["methods.${key}", "methods.${item.base}"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    assert codegraph.check_dvc_params(tmp_path) == []
+
+
+def test_dvc_deps_write_restores_the_code_deps_and_keeps_the_rest(tmp_path: Path) -> None:
+    """`s2r dvc-deps --write`: code deps regenerated from the import graph, data deps, params and comments kept; a
+    second write changes nothing (every dvc.yaml of the repository is in that state)."""
+    (tmp_path / "src").symlink_to(REPO / "src")
+    dvc = tmp_path / "dvc.yaml"
+    text = (REPO / "dvc.yaml").read_text()
+    dvc.write_text(text.replace("      - src/s2r/stages.py\n      - src/s2r/tracking.py\n",  # a generated list
+                                "      - src/s2r/tracking.py\n", 1).replace("      - src/s2r/params.py\n", ""))
+    assert codegraph.check_dvc(dvc, tmp_path, src=REPO / "src")
+    assert codegraph.write_dvc(dvc, tmp_path, src=REPO / "src")
+    assert dvc.read_text() == text and codegraph.check_dvc(dvc, tmp_path, src=REPO / "src") == []
+    for f in DVC_FILES:
+        changed = codegraph.write_dvc(f, REPO, dry_run=True)
+        assert changed == [], f"`s2r dvc-deps --write {f.relative_to(REPO)}` would change {changed}"

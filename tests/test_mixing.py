@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config, tiny_section
 from s2r.config import TrainParams
 from s2r.data.prepared import PreparedBenchmark
-from s2r.methods.mixing import Config, Method, SmallResNet, limited_indices
+from s2r.methods.mixing import Method, SmallResNet, limited_indices
 from s2r.train import NonFiniteLossError, fit
 
-TRAIN = TrainParams(device="cpu", checkpoint_every=2, progress=False)
+TRAIN = tiny_section(TrainParams, "train", device="cpu", checkpoint_every=2, progress=False)
 
 
 def make(prepared: Path, seed: int = 0, **kw) -> Method:
-    cfg = Config(
+    cfg = tiny_config("mixing",
         widths=[4, 8], blocks_per_stage=1, batch_size=8, epochs=2, steps_per_epoch=3, real_per_class=2, **kw
     )
     torch.manual_seed(seed)
@@ -119,7 +121,7 @@ def test_cuda_bf16_autocast_step(tiny_prepared: Path, tmp_path: Path) -> None:
     device = select_device("auto")
     m = make(tiny_prepared)
     m.setup(device, amp_dtype(device, True), 6)
-    out = fit(m, train=TrainParams(device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
+    out = fit(m, train=replace(TRAIN, device="cuda", progress=False, checkpoint_every=3), epochs=2, steps_per_epoch=3,
               ckpt_dir=tmp_path)
     assert next(m.parameters()).is_cuda and all(np.isfinite(h["train_loss"]) for h in out.history)
 

@@ -15,7 +15,7 @@ from conftest import REPO
 from s2r import recipes
 from s2r.config import ConfigError
 from s2r.data import sources
-from s2r.params import parse_params
+from s2r.params import parse_params, resolve_methods
 
 PAPERS = sorted(p.name for p in (REPO / "pipelines" / "recipes").iterdir() if (p / "dvc.yaml").is_file())
 
@@ -74,7 +74,7 @@ def test_fixture_wildcard_overrides_every_block_that_has_the_key() -> None:
 
 def test_paper4_recipe_uses_existing_cli_and_paper_scale() -> None:
     rec = recipes.load("mixing-ratio-mrgan", REPO)
-    p = rec["params"]["methods"]
+    p = resolve_methods(rec["params"]["methods"])
     assert p["mixing"]["epochs"] == 500 and p["cyclegan"]["epochs"] * p["cyclegan"]["steps_per_epoch"] == 40_000
     assert p["cyclegan"]["disc_channels"] == [64, 128] and p["cyclegan"]["batch_size"] == 144
     cmds = " ".join(s.get("do", s)["cmd"] for s in rec["dvc"]["stages"].values())
@@ -137,7 +137,7 @@ def test_paper2_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
     from s2r.methods import registry
 
     rec = recipes.load("twin-vae-depth-segmentation", REPO)
-    p, methods = rec["params"], rec["params"]["methods"]
+    p, methods = rec["params"], resolve_methods(rec["params"]["methods"])
     assert p["train"]["device"] == "cuda"
     assert set(methods) == {"twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"}
     for name, m in methods.items():
@@ -224,7 +224,8 @@ def test_paper1_recipe_uses_existing_cli_methods_and_paper_scale() -> None:
     srcs = rec["recipe"]["sources"]
     assert all(s["options"]["image_size"] == 64 for s in srcs.values())  # the Table 4 / 6 / 7 decoders end at 64
     assert srcs["ticam"]["options"]["flips"] and srcs["sviro_illumination_lr"]["options"]["seats"] == "outer"
-    fixture = recipes.load("extractor-autoencoder-pirl-triplet", REPO, fixture=True)["params"]["methods"]
+    fixture = recipes.load("extractor-autoencoder-pirl-triplet", REPO, fixture=True)["params"]
+    fixture = resolve_methods(fixture["methods"])
     assert all(m["extractor_weights"] == "none" for m in fixture.values())  # no ImageNet weights in a stand-in
     cmds = _expanded_commands(rec)
     joined = " ".join(cmds)
@@ -285,7 +286,7 @@ def test_paper5_recipe_uses_existing_cli_and_paper_scale(fixture: bool) -> None:
                 "s2r train segmenter_", "s2r evaluate segmenter_", "s2r tables cut"):
         assert cmd in cmds
     for seg in r["segmenters"]:  # every segmenter the matrix names is a params block of a registered method
-        assert f"segmenter_{seg}" in rec["params"]["methods"] and registry.resolve(f"segmenter_{seg}")
+        assert f"segmenter_{seg}" in resolve_methods(rec["params"]["methods"]) and registry.resolve(f"segmenter_{seg}")
     assert set(r["experiments"]) == set(_prepared(rec)) and {t["benchmark"] for t in r["tables"].values()} <= set(
         _prepared(rec))
     # the --set overrides of the templated commands name existing keys, with values the strict loader accepts
@@ -304,7 +305,7 @@ def test_paper5_recipe_uses_existing_cli_and_paper_scale(fixture: bool) -> None:
             sizes = parsed.reports.cut_tables.patch_sizes if key == "tables" else [parsed.methods["cut"].patch_size]
             assert max(sizes) <= size, (name, sizes, size)
     if not fixture:  # Section IV-A/B/D at the paper's scale
-        m, t = rec["params"]["methods"], rec["params"]["reports"]["cut_tables"]
+        m, t = resolve_methods(rec["params"]["methods"]), rec["params"]["reports"]["cut_tables"]
         assert m["cut"]["batch_size"] == 40 and m["cut"]["epochs"] == 400 and not m["cut"]["flip"]
         assert sorted(t["patch_sizes"]) == [60, 70, 90, 100, 120, 160] and t["last_k"] == 50
         assert t["seg_epochs"] == 300 and t["seg_steps_per_epoch"] * m["segmenter_target"]["batch_size"] == 1500

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_section
 from s2r.config import ScenesParams
 from s2r.data import scenes
 from s2r.data.benchmark import NO_LABEL, SPLITS, load_benchmark, resolve_path, write_benchmark
@@ -272,7 +273,8 @@ def test_photo_crops_come_from_disjoint_bands_per_split(monkeypatch: pytest.Monk
 
 
 def _small(samples: dict[str, int] | None = None, hues: int = 12) -> ScenesParams:
-    return ScenesParams(image_size=SIZE, samples=samples or {"train": 3, "val": 2, "test": 2}, hues=hues)
+    return tiny_section(ScenesParams, "benchmarks.scenes", image_size=SIZE,
+                        samples=samples or {"train": 3, "val": 2, "test": 2}, hues=hues)
 
 
 def test_generate_spec_and_lazy_samples() -> None:

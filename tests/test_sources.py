@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -392,7 +393,7 @@ def _declared(tmp_path: Path) -> Path:
             p = root / "photos" / c / f"{k}.jpg"
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(p)
-    (root / "benchmark.yaml").write_text("""
+    (root / "dataset.yaml").write_text("""
 task: classification
 source: synthetic
 target: real
@@ -414,9 +415,50 @@ def test_generic_declaration(tmp_path: Path) -> None:
     assert len(syn) == 18 and (syn["label"] == 0).sum() == 12  # kitty merged into cat
     assert len(real) == 10 and set(real["split"]) == {"train", "val", "test"}  # junk dropped, hashed splits
     assert {d.name: d.labelled for d in spec.domains} == {"real": False, "synthetic": True}
-    (root / "benchmark.yaml").write_text((root / "benchmark.yaml").read_text() + "colour: red\n")
+    (root / "dataset.yaml").write_text((root / "dataset.yaml").read_text() + "colour: red\n")
     with pytest.raises(DataError, match="unknown key 'colour'"):
         _add("mine", root, tmp_path / "c")
+
+
+def test_each_yaml_file_given_to_the_wrong_command_says_which_command_takes_it(tmp_path: Path) -> None:
+    """Three YAML formats, three names: a benchmark's own benchmark.yaml (written by s2r), a dataset declaration
+    dataset.yaml (`s2r data add NAME --from FOLDER`), a `--declaration` file of data keys (`s2r data import-*`)."""
+    from click.testing import CliRunner
+
+    from s2r.cli import main
+    from s2r.data.adapters import load_declared
+
+    root = _declared(tmp_path)
+    bench = _add("mine", root, tmp_path / "b")
+    dataset_yaml, benchmark_yaml = root / "dataset.yaml", bench / "benchmark.yaml"
+    data_keys = tmp_path / "keys.yaml"
+    data_keys.write_text("classes: [cat, dog]\nchannels: 3\n")
+    folder = ["data", "import-folder", str(root / "renders"), "--out", str(tmp_path / "f"), "--name", "f",
+              "--source", "synthetic", "--target", "real", "--declaration"]
+    r = CliRunner().invoke(main, [*folder, str(dataset_yaml)])
+    assert r.exit_code == 2 and (
+        f"{dataset_yaml}: keys ['class_map', 'domains', 'source', 'target', 'task'] make this a dataset "
+        "declaration (dataset.yaml next to the files; `s2r data add NAME --from FOLDER`), not a `--declaration` "
+        "file of `s2r data import-folder / import-manifest`; --declaration takes only the data keys"
+    ) in " ".join(r.output.split())
+    r = CliRunner().invoke(main, [*folder, str(benchmark_yaml)])
+    assert r.exit_code == 2 and "make this a benchmark description written by s2r (benchmark.yaml; `s2r data " \
+        "prepare` reads it), not a `--declaration` file" in " ".join(r.output.split())
+    assert load_declared(data_keys).classes == ["cat", "dog"]  # the file --declaration takes
+    mine = tmp_path / "mine2"
+    shutil.copytree(root, mine)
+    shutil.copy(data_keys, mine / "dataset.yaml")
+    with pytest.raises(DataError, match=r"holds only data keys \['channels', 'classes'\]: that is a `--declaration` "
+                                        r"file of `s2r data import-folder / import-manifest`; a dataset.yaml for "
+                                        r"`s2r data add` also needs task, source, target and domains"):
+        _add("mine", mine, tmp_path / "c")
+    (mine / "dataset.yaml").rename(mine / "benchmark.yaml")
+    shutil.copy(dataset_yaml, mine / "benchmark.yaml")
+    with pytest.raises(DataError, match=r"benchmark.yaml: a dataset declaration for `s2r data add` is called "
+                                        r"dataset.yaml \(benchmark.yaml is the description s2r writes"):
+        _add("mine", mine, tmp_path / "d")
+    with pytest.raises(DataError, match=rf"{bench} is already an s2r benchmark .*`s2r data prepare {bench}`"):
+        _add("mine", bench, tmp_path / "e")
 
 
 def test_expectations_fail_with_rows(tmp_path: Path) -> None:

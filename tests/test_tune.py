@@ -157,7 +157,8 @@ def test_grid_values_and_samplers() -> None:
 
     assert tune.grid_values("k", SearchParam(type="int", low=1, high=7, step=3)) == [1, 4, 7]
     assert tune.grid_values("k", SearchParam(type="float", low=0.0, high=0.5, step=0.25)) == [0.0, 0.25, 0.5]
-    spec = StudySpec(method="mixing", objectives=[], search_space={"a": SearchParam(type="float", low=0, high=1)})
+    spec = StudySpec(method="mixing", objectives=[], search_space={"a": SearchParam(type="float", low=0, high=1)},
+                     sampler="tpe", pruner="median", n_trials=4, seed=0, n_startup_trials=3, pruner_warmup_epochs=1)
     for name, cls in [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler")]:
         spec.sampler = name
         assert type(tune.build_sampler(spec)).__name__ == cls

@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import tiny_params_dict
+from conftest import tiny_config, tiny_params_dict
 from s2r.config import ConfigError, from_dict
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.twinvae import (
@@ -28,8 +28,9 @@ from s2r.methods.twinvae import (
     mmd,
     seg_loss,
 )
+from s2r.params import resolve_methods
 
-TINY = tiny_params_dict()["methods"]
+TINY = resolve_methods(tiny_params_dict()["methods"])  # variants with their base merged in
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -65,7 +66,8 @@ def test_packing_then_unpacking_restores_shape() -> None:
 
 def test_architecture_table2_at_256px() -> None:
     """The paper's widths: 6 packing layers take 256 px to a 300 x 4 x 4 latent and back to 3 x 256 x 256."""
-    c = Config(stem_channels=64, pack_channels=[76, 88, 100, 128, 200, 250], latent_channels=300, pack_d=8)
+    c = tiny_config("twinvae", stem_channels=64, pack_channels=[76, 88, 100, 128, 200, 250], latent_channels=300,
+                    pack_d=8)
     c.validate()
     twin = TwinVAE(3, c)
     packs = [m for m in twin.enc_r.private.modules() if isinstance(m, Packing)]
@@ -73,7 +75,8 @@ def test_architecture_table2_at_256px() -> None:
     assert [p.conv.out_channels for p in packs] == [76, 88, 100, 128, 200, 250]
     assert len(unpacks) == 6 and twin.enc_r.shared.mu.out_channels == 300
     with torch.no_grad():  # the same depth, narrow: 6 packings take 128 px to 2 x 2 and back
-        small = TwinVAE(3, Config(stem_channels=2, pack_channels=[2, 2, 2, 2, 2, 4], latent_channels=6, pack_d=8))
+        small = TwinVAE(3, tiny_config("twinvae", stem_channels=2, pack_channels=[2, 2, 2, 2, 2, 4],
+                                       latent_channels=6, pack_d=8))
         lat = small.enc_r(torch.randn(2, 3, 128, 128))
         assert lat.z.shape == (2, 6, 2, 2) and small.dec_s(lat.z).shape == (2, 3, 128, 128)
 
@@ -263,8 +266,7 @@ def test_capabilities_shapes(scenes16: Path) -> None:
 
 
 def test_heads_only_option_and_sampling_at_inference(scenes16: Path) -> None:
-    assert cfg("twinvae_heads").inference_sample and Config().inference_sample  # the paper's default
-    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False)
+    m = make(scenes16, "twinvae_heads", train_vae_in_heads=False, inference_sample=True)  # Section 3: z sampled
     m.initialised = True
     m.setup(torch.device("cpu"), None, 2)
     assert {id(p) for p in m.optimizers["net"].param_groups[0]["params"]} == {id(p) for p in m.heads.parameters()}

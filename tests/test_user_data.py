@@ -20,8 +20,9 @@ from s2r.data.adapters import Declared, from_manifest
 from s2r.data.benchmark import bin_factor
 from s2r.data.prepared import PreparedBenchmark, prepare
 from s2r.data.validation import validate_benchmark
+from s2r.params import resolve_methods
 
-TINY = tiny_params_dict()["methods"]
+TINY = resolve_methods(tiny_params_dict()["methods"])  # variants with their base merged in
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -134,7 +135,7 @@ def test_betavae_weak_evaluates_on_continuous_factors(continuous: Path, tmp_path
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """renders/ and photos/ with rgb, 16-bit depth (mm) and mask PNGs, declared by a benchmark.yaml."""
+    """renders/ and photos/ with rgb, 16-bit depth (mm) and mask PNGs, declared by a dataset.yaml."""
     from s2r.data.sources import generic
 
     tmp = tmp_path_factory.mktemp("dense")
@@ -156,7 +157,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "depth_scale": 1000.0,
             "domains": {d: {"path": d, "layout": "{split}/rgb/*.png", "depth": "{split}/depth/{stem}.png",
                             "mask": "{split}/mask/{stem}.png"} for d in ("renders", "photos")}}
-    (src / "benchmark.yaml").write_text(yaml.safe_dump(decl))
+    (src / "dataset.yaml").write_text(yaml.safe_dump(decl))
     bench = generic.build(src, tmp / "bench", "mine", {})
     rep = validate_benchmark(bench)
     assert rep.success, rep.summary()

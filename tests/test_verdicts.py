@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+from conftest import tiny_params_dict
 from s2r import verdicts
 
-RULE = (0.95, 0.8)  # level, power (params.yaml reports.verdicts)
+RULE = tuple(tiny_params_dict()["reports"]["verdicts"][k] for k in ("level", "power"))  # tests/params.yaml
 
 
 # ---- the rule ---------------------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ def data_add(name: str, src: str, out: str | None, kind: str | None, pairs: tupl
     """Register a downloaded dataset (MPI3D, SVIRO, TICaM, KITTI, VKITTI 2, YCB-Video, BOP, ...) as a benchmark.
 
     s2r never downloads: when the folder is missing or not in the published layout, it prints where to get
-    the dataset and the layout it expects. A folder with a declaration benchmark.yaml works for any data.
+    the dataset and the layout it expects. A folder with a dataset declaration dataset.yaml works for any data.
 
     Example: s2r data add mpi3d --from data/raw/mpi3d -o large_only=true -o max_scenes=50000
     """
@@ -589,11 +589,13 @@ def report_cmd(metrics_dir: str, verdicts_out: str | None, readme: str | None, c
 
     Example: s2r report --verdicts data/metrics/verdicts.json --readme README.md
     """
-    from s2r import stages
+    from s2r.config import need
+    from s2r.report import report
 
-    click.echo(stages.report(Path(metrics_dir), _load(params_path).reports.verdicts,
-                             verdicts_out=Path(verdicts_out) if verdicts_out else None,
-                             readme=Path(readme) if readme else None, compare=Path(compare) if compare else None))
+    params = _load(params_path)
+    rule = need(params.reports.verdicts, "reports.verdicts", params.source)
+    click.echo(report(Path(metrics_dir), rule, verdicts_out=Path(verdicts_out) if verdicts_out else None,
+                      readme=Path(readme) if readme else None, compare=Path(compare) if compare else None))
 
 
 @main.command("benchmark")
@@ -655,9 +657,9 @@ def registry_register(method: str, run_id: str | None, from_file: str | None, al
 
     Example: s2r registry register mixing --from data/metrics/mixing/train.json --receipt data/release/mixing.json
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    r = registry.register(method, run_id=run_id, best_file=Path(from_file) if from_file else None, alias=alias,
+    r = model_registry.register(method, run_id=run_id, best_file=Path(from_file) if from_file else None, alias=alias,
                           receipt=Path(receipt) if receipt else None)
     click.echo(f"registered {r['name']} v{r['version']} @{r['alias']} from run {r['run_id']} ({r['model_uri']})")
 
@@ -669,9 +671,9 @@ def registry_list(method: str | None) -> None:
 
     Example: s2r registry list mixing
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    click.echo(registry.format_models(registry.list_models(method)))
+    click.echo(model_registry.format_models(model_registry.list_models(method)))
 
 
 @registry_group.command("promote")
@@ -683,9 +685,9 @@ def registry_promote(name: str, version: int, alias: str) -> None:
 
     Example: s2r registry promote s2r-mixing 2 --alias champion
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    r = registry.promote(name, version, alias)
+    r = model_registry.promote(name, version, alias)
     was = f" (was v{r['previous']})" if r["previous"] is not None else ""
     click.echo(f"{r['name']}@{r['alias']} -> v{r['version']}{was}; load it as models:/{r['name']}@{r['alias']}")
 
@@ -701,9 +703,9 @@ def registry_predict(name: str, folder: str, out: str, alias: str, version: int 
 
     Example: s2r registry predict s2r-mixing photos/ --out predictions.csv --alias champion
     """
-    from s2r import registry
+    from s2r import model_registry
 
-    df = registry.predict_folder(name, Path(folder), Path(out), alias=alias, version=version)
+    df = model_registry.predict_folder(name, Path(folder), Path(out), alias=alias, version=version)
     click.echo(f"{len(df)} images -> {out}")
 
 
@@ -858,20 +860,36 @@ def recipe_standin(paper: str, out: str, repo: str) -> None:
 
 
 @main.command("dvc-deps")
-@click.argument("kind", type=click.Choice(["train", "refine", "evaluate"]))
+@click.argument("kind", required=False, type=click.Choice(["train", "refine", "evaluate", "parallel", "params"]))
 @click.option("--evaluator", default="", help="evaluate: the evaluator module (default: any of them).")
 @click.option("--check", "check", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A dvc.yaml to check: exit 1 naming each code file a stage of this kind runs but misses.")
-def dvc_deps_cmd(kind: str, evaluator: str, check: tuple[str, ...]) -> None:
-    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph.
+@click.option("--write", "write", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A dvc.yaml whose `s2r train|refine|evaluate` stages get their code deps rewritten from the "
+                   "import graph (data deps and comments kept).")
+def dvc_deps_cmd(kind: str | None, evaluator: str, check: tuple[str, ...], write: tuple[str, ...]) -> None:
+    """Print the source files a `s2r KIND` stage runs (its DVC code deps), read from the import graph; `params`
+    checks every dvc.yaml of the project: a `s2r train BLOCK` stage lists methods.BLOCK and its `base:` blocks.
 
-    Example: s2r dvc-deps train   |   s2r dvc-deps evaluate --check dvc.yaml
+    Example: s2r dvc-deps train   |   s2r dvc-deps --write dvc.yaml   |   s2r dvc-deps params
     """
     from s2r import codegraph
 
+    if write:
+        for f in write:
+            changed = codegraph.write_dvc(Path(f), Path.cwd())
+            click.echo(f"{f}: code deps of {len(changed)} stage(s) rewritten" + (f": {changed}" if changed else ""))
+        return
+    if kind is None:
+        raise click.UsageError("give a KIND (train, refine, evaluate, parallel, params) or --write DVC_YAML")
+    if kind == "params":
+        problems = codegraph.check_dvc_params(Path.cwd())
+        for p in problems:
+            click.secho(p, fg="red", err=True)
+        click.echo(f"{len(problems)} stage(s) miss a params block")
+        sys.exit(1 if problems else 0)
     if check:
-        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd())
-                    if f"(s2r {kind})" in p]
+        problems = [p for f in check for p in codegraph.check_dvc(Path(f), Path.cwd()) if kind in p.split("(s2r ")[-1]]
         for p in problems:
             click.secho(p, fg="red", err=True)
         sys.exit(1 if problems else 0)

@@ -6,7 +6,7 @@ import dataclasses
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
@@ -17,19 +17,31 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type; the message names key and file."""
 
 
-def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "", strict: bool = False) -> T:
+class Schema:
+    """Base of every dataclass `from_dict` builds (params sections, method Configs, data declarations): its
+    `validate` runs on every instance built from a file, so no schema can skip its checks."""
+
+    def validate(self) -> None:
+        """Check values that depend on each other; raise ConfigError naming the key. Nothing by default."""
+
+
+S = TypeVar("S", bound=Schema)
+
+
+def from_dict(cls: type[S], raw: Any, where: str, prefix: str = "") -> S:
     """Build dataclass `cls` from `raw`, rejecting unknown keys, missing keys and wrong types.
 
-    `strict` (params files): every setting must be present even where the dataclass has a default, so the file,
-    not the code, holds every value; only a whole section (a nested dataclass, or a field with metadata
-    `section=True`) may be left out. A class with `STRICT = False` (a study declaration) keeps its defaults.
-    Without `strict` (benchmark.yaml, saved model configs) fields with defaults are optional.
+    A field without a default must be given: the params schema (this module's `*Params` classes and every method's
+    `Config`) has no defaults, so the file holds every value and a missing key is an error naming it. A section
+    field (metadata `section=True`, typed `X | None = None`) may be left out whole: it is then None, and the code
+    that needs it says so (`need`). Formats with optional keys (benchmark.yaml, a study's pruner settings) keep
+    their documented defaults.
     """
-    strict = strict and getattr(cls, "STRICT", True)
+    _require_schema(cls)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or '<root>'} must be a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
@@ -41,26 +53,36 @@ def from_dict(cls: type[T], raw: Any, where: str, prefix: str = "", strict: bool
         key = _join(prefix, name)
         if name not in raw:
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            section = dataclasses.is_dataclass(hints[name]) or f.metadata.get("section", False)
-            if not has_default or (strict and not section):
+            if not has_default:
                 raise ConfigError(f"{where}: missing key {key!r}")
             continue
-        kwargs[name] = _convert(hints[name], raw[name], where, key, strict)
+        kwargs[name] = _convert(hints[name], raw[name], where, key)
     obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}" if not prefix else f"{where}: in {prefix!r}: {e}") from None
+    try:
+        obj.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if not prefix else f"{where}: in {prefix!r}: {e}") from None
     return obj
+
+
+def _require_schema(cls: Any) -> None:
+    """A dataclass read from a file must derive from Schema (a programming error otherwise, found by the first load)."""
+    if not (isinstance(cls, type) and issubclass(cls, Schema) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is read from a file: make it a dataclass deriving from s2r.config.Schema")
+
+
+def need(section: T | None, key: str, where: str = "params.yaml") -> T:
+    """A params section the caller cannot run without (recipes leave unused sections out), or an error naming it."""
+    if section is None:
+        raise ConfigError(f"{where}: missing section {key!r} (this command reads it)")
+    return section
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else str(name)
 
 
-def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) -> Any:
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -73,7 +95,7 @@ def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) ->
             if a is type(None):
                 continue
             try:
-                return _convert(a, value, where, key, strict)
+                return _convert(a, value, where, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: key {key!r}: {value!r} does not match {_name(tp)}")
@@ -82,18 +104,18 @@ def _convert(tp: Any, value: Any, where: str, key: str, strict: bool = False) ->
             raise ConfigError(f"{where}: key {key!r}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, key, strict)
+        return from_dict(tp, value, where, key)  # type: ignore[type-var]  # a Schema, checked by _require_schema
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: key {key!r} must be a list, got {type(value).__name__}")
         (inner, *_) = get_args(tp) or (Any,)
-        items = [_convert(inner, v, where, f"{key}[{i}]", strict) for i, v in enumerate(value)]
+        items = [_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key {key!r} must be a mapping, got {type(value).__name__}")
         kt, vt = get_args(tp) or (Any, Any)
-        return {k: _convert(vt, v, where, _join(key, str(k)), strict) for k, v in value.items()}
+        return {k: _convert(vt, v, where, _join(key, str(k))) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: key {key!r} must be true/false, got {value!r}")
@@ -128,24 +150,34 @@ class _StrictLoader:  # built lazily (PyYAML is imported on first use)
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file like `yaml.safe_load`, but refuse a key given twice in one mapping (PyYAML keeps the last).
-
-    Merge keys (`<<: *anchor`) are allowed to be overridden: that is what they are for.
+    """Read a params file like `yaml.safe_load`, but refuse a key given twice in one mapping (PyYAML keeps the last)
+    and YAML anchors, aliases and merge keys (`<<: *block`): DVC's `dvc exp run -S` rewrites the file and expands
+    them into copies, so a variant names its block with `base:` instead (s2r.params resolves it).
     """
     import yaml
 
     if _StrictLoader.cls is None:
         class Loader(yaml.SafeLoader):
+            def compose_node(self, parent: Any, index: Any) -> Any:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                if isinstance(event, yaml.NodeEvent) and event.anchor:  # `&name` on a node, or a `*name` alias
+                    line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+                    raise ConfigError(f"line {line}: YAML anchor/alias "
+                                      f"{event.anchor!r} (DVC's params rewrite expands them): "
+                                      "write the variant as a block with `base: <block>` and its differences")
+                return super().compose_node(parent, index)
+
             def construct_mapping(self, node: Any, deep: bool = False) -> Any:
                 if isinstance(node, yaml.MappingNode):
                     seen: dict[Any, int] = {}
                     for key_node, _ in node.value:
+                        line = key_node.start_mark.line + 1
                         if key_node.tag == "tag:yaml.org,2002:merge":
-                            continue
+                            raise ConfigError(f"line {line}: YAML merge key '<<' (DVC's params rewrite expands it): "
+                                              "write the variant as a block with `base: <block>`")
                         key = self.construct_object(key_node, deep=True)
                         if not isinstance(key, (str, int, float, bool)):
                             continue  # unhashable keys: PyYAML itself rejects them
-                        line = key_node.start_mark.line + 1
                         if key in seen:
                             raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
                         seen[key] = line
@@ -203,13 +235,13 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str = "override
 
 
 @dataclass
-class DigitsParams:
+class DigitsParams(Schema):
     """The `digits` benchmark: font-rendered synthetic digits vs scikit-learn's real handwritten digits."""
 
-    image_size: int = 32
-    scenes_per_class: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 10, "test": 10})
-    variations: int = 3  # renderings per synthetic scene (paired sampling, paper 1)
-    real_split: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2})
+    image_size: int
+    scenes_per_class: dict[str, int]
+    variations: int  # renderings per synthetic scene (paired sampling, paper 1)
+    real_split: dict[str, float]
 
     def validate(self) -> None:
         _check_splits("benchmarks.digits.scenes_per_class", self.scenes_per_class)
@@ -221,12 +253,12 @@ class DigitsParams:
 
 
 @dataclass
-class ScenesParams:
+class ScenesParams(Schema):
     """The `scenes` benchmark: objects on a table with known factors, RGB + depth + mask, three domains."""
 
-    image_size: int = 64
-    samples: dict[str, int] = field(default_factory=lambda: {"train": 400, "val": 100, "test": 100})
-    hues: int = 12
+    image_size: int
+    samples: dict[str, int]
+    hues: int
 
     def validate(self) -> None:
         _check_splits("benchmarks.scenes.samples", self.samples)
@@ -239,28 +271,33 @@ def _check_splits(key: str, d: dict[str, Any]) -> None:
         raise ConfigError(f"key {key!r} must have exactly the splits {list(SPLITS)}, got {sorted(d)}")
 
 
-@dataclass
-class BenchmarksParams:
-    digits: DigitsParams = field(default_factory=DigitsParams)
-    scenes: ScenesParams = field(default_factory=ScenesParams)
-    scenes32: ScenesParams = field(default_factory=lambda: ScenesParams(image_size=32))
+SECTION = {"section": True}  # field metadata: a section a params file may leave out whole (it is then None)
 
 
 @dataclass
-class TrainParams:
+class BenchmarksParams(Schema):
+    """The embedded benchmarks' generators; a recipe on downloaded data leaves them out (`benchmarks: {}`)."""
+
+    digits: DigitsParams | None = field(default=None, metadata=SECTION)
+    scenes: ScenesParams | None = field(default=None, metadata=SECTION)
+    scenes32: ScenesParams | None = field(default=None, metadata=SECTION)  # `scenes` at 32 px (paper 2's demo)
+
+
+@dataclass
+class TrainParams(Schema):
     """The shared training loop's settings."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16/fp16 autocast when on a GPU; ignored on CPU
-    deterministic: bool = True
-    checkpoint_every: int = 200  # steps
+    device: Literal["auto", "cpu", "cuda"]
+    amp: bool  # bf16/fp16 autocast when on a GPU; ignored on CPU
+    deterministic: bool
+    checkpoint_every: int  # steps
     # torch CPU threads: "auto" = the cores this process may use / local workers of its study (OMP_NUM_THREADS
     # wins if set), N = exactly N, 0 = torch's own default; the choice is logged as run tags (s2r.stages)
-    threads: int | Literal["auto"] = "auto"
-    progress: bool = True
-    prefetch: int = 1  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
-    channels_last: Literal["auto"] | bool = "auto"  # NHWC weights; auto = off (not yet measured on a GPU)
-    compile: Literal["auto"] | bool = "auto"  # torch.compile each network; auto = off (not yet measured on a GPU)
+    threads: int | Literal["auto"]
+    progress: bool
+    prefetch: int  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
+    channels_last: Literal["auto"] | bool  # NHWC weights; auto = off (not yet measured on a GPU)
+    compile: Literal["auto"] | bool  # torch.compile each network; auto = off (not yet measured on a GPU)
 
     def validate(self) -> None:
         if self.prefetch < 0 or self.checkpoint_every < 1:
@@ -270,12 +307,12 @@ class TrainParams:
 
 
 @dataclass
-class TrackingParams:
-    experiment: str = "s2r"  # prefix: a paper's runs go to <experiment>/paper<N>-<paper> (registry.experiment)
-    log_model: bool = True
+class TrackingParams(Schema):
+    experiment: str  # prefix: a paper's runs go to <experiment>/paper<N>-<paper> (registry.experiment)
+    log_model: bool
     # training curves (train/<loss>) = loss means every N steps; auto = about 100 points per run; 0 = epoch means
-    log_every: int | Literal["auto"] = "auto"
-    system_metrics: bool = True  # CPU / memory / GPU use of training runs (MLflow system metrics)
+    log_every: int | Literal["auto"]
+    system_metrics: bool  # CPU / memory / GPU use of training runs (MLflow system metrics)
 
     def validate(self) -> None:
         if self.log_every != "auto" and self.log_every < 0:
@@ -283,13 +320,13 @@ class TrackingParams:
 
 
 @dataclass
-class MixingTablesParams:
+class MixingTablesParams(Schema):
     """Paper 4's Tables 2 and 3 (`s2r tables mixing`): classifier runs per cell, shorter than the default."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    ratios: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])  # 1:15, 1:7, 1:3, 1:1
-    epochs: int = 8
-    steps_per_epoch: int = 10
+    seeds: list[int]
+    ratios: list[float]  # real fractions f in (0, 1): lambda = Real:Synthetic = f : (1 - f)
+    epochs: int
+    steps_per_epoch: int
 
     def validate(self) -> None:
         if not self.seeds or not self.ratios or any(not 0 < r < 1 for r in self.ratios):
@@ -297,17 +334,17 @@ class MixingTablesParams:
 
 
 @dataclass
-class CutTablesParams:
+class CutTablesParams(Schema):
     """Paper 5's Tables I and II (`s2r tables cut`): CUT per patch size -> refine -> segmenter, plus baselines."""
 
-    patch_sizes: list[int] = field(default_factory=lambda: [9, 12, 16, 21])
-    lambda_nce: float = 1.0
-    cut_epochs: int = 5
-    cut_steps_per_epoch: int = 40
-    seg_epochs: int = 20
-    seg_steps_per_epoch: int = 15
-    last_k: int = 8  # epochs whose test mIoU make the distribution (paper 50)
-    mix_patch_size: int = 16  # the refined set used for the target + refined mix (Section IV-E)
+    patch_sizes: list[int]
+    lambda_nce: float
+    cut_epochs: int
+    cut_steps_per_epoch: int
+    seg_epochs: int
+    seg_steps_per_epoch: int
+    last_k: int  # epochs whose test mIoU make the distribution (paper 50)
+    mix_patch_size: int  # the refined set used for the target + refined mix (Section IV-E)
 
     def validate(self) -> None:
         if not self.patch_sizes or any(p < 4 for p in self.patch_sizes):
@@ -320,17 +357,17 @@ class CutTablesParams:
 
 
 @dataclass
-class DepthSegmentationParams:
+class DepthSegmentationParams(Schema):
     """Paper 2's evaluation (s2r.evaluators.depth_segmentation): depth metric settings and the scored classes."""
 
-    classes: list[str] = field(default_factory=list)  # seg_classes to score ([] = all of the benchmark's)
-    depth_classes: list[str] = field(default_factory=lambda: ["cube", "sphere", "cylinder", "cone"])  # [] = all pixels
-    median_scaling: bool = False  # per-image median scaling of predicted depth (scale-ambiguous models)
-    min_depth: float = 1.0e-3  # metres; truth below is invalid, predictions are clipped up to it
-    max_depth: float = 0.0  # metres; truth above is invalid, predictions clipped to it (0 = no cap)
-    panels: int = 6  # test samples in the input / depth / mask panel figure
-    depth_average: Literal["images", "pixels"] = "images"  # images: per-image metrics, then mean (monodepth2)
-    miou: Literal["all_classes", "present_classes"] = "all_classes"  # all_classes: CSAIL eval (absent = 0)
+    classes: list[str]  # seg_classes to score ([] = all of the benchmark's)
+    depth_classes: list[str]  # [] = all pixels
+    median_scaling: bool  # per-image median scaling of predicted depth (scale-ambiguous models)
+    min_depth: float  # metres; truth below is invalid, predictions are clipped up to it
+    max_depth: float  # metres; truth above is invalid, predictions clipped to it (0 = no cap)
+    panels: int  # test samples in the input / depth / mask panel figure
+    depth_average: Literal["images", "pixels"]  # images: per-image metrics, then mean (monodepth2)
+    miou: Literal["all_classes", "present_classes"]  # all_classes: CSAIL eval (absent = 0)
 
     def validate(self) -> None:
         if self.min_depth <= 0 or self.max_depth < 0 or (self.max_depth and self.max_depth <= self.min_depth):
@@ -340,15 +377,15 @@ class DepthSegmentationParams:
 
 
 @dataclass
-class DisentanglementParams:
+class DisentanglementParams(Schema):
     """Paper 3's metrics (s2r.evaluators.disentanglement): disentanglement_lib's definitions by default."""
 
-    estimator: Literal["gbt", "lightgbm", "lasso"] = "gbt"  # DCI importances; gbt = sklearn GBT (the reference)
-    sap_form: Literal["classification", "continuous"] = "classification"  # reference: continuous_factors=False
-    num_train: int = 2000  # points the DCI / SAP predictors fit, MIG and Modularity use (reference: 10000)
-    num_test: int = 1000  # held-out points DCI informativeness / SAP score (reference: 5000)
-    bins: int = 20  # histogram discretizer bins for MIG / Modularity (reference: 20)
-    ood_clip: bool = False  # clip OOD regressor predictions to [0, 1] before the MAE (paper 3: no clipping)
+    estimator: Literal["gbt", "lightgbm", "lasso"]  # DCI importances; gbt = sklearn GBT (the reference)
+    sap_form: Literal["classification", "continuous"]  # reference: continuous_factors=False
+    num_train: int  # points the DCI / SAP predictors fit, MIG and Modularity use (reference: 10000)
+    num_test: int  # held-out points DCI informativeness / SAP score (reference: 5000)
+    bins: int  # histogram discretizer bins for MIG / Modularity (reference: 20)
+    ood_clip: bool  # clip OOD regressor predictions to [0, 1] before the MAE (paper 3: no clipping)
 
     def validate(self) -> None:
         if self.num_train < 1 or self.num_test < 1 or self.bins < 2:
@@ -356,18 +393,18 @@ class DisentanglementParams:
 
 
 @dataclass
-class BetavaeTablesParams:
+class BetavaeTablesParams(Schema):
     """Paper 3's correlation study (`s2r tables betavae`): a grid of beta x supervision x noise x seed models."""
 
-    betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
-    supervisions: list[str] = field(default_factory=lambda: ["unsupervised", "weak"])
-    noises: list[bool] = field(default_factory=lambda: [False, True])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    latent_dims: list[int] = field(default_factory=list)  # [] = methods.betavae.latent_dim only
-    warmup_fractions: list[float] = field(default_factory=list)  # [] = methods.betavae.warmup_fraction only
-    epochs: int = 4
-    steps_per_epoch: int = 50
-    threads: int = 1  # torch threads per model (1 is fastest on a shared 2-core CPU)
+    betas: list[float]
+    supervisions: list[str]
+    noises: list[bool]
+    seeds: list[int]
+    latent_dims: list[int]  # [] = methods.betavae.latent_dim only
+    warmup_fractions: list[float]  # [] = methods.betavae.warmup_fraction only
+    epochs: int
+    steps_per_epoch: int
+    threads: int  # torch threads per model (1 is fastest on a shared 2-core CPU)
 
     def validate(self) -> None:
         if not self.betas or not self.supervisions or not self.noises or not self.seeds:
@@ -381,17 +418,17 @@ class BetavaeTablesParams:
 
 
 @dataclass
-class AeTablesParams:
+class AeTablesParams(Schema):
     """Paper 1's Table 10 (digits, multi-seed) and Table 1 (scenes) (`s2r tables ae`)."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 4
-    steps_per_epoch: int = 25
-    extractor: str = "vgg11"
-    scenes_epochs: int = 4
-    scenes_steps_per_epoch: int = 20
-    scenes_latent_dim: int = 10
-    scenes_sources: list[str] = field(default_factory=lambda: ["toy", "sim"])  # Table 1's "Trained on"
+    seeds: list[int]
+    epochs: int
+    steps_per_epoch: int
+    extractor: str
+    scenes_epochs: int
+    scenes_steps_per_epoch: int
+    scenes_latent_dim: int
+    scenes_sources: list[str]  # Table 1's "Trained on"
 
     def validate(self) -> None:
         if not self.seeds or min(self.epochs, self.steps_per_epoch, self.scenes_epochs,
@@ -400,11 +437,11 @@ class AeTablesParams:
 
 
 @dataclass
-class VerdictsParams:
+class VerdictsParams(Schema):
     """The rule of the paper verdicts (s2r.verdicts): Welch's t-test at `level`, seeds-needed at `power`."""
 
-    level: float = 0.95
-    power: float = 0.8
+    level: float
+    power: float
 
     def validate(self) -> None:
         if not 0.5 <= self.level < 1 or not 0 < self.power < 1:
@@ -412,25 +449,29 @@ class VerdictsParams:
 
 
 @dataclass
-class ReportsParams:
-    verdicts: VerdictsParams = field(default_factory=VerdictsParams)  # the paper verdicts' statistical rule
-    mixing_tables: MixingTablesParams = field(default_factory=MixingTablesParams)
-    cut_tables: CutTablesParams = field(default_factory=CutTablesParams)  # paper 5
-    depth_segmentation: DepthSegmentationParams = field(default_factory=DepthSegmentationParams)  # paper 2
-    disentanglement: DisentanglementParams = field(default_factory=DisentanglementParams)  # paper 3 metrics
-    betavae_tables: BetavaeTablesParams = field(default_factory=BetavaeTablesParams)  # paper 3
-    ae_tables: AeTablesParams = field(default_factory=AeTablesParams)  # paper 1
+class ReportsParams(Schema):
+    """Evaluator conventions and the per-paper tables; a recipe keeps only the ones its stages read."""
+
+    verdicts: VerdictsParams | None = field(default=None, metadata=SECTION)  # the paper verdicts' statistical rule
+    mixing_tables: MixingTablesParams | None = field(default=None, metadata=SECTION)  # paper 4
+    cut_tables: CutTablesParams | None = field(default=None, metadata=SECTION)  # paper 5
+    depth_segmentation: DepthSegmentationParams | None = field(default=None, metadata=SECTION)  # paper 2
+    disentanglement: DisentanglementParams | None = field(default=None, metadata=SECTION)  # paper 3 metrics
+    betavae_tables: BetavaeTablesParams | None = field(default=None, metadata=SECTION)  # paper 3
+    ae_tables: AeTablesParams | None = field(default=None, metadata=SECTION)  # paper 1
 
 
 @dataclass
-class ObjectiveSpec:
+class ObjectiveSpec(Schema):
     metric: str
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Literal["maximize", "minimize"]
 
 
 @dataclass
-class SearchParam:
-    """One search dimension over a dotted params key."""
+class SearchParam(Schema):
+    """One search dimension over a dotted params key. A declaration format: each type reads only its own keys
+    (`choices` for categorical; `low`/`high`, optional `step` and `log` for float / int), as Optuna's suggest_*
+    calls do, so the keys a type does not read are absent (None, `log` false) rather than written as values."""
 
     type: Literal["float", "int", "categorical"]
     low: float | None = None
@@ -448,21 +489,35 @@ class SearchParam:
 
 
 @dataclass
-class StudySpec:
-    """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`); optional settings default here."""
+class StudySpec(Schema):
+    """An Optuna study declared in params.yaml (run by `s2r tune --study NAME`).
 
-    STRICT: ClassVar[bool] = False
+    Every setting the study uses is written in the file; the two that only some samplers and pruners read are
+    required exactly where they are read (`n_startup_trials`: tpe / cmaes samplers and the median pruner;
+    `pruner_warmup_epochs`: any pruner), and `timeout` may be left out (no time limit)."""
 
     method: str
     objectives: list[ObjectiveSpec]
     search_space: dict[str, SearchParam]
-    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
-    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
-    n_trials: int = 20  # finished (complete + pruned) trials across all workers
-    timeout: float | None = None  # seconds, per worker
-    seed: int = 0
-    n_startup_trials: int = 3  # random trials before TPE models / the median pruner prunes
-    pruner_warmup_epochs: int = 1  # no pruning during the first N epochs (early accuracy can mislead)
+    sampler: Literal["tpe", "random", "grid", "cmaes"]
+    pruner: Literal["median", "hyperband", "successive_halving", "none"]
+    n_trials: int  # finished (complete + pruned) trials across all workers
+    seed: int
+    timeout: float | None = None  # seconds, per worker; absent = no limit
+    n_startup_trials: int | None = None  # random trials before TPE / CMA-ES model, or the median pruner prunes
+    pruner_warmup_epochs: int | None = None  # no pruning during the first N epochs (early accuracy can mislead)
+
+    def startup_trials(self) -> int:
+        """`n_startup_trials`, which validate() requires wherever the sampler or pruner reads it."""
+        if self.n_startup_trials is None:
+            raise ConfigError("key 'n_startup_trials' is required by this sampler / pruner")
+        return self.n_startup_trials
+
+    def warmup_epochs(self) -> int:
+        """`pruner_warmup_epochs`, which validate() requires wherever a pruner runs."""
+        if self.pruner_warmup_epochs is None:
+            raise ConfigError("key 'pruner_warmup_epochs' is required by a pruner")
+        return self.pruner_warmup_epochs
 
     def validate(self) -> None:
         if not self.objectives:
@@ -482,16 +537,22 @@ class StudySpec:
                 raise ConfigError(f"key 'search_space.{key}': log scale needs low > 0 and no step")
         if self.sampler == "cmaes" and all(p.type == "categorical" for p in self.search_space.values()):
             raise ConfigError("key 'sampler': CMA-ES needs at least one float or int dimension")
+        if self.n_startup_trials is None and (self.sampler in ("tpe", "cmaes") or self.pruner == "median"):
+            raise ConfigError(f"missing key 'n_startup_trials' (sampler {self.sampler} / pruner {self.pruner} "
+                              "read it)")
+        if self.pruner_warmup_epochs is None and self.pruner != "none":
+            raise ConfigError(f"missing key 'pruner_warmup_epochs' (pruner {self.pruner} reads it)")
 
 
 @dataclass
-class Params:
-    """The whole params.yaml."""
+class Params(Schema):
+    """The whole params.yaml. `studies` and `reports` may be left out whole (recipes): no studies, no reports."""
 
     seed: int
     benchmarks: BenchmarksParams
     train: TrainParams
     tracking: TrackingParams
     methods: dict[str, Any]
-    studies: dict[str, StudySpec] = field(default_factory=dict, metadata={"section": True})
-    reports: ReportsParams = field(default_factory=ReportsParams)
+    studies: dict[str, StudySpec] = field(default_factory=dict, metadata=SECTION)
+    reports: ReportsParams = field(default_factory=ReportsParams, metadata=SECTION)
+    source: str = field(default="params.yaml", compare=False, metadata={"internal": True})  # the file, for errors

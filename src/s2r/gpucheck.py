@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2r.config import ConfigError, to_dict
+from s2r.data.benchmark import DataError
+
 # CUT's default networks (Park et al. 2020, options/: ngf 64, resnet_9blocks, basic D n_layers 3, netF_nc 256,
 # num_patches 256, nce_layers 0,4,8,12,16) in s2r's cut Config; paper 5 Section IV-A: batch 40.
 CUT_DEFAULT_NETS: dict[str, Any] = {
@@ -113,10 +116,13 @@ def time_s2r_cut(data: Path, patch: int, device: torch.device, amp: torch.dtype 
 def time_s2r_loop(data: Path, patch: int, device: torch.device, amp: torch.dtype | None, batch: int = 40,
                   steps: int = 12, **overrides: Any) -> dict[str, Any]:
     """The whole loop (s2r.train.fit) per step vs the bare step, fixed costs cancelled (bench.loop_vs_step)."""
-    from s2r.bench import loop_vs_step
-    from s2r.config import TrainParams
+    from dataclasses import replace
 
-    train = TrainParams(device="cuda" if device.type == "cuda" else "cpu", progress=False, checkpoint_every=10**6)
+    from s2r.bench import loop_vs_step
+    from s2r.params import load_params
+
+    train = replace(load_params(_params_path()).train, device="cuda" if device.type == "cuda" else "cpu",
+                    progress=False, checkpoint_every=10**6)
     return loop_vs_step(lambda: cut_method(data, patch, device, amp, batch, **overrides), train,
                         (max(steps // 3, 2), steps))
 
@@ -185,12 +191,14 @@ def _params_path() -> str:
 
 
 # -- 1. every method on the GPU --------------------------------------------------------------------------------
-def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda") -> Any:
+def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda", path: str | None = None) -> Any:
     """params.yaml shrunk for the check: 2 epochs of `steps` steps, GAN pretraining and last-K windows that fit,
     small generated benchmarks, bf16 on CUDA, runs in experiment s2r-gpu-check."""
+
     from s2r.params import load_params
 
-    base = load_params(_params_path())
+    path = path or _params_path()
+    base = load_params(path)
     over: dict[str, Any] = {
         "train.device": device, "train.amp": True, "train.progress": False, "train.checkpoint_every": steps,
         "benchmarks.digits.scenes_per_class": {"train": 4, "val": 2, "test": 2},
@@ -200,53 +208,95 @@ def check_params(names: list[str] | None, steps: int = 2, device: str = "cuda") 
     for n in names or list(base.methods):
         cfg = base.methods[n]
         over |= {f"methods.{n}.epochs": 2, f"methods.{n}.steps_per_epoch": steps}
+        settings = to_dict(cfg)
         for key, value in (("pretrain_g_steps", 1), ("pretrain_d_steps", 1), ("last_k", 2)):
-            if hasattr(cfg, key):
-                over[f"methods.{n}.{key}"] = min(getattr(cfg, key), value)
-    return load_params(_params_path(), over)
+            if key in settings:
+                over[f"methods.{n}.{key}"] = min(settings[key], value)
+    return load_params(path, over)
 
 
-def check_methods(workdir: Path, names: list[str] | None, steps: int = 2,
-                  device: str = "cuda") -> dict[str, dict[str, Any]]:
-    """Each method block: train (interrupted after epoch 1, resumed from its checkpoint), then evaluate/refine."""
+def check_methods(workdir: Path, names: list[str] | None, steps: int = 2, device: str = "cuda",
+                  params_path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each method block (the registry's, in params order): train (interrupted after epoch 1, resumed from its
+    checkpoint), then evaluate with its declared evaluator and refine where the block translates.
+
+    Where a block trains comes from the blocks themselves, not from a list of names: the first benchmark it can be
+    built on among the generated ones (scenes, digits) and the refined benchmarks the blocks before it wrote; a
+    block of a method with a trained model of the method's own block starts from it where its `init_from` accepts
+    it (`--init`, e.g. twin-VAE stage 2). Blocks named like their method run first, so the refined benchmarks and
+    the models others start from exist."""
     from s2r import stages
-
-    params = check_params(names, steps, device)
-    names = names or list(params.methods)
-    data = {b: stages.generate(b, workdir / f"{b}_raw", params) for b in ("digits", "scenes")}
     from s2r.data.prepared import prepare
+    from s2r.methods import registry
 
-    prepared = {b: prepare(p, workdir / b, progress=False) for b, p in data.items()}
+    params = check_params(names, steps, device, params_path)
+    names = names or list(params.methods)
+    benchmarks = [prepare(stages.generate(b, workdir / f"{b}_raw", params), workdir / b, progress=False)
+                  for b in ("scenes", "digits")]
+    trained: dict[str, Path] = {}
     results: dict[str, dict[str, Any]] = {}
-    for name in sorted(names, key=_order):
-        results[name] = _check_one(name, params, prepared, workdir, torch.device(device))
-        print(f"gpu-check {name:<22} {results[name]['status']}"
-              + (f"  {results[name].get('error', '')[:150]}" if results[name]["status"] != "passed" else ""),
-              flush=True)
+    pending = sorted(names, key=lambda n: registry.entry(n).name != n)  # stable: params order otherwise
+    while pending:
+        placed = {n: _placement(n, params, benchmarks) for n in pending}
+        ready = [n for n in pending if placed[n][0] is not None]
+        for name in ready if ready else pending:
+            data, errors = placed[name]
+            if data is None:  # no benchmark fits, and no block is left that could write one
+                results[name] = {"status": "failed", "error": f"no benchmark fits: {errors}"}
+            else:
+                results[name] = _check_one(name, params, data, workdir, torch.device(device), trained, benchmarks)
+            print(f"gpu-check {name:<22} {results[name]['status']}"
+                  + (f"  {results[name].get('error', '')[:150]}" if results[name]["status"] != "passed" else ""),
+                  flush=True)
+        pending = [n for n in pending if n not in results]
     return results
 
 
-def _order(name: str) -> int:  # producers before consumers (refined benchmarks, the twin VAE's stage 1)
-    return 1 if name in ("mrgan", "segmenter_refined", "twinvae_heads") or name.startswith("mrgan_") else 0
+def _placement(name: str, params: Any, benchmarks: list[Path]) -> tuple[Path | None, list[str]]:
+    """The first benchmark the block's method can be built on (its domains blanked where the benchmark lacks them,
+    as the contract tests do), or None and why each refused."""
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.methods import registry
+
+    errors: list[str] = []
+    for path in benchmarks:
+        data = PreparedBenchmark(path)
+        try:
+            registry.method_class(name)(_fit_domains(params.methods[name], data), data, 0)
+            return path, errors
+        except (DataError, ConfigError) as e:
+            errors.append(f"{path.name}: {e}")
+    return None, errors
+
+
+def _fit_domains(cfg: Any, data: Any) -> Any:
+    """`cfg` with the domains it names (domain_a / domain_b) blanked where `data` lacks them (source / target)."""
+    import dataclasses
+
+    domains = {d.name for d in data.spec.domains}
+    named = {k: v for k, v in to_dict(cfg).items() if k in ("domain_a", "domain_b")}
+    return dataclasses.replace(cfg, **{k: "" for k, v in named.items() if v and v not in domains})
 
 
 class _Interrupt(Exception):
     pass
 
 
-def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
-               device: torch.device) -> dict[str, Any]:
+def _check_one(name: str, params: Any, data: Path, workdir: Path, device: torch.device, trained: dict[str, Path],
+               benchmarks: list[Path]) -> dict[str, Any]:
+    """Train (interrupt + resume), evaluate, refine one block; adds its model to `trained` and a refined benchmark
+    to `benchmarks`."""
+    import dataclasses
+
     from s2r import stages
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.evaluators import base as evaluators
     from s2r.methods import registry
 
-    module = registry.resolve(name) or ""
-    data = prepared["scenes" if any(k in module for k in ("cut", "segmenter", "twinvae", "betavae"))
-                    else "digits"]
-    if name.startswith("mrgan"):
-        data = workdir / "refined_cyclegan"
-    if name == "segmenter_refined":
-        data = workdir / "refined_cut"
-    init = workdir / "model_twinvae" if name == "twinvae_heads" else None
+    entry = registry.entry(name)
+    cfg = _fit_domains(params.methods[name], PreparedBenchmark(data))
+    params = dataclasses.replace(params, methods={**params.methods, name: cfg})
+    init = _init_model(name, cfg, data, trained)
     out, ck = workdir / f"model_{name}", workdir / f"ck_{name}"
     _reset_peak(device)
     t = time.perf_counter()
@@ -260,21 +310,48 @@ def _check_one(name: str, params: Any, prepared: dict[str, Path], workdir: Path,
         except _Interrupt:
             pass
         summary = stages.train(stages.TrainRequest(name, data, out, ckpt_dir=ck, resume=True, init=init), params)
-        cls = registry.method_class(name)
-        evaluated = ""
-        if cls.evaluator and name != "twinvae":
+        trained[name] = out
+        caps = entry.capabilities_for(cfg)
+        done = []
+        needs = evaluators.evaluator(entry.evaluator).capability if entry.evaluator else None
+        if needs is not None and (not needs or needs in caps):
             stages.evaluate(name, out, data, workdir / f"eval_{name}.json", None, params)
-            evaluated = cls.evaluator
-        if "translate" in cls.capabilities and name in ("cyclegan", "cut"):
-            stages.refine(name, out, data, workdir / f"refined_{name}", None, params)
-            evaluated += " refine"
-        return {"status": "passed", "seconds": round(time.perf_counter() - t, 2), "evaluated": evaluated.strip(),
+            done.append(entry.evaluator)
+        if "translate" in caps:
+            benchmarks.append(_refine(name, out, data, workdir, params))
+            done.append("refine")
+        return {"status": "passed", "seconds": round(time.perf_counter() - t, 2), "evaluated": " ".join(done),
+                "data": data.name, "init": str(init or ""),
                 "final": {k: v for k, v in summary.items() if isinstance(v, float)},
                 "peak_gb": _peak_gb(device), "mlflow_run_id": summary.get("mlflow_run_id")}
     except Exception as e:  # reported per method; the check goes on
         return {"status": "failed", "error": f"{type(e).__name__}: {e}",
                 "where": "".join(traceback.format_exception(e)[-3:])[-1500:],
                 "seconds": round(time.perf_counter() - t, 2)}
+
+
+def _refine(name: str, model: Path, data: Path, workdir: Path, params: Any) -> Path:
+    from s2r import stages
+
+    out = workdir / f"refined_{name}"
+    stages.refine(name, model, data, out, None, params)
+    return out
+
+
+def _init_model(name: str, cfg: Any, data: Path, trained: dict[str, Path]) -> Path | None:
+    """The trained model of the method's own block when this block starts from it (`--init`), else None."""
+    from s2r.data.prepared import PreparedBenchmark
+    from s2r.methods import registry
+
+    entry = registry.entry(name)
+    base = trained.get(entry.name)
+    if name == entry.name or base is None:
+        return None
+    try:  # Method.init_from raises DataError where the method cannot start from a trained model
+        entry.method(cfg, PreparedBenchmark(data), 0).init_from(base)
+    except (ConfigError, DataError):
+        return None  # this block trains from scratch
+    return base
 
 
 # -- 2. CUT timing --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Training-health checks, written once (DESIGN.md section 10: health before results).
+"""Training-health checks, written once (health before results).
 
 A collapsed model is not a result. Each method declares the signals that reveal its failure modes
 (`Method.health_signals()`, computed on validation data once per epoch) and the checks that turn them into a

@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from s2r.config import ConfigError, set_dotted
+from s2r.config import ConfigError
 
 RECIPES_DIR = Path("pipelines") / "recipes"
-FILES = ("dvc.yaml", "recipe.yaml", "fixture.yaml")
 
 
 def recipe_dir(paper: str, repo: Path = Path(".")) -> Path:
@@ -57,13 +56,15 @@ def overridden(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> di
     A `*` segment applies the override to every entry at that level holding the rest of the key; it must
     match at least one.
     """
+    from s2r.params import apply_overrides
+
     out = copy.deepcopy(raw)
     for k, v in (overrides or {}).items():
         keys = expand_wildcards(out, k)
         if not keys:
             raise ConfigError(f"{where}: key {k!r} matches no existing key")
-        for key in keys:
-            set_dotted(out, key, v, where)
+        for key in keys:  # as an edit of the file: a key a `base:` variant inherits is written into the variant
+            apply_overrides(out, {key: v}, where)
     return out
 
 

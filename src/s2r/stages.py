@@ -1,4 +1,5 @@
-"""Pipeline stages behind the CLI: generate, validate, prepare, train, evaluate, report.
+"""Pipeline stages behind the CLI: generate, train, evaluate, refine (`s2r report` is s2r.report, so that a
+verdict text edit re-runs no training stage: DVC lists this module as a code dep of every train stage).
 
 Each stage reads hyperparameters from params.yaml and paths from its arguments, writes its outputs
 atomically, and (train / evaluate / refine) is one MLflow run named `<stage>@<method>-seed<N>` in the experiment of
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from s2r import health
-from s2r.config import Params, VerdictsParams, to_dict
+from s2r.config import ConfigError, Params, need, to_dict
 from s2r.data.benchmark import DataError
 from s2r.figures import sample_grid
 from s2r.files import JsonDict, write_json
@@ -48,7 +49,7 @@ def generate(name: str, out: Path, params: Params) -> Path:
     gen = importlib.import_module(GENERATORS[name])
     settings = {"digits": params.benchmarks.digits, "scenes": params.benchmarks.scenes,
                 "scenes32": params.benchmarks.scenes32}[name]  # as GENERATORS
-    spec, samples = gen.generate(settings, params.seed)
+    spec, samples = gen.generate(need(settings, f"benchmarks.{name}", params.source), params.seed)
     spec = dataclasses.replace(spec, name=name)
     return write_benchmark(out, spec, samples, progress=params.train.progress)
 
@@ -380,7 +381,10 @@ def load_trained(model_dir: Path, data_dir: Path, params: Params) -> tuple[Metho
         raise FileNotFoundError(f"{path}: no trained model; run `s2r train` first")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     name = saved["method"]
-    cfg = from_dict(registry.config_class(name), saved["config"], str(path), f"methods.{name}")
+    try:  # the config the model was trained with, complete: a key it lacks is never filled in from params.yaml
+        cfg = from_dict(registry.config_class(name), saved["config"], str(path), f"methods.{name}")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the model was saved by another version of s2r; retrain it)") from None
     data = PreparedBenchmark(data_dir)
     if saved["data_version"] != data.data_version:
         raise DataError(f"{path} was trained on data version {saved['data_version'][:12]}, "
@@ -448,60 +452,6 @@ def evaluate(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots
         write_json(Path(out), result)
         run.log_artifact(out, "metrics")
     return result
-
-
-def report_columns(evaluator: str) -> list[str] | None:
-    """The headline numbers an evaluator declares (`Evaluator.report_columns`), None if it declares none."""
-    from s2r.evaluators import base as evaluators
-
-    if not evaluators.exists(evaluator):
-        return None
-    return list(evaluators.evaluator(evaluator).report_columns) or None
-
-
-def report(metrics_dir: Path, rule: VerdictsParams, verdicts_out: Path | None = None,
-           readme: Path | None = None, compare: Path | None = None) -> str:
-    """A results table per evaluator of every evaluate.json under metrics_dir, then the paper verdicts.
-
-    A model whose training verdict (train.json, s2r.health) or evaluation shows a collapse is printed as
-    COLLAPSED with the reason instead of its numbers. `verdicts_out`: the verdicts as a metrics JSON;
-    `readme`: rewrite its generated results block (s2r.verdicts); `rule`: params.reports.verdicts (level, power);
-    `compare`: another run's verdicts JSON, whose differing verdicts are listed at the end.
-    """
-    from s2r import verdicts
-
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for p in sorted(Path(metrics_dir).rglob("evaluate.json")):
-        m = json.loads(p.read_text())
-        cols = report_columns(m.get("evaluator", "classification" if "balanced_accuracy" in m else ""))
-        if cols is None:  # an evaluator without declared columns: its first top-level numbers
-            cols = [k for k, v in m.items() if isinstance(v, float)][:5]
-        train_path = p.parent / "train.json"
-        reasons = health.reasons_for(json.loads(train_path.read_text()) if train_path.is_file() else None, m)
-        name = str(p.parent.relative_to(metrics_dir))
-        if reasons:
-            row = f"{name:<20} {str(m.get('domain', '?')):<12} COLLAPSED: " + "; ".join(reasons)
-        else:
-            cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "n/a" for k in cols]
-            row = f"{name:<20} {str(m.get('domain', '?')):<12} " + " ".join(f"{c:>14}" for c in cells)
-        groups.setdefault(tuple(cols), []).append(row)
-    if not groups:
-        return f"no results yet under {metrics_dir} (run `dvc repro`)"
-    lines: list[str] = []
-    for columns, rows in groups.items():
-        head = f"{'method':<20} {'target':<12} " + " ".join(f"{c[:14]:>14}" for c in columns)
-        lines += ([""] if lines else []) + [head, "-" * len(head), *rows]
-    rows_v = verdicts.verdicts(Path(metrics_dir), level=rule.level, power=rule.power)
-    lines += ["", f"Paper verdicts (mean ± sample std over independent seeds; Welch's t-test, {100 * rule.level:g} % "
-              "interval of the difference; s2r.verdicts)", verdicts.text(rows_v)]
-    if compare:
-        diff = verdicts.differences(rows_v, json.loads(Path(compare).read_text()))
-        lines += ["", f"Verdicts that differ from {compare}: " + (f"{len(diff)}" if diff else "none"), *diff]
-    if verdicts_out:
-        write_json(Path(verdicts_out), verdicts.metrics_json(rows_v))
-    if readme:
-        verdicts.rewrite_readme(Path(readme), verdicts.markdown(rows_v))
-    return "\n".join(lines)
 
 
 def refine(method_name: str, model_dir: Path, data_dir: Path, out: Path, plots_out: Path | None,

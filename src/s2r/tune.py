@@ -66,11 +66,11 @@ def build_sampler(spec: StudySpec) -> Any:
     spec = replace(spec, seed=spec.seed + int(os.environ.get("S2R_WORKER", "0")))
 
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials())
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     if spec.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+        return optuna.samplers.CmaEsSampler(seed=spec.seed, n_startup_trials=spec.startup_trials())
     grid = {k: grid_values(k, p) for k, p in spec.search_space.items()}
     return optuna.samplers.GridSampler(grid, seed=spec.seed)
 
@@ -89,14 +89,14 @@ def grid_values(key: str, p: SearchParam) -> list[Any]:
 def build_pruner(spec: StudySpec) -> Any:
     import optuna
 
-    warmup = spec.pruner_warmup_epochs + 1  # Optuna's earliest pruning step is n_warmup_steps / min_resource
+    if spec.pruner == "none":
+        return optuna.pruners.NopPruner()
+    warmup = spec.warmup_epochs() + 1  # Optuna's earliest pruning step is n_warmup_steps / min_resource
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=warmup)
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials(), n_warmup_steps=warmup)
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=warmup)
-    if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup)
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup)
 
 
 def journal_path(opts: TuneOptions, out_dir: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""Paper verdicts, generated and decided (DESIGN.md section 10): each paper's claims, our numbers, a stated test.
+"""Paper verdicts, generated and decided (never hand-copied prose): each paper's claims, our numbers, a stated test.
 
 `s2r report` ends with one section per paper; `s2r report --verdicts FILE` writes the same verdicts as a metrics
 JSON (`dvc metrics show`), `--readme README.md` rewrites the block between the README_BEGIN / README_END markers.

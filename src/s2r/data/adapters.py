@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from s2r.config import SPLITS
+from s2r.config import SPLITS, Schema
 from s2r.data.benchmark import (
     DEPTH_SCALE,
     FACTOR_BINS,
@@ -52,8 +52,8 @@ class IngestWarning(UserWarning):
 
 
 @dataclasses.dataclass
-class Declared:
-    """What the user declares about their data (CLI flags, ``--declaration`` file, folder declaration)."""
+class Declared(Schema):
+    """What the user declares about their data (CLI flags, ``--declaration`` file, dataset.yaml)."""
 
     classes: list[str] | None = None  # label order; labels outside it are refused
     factors: dict[str, int] | None = None  # discrete: number of values; continuous: number of bins
@@ -67,16 +67,43 @@ class Declared:
     convert_16bit: bool = False
 
 
-DECLARED_KEYS = tuple(f.name for f in dataclasses.fields(Declared))
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(Declared))  # a `--declaration` file (also allowed in dataset.yaml)
+DATASET_FILE = "dataset.yaml"  # the dataset declaration of `s2r data add NAME --from FOLDER` (s2r.data.sources.generic)
+DATASET_ONLY_KEYS = ("task", "source", "target", "domains", "class_map")  # what only a dataset.yaml holds
+BENCHMARK_KEYS = ("tasks", "has_depth", "has_mask", "resize")  # what only a benchmark.yaml written by s2r holds
+
+
+def wrong_file(raw: dict[str, Any], path: Path | str, expected: str) -> str | None:
+    """Why `raw` is one of s2r's other two YAML formats (None when it is not), saying which command reads which file.
+
+    The three: a benchmark's own description `benchmark.yaml` (written by s2r, read by `s2r data prepare`); a
+    dataset declaration `dataset.yaml` next to the user's files (`s2r data add NAME --from FOLDER`); a
+    `--declaration` file of data keys only (`s2r data import-folder / import-manifest`)."""
+    found = {"benchmark": sorted(set(raw) & set(BENCHMARK_KEYS)),
+             "dataset": sorted(set(raw) & set(DATASET_ONLY_KEYS))}
+    what = {"benchmark": "a benchmark description written by s2r (benchmark.yaml; `s2r data prepare` reads it)",
+            "dataset": f"a dataset declaration ({DATASET_FILE} next to the files; `s2r data add NAME --from FOLDER`)",
+            "declaration": "a `--declaration` file of `s2r data import-folder / import-manifest`"}
+    for kind in ("benchmark", "dataset"):
+        if kind != expected and found[kind]:
+            return (f"{path}: keys {found[kind]} make this {what[kind]}, not {what[expected]}; "
+                    f"{_takes(expected)}")
+    return None
+
+
+def _takes(expected: str) -> str:
+    if expected == "declaration":
+        return f"--declaration takes only the data keys {list(DATA_KEYS)}"
+    return f"a {DATASET_FILE} needs task, source, target and domains (docs/datasets/generic.md)"
 
 
 def declared_from_dict(raw: dict[str, Any], where: str) -> Declared:
     """Typed :class:`Declared` from YAML keys; unknown or mistyped keys name the key and the file."""
     from s2r.config import ConfigError, from_dict
 
-    bad = sorted(set(raw) - set(DECLARED_KEYS))
+    bad = sorted(set(raw) - set(DATA_KEYS))
     if bad:
-        raise DataError(f"{where}: unknown key {bad[0]!r} (allowed: {list(DECLARED_KEYS)})")
+        raise DataError(f"{where}: unknown key {bad[0]!r} (allowed: {list(DATA_KEYS)})")
     raw = dict(raw)
     if raw.get("classes") is not None:
         raw["classes"] = [str(c) for c in raw["classes"]]
@@ -87,7 +114,8 @@ def declared_from_dict(raw: dict[str, Any], where: str) -> Declared:
 
 
 def load_declared(path: Path) -> Declared:
-    """A ``--declaration`` YAML for import-folder / import-manifest (keys: :data:`DECLARED_KEYS`)."""
+    """A ``--declaration`` YAML for import-folder / import-manifest (keys: :data:`DATA_KEYS`); a dataset.yaml or a
+    benchmark.yaml passed instead is an error saying which command takes it."""
     import yaml
 
     try:
@@ -97,7 +125,10 @@ def load_declared(path: Path) -> Declared:
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise DataError(f"{path}: a declaration must be a mapping of keys {list(DECLARED_KEYS)}")
+        raise DataError(f"{path}: a declaration must be a mapping of keys {list(DATA_KEYS)}")
+    other = wrong_file(raw, path, "declaration")
+    if other:
+        raise DataError(other)
     return declared_from_dict(raw, str(path))
 
 

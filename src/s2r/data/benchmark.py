@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import SPLITS, ConfigError, from_dict
+from s2r.config import SPLITS, ConfigError, Schema, from_dict
 
 TASKS = ("classification", "factors", "depth", "segmentation")
 ROLES = ("source", "target", "auxiliary")
@@ -44,7 +44,7 @@ class DataError(ValueError):
 
 
 @dataclass
-class DomainSpec:
+class DomainSpec(Schema):
     """One domain of a benchmark (e.g. synthetic or real)."""
 
     name: str
@@ -55,7 +55,7 @@ class DomainSpec:
 
 
 @dataclass
-class BenchmarkSpec:
+class BenchmarkSpec(Schema):
     """What `benchmark.yaml` holds: the description that travels with the data."""
 
     name: str

@@ -115,7 +115,6 @@ def inspect_image(path: Path) -> ImageInfo:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODE_BITS = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32, "1": 1}
-AUX_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".exr")  # depth files; masks: any single-channel image
 
 
 def read_aux(path: Path, kind: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import DepthSegmentationParams, Params
+from s2r.config import DepthSegmentationParams, Params, need
 from s2r.evaluators.base import Evaluator, register
 from s2r.evaluators.depth import depth_metrics, valid_mask
 from s2r.evaluators.segmentation import confusion, mean_iou, metrics_from_confusion
@@ -123,7 +123,7 @@ class DepthSegmentation(Evaluator[Method[object]]):
     def evaluate(self, method: Method[object], run: TrackedRun, plots_out: Path | None, params: Params) -> JsonDict:
         from s2r.data.benchmark import DataError
 
-        s = params.reports.depth_segmentation
+        s = need(params.reports.depth_segmentation, "reports.depth_segmentation", params.source)
         spec = method.data.spec
         test = method.data.get(spec.target, "test")
         classes, keep = _classes(method, s)

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.evaluators.base import Evaluator, register
 from s2r.files import JsonDict
 from s2r.methods.base import to_uint8
@@ -486,7 +486,7 @@ def scores(method: BetavaeMethod, z_src: np.ndarray, facs: np.ndarray, ind: np.n
 
     from s2r.evaluators import ood_transfer
 
-    cfg = params.reports.disentanglement
+    cfg = need(params.reports.disentanglement, "reports.disentanglement", params.source)
     z_ind, f_ind = z_src[ind], facs[ind]
     tr, te = split_points(len(z_ind), cfg.num_train, cfg.num_test, seed=method.seed)
     with threadpool_limits(1):  # one BLAS/OpenMP thread: small fits on a shared 2-core machine run faster

@@ -1,4 +1,5 @@
-"""Extractor autoencoders and their baselines (paper `extractor-autoencoder-pirl-triplet.txt`).
+"""Extractor autoencoders and their baselines (paper 1, "Autoencoder for Synthetic to Real Generalization: From
+Simple to More Complex Scenes").
 
 One module, every variant of the paper as a configuration (params blocks `ae`, `ae_<suffix>`):
 
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
 from s2r.evaluators.latent import knn_default_k
@@ -61,45 +62,45 @@ POOLED = 7  # the summariser's avg-pool output: 14x14 -> 7x7 at the paper's 224 
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.ae` (and every `methods.ae_<suffix>` variant) in params.yaml."""
 
-    model: Literal["ae", "vae", "factorvae"] = "ae"
-    beta_kl: float = 1.0  # KL weight: 1 = VAE, > 1 = beta-VAE (paper: 4, 8)
-    gamma_tc: float = 10.0  # FactorVAE total-correlation weight (paper: 10, 30, 50)
-    extractor: Literal["none", "vgg11", "resnet50", "densenet121"] = "none"
-    extractor_weights: str = "none"  # none (random init, logged) | imagenet (torchvision cache) | path to a file
-    extractor_seed: int = 0  # random-init extractor: fixed across training seeds, like pretrained weights
-    extractor_input_size: int = 64  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
-    feature_cache_dir: str = "data/cache/ae_features"  # "" = cache extractor outputs in memory only
-    feature_standardise: bool = True  # summariser inputs: (features - mean) / std per channel, fixed from the
+    model: Literal["ae", "vae", "factorvae"]
+    beta_kl: float  # KL weight: 1 = VAE, > 1 = beta-VAE (paper: 4, 8)
+    gamma_tc: float  # FactorVAE total-correlation weight (paper: 10, 30, 50)
+    extractor: Literal["none", "vgg11", "resnet50", "densenet121"]
+    extractor_weights: str  # none (random init, logged) | imagenet (torchvision cache) | path to a file
+    extractor_seed: int  # random-init extractor: fixed across training seeds, like pretrained weights
+    extractor_input_size: int  # the paper's 224 (appendix A.2); 64 keeps CPU runs short
+    feature_cache_dir: str  # "" = cache extractor outputs in memory only
+    feature_standardise: bool  # summariser inputs: (features - mean) / std per channel, fixed from the
     # source training features (a fixed affine its first conv could absorb); false = the paper's raw features
-    sampling: Literal["vanilla", "I", "II"] = "vanilla"
-    triplet: bool = False
-    triplet_margin: float = 0.2  # Eq. 4
-    triplet_swap: bool = True  # Balntas et al. 2016 (PyTorch's swap), appendix A.2
-    alpha: float = 1.0  # Eq. 5: weight of the triplet loss
-    beta: float = 1.0  # Eq. 5: weight of the reconstruction losses
-    recon_loss: Literal["ssim", "bce", "mse"] = "mse"
-    ssim_win_size: int = 11  # pytorch-msssim's default Gaussian window (clipped to the image size)
-    latent_dim: int = 64  # Table 10: 64 (MPI3D: 10)
-    conv_channels: list[int] | None = None  # Table 4 encoder convs; None = [32, 32, 64, 64] cut to the size
-    decoder_fc_channels: int = 64  # decoder FC -> (channels, 4, 4): 64 (Tables 4 / 6), 256 (Table 7)
-    hflip: bool = False  # the paper's only augmentation; off for digits (a mirrored digit is another glyph)
-    triplet_negatives: Literal["any", "one_part"] = "any"  # one_part: differs in one seat (A.2; class_parts)
-    triplet_exclude_empty: bool = False  # A.2: no all-empty scene as a negative (needs class_parts)
-    source_domain: str = ""  # "" = the benchmark's source domain (scenes Table 1 also trains on `toy`)
-    batch_size: int = 32
-    epochs: int = 5
-    steps_per_epoch: int = 30
-    lr: float = 1.0e-3  # paper 1e-4 over ~19k steps; CPU runs are ~100x shorter
-    weight_decay: float = 1.0e-5
-    lr_disc: float = 1.0e-4  # FactorVAE discriminator (Kim & Mnih 2018: Adam 1e-4, betas 0.5, 0.9)
-    knn_k: int = 0  # latent KNN: 0 = floor(sqrt(N)) (paper Section 4.7: N = 13,356 -> 115)
-    rf_trees: int = 100
-    svm_c: float = 1.0
-    fit_one_per_scene: bool = True  # paper 4.7: classifiers see a single image per scene
-    val_max_source: int = 2000  # source latents for the per-epoch validation KNN (subsampled beyond)
+    sampling: Literal["vanilla", "I", "II"]
+    triplet: bool
+    triplet_margin: float  # Eq. 4
+    triplet_swap: bool  # Balntas et al. 2016 (PyTorch's swap), appendix A.2
+    alpha: float  # Eq. 5: weight of the triplet loss
+    beta: float  # Eq. 5: weight of the reconstruction losses
+    recon_loss: Literal["ssim", "bce", "mse"]
+    ssim_win_size: int  # pytorch-msssim's default Gaussian window (clipped to the image size)
+    latent_dim: int  # Table 10: 64 (MPI3D: 10)
+    conv_channels: list[int] | None  # Table 4 encoder convs; None = [32, 32, 64, 64] cut to the size
+    decoder_fc_channels: int  # decoder FC -> (channels, 4, 4): 64 (Tables 4 / 6), 256 (Table 7)
+    hflip: bool  # the paper's only augmentation; off for digits (a mirrored digit is another glyph)
+    triplet_negatives: Literal["any", "one_part"]  # one_part: differs in one seat (A.2; class_parts)
+    triplet_exclude_empty: bool  # A.2: no all-empty scene as a negative (needs class_parts)
+    source_domain: str  # "" = the benchmark's source domain (scenes Table 1 also trains on `toy`)
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    lr: float  # paper 1e-4 over ~19k steps; CPU runs are ~100x shorter
+    weight_decay: float
+    lr_disc: float  # FactorVAE discriminator (Kim & Mnih 2018: Adam 1e-4, betas 0.5, 0.9)
+    knn_k: int  # latent KNN: 0 = floor(sqrt(N)) (paper Section 4.7: N = 13,356 -> 115)
+    rf_trees: int
+    svm_c: float
+    fit_one_per_scene: bool  # paper 4.7: classifiers see a single image per scene
+    val_max_source: int  # source latents for the per-epoch validation KNN (subsampled beyond)
 
     def validate(self) -> None:
         k = "methods.ae"

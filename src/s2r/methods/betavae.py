@@ -1,7 +1,7 @@
 """beta-VAE and weakly supervised Ada-GVAE with the deep residual architecture of paper 3.
 
-Paper: `disentanglement-transfer-ood.txt` (Dittadi et al., "On the transfer of disentangled representations in
-realistic settings"), Section 3 and appendix A.
+Paper 3 (disentanglement-transfer-ood): Dittadi et al., "On the transfer of disentangled representations in
+realistic settings", Section 3 and appendix A.
 
 Objective (appendix A; Higgins et al. 2017): maximise E_q(z|x)[log p(x|z)] - beta KL(q(z|x) || p(z)) with a
 Gaussian encoder, isotropic Gaussian prior p(z) = N(0, I) and a Bernoulli decoder (Locatello et al. 2019b).
@@ -64,7 +64,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.files import atomic_path
@@ -83,43 +83,43 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.betavae` (and variants such as `methods.betavae_weak`) in params.yaml."""
 
-    supervision: Literal["unsupervised", "weak"] = "unsupervised"
-    beta: float = 1.0
-    beta_resolution: int = 128  # beta is the paper's value at this image size; 0 = beta as given (see beta_scale)
-    latent_dim: int = 10
-    k: int = 1  # factors that differ within a weakly supervised pair (paper: k = 1)
-    pairs: Literal["auto", "render", "match"] = "auto"
-    render_pairs: int = 1024
-    pool_seed: int = 0  # the rendered pool does not depend on the model seed, so models share one cache
-    cache_dir: str = "data/cache/betavae"  # "" = render in memory every time
-    ood_factor: str = "hue"  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
-    ood_holdout: list[int] = field(default_factory=lambda: [1, 4, 7, 10])
-    ood_threshold: float | None = None  # instead of ood_holdout: hold out values >= it (continuous: bin centres)
-    ood_order: list[int] = field(default_factory=list)  # OOD1-B/C order of the factor's values; [] = index order
-    match_pairs: int = 200_000  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
-    eval_images: int = 0  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
-    input_noise: bool = False
-    noise_std_subpixel: float = 0.08
-    noise_std_pixel: float = 0.2
-    noise_upsample: int = 16  # at 128 px; scaled with the resolution
-    image_size: int = 32  # model resolution (images are area-downsampled); 0 = the benchmark's
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # channels per residual pair
-    fc_width: int = 128  # hidden FC of encoder and decoder (Tables 3-4; paper 512); 0 = none (FC heads only)
-    logvar_weight_scale: float = 0.1
-    logvar_bias_init: float = -1.0
-    leaky_slope: float = 0.02
-    batch_size: int = 32
-    epochs: int = 10
-    steps_per_epoch: int = 50
-    lr: float = 1e-3  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
-    lr_milestones: list[float] = field(default_factory=lambda: [0.375, 0.75])  # 150k, 300k of 400k
-    lr_gamma: float = 0.5  # "halved"
-    warmup_fraction: float = 0.125  # 50k of 400k steps
-    grad_clip: float = 1.0
-    val_images: int = 256
+    supervision: Literal["unsupervised", "weak"]
+    beta: float
+    beta_resolution: int  # beta is the paper's value at this image size; 0 = beta as given (see beta_scale)
+    latent_dim: int
+    k: int  # factors that differ within a weakly supervised pair (paper: k = 1)
+    pairs: Literal["auto", "render", "match"]
+    render_pairs: int
+    pool_seed: int  # the rendered pool does not depend on the model seed, so models share one cache
+    cache_dir: str  # "" = render in memory every time
+    ood_factor: str  # factor whose held-out values the encoder never sees (OOD2-A); "" = none
+    ood_holdout: list[int]
+    ood_threshold: float | None  # instead of ood_holdout: hold out values >= it (continuous: bin centres)
+    ood_order: list[int]  # OOD1-B/C order of the factor's values; [] = index order
+    match_pairs: int  # `match` mode: at most this many pairs (paper 3: 500k pairs differing in 1 FoV)
+    eval_images: int  # evaluator: a fixed random subset of this many images per domain; 0 = all (MPI3D: 1M)
+    input_noise: bool
+    noise_std_subpixel: float
+    noise_std_pixel: float
+    noise_upsample: int  # at 128 px; scaled with the resolution
+    image_size: int  # model resolution (images are area-downsampled); 0 = the benchmark's
+    widths: list[int]  # channels per residual pair
+    fc_width: int  # hidden FC of encoder and decoder (Tables 3-4; paper 512); 0 = none (FC heads only)
+    logvar_weight_scale: float
+    logvar_bias_init: float
+    leaky_slope: float
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    lr: float  # paper 1e-4 at 400k steps; our CPU runs are ~1000x shorter
+    lr_milestones: list[float]  # 150k, 300k of 400k
+    lr_gamma: float  # "halved"
+    warmup_fraction: float  # 50k of 400k steps
+    grad_clip: float
+    val_images: int
 
     def validate(self) -> None:
         p = "key 'methods.betavae"

@@ -1,4 +1,4 @@
-"""Classification baselines of paper 1 (`extractor-autoencoder-pirl-triplet.txt`, Section 4.7, Tables 2 and 9,
+"""Classification baselines of paper 1 (extractor-autoencoder-pirl-triplet: Section 4.7, Tables 2 and 9,
 Figs. 6 and 11): the extractor's own torchvision model trained as a classifier, "Scratch" or "Pre-trained".
 
 Section 4.7: "We froze the same layers of the pre-trained models for fine-tuning the later layers in case of
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, to_float
@@ -43,21 +43,21 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.classifier` (and `methods.classifier_<suffix>`) in params.yaml."""
 
-    extractor: Literal["vgg11", "resnet50", "densenet121"] = "vgg11"
-    extractor_weights: str = "none"  # none (Scratch) | imagenet (Pre-trained, torchvision cache) | path to a file
-    extractor_seed: int = 0  # random initialisation of the torchvision model (Scratch)
-    train_extractor: bool = True  # Scratch: train every layer; false: freeze up to the cut, fine-tune the rest
-    extractor_input_size: int = 64  # the paper's 224 (A.2); 64 keeps CPU runs short
-    hflip: bool = False  # A.2's only augmentation, labels through mirror_classes (off for digits)
-    source_domain: str = ""  # "" = the benchmark's source domain
-    batch_size: int = 64
-    epochs: int = 5
-    steps_per_epoch: int = 30
-    lr: float = 1.0e-4
-    weight_decay: float = 1.0e-5
+    extractor: Literal["vgg11", "resnet50", "densenet121"]
+    extractor_weights: str  # none (Scratch) | imagenet (Pre-trained, torchvision cache) | path to a file
+    extractor_seed: int  # random initialisation of the torchvision model (Scratch)
+    train_extractor: bool  # Scratch: train every layer; false: freeze up to the cut, fine-tune the rest
+    extractor_input_size: int  # the paper's 224 (A.2); 64 keeps CPU runs short
+    hflip: bool  # A.2's only augmentation, labels through mirror_classes (off for digits)
+    source_domain: str  # "" = the benchmark's source domain
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    weight_decay: float
 
     def validate(self) -> None:
         k = "methods.classifier"

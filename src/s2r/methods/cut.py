@@ -1,4 +1,5 @@
-"""CUT (Contrastive Unpaired Translation) trained on random patches (paper `cut-patch-refinement.txt`).
+"""CUT (Contrastive Unpaired Translation) trained on random patches (paper 5, Imbusch et al., "Synthetic-to-Real
+Domain Adaptation using Contrastive Unpaired Translation").
 
 Park et al. 2020 (CUT) as summarised in Section III-B, with the paper's patch-based training (Section III-C):
 
@@ -49,7 +50,7 @@ exponential moving average of G's weights that `translate` (the refine stage) an
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float
@@ -81,34 +82,34 @@ def encoder_start(antialias: bool) -> int:
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.cut` in params.yaml (variants: `cut_<suffix>`)."""
 
-    domain_a: str = ""  # synthetic side; "" = the benchmark's source domain
-    domain_b: str = ""  # real side; "" = the benchmark's target domain
-    gen_width: int = 8  # CUT ngf 64
-    gen_blocks: int = 3  # CUT 9 residual blocks
-    disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # CUT basic D: 64, 128, 256 (s2), 512 (s1)
-    antialias: bool = False  # CUT's blur-pool down/up-sampling in G and D (CUT default; the recipe: true)
-    nce_layers: list[int] = field(default_factory=lambda: [0, 4, 7, 10, 12])  # indices into Generator.net
-    nce_mlp_dim: int = 64  # CUT netF_nc 256 (CPU-sized)
-    num_patches: int = 64  # CUT num_patches 256 (CPU-sized)
-    nce_temperature: float = 0.07  # CUT nce_T
-    lambda_nce: float = 1.0  # Eq. 2 (paper 4 tried 1, 2, 5, 7)
-    lambda_gan: float = 1.0
-    nce_idt: bool = True  # identity PatchNCE on target images, L_PatchNCE(G, H, Y)
-    nce_reduce: Literal["sum", "mean"] = "mean"  # CUT's code (what the paper ran) averages X and Y; Eq. 2 sums
-    patch_size: int = 16  # random crop side in px (0 = full image); paper 60-160 px at 640x480 ~ 8-21 px here
-    flip: bool = False  # Section IV-A: no horizontal flips
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    decay_start: float = 0.5  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
-    ema_decay: float = 0.0  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
-    batch_size: int = 16  # patches per domain per step (paper 40; CPU-sized)
-    epochs: int = 10
-    steps_per_epoch: int = 40
-    downstream: str = "segmenter_refined"  # params block of the segmenter the cut_patch objective trains
+    domain_a: str  # synthetic side; "" = the benchmark's source domain
+    domain_b: str  # real side; "" = the benchmark's target domain
+    gen_width: int  # CUT ngf 64
+    gen_blocks: int  # CUT 9 residual blocks
+    disc_channels: list[int]  # CUT basic D: 64, 128, 256 (s2), 512 (s1)
+    antialias: bool  # CUT's blur-pool down/up-sampling in G and D (CUT default; the recipe: true)
+    nce_layers: list[int]  # indices into Generator.net
+    nce_mlp_dim: int  # CUT netF_nc 256 (CPU-sized)
+    num_patches: int  # CUT num_patches 256 (CPU-sized)
+    nce_temperature: float  # CUT nce_T
+    lambda_nce: float  # Eq. 2 (paper 4 tried 1, 2, 5, 7)
+    lambda_gan: float
+    nce_idt: bool  # identity PatchNCE on target images, L_PatchNCE(G, H, Y)
+    nce_reduce: Literal["sum", "mean"]  # CUT's code (what the paper ran) averages X and Y; Eq. 2 sums
+    patch_size: int  # random crop side in px (0 = full image); paper 60-160 px at 640x480 ~ 8-21 px here
+    flip: bool  # Section IV-A: no horizontal flips
+    lr: float
+    beta1: float
+    beta2: float
+    decay_start: float  # fraction of all steps after which lr decays linearly to 0 (CUT 200 + 200 epochs)
+    ema_decay: float  # > 0: translate/export use an EMA of G's weights (e.g. 0.995)
+    batch_size: int  # patches per domain per step (paper 40; CPU-sized)
+    epochs: int
+    steps_per_epoch: int
+    downstream: str  # params block of the segmenter the cut_patch objective trains
 
     def validate(self) -> None:
         if self.gen_width < 1 or self.gen_blocks < 1:

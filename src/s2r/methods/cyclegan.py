@@ -1,4 +1,4 @@
-"""CycleGAN refiner, the building block of MrGAN (paper `mixing-ratio-mrgan.txt`, Section 4, appendix 5-7).
+"""CycleGAN refiner, the building block of MrGAN (paper 4, mixing-ratio-mrgan: Section 4, appendix 5-7).
 
 Two generators translate between domain A (the synthetic side) and domain B (the real side): G_AB refines
 synthetic images, G_BA maps real images back. Two discriminators, D_B (real B vs G_AB(a)) and D_A (real A vs
@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
@@ -68,35 +68,35 @@ INIT_STD = 0.02  # appendix 6.2 says "variance 0.02"; like CycleGAN's code we us
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.cyclegan` (and `methods.mrgan`, MrGAN's second stage) in params.yaml."""
 
-    domain_a: str = ""  # synthetic side; "" = the benchmark's source domain
-    domain_b: str = ""  # real side; "" = the benchmark's target domain
-    label_aligned: bool = True  # appendix 5: pair A and B images of the same class (when both have labels)
-    real_per_class: int = 5  # labelled B images per class that aligned pairs may use (= methods.mixing's); -1 = all
-    real_subset_seed: int = 0  # draws them (= methods.mixing.real_subset_seed: the same images)
-    gen_width: int = 8  # width of c7s1-k (paper 32); d/R/u layers use 2x and 4x
-    gen_blocks: int = 3  # residual blocks Rk (paper 9)
-    disc_channels: list[int] = field(default_factory=lambda: [16, 32])  # Ck layers (paper [64, 128] or 64..512)
-    lambda_cycle: float = 10.0
-    lambda_identity: float = 0.0  # absolute weight of ||G_AB(b) - b|| + ||G_BA(a) - a|| (CycleGAN: 0.5 * 10)
-    lambda_l1: float = 0.1  # L1 between original and refined image (appendix 7)
-    lr_g: float = 2e-4
-    lr_d: float = 2.0e-4  # paper 1e-5 (40,000 iterations); at 200 CPU iterations D then never learns
-    beta1: float = 0.5
-    beta2: float = 0.999
-    g_steps_per_d: int = 5
-    d_label_flip_prob: float = 0.1  # paper: "flip ... with the probability 0.9", read as keep with 0.9 (docstring)
-    real_label_range: list[float] = field(default_factory=lambda: [0.7, 1.2])
-    fake_label_range: list[float] = field(default_factory=lambda: [0.0, 0.3])
-    pool_size: int = 50  # history of fakes per discriminator; 0 = none
-    pretrain_g_steps: int = 20  # paper 1000, before (not within) the adversarial iterations
-    pretrain_d_steps: int = 10  # paper 500
-    batch_size: int = 16  # paper 32 (appendix 6) / 144 (appendix 7)
-    epochs: int = 5
-    steps_per_epoch: int = 40  # a step = 1 D update + g_steps_per_d G updates (paper: 40000 iterations)
-    decay_start: float = 0.5  # fraction of the adversarial steps after which lr decays linearly to 0
+    domain_a: str  # synthetic side; "" = the benchmark's source domain
+    domain_b: str  # real side; "" = the benchmark's target domain
+    label_aligned: bool  # appendix 5: pair A and B images of the same class (when both have labels)
+    real_per_class: int  # labelled B images per class that aligned pairs may use (= methods.mixing's); -1 = all
+    real_subset_seed: int  # draws them (= methods.mixing.real_subset_seed: the same images)
+    gen_width: int  # width of c7s1-k (paper 32); d/R/u layers use 2x and 4x
+    gen_blocks: int  # residual blocks Rk (paper 9)
+    disc_channels: list[int]  # Ck layers (paper [64, 128] or 64..512)
+    lambda_cycle: float
+    lambda_identity: float  # absolute weight of ||G_AB(b) - b|| + ||G_BA(a) - a|| (CycleGAN: 0.5 * 10)
+    lambda_l1: float  # L1 between original and refined image (appendix 7)
+    lr_g: float
+    lr_d: float  # paper 1e-5 (40,000 iterations); at 200 CPU iterations D then never learns
+    beta1: float
+    beta2: float
+    g_steps_per_d: int
+    d_label_flip_prob: float  # paper: "flip ... with the probability 0.9", read as keep with 0.9 (docstring)
+    real_label_range: list[float]
+    fake_label_range: list[float]
+    pool_size: int  # history of fakes per discriminator; 0 = none
+    pretrain_g_steps: int  # paper 1000, before (not within) the adversarial iterations
+    pretrain_d_steps: int  # paper 500
+    batch_size: int  # paper 32 (appendix 6) / 144 (appendix 7)
+    epochs: int
+    steps_per_epoch: int  # a step = 1 D update + g_steps_per_d G updates (paper: 40000 iterations)
+    decay_start: float  # fraction of the adversarial steps after which lr decays linearly to 0
 
     def validate(self) -> None:
         if self.gen_width < 1 or self.gen_blocks < 0:

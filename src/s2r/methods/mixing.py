@@ -1,4 +1,5 @@
-"""Mixed-minibatch classifier (paper `mixing-ratio-mrgan.txt`, Section 3.3 and appendix 3).
+"""Mixed-minibatch classifier (paper 4, "Learning image classifiers from (limited) real and (abundant) synthetic
+data", Section 3.3 and appendix 3).
 
 Every training minibatch holds a fixed share of real and synthetic images: with batch size B and
 `real_fraction` f, round(f * B) images come from the (limited) labelled real training set and the rest
@@ -24,7 +25,7 @@ default (`aug_hflip`), since a mirrored digit is not the same digit (the paper's
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
@@ -41,28 +42,28 @@ from s2r.methods.registry import register
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.mixing` in params.yaml."""
 
-    real_fraction: float = 0.125  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
-    real_per_class: int = 5  # labelled real training images per class ("limited real"); -1 = all
-    real_subset_seed: int = 0  # draws the labelled real subset (shared with the CycleGAN's; not the run seed)
-    augment: bool = False  # 2D augmentation: random crop (+ flip if aug_hflip)
-    aug_crop_padding: int = 4
-    aug_hflip: bool = False
-    image_size: int = 16  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
-    blocks_per_stage: int = 3
-    batch_size: int = 128
-    epochs: int = 8
-    steps_per_epoch: int = 20
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: list[float] = field(default_factory=lambda: [0.442, 0.696])
-    real_only_lr_milestones: list[float] = field(default_factory=lambda: [0.178, 0.278])  # 89/500, 139/500
-    lr_gamma: float = 0.1
+    real_fraction: float  # share of real images in every minibatch (0 = synthetic only, 1 = real only)
+    real_per_class: int  # labelled real training images per class ("limited real"); -1 = all
+    real_subset_seed: int  # draws the labelled real subset (shared with the CycleGAN's; not the run seed)
+    augment: bool  # 2D augmentation: random crop (+ flip if aug_hflip)
+    aug_crop_padding: int
+    aug_hflip: bool
+    image_size: int  # model resolution (inputs area-downsampled, as methods.betavae); 0 = the benchmark's
+    widths: list[int]
+    blocks_per_stage: int
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    optimizer: Literal["sgd", "adam"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_milestones: list[float]
+    real_only_lr_milestones: list[float]  # 89/500, 139/500
+    lr_gamma: float
 
     def validate(self) -> None:
         if not 0.0 <= self.real_fraction <= 1.0:
@@ -132,6 +133,24 @@ class SmallResNet(nn.Module):
         return out
 
 
+def area_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size) by area averaging (unchanged when already that size)."""
+    return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="area")
+
+
+class AtResolution(nn.Module):
+    """The exported classifier: images at the benchmark's size (float (B, C, H, W) in [0, 1], as the registry feeds
+    them) are area-resized to the model resolution first, as in training; -> logits (B, K)."""
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(area_resize(x, self.size))
+        return out
+
+
 @register(Config)
 class Method(BaseMethod[Config]):
     """Classifier trained on minibatches mixed at a fixed real:synthetic ratio; predicts real labels."""
@@ -162,10 +181,7 @@ class Method(BaseMethod[Config]):
 
     def _input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
-        x = to_float(images, self.device)
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="area")
-        return x
+        return area_resize(to_float(images, self.device), self.size)
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
@@ -249,8 +265,8 @@ class Method(BaseMethod[Config]):
         return [health.single_class_check("class predictions")]
 
     def example_input(self) -> np.ndarray:
-        return self._input(self.real_val.images[:2]).cpu().numpy()
+        return to_float(self.real_val.images[:2], torch.device("cpu")).numpy()
 
     def export_model(self) -> nn.Module:
-        return self.net
+        return AtResolution(self.net, self.size)
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.methods.base import Method
 
 C = TypeVar("C")
 
-# What a method can provide (docs/DESIGN.md), as tests/test_contract.py checks it on every params block.
+# What a method can provide, as tests/test_contract.py checks it on every params block.
 CAPABILITIES = {
     "encode": "uint8 images (N, H, W, C) -> float latents (N, D)",
     "translate": "uint8 images (N, H, W, C) -> uint8 images of the same shape",
@@ -102,6 +102,8 @@ def register(config: type[C], *, aliases: tuple[str, ...] = (),
         name = cls.name
         if name != module.rsplit(".", 1)[-1]:
             raise ConfigError(f"{where}: Method.name {name!r} must equal the module's name (one name everywhere)")
+        if not (isinstance(config, type) and issubclass(config, Schema)):
+            raise ConfigError(f"{where}: its Config must derive from s2r.config.Schema (from_dict calls its validate)")
         caps = frozenset(cls.capabilities)
         unknown = sorted(caps - set(CAPABILITIES))
         if unknown:

@@ -1,4 +1,4 @@
-"""Downstream semantic segmentation trained from scratch (paper `cut-patch-refinement.txt`, Section IV).
+"""Downstream semantic segmentation trained from scratch (paper 5, cut-patch-refinement: Section IV).
 
 The paper trains RefineNet (Lin et al. 2017) from scratch on synthetic, CUT-refined synthetic or real images
 and scores each run by the distribution of the test mIoU over the last 50 epochs (Fig. 4/5: single epochs vary
@@ -23,7 +23,7 @@ a lot), optionally evaluating an EMA of the weights (decay 0.995, Section IV-C).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.evaluators.segmentation import confusion, metrics_from_confusion
@@ -45,24 +45,24 @@ MIOU = "present_classes"  # paper 5's mIoU convention (s2r.evaluators.segmentati
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.segmenter` (variants `segmenter_<suffix>`, e.g. one per training set)."""
 
-    train_data: Literal["synthetic", "refined", "target", "target+synthetic", "target+refined"] = "synthetic"
-    refiner: str = "cut"  # the refined domain is <synthetic>_<refiner> (written by `s2r refine <refiner>`)
-    synthetic_domain: str = ""  # "" = the benchmark's source (or, in a refined benchmark, what was refined)
-    target_fraction: float = 0.5  # (d): probability that a minibatch is drawn from the target set
-    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
-    batch_size: int = 16
-    epochs: int = 15
-    steps_per_epoch: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    ema_decay: float = 0.0  # > 0: evaluate an EMA of the weights (paper Section IV-C: 0.995)
-    last_k: int = 5  # epochs summarised (paper 50)
-    eval_images: int = 0  # val/test images scored per epoch (0 = all)
-    tsne_layer: Literal["enc1", "enc2", "bottleneck"] = "enc1"  # Section IV-F (paper: early RefineNet layer)
-    tsne_mask_classes: list[str] = field(default_factory=lambda: ["background", "table"])  # zeroed for t-SNE
+    train_data: Literal["synthetic", "refined", "target", "target+synthetic", "target+refined"]
+    refiner: str  # the refined domain is <synthetic>_<refiner> (written by `s2r refine <refiner>`)
+    synthetic_domain: str  # "" = the benchmark's source (or, in a refined benchmark, what was refined)
+    target_fraction: float  # (d): probability that a minibatch is drawn from the target set
+    widths: list[int]
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    weight_decay: float
+    ema_decay: float  # > 0: evaluate an EMA of the weights (paper Section IV-C: 0.995)
+    last_k: int  # epochs summarised (paper 50)
+    eval_images: int  # val/test images scored per epoch (0 = all)
+    tsne_layer: Literal["enc1", "enc2", "bottleneck"]  # Section IV-F (paper: early RefineNet layer)
+    tsne_mask_classes: list[str]  # zeroed for t-SNE
 
     def validate(self) -> None:
         if self.train_data not in TRAIN_DATA:

@@ -1,7 +1,7 @@
-"""Twin VAE with a shared latent space, PackNet packing layers and depth / segmentation heads (paper 2,
-`twin-vae-depth-segmentation.txt`).
+"""Twin VAE with a shared latent space, PackNet packing layers and depth / segmentation heads (paper 2, Raghavan
+et al., "Sim2Real for Self-Supervised Monocular Depth and Segmentation").
 
-One module, three training stages chosen by `stage` (params blocks of the same method, DESIGN.md section 2):
+One module, three training stages chosen by `stage` (params blocks of the same method, one name everywhere):
 
 - ``vae`` (`methods.twinvae`, paper Section 3.1, Eq. 1-10): real encoder E_R / decoder G_R and sim encoder E_S /
   decoder G_S on unpaired real and sim images. The last encoder layers and the first decoder layer are ONE module
@@ -66,7 +66,7 @@ Images are [0, 1] at the method's edges and [-1, 1] inside the networks. Adam (0
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2r.config import ConfigError
+from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
@@ -89,42 +89,42 @@ ARCH_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", 
 
 
 @dataclass
-class Config:
+class Config(Schema):
     """`methods.twinvae` (stage 1), `methods.twinvae_heads` (stage 2) and the baselines in params.yaml."""
 
-    stage: Literal["vae", "heads", "supervised"] = "vae"
-    supervised_domain: Literal["source", "target"] = "source"  # stage supervised: whose labels (lower/upper bound)
+    stage: Literal["vae", "heads", "supervised"]
+    supervised_domain: Literal["source", "target"]  # stage supervised: whose labels (lower/upper bound)
     # architecture (appendix Table 2); paper: 64, [76, 88, 100, 128, 200, 250], 2, 300 at 256 px
-    stem_channels: int = 8
-    pack_channels: list[int] = field(default_factory=lambda: [16, 24, 32])
-    mid_blocks: int = 2
-    latent_channels: int = 32
-    pack_d: int = 4  # 3D-conv filters of packing / unpacking (PackNet's d)
-    shared_decoder_weights: int = 3  # "the first three weights of each decoder are shared" (Section 3.2); 1 = Table 2
-    init_std: float = 0.1  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
-    logvar_bias_init: float = 0.0  # initial bias of the log-variance conv (0: unit posterior noise at init)
+    stem_channels: int
+    pack_channels: list[int]
+    mid_blocks: int
+    latent_channels: int
+    pack_d: int  # 3D-conv filters of packing / unpacking (PackNet's d)
+    shared_decoder_weights: int  # "the first three weights of each decoder are shared" (Section 3.2); 1 = Table 2
+    init_std: float  # Gaussian weight initialisation N(0, init_std) (Section 3.2; value not given)
+    logvar_bias_init: float  # initial bias of the log-variance conv (0: unit posterior noise at init)
     # stage 1 weights (Eq. 10; the paper sums with weight 1)
-    w_kl: float = 0.01  # Eq. 2-3 (KL + Gaussian NLL; paper 1)
-    w_mse: float = 1.0  # Eq. 4-5
-    w_mmd: float = 1.0  # Eq. 6-7
-    w_cycle: float = 1.0  # Eq. 8-9
-    mmd_sigma2_per_dim: float = 1.0  # kernel sigma^2 = this * latent dimension
+    w_kl: float  # Eq. 2-3 (KL + Gaussian NLL; paper 1)
+    w_mse: float  # Eq. 4-5
+    w_mmd: float  # Eq. 6-7
+    w_cycle: float  # Eq. 8-9
+    mmd_sigma2_per_dim: float  # kernel sigma^2 = this * latent dimension
     # stage 2 / baseline weights (Eq. 17 and 20)
-    w_kl2: float = 0.01  # Eq. 11-12 (paper 1)
-    w_mmd2: float = 1.0  # Eq. 13-14
-    w_depth: float = 1.0  # Eq. 15-16
-    w_seg: float = 1.0  # Eq. 18-19
-    train_vae_in_heads: bool = True  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
-    depth_max: float = 4.0  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
-    inference_sample: bool = True  # Section 3: z is sampled in every forward pass; false = the posterior mean
-    seg_weighting: Literal["none", "median_frequency"] = "median_frequency"  # Eq. 18-19 plain CE, or class-balanced CE
-    lr: float = 1.0e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    batch_size: int = 8
-    epochs: int = 6
-    steps_per_epoch: int = 20
-    val_images: int = 32  # validation subset per domain (per-epoch monitoring)
+    w_kl2: float  # Eq. 11-12 (paper 1)
+    w_mmd2: float  # Eq. 13-14
+    w_depth: float  # Eq. 15-16
+    w_seg: float  # Eq. 18-19
+    train_vae_in_heads: bool  # stage 2: encoders/decoders keep training with Eq. 11-14 (else heads only)
+    depth_max: float  # metres mapped to the tanh range (d_n = 2 d / depth_max - 1)
+    inference_sample: bool  # Section 3: z is sampled in every forward pass; false = the posterior mean
+    seg_weighting: Literal["none", "median_frequency"]  # Eq. 18-19 plain CE, or class-balanced CE
+    lr: float
+    beta1: float
+    beta2: float
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    val_images: int  # validation subset per domain (per-epoch monitoring)
 
     def validate(self) -> None:
         if self.stem_channels < 1 or not self.pack_channels or any(c < 1 for c in self.pack_channels):

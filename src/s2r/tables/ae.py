@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.data.benchmark import DataError
 from s2r.params import load_params
 from s2r.tables import TablesRun, fmt_percent
@@ -91,7 +91,7 @@ def ae_tables(digits: Path | None, scenes: Path | None, out: Path, params_path: 
     if digits is None and scenes is None:
         raise ValueError("s2r tables ae needs --digits and/or --scenes")
     base = load_params(params_path)
-    cfg = base.reports.ae_tables
+    cfg = need(base.reports.ae_tables, "reports.ae_tables", base.source)
     metrics: dict[str, Any] = {}
     result: dict[str, Any] = {}
     logged = {"reports": {"ae_tables": asdict(cfg)}, "methods": {"ae": asdict(base.methods["ae"])},
@@ -110,7 +110,7 @@ def _table10(t: TablesRun, digits: Path, params_path: Path, metrics: dict[str, A
     """Table 10: latent-space classifiers on real digits, every row x every seed; adds its numbers to `metrics`."""
     import pandas as pd
 
-    cfg = t.params.reports.ae_tables
+    cfg = need(t.params.reports.ae_tables, "reports.ae_tables", t.params.source)
     rows = []
     for name, row in TABLE10_ROWS.items():
         for seed in cfg.seeds:
@@ -133,7 +133,7 @@ def _table1(t: TablesRun, scenes: Path, params_path: Path, metrics: dict[str, An
     """Table 1: reconstructions of target test images per source domain and model (first seed)."""
     import pandas as pd
 
-    cfg = t.params.reports.ae_tables
+    cfg = need(t.params.reports.ae_tables, "reports.ae_tables", t.params.source)
     rows = []
     seed = cfg.seeds[0]
     for source in cfg.scenes_sources:

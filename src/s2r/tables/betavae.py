@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.evaluators.disentanglement import METRIC_KEYS
 from s2r.files import JsonDict
 from s2r.params import load_params
@@ -202,7 +202,7 @@ def betavae_tables(data_dir: Path, out: Path, params_path: Path,
 
     overrides = dict(overrides or {})
     base = load_params(params_path, overrides)
-    cfg = base.reports.betavae_tables
+    cfg = need(base.reports.betavae_tables, "reports.betavae_tables", base.source)
     logged = {"reports": {"betavae_tables": asdict(cfg)}, "data": str(data_dir), "overrides": overrides}
     with TablesRun("betavae", out, base, logged) as t:
         rows: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from s2r.config import need
 from s2r.params import load_params
 from s2r.tables import TablesRun
 
@@ -70,8 +71,9 @@ class _Cells:
     def __init__(self, data_dir: Path, params_path: Path, sets: dict[str, Any]) -> None:
         self.data_dir, self.params_path, self.sets = data_dir, params_path, sets
         self.base = load_params(params_path, sets)
-        self.cfg = self.base.reports.cut_tables
-        self.size = self.base.benchmarks.scenes.image_size if data_dir.name.startswith("scenes") else None
+        self.cfg = need(self.base.reports.cut_tables, "reports.cut_tables", self.base.source)
+        self.size = (need(self.base.benchmarks.scenes, "benchmarks.scenes", self.base.source).image_size
+                     if data_dir.name.startswith("scenes") else None)
         self.dists: dict[str, np.ndarray] = {}  # training mode -> last-K target-test mIoU
         self.rows1: list[dict[str, Any]] = []  # Table I
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from s2r.config import Params
+from s2r.config import Params, need
 from s2r.params import load_params
 from s2r.tables import TablesRun
 from s2r.tables import fmt_percent as _fmt
@@ -80,7 +80,7 @@ def mixing_tables(datasets: dict[str, Path], out: Path, params_path: Path,
     refined by one MrGAN stage-2 mapping (Fig. 7), e.g. {"RR-RS": ..., "R-RS": ..., "RR-S": ...}.
     """
     base = load_params(params_path)
-    cfg = base.reports.mixing_tables
+    cfg = need(base.reports.mixing_tables, "reports.mixing_tables", base.source)
     stage2 = dict(stage2 or {})
     table3_on = _check_datasets(datasets, stage2)
     datasets = {**datasets, **stage2}
@@ -130,7 +130,7 @@ def _train_cells(t: TablesRun, datasets: dict[str, Path], cells: list[tuple[str,
     (RR-RS is Table 3's MrGAN); one row per cell and seed. Returns (runs DataFrame, classifiers trained)."""
     import pandas as pd
 
-    cfg = t.params.reports.mixing_tables
+    cfg = need(t.params.reports.mixing_tables, "reports.mixing_tables", t.params.source)
     rows: list[dict[str, Any]] = []
     done: dict[tuple[str, float, bool, int], dict[str, float]] = {}
     for setting, key, fractions, aug in cells:

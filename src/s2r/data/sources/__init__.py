@@ -13,7 +13,7 @@ Nothing here is imported by ``s2r`` at start-up and nothing touches the network.
 | ycb_video, bop | objects | 5 |
 | cifar_da | misc | 4 |
 | trifinger | misc | 3 |
-| (anything else) | generic: a declaration ``benchmark.yaml`` in the user's folder | yours |
+| (anything else) | generic: a dataset declaration ``dataset.yaml`` in the user's folder | yours |
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ SOURCES: dict[str, Source] = {
 def get(kind: str) -> Source:
     """The adapter called `kind`, or an error listing the known ones."""
     if kind not in SOURCES:
-        raise DataError(f"unknown dataset {kind!r}; known: {sorted(SOURCES)} (or a folder with a declaration "
-                        "benchmark.yaml: docs/datasets/generic.md)")
+        raise DataError(f"unknown dataset {kind!r}; known: {sorted(SOURCES)} (or a folder with a dataset "
+                        "declaration dataset.yaml: docs/datasets/generic.md)")
     return SOURCES[kind]
 
 

@@ -71,17 +71,6 @@ def hash_unit(key: str, seed: int = 0) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_of(key: str, fractions: dict[str, float], seed: int = 0) -> str:
-    """Deterministic split by hashing `key` (scene ids keep all renderings of a scene in one split)."""
-    u = hash_unit(key, seed)
-    acc = 0.0
-    for s in SPLITS:
-        acc += fractions[s]
-        if u < acc:
-            return s
-    return SPLITS[-1]
-
-
 def assign_splits(keys: Iterable[str], fractions: dict[str, float], seed: int = 0) -> dict[str, str]:
     """Stable split per key: keys ordered by their hash, cut at the fractions; every split with a non-zero
     fraction gets at least one key when there are enough (tiny datasets still validate)."""
@@ -204,16 +193,6 @@ def verify_checksums(root: Path, checksums: dict[str, str], extra_file: Path | N
             raise DataError(f"{p}: {algo} {got} does not match the published {hexd}; re-download the file")
         done.append(rel)
     return done
-
-
-def rel_or_abs(path: Path, base: Path) -> str:
-    """A manifest path relative to the benchmark root when both live in one tree (portable under DVC)."""
-    import os
-
-    try:
-        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
-    except ValueError:  # different drives
-        return str(Path(path).resolve())
 
 
 def files(root: Path, pattern: str) -> list[Path]:

@@ -1,6 +1,6 @@
-"""Your own data without code: a declaration ``benchmark.yaml`` in your folder, and merging benchmarks.
+"""Your own data without code: a dataset declaration ``dataset.yaml`` in your folder, and merging benchmarks.
 
-Declaration (``<your folder>/benchmark.yaml``; docs/datasets/generic.md)::
+Dataset declaration (``<your folder>/dataset.yaml``; docs/datasets/generic.md)::
 
     task: classification           # classification | factors
     source: synthetic              # the domain you train on
@@ -23,8 +23,9 @@ Declaration (``<your folder>/benchmark.yaml``; docs/datasets/generic.md)::
       extra:
         manifest: extra.csv        # columns path[, split][, label][, factor_<name>...][, depth_path, mask_path]
 
-    Optional data keys (the same as ``s2r data import-* --declaration``): factor_ranges ({factor: [low, high]}:
-    continuous factors), depth_scale (file value per metre), depth_invalid (file value of "no depth", .nan ok),
+    Optional data keys (those of a ``s2r data import-* --declaration`` file, adapters.DATA_KEYS): factor_ranges
+    ({factor: [low, high]}: continuous factors), depth_scale (file value per metre), depth_invalid (file value of
+    "no depth", .nan ok),
     mask_classes (mask id i = name i), mask_ignore (255), convert_16bit (accept 16-bit images), and
     allow_outside_root / skip_bad_files (the CLI flags). A layout domain finds depth / masks with templates
     ``depth: "depth/{split}/{stem}.png"`` (``{split}``, ``{class}``, ``{stem}``, ``{name}``; relative to its path).
@@ -47,28 +48,58 @@ from s2r.data.benchmark import NO_LABEL, BenchmarkSpec, DataError, read_manifest
 from s2r.data.sources.common import assign_splits, check_fractions
 from s2r.files import JsonDict
 
-DECLARATION_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
+DATASET_KEYS = {"name", "task", "source", "target", "channels", "image_size", "classes", "class_map", "factors",
                     "domains", "description", "factor_ranges", "depth_scale", "depth_invalid", "mask_classes",
                     "mask_ignore", "convert_16bit", "allow_outside_root", "skip_bad_files"}
 DOMAIN_KEYS = {"path", "layout", "splits", "labelled", "manifest", "seed", "depth", "mask"}
 TASKS = ("classification", "factors", "depth", "segmentation")
 
 
+def dataset_file(src: Path) -> Path:
+    """The dataset declaration of a folder (`<src>/dataset.yaml`, or `src` itself when it is a file); a folder holding
+    a benchmark.yaml instead is an error saying what that file is and which command reads it."""
+    if not src.is_dir():
+        return src
+    decl = src / adapters.DATASET_FILE
+    old = src / "benchmark.yaml"
+    if not decl.is_file() and old.is_file():
+        import yaml
+
+        try:
+            raw = yaml.safe_load(old.read_text())
+        except yaml.YAMLError as e:
+            raise DataError(f"{old}: not valid YAML: {e}") from e
+        if isinstance(raw, dict) and adapters.wrong_file(raw, old, "dataset"):
+            raise DataError(f"{src} is already an s2r benchmark ({old} was written by s2r): prepare it with "
+                            f"`s2r data prepare {src}`; `s2r data add` reads a {adapters.DATASET_FILE}")
+        raise DataError(f"{old}: a dataset declaration for `s2r data add` is called {adapters.DATASET_FILE} "
+                        "(benchmark.yaml is the description s2r writes into a benchmark): rename it")
+    return decl
+
+
 def load_declaration(path: Path) -> dict[str, Any]:
-    """Read and check a declaration; unknown keys and wrong types name the key and the file."""
+    """Read and check a dataset declaration; unknown keys and wrong types name the key and the file, and a
+    `--declaration` file or a benchmark.yaml given instead says which command takes it."""
     import yaml
 
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
-        raise DataError(f"{path}: no declaration benchmark.yaml (docs/datasets/generic.md)") from e
+        raise DataError(f"{path}: no dataset declaration (docs/datasets/generic.md)") from e
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise DataError(f"{path}: must be a mapping")
-    bad = sorted(set(raw) - DECLARATION_KEYS)
+    other = adapters.wrong_file(raw, path, "dataset")
+    if other:
+        raise DataError(other)
+    if set(raw) <= set(adapters.DATA_KEYS):
+        raise DataError(f"{path}: holds only data keys {sorted(raw)}: that is a `--declaration` file of "
+                        f"`s2r data import-folder / import-manifest`; a {adapters.DATASET_FILE} for `s2r data add` "
+                        "also needs task, source, target and domains (docs/datasets/generic.md)")
+    bad = sorted(set(raw) - DATASET_KEYS)
     if bad:
-        raise DataError(f"{path}: unknown key {bad[0]!r} (allowed: {sorted(DECLARATION_KEYS)})")
+        raise DataError(f"{path}: unknown key {bad[0]!r} (allowed: {sorted(DATASET_KEYS)})")
     for k in ("task", "source", "target", "domains"):
         if k not in raw:
             raise DataError(f"{path}: missing key {k!r}")
@@ -99,13 +130,14 @@ Found = tuple[list[_Record], list[str | None]]  # the samples of one domain and 
 
 
 def build(src: Path, out: Path, name: str, options: dict[str, Any]) -> Path:
-    """A folder with a declaration benchmark.yaml -> a benchmark (files referenced in place)."""
+    """A folder with a dataset declaration (dataset.yaml) -> a benchmark (files referenced in place)."""
     if options:
-        raise DataError(f"the generic declaration takes no -o options (got {sorted(options)}); edit benchmark.yaml")
-    decl_file = src / "benchmark.yaml" if src.is_dir() else src
+        raise DataError(f"the generic declaration takes no -o options (got {sorted(options)}); edit "
+                        f"{adapters.DATASET_FILE}")
+    decl_file = dataset_file(src)
     decl = load_declaration(decl_file)
     base = decl_file.parent
-    declared = adapters.declared_from_dict({k: decl[k] for k in adapters.DECLARED_KEYS if k in decl}, str(decl_file))
+    declared = adapters.declared_from_dict({k: decl[k] for k in adapters.DATA_KEYS if k in decl}, str(decl_file))
     cmap: dict[str, Any] = dict(decl.get("class_map") or {})
     factors: dict[str, int] = dict(decl.get("factors") or {})
     records: list[_Record] = []

@@ -32,7 +32,7 @@ class RegistryError(DataError):
 
 
 def model_name(method: str) -> str:
-    """The registered model name of a method, one name everywhere (DESIGN section 2)."""
+    """The registered model name of a method: `s2r-<method>`, one name everywhere."""
     return f"{PREFIX}{method}"
 
 
@@ -170,7 +170,7 @@ def register(
                             "with tracking.log_model true to register it")
     name = model_name(method)
     try:
-        client.create_registered_model(name, description=f"s2r method {method!r} (see DESIGN.md, `s2r registry`)")
+        client.create_registered_model(name, description=f"s2r method {method!r} (`s2r registry`)")
     except MlflowException as e:
         if getattr(e, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise

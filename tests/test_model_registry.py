@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import tiny_params_dict, tiny_samples, tiny_spec
-from s2r import registry, stages
+from s2r import model_registry, stages
 from s2r.cli import main
 from s2r.data.benchmark import DataError, write_benchmark
 from s2r.params import load_params
 from s2r.tracking import setup
 
-NAME = registry.model_name("mixing")
+NAME = model_registry.model_name("mixing")
 
 
 @dataclass
@@ -45,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     prepared = prepare(bench, root / "prepared", progress=False)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
-    before = [r["version"] for r in registry.list_models("mixing")] if NAME in _names() else []
+    before = [r["version"] for r in model_registry.list_models("mixing")] if NAME in _names() else []
     dirs, metrics, runs = [], [], []
     for seed in (0, 1):
         params = load_params(params_file, {"seed": seed})
@@ -62,13 +62,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 def registered(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path]:
     """Seed 0 registered from its run id, seed 1 from its metrics file with a receipt."""
     receipt = tmp_path_factory.mktemp("release") / "sub" / "mixing.json"
-    first = registry.register("mixing", run_id=trained.run_ids[0])
-    second = registry.register("mixing", best_file=trained.metrics[1], receipt=receipt)
+    first = model_registry.register("mixing", run_id=trained.run_ids[0])
+    second = model_registry.register("mixing", best_file=trained.metrics[1], receipt=receipt)
     return first, second, receipt
 
 
 def _names() -> list[str]:
-    return registry._model_names(registry._client())
+    return model_registry._model_names(model_registry._client())
 
 
 def _prepared_test_images(trained: Trained) -> np.ndarray:
@@ -107,31 +107,31 @@ def test_register_creates_versions_with_alias_and_tags(trained: Trained, registe
 def test_promote_moves_champion_and_keeps_old_versions(trained: Trained, registered: tuple[dict, dict, Path]) -> None:
     first, second, _ = registered
     v1, v2 = first["version"], second["version"]
-    r = registry.promote(NAME, v1)
+    r = model_registry.promote(NAME, v1)
     assert r["alias"] == "champion" and r["version"] == v1
     assert int(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == v1
-    r = registry.promote(NAME, v2, alias="champion")
+    r = model_registry.promote(NAME, v2, alias="champion")
     assert r["previous"] == v1 and r["version"] == v2
     assert int(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == v2
-    rows = {row["version"]: row for row in registry.list_models("mixing")}
+    rows = {row["version"]: row for row in model_registry.list_models("mixing")}
     assert rows[v2]["aliases"] == ["candidate", "champion"] and rows[v1]["aliases"] == []
     assert rows[v1]["run_id"] == trained.run_ids[0]
     # the old version is still registered and loadable by number
     old = mlflow.pytorch.load_model(f"models:/{NAME}/{v1}")
     x = np.zeros((2, 1, 8, 8), np.float32)
     assert tuple(old(__import__("torch").from_numpy(x)).shape) == (2, 3)
-    model, info = registry.load(NAME, version=v1)
+    model, info = model_registry.load(NAME, version=v1)
     assert info["version"] == v1 and info["tags"]["seed"] == "0"
 
 
 def test_promote_unknown_version_lists_existing(registered: tuple[dict, dict, Path]) -> None:
     first, second, _ = registered
     with pytest.raises(DataError, match=r"model 's2r-mixing' has no version 999; existing versions: \[") as e:
-        registry.promote(NAME, 999)
+        model_registry.promote(NAME, 999)
     listed = json.loads(str(e.value).split("existing versions: ")[1])
     assert {first["version"], second["version"]} <= set(listed)
-    with pytest.raises(registry.RegistryError, match=rf"no registered model 's2r-nope'.*{NAME}"):
-        registry.promote("s2r-nope", 1)
+    with pytest.raises(model_registry.RegistryError, match=rf"no registered model 's2r-nope'.*{NAME}"):
+        model_registry.promote("s2r-nope", 1)
     r = CliRunner().invoke(main, ["registry", "promote", NAME, "999"])
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output and r.output.strip().count("\n") == 0
@@ -171,8 +171,8 @@ def test_load_champion_predicts_like_trained_method(trained: Trained, registered
     import torch
 
     _, second, _ = registered
-    registry.promote(NAME, second["version"])
-    model, info = registry.load(NAME)  # champion
+    model_registry.promote(NAME, second["version"])
+    model, info = model_registry.load(NAME)  # champion
     assert info["version"] == second["version"] and info["uri"] == f"models:/{NAME}@champion"
     assert (info["image_size"], info["channels"], info["classes"]) == (8, 1, ["c0", "c1", "c2"])
     images = _prepared_test_images(trained)
@@ -186,8 +186,8 @@ def test_load_champion_predicts_like_trained_method(trained: Trained, registered
         "input_example through the module to infer a signature, which updates BatchNorm running stats"))
     other = _reference_probs(trained, 0, images)
     assert not np.allclose(got, other)  # it really is the seed-1 model, not any model
-    with pytest.raises(registry.RegistryError, match="no alias 'nope'.*champion->v"):
-        registry.load(NAME, alias="nope")
+    with pytest.raises(model_registry.RegistryError, match="no alias 'nope'.*champion->v"):
+        model_registry.load(NAME, alias="nope")
 
 
 def test_predict_folder_matches_reference(trained: Trained, registered: tuple[dict, dict, Path],
@@ -203,7 +203,7 @@ def test_predict_folder_matches_reference(trained: Trained, registered: tuple[di
         names.append(rel)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out" / "pred.csv"
-    df = registry.predict_folder(NAME, folder, out, version=second["version"])
+    df = model_registry.predict_folder(NAME, folder, out, version=second["version"])
     want = _reference_probs(trained, 1, images)
     order = np.argsort(names)  # files are read sorted
     classes = ["c0", "c1", "c2"]
@@ -222,8 +222,8 @@ def test_predict_folder_matches_reference(trained: Trained, registered: tuple[di
     assert pd.read_csv(tmp_path / "cli.csv")["predicted"].tolist() == list(df["predicted"])
 
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(registry.RegistryError, match=r"broken\.png: not a readable image"):
-        registry.predict_folder(NAME, folder, tmp_path / "bad.csv", version=second["version"])
+    with pytest.raises(model_registry.RegistryError, match=r"broken\.png: not a readable image"):
+        model_registry.predict_folder(NAME, folder, tmp_path / "bad.csv", version=second["version"])
     r = CliRunner().invoke(main, ["registry", "predict", NAME, str(folder), "--out", str(tmp_path / "bad.csv"),
                                   "--version", str(second["version"])])
     assert r.exit_code == 2 and "broken.png" in r.output and "Traceback" not in r.output, r.output
@@ -234,21 +234,21 @@ def test_register_errors_are_clear(trained: Trained, tmp_path: Path) -> None:
     setup("registry-tests")
     with mlflow.start_run(run_name="train@mixing", tags={"method": "mixing"}) as run:  # no model logged
         pass
-    with pytest.raises(registry.RegistryError, match=rf"run {run.info.run_id}.*no 'model_uri' tag"):
-        registry.register("mixing", run_id=run.info.run_id)
-    with pytest.raises(registry.RegistryError, match="no MLflow run 'deadbeef'"):
-        registry.register("mixing", run_id="deadbeef")
-    with pytest.raises(registry.RegistryError, match="trained method 'mixing', not 'cut'"):
-        registry.register("cut", run_id=trained.run_ids[0])
+    with pytest.raises(model_registry.RegistryError, match=rf"run {run.info.run_id}.*no 'model_uri' tag"):
+        model_registry.register("mixing", run_id=run.info.run_id)
+    with pytest.raises(model_registry.RegistryError, match="no MLflow run 'deadbeef'"):
+        model_registry.register("mixing", run_id="deadbeef")
+    with pytest.raises(model_registry.RegistryError, match="trained method 'mixing', not 'cut'"):
+        model_registry.register("cut", run_id=trained.run_ids[0])
     best = tmp_path / "best.yaml"
     best.write_text(yaml.safe_dump({"method": "cut", "mlflow_run_id": trained.run_ids[0]}))
-    with pytest.raises(registry.RegistryError, match="result of method 'cut', not 'mixing'"):
-        registry.register("mixing", best_file=best)
+    with pytest.raises(model_registry.RegistryError, match="result of method 'cut', not 'mixing'"):
+        model_registry.register("mixing", best_file=best)
     best.write_text(yaml.safe_dump({"method": "mixing", "value": 0.5}))
-    with pytest.raises(registry.RegistryError, match="no key 'mlflow_run_id'"):
-        registry.register("mixing", best_file=best)
-    with pytest.raises(registry.RegistryError, match="exactly one"):
-        registry.register("mixing")
+    with pytest.raises(model_registry.RegistryError, match="no key 'mlflow_run_id'"):
+        model_registry.register("mixing", best_file=best)
+    with pytest.raises(model_registry.RegistryError, match="exactly one"):
+        model_registry.register("mixing")
     r = CliRunner().invoke(main, ["registry", "register", "mixing", "--run-id", run.info.run_id])
     assert r.exit_code == 2 and "model_uri" in r.output and "Traceback" not in r.output, r.output
 
@@ -257,7 +257,7 @@ def test_register_from_tuning_best_yaml(trained: Trained) -> None:
     best = trained.metrics[0].parent / "best.yaml"
     best.write_text(yaml.safe_dump({"method": "mixing", "mlflow_run_id": trained.run_ids[0], "value": 0.9,
                                     "params": {"methods.mixing.lr": 0.01}}))
-    r = registry.register("mixing", best_file=best, alias="tuned")
+    r = model_registry.register("mixing", best_file=best, alias="tuned")
     assert r["run_id"] == trained.run_ids[0]
     assert int(mlflow.MlflowClient().get_model_version_by_alias(NAME, "tuned").version) == r["version"]
 
