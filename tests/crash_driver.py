@@ -136,8 +136,9 @@ def spawn_cli(argv: list[str], env: dict[str, str], log: Path) -> int:
     return pid
 
 
-if __name__ == "__main__":
-    if os.environ.get("S2R_TEST_KILL"):
+if __name__ == "__main__":  # also every process of `torchrun ... tests/crash_driver.py train ...` (test_ddp_run)
+    only = os.environ.get("S2R_TEST_KILL_RANK")  # under torchrun: only this rank dies
+    if os.environ.get("S2R_TEST_KILL") and only in (None, os.environ.get("RANK")):
         install(os.environ["S2R_TEST_KILL"])
     from s2r.cli import main
 

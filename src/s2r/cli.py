@@ -361,10 +361,13 @@ def method_catalogue(params_path: str = "params.yaml") -> list[str]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a params.yaml key (repeatable).")
 @click.option("--init", "init_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from a trained model folder (e.g. twinvae_heads from data/models/twinvae).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1),
+              help="Train on N processes of this machine (one per GPU): runs this command under `torchrun "
+                   "--standalone` (docs/distributed.md; several nodes: call torchrun yourself).")
 @PARAMS_OPT
 def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: str | None,
               checkpoints: str | None, resume: bool, sets: tuple[str, ...], init_dir: str | None,
-              params_path: str) -> None:
+              nproc_per_node: int | None, params_path: str) -> None:
     """Train METHOD (a key of params.yaml `methods`) and log the run to MLflow as train@METHOD-seedN.
 
     Example: s2r train mixing --data data/prepared/digits --out data/models/mixing
@@ -373,6 +376,13 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
     from s2r import stages
     from s2r.config import ConfigError
 
+    if nproc_per_node is not None:
+        args = [method, "--data", data_dir, "--out", out, "--params", params_path, *(["--resume"] if resume else [])]
+        for opt, value in (("--metrics", metrics), ("--plots", plots), ("--checkpoints", checkpoints),
+                           ("--init", init_dir)):
+            args += [opt, value] if value else []
+        args += [a for s in sets for a in ("--set", s)]
+        sys.exit(_torchrun_train(args, nproc_per_node, Path(checkpoints or Path("data/checkpoints") / method)))
     params = _load(params_path, sets)
     if method not in params.methods:
         raise ConfigError(f"{params_path}: no params block methods.{method}; the methods and their variants:\n  "
@@ -382,7 +392,33 @@ def train_cmd(method: str, data_dir: str, out: str, metrics: str | None, plots: 
                                                plots_out=Path(plots) if plots else None,
                                                ckpt_dir=Path(checkpoints) if checkpoints else None, resume=resume,
                                                init=Path(init_dir) if init_dir else None), params)
-    click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if summary:  # ranks > 0 of a distributed training return nothing: rank 0 reports
+        click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def _torchrun_train(args: list[str], nproc: int, ckpt_dir: Path) -> int:
+    """`torchrun --standalone --nproc-per-node N -m s2r train ARGS`; its exit status. If it fails or is stopped,
+    the MLflow run its rank 0 opened (run.json beside the checkpoints) is settled: KILLED once no rank holds it."""
+    import json
+    import subprocess
+
+    from s2r import distributed, tracking
+
+    if distributed.launched():
+        raise click.UsageError("--nproc-per-node: this process already runs under torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "s2r", "train", *args]
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: torchrun stops its workers (SIGTERM, then SIGKILL after 30 s)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+    if code != 0 and (ckpt_dir / "run.json").is_file():
+        run_id = json.loads((ckpt_dir / "run.json").read_text()).get("run_id", "")
+        if run_id and tracking.run_status(run_id) == "RUNNING":
+            tracking.reconcile_deferring_interrupts()
+    return code
 
 
 @main.command("evaluate")

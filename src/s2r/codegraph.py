@@ -26,7 +26,7 @@ PACKAGE = "s2r"
 
 # Layers, lowest first: a module may import its own layer or a lower one, never a higher one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("helpers", ("s2r.files", "s2r.figures", "s2r.config", "s2r.health", "s2r.parallel")),
+    ("helpers", ("s2r.files", "s2r.figures", "s2r.config", "s2r.health", "s2r.parallel", "s2r.distributed")),
     ("data", ("s2r.data", "s2r.tracking")),
     ("models", ("s2r.methods", "s2r.evaluators")),
     ("running", ("s2r.params", "s2r.train", "s2r.stages", "s2r.verdicts", "s2r.report")),

@@ -298,10 +298,15 @@ class TrainParams(Schema):
     prefetch: int  # batches drawn ahead in a background thread (pinned on CUDA); 0 = in the training thread
     channels_last: Literal["auto"] | bool  # NHWC weights; auto = off (not yet measured on a GPU)
     compile: Literal["auto"] | bool  # torch.compile each network; auto = off (not yet measured on a GPU)
+    # under torchrun (s2r.distributed): BatchNorm statistics over the global batch (false: per rank, as plain DDP)
+    sync_batchnorm: bool
+    dist_timeout: float  # seconds a rank waits in a collective for the others before the run fails
 
     def validate(self) -> None:
         if self.prefetch < 0 or self.checkpoint_every < 1:
             raise ConfigError("keys 'train.prefetch' (>= 0) and 'train.checkpoint_every' (>= 1)")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"key 'train.dist_timeout' must be > 0 seconds, got {self.dist_timeout}")
         if self.threads != "auto" and self.threads < 0:
             raise ConfigError(f"key 'threads' must be 'auto' or an integer >= 0, got {self.threads!r}")
 

@@ -6,7 +6,8 @@
    fp32, bare step and whole loop (data share), side by side with the official CUT
    (taesungp/contrastive-unpaired-translation, driven through its own option parser) when `--reference DIR`
    names a checkout of it (never part of s2r);
-3. one JSON with step times, images/s, peak memory and the official / s2r ratios.
+3. one JSON with step times, images/s, peak memory and the official / s2r ratios;
+4. (with the methods) one training under `torchrun --nproc-per-node <GPUs>` (nccl, DDP) against one process.
 
 Without CUDA it says so in one line and exits 0. The timing helpers also run on the CPU (the CPU comparison).
 """
@@ -330,6 +331,50 @@ def _check_one(name: str, params: Any, data: Path, workdir: Path, device: torch.
                 "seconds": round(time.perf_counter() - t, 2)}
 
 
+# -- one model on the GPUs: torchrun + nccl (docs/distributed.md) ---------------------------------------------------
+def check_ddp(workdir: Path, method: str = "mixing", steps: int = 4, device: str = "cuda") -> dict[str, Any]:
+    """`s2r train METHOD` at one process and under `torchrun --standalone --nproc-per-node <GPUs>` (nccl, DDP):
+    both finish; the distributed run's logged losses match the single process's (the same global batch).
+    device "cpu": the same with 2 gloo processes (a dry run of this check without a GPU)."""
+    import json
+    import subprocess
+
+    from s2r import stages
+    from s2r.data.prepared import prepare
+
+    params = check_params([method], steps, device)
+    data = prepare(stages.generate("digits", workdir / "digits_raw", params), workdir / "digits", progress=False)
+    sets = {"train.device": device, "train.amp": True, "train.progress": False, "train.checkpoint_every": steps,
+            "tracking.experiment": "s2r-gpu-check", "tracking.log_model": False,
+            f"methods.{method}.epochs": 2, f"methods.{method}.steps_per_epoch": steps}
+    gpus = 2 ** (torch.cuda.device_count().bit_length() - 1) if device == "cuda" else 2  # divides the batch
+    launchers = {"one_process": [sys.executable, "-m", "s2r"],
+                 f"torchrun_{gpus}": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc-per-node={gpus}", "-m", "s2r"]}
+    out: dict[str, Any] = {"method": method, "gpus": gpus}
+    for name, launcher in launchers.items():
+        w = workdir / name
+        args = ["train", method, "--data", str(data), "--out", str(w / "model"), "--metrics", str(w / "train.json"),
+                "--checkpoints", str(w / "ckpt"), "--params", _params_path(),
+                *(a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}"))]
+        t = time.perf_counter()
+        done = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=1800)
+        out[name] = {"returncode": done.returncode, "seconds": round(time.perf_counter() - t, 2),
+                     **({"output": (done.stdout + done.stderr)[-2000:]} if done.returncode else {})}
+        if done.returncode == 0:
+            out[name]["final"] = {k: v for k, v in json.loads((w / "train.json").read_text()).items()
+                                  if k.startswith("train_") and isinstance(v, float)}
+    one, ddp = out["one_process"].get("final"), out[f"torchrun_{gpus}"].get("final")
+    if one and ddp:
+        out["max_rel_loss_diff"] = max(abs(one[k] - ddp[k]) / max(1.0, abs(one[k])) for k in one)
+    # one GPU: DDP at world 1 changes no number; several: float and bf16 rounding of the split batch
+    bound = 1e-5 if gpus == 1 else 5e-2
+    out["status"] = "passed" if out.get("max_rel_loss_diff", 1.0) <= bound else "failed"
+    print(f"gpu-check DDP {method} on {gpus} GPU(s): {out['status']} (max rel loss diff "
+          f"{out.get('max_rel_loss_diff')})", flush=True)
+    return out
+
+
 def _refine(name: str, model: Path, data: Path, workdir: Path, params: Any) -> Path:
     from s2r import stages
 
@@ -398,10 +443,11 @@ def run(out: Path, reference: Path | None, methods: list[str] | None, skip_metho
             report["methods"] = res
             report["methods_passed"] = sorted(k for k, v in res.items() if v["status"] == "passed")
             report["methods_failed"] = sorted(k for k, v in res.items() if v["status"] != "passed")
+            report["ddp"] = check_ddp(Path(tmp) / "ddp")
         if not skip_timing:
             report["cut"] = time_cut(Path(tmp) / "cut", reference)
     from s2r.files import write_json
 
     write_json(out, report)
     print(f"gpu-check: wrote {out}")
-    return 1 if report.get("methods_failed") else 0
+    return 1 if report.get("methods_failed") or report.get("ddp", {}).get("status") == "failed" else 0

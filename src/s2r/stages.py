@@ -29,6 +29,7 @@ from s2r.files import JsonDict, write_json
 
 if TYPE_CHECKING:  # heavy imports (torch) stay lazy: the CLI starts without them
     from s2r.data.prepared import PreparedBenchmark
+    from s2r.distributed import Session
     from s2r.methods.base import Method, Schedule, State
     from s2r.tracking import TrackedRun
     from s2r.train import FitResult
@@ -100,15 +101,22 @@ class _Resume:
 
 def train(request: TrainRequest, params: Params) -> JsonDict:
     """Train one method (see `_train`) with torch's determinism and thread settings restored afterwards."""
+    from s2r import distributed
     from s2r.train import torch_settings
 
     threads, why = choose_threads(params.train.threads)  # "auto": the cores per local worker
-    with torch_settings(deterministic=params.train.deterministic, threads=threads):
-        return _train(request, params, threads_choice=why)
+    t = params.train
+    with torch_settings(deterministic=t.deterministic, threads=threads), \
+            distributed.session(t.device, sync_batchnorm=t.sync_batchnorm, timeout_s=t.dist_timeout) as session:
+        return _train(request, params, threads_choice=why, sess=session)
 
 
-def _train(req: TrainRequest, params: Params, threads_choice: str) -> JsonDict:
-    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow."""
+def _train(req: TrainRequest, params: Params, threads_choice: str, sess: Session) -> JsonDict:
+    """Train one method on a prepared benchmark; write model, metrics and history; log it all to MLflow.
+
+    `sess` (s2r.distributed, under torchrun): rank 0 plans the resume and alone opens the MLflow run, checkpoints
+    and exports; the other ranks train their shards and return {}.
+    """
     from s2r.data.prepared import PreparedBenchmark
     from s2r.tracking import log_interval
     from s2r.train import fit
@@ -117,21 +125,25 @@ def _train(req: TrainRequest, params: Params, threads_choice: str) -> JsonDict:
     total = cfg.epochs * cfg.steps_per_epoch
     data = PreparedBenchmark(req.data_dir)
     fingerprint = _fingerprint(req.method, to_dict(cfg), params.seed, data.data_version)
-    resume = _plan_resume(req, fingerprint, total)
+    resume = sess.on_writer(lambda: _plan_resume(req, fingerprint, total))  # rank 0 reads, every rank gets it
     if resume.finished is not None:
-        return resume.finished
-    method, init_tags = _build_method(req, cfg, data, params)
+        return resume.finished if sess.writer else {}
+    method, init_tags = _build_method(req, cfg, data, params, sess)
+    if not sess.writer:  # ranks > 0 train their shards; rank 0 logs, checkpoints and exports
+        _train_shard(req, method, params, resume.state, sess)
+        return {}
     logged = {"method": req.method, "seed": params.seed, "methods": {req.method: to_dict(cfg)},
               "train": asdict(params.train), "benchmark": data.spec.name}
-    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice}, resume,
-                    total) as run:
+    with _train_run(req, params, method, logged, init_tags | {"threads_choice": threads_choice} | sess.tags(),
+                    resume, total) as run:
         write_json(req.checkpoints / RUN_FILE, {"run_id": run.run_id, "method": req.method, "steps": total,
                                                 "fingerprint": fingerprint})
+        sess.run_id = sess.broadcast(run.run_id)  # the other ranks settle it if rank 0 dies (_train_shard)
         if resume.state is None:
             _log_inputs(run, method, logged)
         result = fit(method, train=params.train, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                      ckpt_dir=req.checkpoints, run=run, resume_state=resume.state, on_epoch=req.on_epoch,
-                     log_every=log_interval(params.tracking.log_every, total))
+                     log_every=log_interval(params.tracking.log_every, total), session=sess)
         summary = _save_outputs(req, method, result, run, params, cfg.epochs, total)
         if req.metrics_out:
             write_json(Path(req.metrics_out), summary)
@@ -168,7 +180,7 @@ def _plan_resume(req: TrainRequest, fingerprint: str, total: int) -> _Resume:
     return _Resume(state, run_id, mode, done)
 
 
-def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, params: Params
+def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, params: Params, sess: Session
                   ) -> tuple[Method[Any], dict[str, str]]:
     """Seed, construct the method under its block's name, start it from `--init`, set it up on the device."""
     from s2r.methods import registry
@@ -178,7 +190,7 @@ def _build_method(req: TrainRequest, cfg: Schedule, data: PreparedBenchmark, par
     method = registry.method_class(req.method)(cfg, data, params.seed)
     method.name = req.method  # an instance of a method under another name (e.g. mrgan) keeps that name
     init_tags = method.init_from(Path(req.init)) if req.init is not None else {}
-    device = select_device(params.train.device)
+    device = sess.device if sess.active else select_device(params.train.device)  # cuda:<LOCAL_RANK> under torchrun
     method.setup(device, amp_dtype(device, params.train.amp), cfg.epochs * cfg.steps_per_epoch)
     return method, init_tags
 
@@ -198,6 +210,27 @@ def _train_run(req: TrainRequest, params: Params, method: Method[Any], logged: J
         | dict(req.tags) | tags | {"threads": str(torch.get_num_threads()), "steps": str(total)}
         | ({"resume": resume.mode} if req.resume else {}),
         run_id=resume.run_id, parent_run_id=req.parent_run_id, system_metrics=params.tracking.system_metrics)
+
+
+def _train_shard(req: TrainRequest, method: Method[Any], params: Params, state: State | None, sess: Session) -> None:
+    """A rank > 0 of a distributed training: train its shards, log nothing. If the training fails (a peer died,
+    torchrun's SIGTERM), settle rank 0's MLflow run when rank 0 is gone, so it is never left RUNNING."""
+    from s2r import tracking
+    from s2r.train import fit
+
+    sess.run_id = sess.broadcast("")
+    total = method.cfg.epochs * method.cfg.steps_per_epoch
+    try:
+        fit(method, train=params.train, epochs=method.cfg.epochs, steps_per_epoch=method.cfg.steps_per_epoch,
+            ckpt_dir=req.checkpoints, resume_state=state, on_epoch=req.on_epoch, session=sess,
+            log_every=tracking.log_interval(params.tracking.log_every, total))  # windows as rank 0's
+    except BaseException:
+        if sess.run_id:
+            try:
+                tracking.reconcile_deferring_interrupts()  # KILLED once every process holding it (rank 0) died
+            except Exception as e:  # the training's own error is the one to report
+                notice(f"rank {sess.rank}: could not check rank 0's MLflow run {sess.run_id}: {e}")
+        raise
 
 
 def _log_inputs(run: TrackedRun, method: Method[Any], logged: JsonDict) -> None:

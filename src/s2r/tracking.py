@@ -146,7 +146,10 @@ def process_alive(entry: dict[str, Any], *, beat: float | None = None, stale_aft
         if abs(float(entry.get("boot", 0)) - psutil.boot_time()) > 2:
             return False  # the host rebooted since
         try:
-            started = psutil.Process(int(entry["pid"])).create_time()
+            proc = psutil.Process(int(entry["pid"]))
+            started = proc.create_time()
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False  # dead, not yet reaped (e.g. a torchrun rank while the agent stops the others)
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError):
             return False
         return abs(started - float(entry.get("start", started))) < 1.0  # else the pid was reused
@@ -196,6 +199,13 @@ def reconcile(uri: str | None = None) -> list[str]:
             continue  # e.g. deleted meanwhile
         killed.append(r.info.run_id)
     return killed
+
+
+def reconcile_deferring_interrupts(uri: str | None = None) -> list[str]:
+    """reconcile() that a SIGTERM cannot cut short (e.g. a torchrun rank settling a dead rank 0's run while torchrun
+    stops it); the interrupt is raised once the store is settled."""
+    with _interrupts_deferred():
+        return reconcile(uri)
 
 
 def run_status(run_id: str) -> str | None:
@@ -466,6 +476,29 @@ def _torch_tags() -> dict[str, str]:
     return {"torch": str(torch.__version__), "threads": str(torch.get_num_threads())}
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGTERM / SIGINT held back until the block is done, then raised as KeyboardInterrupt (main thread only).
+
+    Ending a run takes a few store writes; an interrupt between them would leave the run RUNNING, and MLflow's
+    atexit hook would then end it as FINISHED.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if caught:
+            raise KeyboardInterrupt(f"signal {caught[0]}")
+
+
 class TrackedRun:
     """An MLflow run as a context manager: FINISHED on success, FAILED on error, KILLED on interrupt.
 
@@ -532,6 +565,11 @@ class TrackedRun:
         import mlflow
 
         HEARTBEAT.remove(self.run_id)
+        with _interrupts_deferred():  # a SIGTERM now (torchrun stopping the ranks) must not leave the run unended
+            self._end(mlflow, exc_type, exc)
+
+    def _end(self, mlflow: Any, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """Flush the buffered metrics and end the run: FINISHED, KILLED (interrupt, pruned trial) or FAILED."""
         try:
             self.flush()
         finally:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2r import health
+from s2r import distributed, health
 from s2r.config import TrainParams
 from s2r.files import atomic_path
 from s2r.methods.base import Method, State
@@ -310,6 +310,7 @@ def fit(
     resume_state: State | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 0,
+    session: distributed.Session | None = None,
 ) -> FitResult:
     """Train `method` for epochs x steps_per_epoch steps, validating and logging once per epoch.
 
@@ -322,13 +323,13 @@ def fit(
     (`train_<loss>`, MLflow `train/<loss>`) are the loss means over every `log_every` steps, kept on the device
     until the next read; 0: the epoch means. Validation, health and lr are logged once per epoch. A non-finite
     loss stops training naming the steps since the last check, and no checkpoint is written after it.
+
+    `session` (s2r.distributed, under torchrun): this rank trains its shard of every global batch with the
+    networks wrapped in DDP; losses are means over ranks; only rank 0 writes checkpoints (pass `run` there only).
     """
     loop = _Loop(method, train, epochs * steps_per_epoch, steps_per_epoch, Path(ckpt_dir) / CHECKPOINT, run,
-                 log_every)
-    loop.restore(resume_state)
-    method.before_training()  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
-    source = loop.batch_source()
-    undo_options = apply_train_options(method, train)
+                 log_every, session or distributed.Session())
+    source = loop.prepare(resume_state)
     bar = loop.progress_bar()
     t_start = time.perf_counter()
     method.train()
@@ -352,7 +353,7 @@ def fit(
             run.flush()
     finally:
         source.close()
-        undo_options()
+        loop.undo_options()
         bar.close()
     return loop.finish(time.perf_counter() - t_start)
 
@@ -361,8 +362,10 @@ class _Loop:
     """The state of one `fit`: step counters, loss sums, timings; each step of the loop is a method."""
 
     def __init__(self, method: Method[Any], train: TrainParams, total: int, steps_per_epoch: int, ckpt_path: Path,
-                 run: TrackedRun | None, log_every: int) -> None:
-        self.method, self.train, self.run, self.log_every = method, train, run, log_every
+                 run: TrackedRun | None, log_every: int, sess: distributed.Session) -> None:
+        self.method, self.train, self.run, self.log_every, self.sess = method, train, run, log_every, sess
+        self.scope: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        self.undo_options: Callable[[], None] = lambda: None
         self.total, self.steps_per_epoch, self.ckpt_path = total, steps_per_epoch, ckpt_path
         self.result = FitResult()
         self.start = 0
@@ -384,6 +387,20 @@ class _Loop:
         self.sums = LossSums(state.get("epoch_sums", {}))
         self.window = LossSums(state.get("window_sums", {}))
 
+    def prepare(self, state: State | None) -> Prefetcher | _Serial:
+        """Restore a checkpoint, apply the train options, wrap the networks in DDP (under torchrun), run the
+        method's before_training; returns the batch source."""
+        self.restore(state)
+        self.undo_options = apply_train_options(self.method, self.train)
+        try:
+            self.scope = _step_scope(self.method, self.sess)
+            with self.scope():  # e.g. GAN pretraining: it draws from the sampler, so before the prefetch thread does
+                self.method.before_training()
+            return self.batch_source()
+        except BaseException:
+            self.undo_options()
+            raise
+
     def is_checkpoint(self, done: int) -> bool:
         return done % self.train.checkpoint_every == 0 or done == self.total
 
@@ -399,27 +416,31 @@ class _Loop:
         from tqdm import tqdm
 
         return tqdm(total=self.total, initial=self.start, desc=f"train {self.method.name}", unit="step",
-                    disable=not self.train.progress,
+                    disable=not (self.train.progress and self.sess.writer),
                     mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs (dvc repro, CI) get a line per 10 s
 
     def train_step(self, source: Prefetcher | _Serial) -> None:
-        """One optimisation step on the next batch; its losses are added on the device (no sync)."""
+        """One optimisation step on the next batch (this rank's shard of it under torchrun); its losses are added
+        on the device (no sync)."""
         t0 = time.perf_counter()
         batch = source.get()
+        if self.sess.world > 1:
+            batch = self.method.shard_batch(batch, self.sess.shard)  # this rank's rows of the global batch
         t1 = time.perf_counter()
-        losses = self.method.train_step(batch)
+        with self.scope():
+            losses = self.method.train_step(batch)
         self.result.seconds_data += t1 - t0
         self.result.seconds_step += time.perf_counter() - t1
-        self.result.samples += self.method.batch_size
+        self.result.samples += self.method.batch_size  # the global batch
         self.sums.add(losses)
         if self.log_every > 0:
             self.window.add(losses)
         self.result.steps += 1
 
     def checked(self, sums: LossSums, step: int) -> dict[str, float]:
-        """Read (the one sync: waiting for queued GPU work counts as step time) and check for NaN/inf."""
+        """Read (the one sync: waiting for queued GPU work counts as step time), average over ranks, check NaN/inf."""
         t = time.perf_counter()
-        values = sums.read()
+        values = self.sess.mean(sums.read())
         self.result.seconds_step += time.perf_counter() - t
         for k, v in values.items():
             if not math.isfinite(v):
@@ -473,6 +494,8 @@ class _Loop:
         self.log_windows()
         epoch_sums = self.checked(self.sums, step)
         window_sums = self.checked(self.window, step)
+        if not self.sess.writer:  # rank 0 alone writes (every rank holds the same state)
+            return
         if self.run is not None:
             self.run.flush()  # what the checkpoint covers is in MLflow before it: a resumed run logs nothing twice
         method = self.method
@@ -488,6 +511,17 @@ class _Loop:
         run = self.run  # logging during training only:
         self.result.seconds_tracking = (run.log_seconds - self.tracking_before) if run else 0.0
         return self.result
+
+
+def _step_scope(method: Method[Any], sess: distributed.Session
+                ) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """What every training step runs inside: under torchrun, the method's networks wrapped in DDP (s2r.distributed);
+    otherwise nothing."""
+    if not sess.active:
+        return contextlib.nullcontext
+    distributed.check_batch_size(method.batch_size, sess.world, f"methods.{method.name}")
+    optimised = [p for o in method.optimizers.values() for g in o.param_groups for p in g["params"]]
+    return distributed.Training(method, method.distributed_networks(), optimised, sess).step
 
 
 def _first_lr(method: Method[Any]) -> float:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2r import distributed
 from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import NO_LABEL, DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit, one_per_scene
@@ -598,17 +599,19 @@ class Method(BaseMethod[Config]):
     ) -> dict[str, torch.Tensor | float]:
         c = self.cfg
         batch_idx = batch[2]
+        groups = 3 if c.triplet else 1  # anchors, positives, negatives (s2r.distributed.Shard)
+        shard = distributed.shard()  # this process's rows of the global batch (all of it at one process)
         x = self._inputs(batch[0], batch_idx["input"], batch_idx["flip"])
         target = self._images(self.train_split, batch_idx["target"], batch_idx["flip"])
         with self.autocast():
             mu, logvar = self.encode_tensor(x)
             if logvar is not None:
-                z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+                z = mu + shard.randn_like(mu, groups) * (0.5 * logvar).exp()  # reparameterisation
             else:
                 z = mu
             logits = self.decoder(z).float()
         rec = recon_loss(c.recon_loss, logits, target, c.ssim_win_size)  # (3B,) with triplets
-        b = self.batch_size
+        b = len(batch_idx["input"]) // groups  # this process's batch (batch_size at one process)
         if c.triplet:
             # Eq. 5: beta * (L_r(anchor) + L_r(positive) + L_r(negative)): the per-group means summed
             l_rec = rec.view(3, b).mean(1).sum()
@@ -636,7 +639,7 @@ class Method(BaseMethod[Config]):
         if self.discriminator is not None:
             # discriminator: z (class 0) vs dimension-wise permuted z (class 1), Kim & Mnih 2018 Algorithm 2
             zd = z.detach().float()
-            zp = permute_dims(zd)
+            zp = shard.local(permute_dims(shard.gather(zd, groups)), groups)  # permuted over the global batch
             logits_d = torch.cat([self.discriminator(zd), self.discriminator(zp)])
             labels = torch.cat([torch.zeros(len(zd), dtype=torch.long, device=zd.device),
                                 torch.ones(len(zp), dtype=torch.long, device=zd.device)])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2r import distributed
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.health import Check
@@ -158,7 +159,7 @@ class Method(nn.Module, Generic[C]):
         self.cfg, self.data, self.seed = cfg, data, seed
         self.rng = np.random.default_rng(seed)  # drives batch sampling; its state is checkpointed
         self._sampler_parts: dict[str, Sampler] = {}  # checkpointed parts of the batch sampler (sampler_part)
-        self.batch_size = 0  # samples per training step (images/s in the loop's timing)
+        self.batch_size = 0  # samples per training step: the global batch, split over the ranks of a DDP run
         self.source = data.spec.source  # the domain the method learns from (latent classifiers fit on it)
         self.domain_a, self.domain_b = "", ""  # translators: the domains they map between ("" = none)
         self.device = torch.device("cpu")
@@ -209,6 +210,18 @@ class Method(nn.Module, Generic[C]):
 
     def train_step(self, batch: Any) -> Mapping[str, torch.Tensor | float]:  # batch: what batches() yields
         raise NotImplementedError
+
+    # -- distributed training (s2r.distributed; docs/distributed.md) --------------------------------------
+    def distributed_networks(self) -> list[nn.Module]:
+        """The networks DDP wraps: modules whose forward train_step calls, together holding every optimised
+        parameter, pairwise disjoint. Default: the method's direct submodules that an optimiser updates."""
+        optimised = {id(p) for o in self.optimizers.values() for g in o.param_groups for p in g["params"]}
+        return [m for m in self.children() if any(id(p) in optimised for p in m.parameters())]
+
+    def shard_batch(self, batch: Any, shard: distributed.Shard) -> Any:
+        """This rank's rows of one global batch (every array of k * batch_size rows, k groups; see
+        s2r.distributed.shard_batch); methods whose batches hold other arrays override it."""
+        return distributed.shard_batch(batch, shard, self.batch_size)
 
     def validate(self) -> dict[str, float]:
         return {}

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2r import distributed
 from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
@@ -331,9 +332,10 @@ def add_input_noise(x: torch.Tensor, std_subpixel: float, std_pixel: float, upsa
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Appendix A: per-subpixel N(0, s1^2) + greyscale per-pixel N(0, s2^2) bilinearly upsampled by `upsample`."""
     b, c, h, w = x.shape
-    n1 = to_device(torch.randn(x.shape, generator=generator, device="cpu"), x.device) * std_subpixel
+    shard = distributed.shard()  # in a distributed step: this process's rows of a draw over the global batch
+    n1 = to_device(shard.randn(tuple(x.shape), generator), x.device) * std_subpixel
     hs, ws = max(1, math.ceil(h / upsample)), max(1, math.ceil(w / upsample))
-    low = to_device(torch.randn((b, 1, hs, ws), generator=generator, device="cpu"), x.device) * std_pixel
+    low = to_device(shard.randn((b, 1, hs, ws), generator), x.device) * std_pixel
     n2 = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)  # (B,1,h,w) -> (B,1,H,W)
     return x + n1 + n2  # n2 broadcast over the channels: greyscale
 
@@ -629,6 +631,10 @@ class Method(BaseMethod[Config]):
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": torch.optim.Adam(self.vae.parameters(), lr=self.cfg.lr)}
 
+    def distributed_networks(self) -> list[nn.Module]:
+        """The training step calls the encoder and the decoder, not VAE.forward (s2r.distributed)."""
+        return [self.vae.encoder, self.vae.decoder]
+
     def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
         self.total_steps = total_steps
         ms = sorted({max(1, int(round(m * total_steps))) for m in self.cfg.lr_milestones})
@@ -647,7 +653,7 @@ class Method(BaseMethod[Config]):
         return add_input_noise(x, c.noise_std_subpixel, c.noise_std_pixel, up, self.noise_gen)
 
     def reparameterise(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return mu + distributed.shard().randn_like(mu) * (0.5 * logvar).exp()
 
     def losses(self, x1: torch.Tensor, x2: torch.Tensor | None, beta: float) -> dict[str, torch.Tensor]:
         """Mean per-image loss terms; for pairs the two images' losses are summed (Ada-GVAE)."""

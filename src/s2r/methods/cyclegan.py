@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2r import distributed
 from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
@@ -497,16 +498,19 @@ class Method(BaseMethod[Config]):
             yield CycleBatch(self.a.images[ai], self.a.labels[ai], self.b.images[bi], self.b.labels[bi])
 
     def _targets(self, n: int, real: bool) -> torch.Tensor:
-        """(n, 1, 1, 1) discriminator targets, one per image, broadcast over its patch scores."""
-        t = d_targets(n, real, self.cfg, self.noise_rng)
+        """(n, 1, 1, 1) discriminator targets, one per image, broadcast over its patch scores (in a distributed
+        step: this process's rows of the targets drawn for the global batch)."""
+        shard = distributed.shard()
+        t = shard.local(d_targets(shard.global_n(n), real, self.cfg, self.noise_rng))
         return to_device(t, self.device).view(n, 1, 1, 1)  # (n,) -> (n, 1, 1, 1)
 
     def discriminator_loss(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """LSGAN loss of D_A and D_B on real images and pooled fakes (Mao et al. eq. 2; appendix 6.2 targets)."""
         with torch.no_grad(), self.autocast():
             fake_b, fake_a = self.g_ab(a).float(), self.g_ba(b).float()
-        fake_b = self.pool_b.query(fake_b, self.noise_rng)
-        fake_a = self.pool_a.query(fake_a, self.noise_rng)
+        shard = distributed.shard()  # the pools see the global batch's fakes, as one process (s2r.distributed)
+        fake_b = shard.local(self.pool_b.query(shard.gather(fake_b), self.noise_rng))
+        fake_a = shard.local(self.pool_a.query(shard.gather(fake_a), self.noise_rng))
         n = a.shape[0]
         with self.autocast():
             real_b_s, fake_b_s = self.d_b(b), self.d_b(fake_b)
@@ -562,6 +566,7 @@ class Method(BaseMethod[Config]):
         for phase, n in (("g", self.cfg.pretrain_g_steps), ("d", self.cfg.pretrain_d_steps)):
             for _ in range(n):
                 ai, bi = self.sampler.draw(self.cfg.batch_size, self.rng)
+                ai, bi = distributed.shard().local(ai), distributed.shard().local(bi)  # this process's pairs
                 a = to_float(self.a.images[ai], self.device) * 2 - 1  # [0, 1] -> [-1, 1]
                 b = to_float(self.b.images[bi], self.device) * 2 - 1
                 if phase == "g":

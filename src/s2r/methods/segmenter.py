@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2r import distributed
 from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
@@ -110,6 +111,14 @@ class UNet(nn.Module):
         d1 = self.dec1(torch.cat([self.up1(d2), f["enc1"]], 1))
         out: torch.Tensor = self.head(d1)[..., :h, :w]
         return out
+
+
+def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise CE, mean over labelled pixels (255 = no class); in a distributed step over the global batch's."""
+    shard = distributed.shard()
+    if shard.world == 1:
+        return F.cross_entropy(logits, masks, ignore_index=255)
+    return shard.ratio(F.cross_entropy(logits, masks, ignore_index=255, reduction="sum"), (masks != 255).sum())
 
 
 def lastk_summary(values: np.ndarray, k: int, prefix: str) -> dict[str, float]:
@@ -209,7 +218,7 @@ class Method(BaseMethod[Config]):
         y = to_device(np.asarray(batch.masks), self.device).long()  # uint8 bytes travel, int64 on the device
         with self.autocast():
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), y, ignore_index=255)  # pixel-wise CE; 255 = no class (benchmarks)
+        loss = pixel_cross_entropy(logits.float(), y)
         self.optimize(loss, "net")
         if self.ema is not None:
             self.ema.update(self.net)

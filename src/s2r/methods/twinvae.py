@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2r import distributed
 from s2r.config import ConfigError, Schema
 from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
@@ -246,7 +247,8 @@ class SharedEncoder(nn.Module):
     def forward(self, h: torch.Tensor) -> Latent:
         h = self.conv(h)
         mu, logvar = self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # reparameterisation (Kingma & Welling 2014)
+        # reparameterisation (Kingma & Welling 2014); in a distributed step the rows of a global-batch draw
+        z = mu + torch.exp(0.5 * logvar) * distributed.shard().randn_like(mu)
         return Latent(z, mu, logvar)
 
 
@@ -397,12 +399,24 @@ def mmd_prior(z: torch.Tensor, sigma2: float) -> torch.Tensor:
     return mmd(torch.randn_like(z, dtype=torch.float32), z, sigma2)
 
 
+def global_mmd(x: torch.Tensor, y: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """mmd over the global batch: in a distributed step both samples are gathered from every rank (with gradients);
+    the kernel means couple every pair of samples, so per-rank MMDs would estimate another quantity."""
+    shard = distributed.shard()
+    return mmd(shard.gather(x), shard.gather(y), sigma2)
+
+
+def global_mmd_prior(z: torch.Tensor, sigma2: float) -> torch.Tensor:
+    """mmd_prior over the global batch (the prior sample drawn at the global shape, as one process draws it)."""
+    return mmd_prior(distributed.shard().gather(z), sigma2)
+
+
 def depth_loss(pred_n: torch.Tensor, depth_m: torch.Tensor, depth_max: float) -> torch.Tensor:
     """Eq. 15-16: MSE between predicted and true normalised depth (2 d / depth_max - 1) over valid pixels (d > 0)."""
     valid = depth_m > 0
     target = 2.0 * depth_m.clamp(0, depth_max) / depth_max - 1.0
     err = (pred_n.float().squeeze(1) - target) ** 2
-    return (err * valid).sum() / valid.sum().clamp(min=1)
+    return distributed.shard().ratio((err * valid).sum(), valid.sum())  # over the global batch's valid pixels
 
 
 def median_frequency_weights(masks: np.ndarray, num_classes: int) -> np.ndarray:
@@ -428,7 +442,7 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor | N
     (F.cross_entropy's mean is 0/0 there), like depth_loss on a batch without valid depth.
     """
     ce = F.cross_entropy(logits.float(), masks, weight=weight, ignore_index=IGNORE, reduction="sum")
-    return ce / (masks != IGNORE).sum().clamp(min=1)
+    return distributed.shard().ratio(ce, (masks != IGNORE).sum())  # over the global batch's labelled pixels
 
 
 # -- exported models -----------------------------------------------------------------------------------------
@@ -602,6 +616,19 @@ class Method(BaseMethod[Config]):
         c = self.cfg
         return {"net": torch.optim.Adam(self.trainable(), lr=c.lr, betas=(c.beta1, c.beta2))}
 
+    def distributed_networks(self) -> list[nn.Module]:
+        """Disjoint modules the steps call: each private part, and the shared encoder / decoder once (one DDP
+        wrapper serves both domains, s2r.distributed), the baseline's encoder, each head."""
+        out: list[nn.Module] = []
+        if self.twin is not None:
+            t = self.twin
+            out += [t.enc_r.private, t.enc_s.private, t.enc_r.shared, t.dec_r.private, t.dec_s.private, t.dec_r.shared]
+        if self.encoder is not None:
+            out.append(self.encoder)
+        if self.heads is not None:
+            out += [self.heads.depth, self.heads.seg]
+        return out
+
     def batches(self) -> Iterator[TwinBatch]:
         """Endless batches; sim and real indices are drawn independently (unpaired, Section 3.2)."""
         b = self.cfg.batch_size
@@ -634,7 +661,7 @@ class Method(BaseMethod[Config]):
             "kl_r": kl_normal(lr_.mu, lr_.logvar), "kl_s": kl_normal(ls.mu, ls.logvar),  # Eq. 2-3, KL part
             "nll_r": gaussian_nll(rec_r, x_r), "nll_s": gaussian_nll(rec_s, x_s),  # Eq. 2-3, likelihood part
             "mse_r": F.mse_loss(rec_r.float(), x_r), "mse_s": F.mse_loss(rec_s.float(), x_s),  # Eq. 4-5
-            "mmd_r": mmd_prior(lr_.z, self.sigma2), "mmd_s": mmd_prior(ls.z, self.sigma2),  # Eq. 6-7
+            "mmd_r": global_mmd_prior(lr_.z, self.sigma2), "mmd_s": global_mmd_prior(ls.z, self.sigma2),  # Eq. 6-7
             "cycle_r": F.l1_loss(cyc_r.float(), x_r), "cycle_s": F.l1_loss(cyc_s.float(), x_s),  # Eq. 8-9
         }
         out["loss"] = (c.w_kl * (out["kl_r"] + out["nll_r"] + out["kl_s"] + out["nll_s"])
@@ -659,8 +686,8 @@ class Method(BaseMethod[Config]):
         out = {
             "kl_r2d": kl_normal(lr2.mu, lr2.logvar) + gaussian_nll(rec_r2, x_r2),  # Eq. 11
             "kl_s2d": kl_normal(ls.mu, ls.logvar) + gaussian_nll(rec_s, x_s),  # Eq. 12
-            "mmd_s2r": mmd(ls.z, lr2.z, self.sigma2),  # Eq. 13
-            "mmd_r2s": mmd(ls2.z, lr_.z, self.sigma2),  # Eq. 14
+            "mmd_s2r": global_mmd(ls.z, lr2.z, self.sigma2),  # Eq. 13
+            "mmd_r2s": global_mmd(ls2.z, lr_.z, self.sigma2),  # Eq. 14
             "depth_s": depth_loss(d_s, depth, c.depth_max),  # Eq. 15: G_D(E_S(x_S))
             "depth_r": depth_loss(d_r2, depth, c.depth_max),  # Eq. 16: G_D(E_R(x'_R))
             "seg_s": seg_loss(g_s, masks, self._seg_weight()),  # Eq. 18
