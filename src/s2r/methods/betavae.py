@@ -80,6 +80,7 @@ from s2r.data.prepared import PreparedBenchmark
 from s2r.files import atomic_path
 from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.common import area_resize
 from s2r.methods.registry import register
 
 
@@ -622,10 +623,7 @@ class Method(BaseMethod[Config]):
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, C) -> float (B, C, S, S) in [0, 1] at the model resolution (area downsampling)."""
-        x = to_float(np.ascontiguousarray(images), self.device)
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="area")
-        return x
+        return area_resize(to_float(np.ascontiguousarray(images), self.device), self.size)
 
     # -- training -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -20,6 +20,12 @@ from s2r.methods.base import Method, to_float, to_uint8
 M = TypeVar("M", bound=nn.Module)
 
 
+def area_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size) by area averaging (unchanged when already that size): the model
+    resolution of mixing and betavae."""
+    return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="area")
+
+
 # -- losses --------------------------------------------------------------------------------------------------
 def lsgan_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor, real_targets: torch.Tensor,
                  fake_targets: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.base import IndexPool, limited_indices, to_device, to_float
 from s2r.methods.base import Method as BaseMethod
+from s2r.methods.common import area_resize
 from s2r.methods.registry import register
 
 
@@ -131,11 +132,6 @@ class SmallResNet(nn.Module):
         h = self.stages(self.stem(x))
         out: torch.Tensor = self.head(h.mean(dim=(2, 3)))  # global average pooling: (B, C, h, w) -> (B, C)
         return out
-
-
-def area_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """float (B, C, H, W) -> (B, C, size, size) by area averaging (unchanged when already that size)."""
-    return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="area")
 
 
 class AtResolution(nn.Module):
