@@ -128,6 +128,50 @@ def test_s2r_commands_are_forked_after_one_preload(tmp_path: Path) -> None:
     assert "failed: s2r parallel: command [0] failed with exit status 5" in res.stdout
 
 
+def test_the_cli_forks_its_s2r_commands_whatever_the_thread_environment() -> None:
+    """Through the `s2r` CLI, as `dvc repro` runs it (no OMP_NUM_THREADS in the environment): every `s2r` command is
+    forked. numpy's OpenBLAS starts a thread pool at import, sized by the environment; imported by the CLI before
+    `s2r parallel` had set its share, that pool made the process multi-threaded and every command ran as a fresh
+    process paying ~7 CPU-seconds of imports again."""
+    import os
+    import shutil
+    import subprocess
+
+    unset = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    exe = shutil.which("s2r", path=str(Path(sys.executable).parent)) or "s2r"
+    res = subprocess.run([exe, "parallel", "s2r --version", "s2r --version"], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "[s2r parallel] 2 of 2 s2r commands forked after the imports\n" in res.stdout, res.stdout
+
+
+PRELOAD_SCRIPT = """
+import os, sys
+from s2r.cli import preload_stages
+preload_stages()
+pid = os.fork()
+if pid == 0:
+    from mlflow.utils import requirements_utils
+    ok = requirements_utils._MODULES_TO_PACKAGES is not None and "torch" in requirements_utils._MODULES_TO_PACKAGES
+    ok = ok and "mlflow.store.tracking.sqlalchemy_store" in sys.modules
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_preload_gives_children_what_each_training_would_pay_for_again() -> None:
+    """`preload_stages` leaves the forked children MLflow's SQL store imported and its installed-package map built
+    (`log_model` scans every installed package's files for it: ~2.4 CPU-seconds per trained model otherwise)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", PRELOAD_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env=parallel.thread_env(1))
+    assert res.returncode == 0, res.stderr
+    assert "child 0" in res.stdout, res.stdout
+
+
 @pytest.mark.slow  # two fresh interpreters importing torch + MLflow: ~25 CPU-seconds
 def test_a_forked_training_gives_the_losses_of_a_fresh_process(tiny_prepared: Path, tiny_params_file: Path,
                                                                tmp_path: Path) -> None:

@@ -210,6 +210,7 @@ class _Runner:
         self.forker = fork if use else None
         self.sel = selectors.DefaultSelector()
         self.running: dict[int, _Job] = {}
+        self.s2r_parts = self.forked_parts = 0  # `s2r ...` parts started / of them forked (reported at the end)
 
     def write(self, i: int, line: str) -> None:
         self.out.write(f"[{i}] {line}\n")
@@ -219,6 +220,8 @@ class _Runner:
         argv = job.parts[job.step]
         self.write(job.index, f"$ {job.texts[job.step]}")
         forked = self.forker is not None and _is_s2r(argv) and single_threaded()
+        self.s2r_parts += _is_s2r(argv)
+        self.forked_parts += forked
         others = [j.proc.fd for j in self.running.values() if j.proc is not None and j is not job]
         try:
             job.proc = _Proc(argv, self.env, self.forker.entry if forked and self.forker else None, others)
@@ -286,6 +289,12 @@ class _Runner:
             for job in list(self.running.values()):
                 if job.proc is not None and job.proc.poll() is not None:
                     self.reap(job)
+        if self.forker is not None:
+            note = "" if self.forked_parts == self.s2r_parts else (
+                " (the others started as fresh processes, each paying the imports again: another thread of this "
+                "process was running when they started)")
+            self.out.write(f"[s2r parallel] {self.forked_parts} of {self.s2r_parts} s2r commands forked after the "
+                           f"imports{note}\n")
 
     def stop_all(self, grace: float) -> None:
         procs = [j.proc for j in self.running.values() if j.proc is not None]
