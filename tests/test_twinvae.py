@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_config, tiny_params_dict
 from s2r.config import ConfigError, from_dict
+from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark
 from s2r.methods.twinvae import (
     Config,
@@ -198,6 +199,32 @@ def test_seg_weighting_and_logvar_init_options(scenes16: Path) -> None:
     assert float(twin.twin.enc_r.shared.logvar.bias.detach().mean()) == -4.0 and twin.seg_weight is None
     x = twin._t(twin.real_val.images[:2])
     assert float(twin.twin.enc_r(x).logvar.detach().mean()) == pytest.approx(-4.0, abs=0.5)
+
+
+def test_domain_a_picks_the_labelled_sim_side_and_the_target_stays_the_real_side(scenes16: Path) -> None:
+    """domain_a: '' is the benchmark's source; another domain (toy) feeds the sim encoder, the sim-only bound, the
+    stage-2 labels, the median-frequency weights and the sim validation images; the target cannot be named."""
+    data = PreparedBenchmark(scenes16)
+    toy, sim, target = data.get("toy", "train"), data.get("sim", "train"), data.get("pseudo_real", "train")
+    assert not np.array_equal(toy.images, sim.images)
+    default = make(scenes16, "twinvae_simonly")
+    assert (default.domain_a, default.domain_b) == ("sim", "pseudo_real")
+    assert np.array_equal(default.sup.images, sim.images)
+    lower = make(scenes16, "twinvae_simonly", domain_a="toy", seg_weighting="median_frequency")
+    assert (lower.domain_a, lower.domain_b) == ("toy", "pseudo_real")
+    assert np.array_equal(lower.sup.images, toy.images) and np.array_equal(lower.sim.images, toy.images)
+    assert np.array_equal(lower.sim_val.images, data.get("toy", "val").images)
+    assert lower.seg_weight.numpy() == pytest.approx(median_frequency_weights(toy.masks, len(lower.seg_classes)))
+    upper = make(scenes16, "twinvae_targetsup", domain_a="toy")
+    assert np.array_equal(upper.sup.images, target.images)
+    twin = make(scenes16, "twinvae", domain_a="toy", batch_size=2)
+    batch = next(twin.batches())
+    assert all(any(np.array_equal(x, t) for t in toy.images) for x in batch.images)
+    assert all(any(np.array_equal(x, t) for t in target.images) for x in batch.real)
+    with pytest.raises(ConfigError, match="'domain_a'.*target"):
+        make(scenes16, "twinvae", domain_a="pseudo_real")
+    with pytest.raises(DataError, match="'nope'"):
+        make(scenes16, "twinvae", domain_a="nope")
 
 
 @pytest.mark.parametrize("name", ["twinvae", "twinvae_heads", "twinvae_simonly", "twinvae_targetsup"])

@@ -81,7 +81,7 @@ from s2r.data.benchmark import DataError
 from s2r.data.prepared import PreparedBenchmark, PreparedSplit
 from s2r.methods.base import IndexPool, to_device, to_float, to_uint8
 from s2r.methods.base import Method as BaseMethod
-from s2r.methods.common import spread
+from s2r.methods.common import spread, translation_domains
 from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
@@ -95,6 +95,8 @@ class Config(Schema):
 
     stage: Literal["vae", "heads", "supervised"]
     supervised_domain: Literal["source", "target"]  # stage supervised: whose labels (lower/upper bound)
+    domain_a: str  # the labelled sim side ("source" above); "" = the benchmark's source domain. The real side is
+    # always the benchmark's target, the domain the evaluator scores
     # architecture (appendix Table 2); paper: 64, [76, 88, 100, 128, 200, 250], 2, 300 at 256 px
     stem_channels: int
     pack_channels: list[int]
@@ -498,24 +500,28 @@ class Method(BaseMethod[Config]):
     def __init__(self, cfg: Config, data: PreparedBenchmark, seed: int) -> None:
         super().__init__(cfg, data, seed)
         spec = data.spec
-        self.domain_a, self.domain_b = spec.source, spec.target  # sim (a) -> real (b), as the refine stage expects
+        # sim (a) -> real (b), as the refine stage expects; b is the target the evaluator scores
+        self.domain_a, self.domain_b = translation_domains(self, cfg.domain_a, "")
+        if self.domain_a == self.domain_b:
+            raise ConfigError(f"key 'domain_a': {self.domain_a!r} is the target domain the twin VAE adapts to; name "
+                              f"another labelled domain of {data.root} (or '' for its source, {spec.source!r})")
         needs_labels = cfg.stage != "vae"
         if needs_labels and not (spec.has_depth and spec.has_mask and spec.seg_classes):
             raise DataError(f"{data.root}: stage {cfg.stage!r} needs depth and segmentation masks with seg_classes "
                             f"in benchmark.yaml (has_depth={spec.has_depth}, has_mask={spec.has_mask})")
         self.seg_classes = list(spec.seg_classes)
-        self.sim = data.get(spec.source, "train")
-        self.real = data.get(spec.target, "train")
+        self.sim = data.get(self.domain_a, "train")
+        self.real = data.get(self.domain_b, "train")
         if cfg.stage == "supervised":
-            dom = spec.source if cfg.supervised_domain == "source" else spec.target
+            dom = self.domain_a if cfg.supervised_domain == "source" else self.domain_b
             if not spec.domain(dom).labelled:
                 raise DataError(f"{data.root}: domain {dom!r} is declared unlabelled; it cannot supervise the baseline")
             self.sup = data.get(dom, "train")
             self._check_dense(self.sup, dom)
         elif needs_labels:
-            self._check_dense(self.sim, spec.source)
-        self.sim_val = self._val(spec.source)
-        self.real_val = self._val(spec.target)
+            self._check_dense(self.sim, self.domain_a)
+        self.sim_val = self._val(self.domain_a)
+        self.real_val = self._val(self.domain_b)
         size, channels = int(self.sim.images.shape[1]), int(self.sim.images.shape[-1])
         factor = 2 ** len(cfg.pack_channels)
         if size % factor or int(self.sim.images.shape[2]) % factor:
