@@ -266,6 +266,8 @@ def test_stage2_loads_stage1_weights_and_checks_them(scenes16: Path, tmp_path: P
     other = make(scenes16, "twinvae_heads", latent_channels=8)
     with pytest.raises(ConfigError, match="latent_channels"):
         other.init_from(tmp_path / "s1")
+    with pytest.raises(ConfigError, match="domain_a"):  # heads on toy labels from a twin VAE that learnt sim
+        make(scenes16, "twinvae_heads", domain_a="toy").init_from(tmp_path / "s1")
     torch.save({"method": "twinvae_simonly", "config": {"stage": "supervised"}, "state": {}},
                _mkdir(tmp_path / "bad") / "model.pt")
     with pytest.raises(ValueError, match="not a stage-1 twin VAE"):

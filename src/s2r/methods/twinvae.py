@@ -85,8 +85,9 @@ from s2r.methods.common import spread, translation_domains
 from s2r.methods.registry import register
 
 IGNORE = 255  # mask value of pixels without a class (benchmark layout)
-# Config keys that fix the network's shape: stage 2 must match stage 1 on these.
-ARCH_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", "pack_d", "shared_decoder_weights")
+# Config keys stage 2 must share with stage 1: the network's shape, and the sim side its encoder learnt.
+INIT_KEYS = ("stem_channels", "pack_channels", "mid_blocks", "latent_channels", "pack_d", "shared_decoder_weights",
+             "domain_a")
 
 
 @dataclass
@@ -582,11 +583,11 @@ class Method(BaseMethod[Config]):
             raise DataError(f"--init {path}: holds {saved.get('method')!r} (stage {saved['config'].get('stage')!r}), "
                             "not a stage-1 twin VAE (stage 'vae')")
         mine = asdict(self.cfg)
-        diff = [k for k in ARCH_KEYS if saved["config"].get(k) != mine[k]]
+        diff = [k for k in INIT_KEYS if saved["config"].get(k) != mine[k]]
         if diff:
             was = {k: saved["config"].get(k) for k in diff}
             now = {k: mine[k] for k in diff}
-            raise ConfigError(f"--init {path}: architecture keys {diff} differ from methods.{self.name} "
+            raise ConfigError(f"--init {path}: keys {diff} differ from methods.{self.name} "
                               f"({was} vs {now})")
         state = {k[len("twin."):]: v for k, v in saved["state"].items() if k.startswith("twin.")}
         assert self.twin is not None
